@@ -1,0 +1,123 @@
+"""Model bundles: a directory of manifest.json + *.safetensors (+ tokenizer files).
+
+Loading a bundle never runs code: weights are safetensors, everything else JSON or
+plain tokenizer files. Every file's sha256 is in the manifest, so a missing,
+truncated or swapped file gives one clear error naming it. Bundles are written to a
+temporary sibling directory and renamed into place, so a failed run leaves none.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+KINDS = ("baseline", "fusion")
+
+
+class BundleError(RuntimeError):
+    """A bundle is missing, truncated or inconsistent."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def write_bundle(
+    out: Path,
+    manifest: dict[str, Any],
+    weights: dict[str, dict[str, torch.Tensor]],
+    extra_dirs: dict[str, Path] | None = None,
+) -> Path:
+    """Write ``out`` atomically. ``weights`` maps file names to state dicts;
+    ``extra_dirs`` maps bundle sub-directories to directories to copy (tokenizer files)."""
+    out = Path(out).resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    try:
+        for sub, src in (extra_dirs or {}).items():
+            shutil.copytree(src, tmp / sub)
+        for name, state in weights.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            save_state(state, tmp / name)
+        files = {
+            str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
+        }
+        full = {"format_version": FORMAT_VERSION, "created_at": now_iso(), **manifest, "files": files}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n")
+        _fsync_tree(tmp)
+        if out.exists():  # replace an older bundle of the same name, never leaving neither
+            old = out.with_name(f".{out.name}.{os.getpid()}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def read_manifest(bundle: Path | str, *, verify: bool = True) -> dict[str, Any]:
+    """Read and check a bundle's manifest; with ``verify``, also every file's checksum."""
+    bundle = Path(bundle)
+    path = bundle / MANIFEST
+    if not bundle.is_dir():
+        raise BundleError(f"{bundle}: no such model bundle directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; {bundle} is not a complete model bundle")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{path}: not valid JSON (truncated or corrupted?): {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: unsupported bundle format {manifest.get('format_version')!r}")
+    if manifest.get("kind") not in KINDS:
+        raise BundleError(f"{path}: unknown model kind {manifest.get('kind')!r}")
+    if verify:
+        for name, sha in manifest.get("files", {}).items():
+            file = bundle / name
+            if not file.is_file():
+                raise BundleError(f"{file}: missing from the bundle")
+            if file_sha256(file) != sha:
+                raise BundleError(f"{file}: checksum mismatch (truncated or modified)")
+    return manifest
+
+
+def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:
+    path = Path(bundle) / name
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise BundleError(f"{path}: cannot load weights: {exc}") from exc

@@ -1,0 +1,122 @@
+"""Reading and validating catalogs: the one place where outside data enters.
+
+A catalog is CSV, Parquet, a Polars/Arrow table or a DuckDB relation with the model
+inputs ``synopsis, genres, studio, episodes`` and, for training or evaluation,
+``score``. Other columns are kept as they are (a key such as ``anime_id``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pyarrow as pa
+
+INPUT_COLUMNS = ("synopsis", "genres", "studio", "episodes")
+SCORE_COLUMN = "score"
+SCORE_RANGE = (1.0, 10.0)
+
+
+class CatalogError(ValueError):
+    """A catalog cannot be read or has a bad column or value."""
+
+
+def read_catalog(source: Any, *, require_score: bool = False, name: str | None = None) -> pl.DataFrame:
+    """Read ``source`` and return it with the input columns in canonical types.
+
+    ``synopsis``, ``genres`` and ``studio`` become strings, ``episodes`` an integer
+    (NULL when missing), ``score`` a float. Errors name the column and the value.
+    """
+    label = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
+    df = _to_polars(source, label)
+    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    if require_score and SCORE_COLUMN not in df.columns:
+        missing.append(SCORE_COLUMN)
+    if missing:
+        raise CatalogError(
+            f"{label}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns) or 'none'})"
+        )
+    casts = [pl.col(c).cast(pl.String) for c in ("synopsis", "genres", "studio")]
+    casts.append(_to_number(df, "episodes", label, pl.Int64))
+    if SCORE_COLUMN in df.columns:
+        casts.append(_to_number(df, SCORE_COLUMN, label, pl.Float64))
+    df = df.with_columns(casts)
+    if require_score:
+        _check_scores(df, label)
+    return df
+
+
+def _to_polars(source: Any, label: str) -> pl.DataFrame:
+    if isinstance(source, pl.DataFrame):
+        return source
+    if isinstance(source, (pa.Table, pa.RecordBatch)):
+        return pl.from_arrow(source)
+    if hasattr(source, "pl") and callable(source.pl):  # a DuckDB relation
+        return source.pl()
+    if not isinstance(source, (str, Path)):
+        raise CatalogError(f"cannot read a catalog from {type(source).__name__}")
+    path = Path(source)
+    if not path.exists():
+        raise CatalogError(f"{label}: no such file")
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".parquet", ".pq"):
+            return pl.read_parquet(path)
+        if suffix in (".csv", ".tsv", ".txt"):
+            # The model columns are read as text, so that a bad value can be reported by name.
+            text = {c: pl.String for c in (*INPUT_COLUMNS, SCORE_COLUMN)}
+            return pl.read_csv(path, schema_overrides=text, infer_schema_length=10_000,
+                               separator="\t" if suffix == ".tsv" else ",")
+    except Exception as exc:  # polars raises several unrelated types for bad files
+        raise CatalogError(f"{label}: cannot read: {exc}") from exc
+    raise CatalogError(f"{label}: unsupported file type {suffix!r} (use .csv or .parquet)")
+
+
+def _to_number(df: pl.DataFrame, column: str, label: str, dtype: type[pl.DataType]) -> pl.Expr:
+    """Cast ``column`` to ``dtype``; empty strings are NULL, anything else unparseable is an error."""
+    col = df.get_column(column)
+    if col.dtype == pl.String:
+        col = col.str.strip_chars().replace("", None)
+    as_float = col.cast(pl.Float64, strict=False)
+    bad = col.is_not_null() & as_float.is_null()
+    if dtype == pl.Int64:
+        bad = bad | (as_float.is_not_null() & as_float.is_finite() & (as_float != as_float.round(0)))
+    if bad.any():
+        row = int(bad.arg_true()[0])
+        kind = "an integer" if dtype == pl.Int64 else "a number"
+        raise CatalogError(f"{label}: column {column!r} row {row + 1}: {col[row]!r} is not {kind}")
+    if dtype == pl.Int64:
+        as_float = pl.Series(column, as_float).fill_nan(None)
+        return pl.lit(as_float.cast(pl.Int64, strict=False)).alias(column)
+    return pl.lit(pl.Series(column, as_float)).alias(column)
+
+
+def _check_scores(df: pl.DataFrame, label: str) -> None:
+    scores = df.get_column(SCORE_COLUMN)
+    lo, hi = SCORE_RANGE
+    bad = scores.is_null() | scores.is_nan() | (scores < lo) | (scores > hi)
+    if bad.any():
+        row = int(bad.arg_true()[0])
+        raise CatalogError(
+            f"{label}: column 'score' row {row + 1}: {scores[row]!r} is not a score in [{lo:g}, {hi:g}]"
+        )
+
+
+def row_input_hash(synopsis: Any, genres: Any, studio: Any, episodes: Any) -> str:
+    """Content hash of one row's model inputs (NULLs included), stable across runs."""
+    payload = json.dumps([synopsis, genres, studio, episodes], ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def fingerprint(df: pl.DataFrame) -> str:
+    """Fingerprint of a catalog's model inputs and scores, recorded in bundles."""
+    digest = hashlib.sha256()
+    columns = [c for c in (*INPUT_COLUMNS, SCORE_COLUMN) if c in df.columns]
+    for row in df.select(columns).iter_rows():
+        digest.update(row_input_hash(*row[:4]).encode())
+        if len(row) > 4:
+            digest.update(repr(row[4]).encode())
+    return "sha256:" + digest.hexdigest()[:16]

@@ -1,0 +1,223 @@
+"""The anime-udf command line: train · score · eval · sql · models."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+import duckdb
+import polars as pl
+
+from anime_udf.bundle import BundleError
+from anime_udf.catalog import CatalogError, read_catalog
+from anime_udf.metrics import metrics_table
+from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bundles
+from anime_udf.udf import FUNCTION_NAMES, NoModelsError, register
+
+USER_ERRORS = (BundleError, CatalogError, UnknownModelError, NoModelsError, duckdb.Error, FileNotFoundError)
+
+
+class PluginGroup(click.Group):
+    """A click group that also offers commands contributed by installed packages
+    (entry point group ``anime_udf.commands``), e.g. ``train`` from the training package."""
+
+    def _plugins(self) -> dict:
+        return {ep.name: ep for ep in entry_points(group="anime_udf.commands")}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is None and name in self._plugins():
+            command = self._plugins()[name].load()
+        return command
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            raise click.ClickException(str(exc)) from exc
+
+
+def models_option(f):
+    return click.option(
+        "--models", "models", type=click.Path(file_okay=False, path_type=Path), envvar=MODELS_ENV,
+        default="models", show_default=True, show_envvar=True, help="Directory of model bundles.",
+    )(f)
+
+
+@click.group(cls=PluginGroup)
+@click.version_option(package_name="anime-udf")
+def cli():
+    """Score an anime catalog with deep-learning models from plain SQL.
+
+    \b
+    Quick start:
+      anime-udf train baseline --data fixtures/catalog.csv
+      anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) FROM anime" \\
+          --table anime=fixtures/catalog.csv
+      anime-udf eval --data fixtures/catalog.csv
+    """
+
+
+def parse_table(value: str) -> tuple[str, Path]:
+    name, sep, path = value.partition("=")
+    if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+        raise click.BadParameter(f"{value!r}: expected NAME=FILE, NAME a plain SQL identifier")
+    return name, Path(path)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def connect(models: Path, model_paths: tuple[str, ...] = ()) -> tuple[duckdb.DuckDBPyConnection, dict]:
+    """An in-process DuckDB with the scoring functions registered."""
+    con = duckdb.connect()
+    if model_paths:
+        chosen = {}
+        for name in model_paths:
+            path = get_model(name, models)
+            from anime_udf.bundle import read_manifest
+
+            chosen[read_manifest(path, verify=False)["kind"]] = path
+        scorers = register(con, models=models, **chosen)
+    else:
+        scorers = register(con, models=models)
+    return con, scorers
+
+
+def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, require_score: bool = False) -> int:
+    """Read a catalog (validated) and expose it to SQL as ``name``."""
+    df = read_catalog(path, require_score=require_score)
+    con.register(name, df)
+    return df.height
+
+
+def write_result(df: pl.DataFrame, out: Path) -> None:
+    suffix = out.suffix.lower()
+    tmp = out.with_name(f".{out.name}.tmp")
+    if suffix in (".parquet", ".pq"):
+        df.write_parquet(tmp)
+    elif suffix == ".csv":
+        df.write_csv(tmp)
+    else:
+        raise click.BadParameter(f"{out}: use a .parquet or .csv file name", param_hint="--out")
+    tmp.replace(out)  # readers never see a half-written file
+
+
+@cli.command()
+@click.argument("query")
+@click.option("--table", "tables", multiple=True, metavar="NAME=FILE",
+              help="Expose a CSV/Parquet catalog to the query as a view NAME (repeatable).")
+@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
+              help="Bundle to register (default: the newest of each kind).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result to .parquet or .csv.")
+@click.option("--limit", default=50, show_default=True, help="Rows to print (without --out).")
+@models_option
+def sql(query, tables, model_paths, out, limit, models):
+    """Run QUERY with predict_score / predict_score_fusion and the metric macros available.
+
+    \b
+    anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
+                   FROM anime ORDER BY p DESC LIMIT 5" --table anime=catalog.parquet
+    """
+    from anime_udf.metrics import load_metric_macros
+
+    con, _ = connect(models, model_paths)
+    load_metric_macros(con)
+    for spec in tables:
+        add_catalog(con, *parse_table(spec))
+    result = con.sql(query)
+    if result is None:
+        return
+    df = result.pl()
+    if out:
+        write_result(df, out)
+        click.echo(f"wrote {df.height} rows to {out}")
+    else:
+        with pl.Config(tbl_rows=limit, fmt_str_lengths=40, tbl_width_chars=160):
+            click.echo(df.head(limit))
+
+
+@cli.command()
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Catalog to score (CSV or Parquet).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output .parquet or .csv: the catalog plus one score column per model.")
+@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR", help="Bundle(s) to score with.")
+@models_option
+def score(data, out, model_paths, models):
+    """Score a whole catalog file with every registered model."""
+    con, scorers = connect(models, model_paths)
+    n = add_catalog(con, "catalog", data)
+    calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
+    write_result(con.sql(f"SELECT *, {calls} FROM catalog").pl(), out)
+    click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}")
+
+
+@cli.command(name="eval")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Catalog with a score column (CSV or Parquet).")
+@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
+              help="Bundle(s) to evaluate (default: the newest of each kind, side by side).")
+@click.option("--where", "where", help="SQL filter on the catalog, e.g. \"anime_id % 5 = 0\".")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@models_option
+def evaluate(data, model_paths, where, as_json, models):
+    """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql)."""
+    con, scorers = connect(models, model_paths)
+    add_catalog(con, "catalog", data, require_score=True)
+    filter_sql = f"WHERE {where}" if where else ""
+    kind_of = {fn: kind for kind, fn in FUNCTION_NAMES.items()}
+    selects = " UNION ALL ".join(
+        f"SELECT '{kind_of[fn]}' AS model, score AS y, {fn}(synopsis, genres, studio, episodes) AS yhat "
+        f"FROM catalog {filter_sql}"
+        for fn in scorers
+    )
+    con.execute(f"CREATE TEMP TABLE predictions AS {selects}")
+    table = metrics_table(con, "predictions")
+    if as_json:
+        click.echo(json.dumps(table.to_dicts(), indent=2))
+    else:
+        with pl.Config(float_precision=4, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+            click.echo(table)
+
+
+@cli.command(name="models")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+@models_option
+def list_models(as_json, models):
+    """List the bundles in the models directory: kind, name, created-at, data, metrics."""
+    rows = []
+    for b in list_bundles(models):
+        m = b.manifest or {}
+        valid = m.get("metrics", {}).get("valid", {})
+        rows.append({
+            "kind": b.kind, "name": b.path.name, "created_at": b.created_at,
+            "data": m.get("training", {}).get("data_fingerprint", ""),
+            "valid_mae": valid.get("mae"), "valid_rmse": valid.get("rmse"), "valid_spearman": valid.get("spearman"),
+            "error": b.error,
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo(f"no bundles in {models}; train one with `anime-udf train baseline --data CATALOG`")
+        return
+    for r in rows:
+        if r["error"]:
+            click.echo(f"{'broken':9} {r['name']:32} {r['error']}")
+            continue
+        figures = " ".join(f"{k[6:]}={r[k]:.3f}" for k in ("valid_mae", "valid_rmse", "valid_spearman")
+                           if r[k] is not None)
+        click.echo(f"{r['kind']:9} {r['name']:32} {r['created_at']:26} {r['data']:24} {figures}")
+
+
+def main():  # pragma: no cover - console entry
+    sys.exit(cli())

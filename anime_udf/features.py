@@ -1,0 +1,125 @@
+"""Tabular feature encoding and the NULL policy, shared by training and scoring.
+
+NULL policy (DESIGN.md): NULL synopsis -> empty text; NULL genres -> none; NULL,
+empty or unseen studio -> the unknown studio (index 0); NULL, NaN or negative
+episodes -> missing (imputed with the training mean, with a flag). Genre names are
+matched without regard to case or surrounding spaces; unknown names are ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# Episode counts are log-scaled; this caps absurd values (1e12 episodes) at a sane range.
+MAX_LOG_EPISODES = math.log1p(10_000)
+
+
+def clean_text(value: Any) -> str:
+    """The synopsis as the text encoder sees it: NULL -> '', whitespace collapsed."""
+    if value is None:
+        return ""
+    return " ".join(str(value).split())
+
+
+def parse_genres(value: Any) -> list[str]:
+    """'Action, sci-fi ,' -> ['action', 'sci-fi']."""
+    if value is None:
+        return []
+    return [g.strip().casefold() for g in str(value).split(",") if g.strip()]
+
+
+def studio_key(value: Any) -> str:
+    return "" if value is None else " ".join(str(value).split()).casefold()
+
+
+def log_episodes(value: Any) -> float | None:
+    """log1p(episodes), or None when missing (NULL, NaN, negative)."""
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(x) or x < 0:
+        return None
+    return min(math.log1p(x), MAX_LOG_EPISODES)
+
+
+@dataclass(frozen=True)
+class TabularEncoder:
+    """Genres multi-hot, studio index (0 = unknown), scaled episodes + missing flag."""
+
+    genres: tuple[str, ...]
+    studios: tuple[str, ...]
+    episodes_mean: float
+    episodes_std: float
+
+    @classmethod
+    def fit(
+        cls,
+        genres: Sequence[Any],
+        studios: Sequence[Any],
+        episodes: Sequence[Any],
+        min_studio_count: int = 2,
+    ) -> "TabularEncoder":
+        genre_names = sorted({g for value in genres for g in parse_genres(value)})
+        counts = Counter(studio_key(s) for s in studios)
+        studio_names = sorted(k for k, n in counts.items() if k and n >= min_studio_count)
+        logs = [x for x in map(log_episodes, episodes) if x is not None]
+        mean = float(np.mean(logs)) if logs else 0.0
+        std = float(np.std(logs)) if len(logs) > 1 else 1.0
+        return cls(tuple(genre_names), tuple(studio_names), mean, std or 1.0)
+
+    @property
+    def n_studios(self) -> int:
+        """Number of studio indices, the unknown studio included."""
+        return len(self.studios) + 1
+
+    @property
+    def n_tabular(self) -> int:
+        """Width of the dense tabular features (episodes, missing flag, genres)."""
+        return 2 + len(self.genres)
+
+    def encode(
+        self, genres: Sequence[Any], studios: Sequence[Any], episodes: Sequence[Any]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return (dense float32 [n, 2 + n_genres], studio index int64 [n])."""
+        n = len(genres)
+        dense = np.zeros((n, self.n_tabular), dtype=np.float32)
+        genre_index = {g: i + 2 for i, g in enumerate(self.genres)}
+        studio_index = {s: i + 1 for i, s in enumerate(self.studios)}
+        studio = np.zeros(n, dtype=np.int64)
+        for row in range(n):
+            x = log_episodes(episodes[row])
+            if x is None:
+                dense[row, 1] = 1.0  # missing flag; the scaled value stays at the mean (0)
+            else:
+                dense[row, 0] = (x - self.episodes_mean) / self.episodes_std
+            for g in parse_genres(genres[row]):
+                col = genre_index.get(g)
+                if col is not None:
+                    dense[row, col] = 1.0
+            studio[row] = studio_index.get(studio_key(studios[row]), 0)
+        return dense, studio
+
+    def to_manifest(self) -> dict:
+        return {
+            "genres": list(self.genres),
+            "studios": list(self.studios),
+            "episodes_log_mean": self.episodes_mean,
+            "episodes_log_std": self.episodes_std,
+        }
+
+    @classmethod
+    def from_manifest(cls, data: dict) -> "TabularEncoder":
+        return cls(
+            tuple(data["genres"]),
+            tuple(data["studios"]),
+            float(data["episodes_log_mean"]),
+            float(data["episodes_log_std"]),
+        )

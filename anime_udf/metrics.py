@@ -1,0 +1,42 @@
+"""Evaluation metrics, computed by the SQL in sql/metrics.sql (never by Python loops)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+
+METRIC_COLUMNS = ("n", "mae", "rmse", "spearman", "r2")
+
+
+def sql_path(name: str) -> Path:
+    """A file of the project's sql/ directory: inside the installed package, or beside it in a checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql" / name, here.parent / "sql" / name):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"sql/{name} is missing from the anime-udf installation")
+
+
+def load_metric_macros(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute(sql_path("metrics.sql").read_text())
+
+
+def metrics_table(con: duckdb.DuckDBPyConnection, table: str) -> pl.DataFrame:
+    """One row per model: n, MAE, RMSE, Spearman, R², from a table (model, y, yhat)."""
+    load_metric_macros(con)
+    return con.sql("SELECT * FROM regression_metrics($tbl)", params={"tbl": table}).pl()
+
+
+def compute_metrics(y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:
+    """The same SQL metrics for in-memory arrays (used while training)."""
+    con = duckdb.connect()
+    try:
+        pairs = pl.DataFrame({"model": "m", "y": np.asarray(y, float), "yhat": np.asarray(yhat, float)})
+        con.register("pairs", pairs)
+        row = metrics_table(con, "pairs").row(0, named=True)
+    finally:
+        con.close()
+    return {k: (int(row[k]) if k == "n" else float(row[k])) for k in METRIC_COLUMNS}

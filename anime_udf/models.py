@@ -1,0 +1,70 @@
+"""The two networks (DESIGN.md, "The two models"). Both predict a standardised score."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from anime_udf.text import pool
+
+
+class TabularInput(nn.Module):
+    """concat(scaled episodes + missing flag, genres multi-hot, studio embedding)."""
+
+    def __init__(self, n_dense: int, n_studios: int, studio_dim: int):
+        super().__init__()
+        self.studio = nn.Embedding(n_studios, studio_dim)
+        self.width = n_dense + studio_dim
+
+    def forward(self, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
+        return torch.cat([dense, self.studio(studio)], dim=1)
+
+
+class BaselineNet(nn.Module):
+    """Frozen sentence embedding + tabular -> Dense 256 ReLU -> Dropout -> Dense 128 ReLU -> Dense 1."""
+
+    def __init__(self, text_dim: int, n_dense: int, n_studios: int, studio_dim: int = 16, dropout: float = 0.3):
+        super().__init__()
+        self.tabular = TabularInput(n_dense, n_studios, studio_dim)
+        self.mlp = nn.Sequential(
+            nn.Linear(text_dim + self.tabular.width, 256),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(256, 128),
+            nn.ReLU(),
+            nn.Linear(128, 1),
+        )
+
+    def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([text, self.tabular(dense, studio)], dim=1)).squeeze(1)
+
+
+class FusionHead(nn.Module):
+    """Tabular -> MLP 128; concat(text, tabular) -> Dense 256 ReLU -> Dropout -> Dense 1."""
+
+    def __init__(self, text_dim: int, n_dense: int, n_studios: int, studio_dim: int = 16, dropout: float = 0.2):
+        super().__init__()
+        self.tabular = TabularInput(n_dense, n_studios, studio_dim)
+        self.tabular_mlp = nn.Sequential(nn.Linear(self.tabular.width, 128), nn.ReLU())
+        self.head = nn.Sequential(nn.Linear(text_dim + 128, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 1))
+
+    def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
+        tab = self.tabular_mlp(self.tabular(dense, studio))
+        return self.head(torch.cat([text, tab], dim=1)).squeeze(1)
+
+
+class FusionNet(nn.Module):
+    """A transformer encoder fine-tuned end to end, pooled, fused with the tabular branch."""
+
+    def __init__(self, encoder: nn.Module, head: FusionHead, pooling: str):
+        super().__init__()
+        self.encoder = encoder
+        self.head = head
+        self.pooling = pooling
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return pool(hidden, attention_mask, self.pooling)
+
+    def forward(self, input_ids, attention_mask, dense, studio) -> torch.Tensor:
+        return self.head(self.text_features(input_ids, attention_mask), dense, studio)

@@ -1,0 +1,72 @@
+"""The models directory: listing bundles and resolving a model by name or path."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anime_udf.bundle import KINDS, BundleError, read_manifest
+
+MODELS_ENV = "ANIME_UDF_MODELS"
+
+
+class UnknownModelError(LookupError):
+    """No bundle of that name or kind."""
+
+
+def models_dir(explicit: Path | str | None = None) -> Path:
+    return Path(explicit or os.environ.get(MODELS_ENV) or "models")
+
+
+@dataclass
+class BundleInfo:
+    path: Path
+    manifest: dict[str, Any] | None
+    error: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"] if self.manifest else "?"
+
+    @property
+    def created_at(self) -> str:
+        return self.manifest.get("created_at", "") if self.manifest else ""
+
+
+def list_bundles(directory: Path | str | None = None) -> list[BundleInfo]:
+    """Every bundle in the models directory, oldest first; broken ones carry their error."""
+    root = models_dir(directory)
+    if not root.is_dir():
+        return []
+    infos = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        try:
+            infos.append(BundleInfo(path, read_manifest(path, verify=False)))
+        except BundleError as exc:
+            infos.append(BundleInfo(path, None, str(exc)))
+    return sorted(infos, key=lambda b: (b.created_at, b.path.name))
+
+
+def newest(kind: str, directory: Path | str | None = None) -> Path | None:
+    usable = [b for b in list_bundles(directory) if b.manifest and b.kind == kind]
+    return usable[-1].path if usable else None
+
+
+def get_model(name: str, directory: Path | str | None = None) -> Path:
+    """A bundle by path, by directory name in the models directory, or by kind (its newest)."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    candidate = models_dir(directory) / name
+    if candidate.is_dir():
+        return candidate
+    if name in KINDS:
+        found = newest(name, directory)
+        if found:
+            return found
+    known = ", ".join(b.path.name for b in list_bundles(directory)) or "none"
+    raise UnknownModelError(
+        f"unknown model {name!r}: not a bundle directory, and not in {models_dir(directory)} (bundles there: {known})"
+    )

