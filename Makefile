@@ -1,0 +1,37 @@
+# Two entry points (see README): `make demo` runs the main job end to end, `make test` the tests.
+# Both create .venv and install the project on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_MODELS := models/demo
+export HF_HUB_OFFLINE := 1
+
+.PHONY: install demo test fixtures clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, as the CPU wheel on this machine: an unpinned torch would pull a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/anime-udf train baseline --data fixtures/catalog.csv --out $(DEMO_MODELS)/baseline-fixture
+	$(BIN)/anime-udf sql --models $(DEMO_MODELS) --table anime=fixtures/holdout.csv \
+	  "WITH scored AS (SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS predicted FROM anime) \
+	   SELECT a.anime_id, a.title, a.genres, a.score, round(s.predicted, 2) AS predicted \
+	   FROM anime a JOIN scored s USING (anime_id) ORDER BY s.predicted DESC LIMIT 8"
+	$(BIN)/anime-udf eval --models $(DEMO_MODELS) --data fixtures/holdout.csv
+
+test: install
+	$(BIN)/python -m pytest -q
+
+fixtures: install
+	$(BIN)/python fixtures/make_catalog.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_MODELS)

@@ -1,0 +1,41 @@
+"""Shared test fixtures: isolated cache and models directories, a trained fixture baseline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+ROOT = Path(__file__).resolve().parents[1]
+CATALOG = ROOT / "fixtures" / "catalog.csv"
+HOLDOUT = ROOT / "fixtures" / "holdout.csv"
+
+
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> Path:
+    """One embedding cache for the whole run, so each fixture synopsis is encoded once."""
+    return tmp_path_factory.mktemp("embedding-cache")
+
+
+@pytest.fixture(autouse=True)
+def isolated_dirs(tmp_path, session_cache, monkeypatch):
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(session_cache))
+    monkeypatch.setenv("ANIME_UDF_MODELS", str(tmp_path / "models"))
+    monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def baseline_bundle(tmp_path_factory, session_cache) -> Path:
+    """A baseline trained on the fixture catalog with the real packaged MiniLM encoder."""
+    from anime_udf.cache import EmbeddingCache
+    from training.baseline import BaselineSettings, train_baseline
+    from training.common import load_split
+
+    train, valid = load_split(CATALOG)
+    out = tmp_path_factory.mktemp("bundles") / "baseline-fixture"
+    train_baseline(train, valid, out, BaselineSettings(epochs=30, dropout=0.3),
+                   cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
+    return out

@@ -1,0 +1,104 @@
+"""Each command through click's CliRunner, as a user would type it."""
+
+import json
+import shutil
+
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from anime_udf.cli import cli
+from tests.conftest import CATALOG, HOLDOUT
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+@pytest.fixture
+def models(baseline_bundle, tmp_path):
+    shutil.copytree(baseline_bundle, tmp_path / "models" / "baseline-fixture")
+    return tmp_path / "models"
+
+
+def test_train_baseline_writes_a_bundle_that_beats_the_mean(tmp_path):
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "25", "--out", tmp_path / "models" / "b")
+    assert result.exit_code == 0, result.output
+    assert "validation: n=80" in result.output
+    assert (tmp_path / "models" / "b" / "manifest.json").is_file()
+    evaluated = run("eval", "--data", HOLDOUT, "--json")
+    assert evaluated.exit_code == 0, evaluated.output
+    [row] = json.loads(evaluated.output)
+    holdout = pl.read_csv(HOLDOUT)["score"]
+    train_mean = pl.read_csv(CATALOG)["score"].mean()
+    mean_mae = (holdout - train_mean).abs().mean()
+    assert row["model"] == "baseline" and row["n"] == holdout.len()
+    assert row["mae"] < 0.7 * mean_mae  # it learned from genres, studio, episodes and words
+    assert row["spearman"] > 0.6
+
+
+def test_models_lists_bundles(models):
+    result = run("models")
+    assert result.exit_code == 0
+    assert "baseline" in result.output and "baseline-fixture" in result.output and "mae=" in result.output
+    listed = json.loads(run("models", "--json").output)
+    assert listed[0]["kind"] == "baseline" and listed[0]["valid_mae"] > 0
+
+
+def test_models_without_bundles_says_what_to_run():
+    assert "anime-udf train baseline" in run("models").output
+
+
+def test_sql_prints_and_writes(models, tmp_path):
+    query = "SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS p FROM anime ORDER BY anime_id"
+    printed = run("sql", query, "--table", f"anime={HOLDOUT}", "--limit", "3")
+    assert printed.exit_code == 0, printed.output
+    assert "10001" in printed.output and "10004" not in printed.output
+    for suffix in ("parquet", "csv"):
+        out = tmp_path / f"scores.{suffix}"
+        written = run("sql", query, "--table", f"anime={HOLDOUT}", "--out", out)
+        assert written.exit_code == 0, written.output
+        df = pl.read_parquet(out) if suffix == "parquet" else pl.read_csv(out)
+        assert df.height == 120 and df["p"].is_between(1, 10).all()
+
+
+def test_eval_prints_metrics_from_sql(models):
+    result = run("eval", "--data", HOLDOUT, "--where", "anime_id % 2 = 0")
+    assert result.exit_code == 0, result.output
+    for name in ("mae", "rmse", "spearman", "r2", "baseline", "60"):
+        assert name in result.output
+
+
+def test_score_command_adds_a_column(models, tmp_path):
+    result = run("score", "--data", HOLDOUT, "--out", tmp_path / "s.parquet")
+    assert result.exit_code == 0, result.output
+    df = pl.read_parquet(tmp_path / "s.parquet")
+    assert df.columns[-1] == "predict_score" and df.height == 120
+
+
+def test_bad_input_errors_name_column_and_value(models, tmp_path):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("synopsis,genres,studio,episodes,score\nA tale,Drama,X,twelve,7.1\n")
+    result = run("eval", "--data", bad)
+    assert result.exit_code == 1
+    assert "'episodes'" in result.output and "'twelve'" in result.output
+    bad.write_text("synopsis,genres,studio,score\nA tale,Drama,X,7.1\n")
+    result = run("train", "baseline", "--data", bad)
+    assert result.exit_code == 1 and "missing column(s) episodes" in result.output
+    bad.write_text("synopsis,genres,studio,episodes,score\nA tale,Drama,X,12,11.5\n")
+    result = run("eval", "--data", bad)
+    assert result.exit_code == 1 and "'score'" in result.output and "11.5" in result.output
+
+
+def test_unknown_model_and_missing_models_are_clear(models, tmp_path):
+    result = run("eval", "--data", HOLDOUT, "--model", "nope")
+    assert result.exit_code == 1 and "unknown model 'nope'" in result.output and "baseline-fixture" in result.output
+    result = run("sql", "SELECT 1", "--models", tmp_path / "empty")
+    assert result.exit_code == 1 and "no model bundles" in result.output
+
+
+def test_help_explains_every_command():
+    for args in ([], ["train"], ["train", "baseline"], ["train", "fusion"], ["sql"], ["eval"], ["models"]):
+        result = run(*args, "--help")
+        assert result.exit_code == 0 and "Usage:" in result.output

@@ -1,0 +1,108 @@
+"""The SQL functions' contracts (DESIGN.md, "SQL functions")."""
+
+import math
+import shutil
+import threading
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+
+import anime_udf
+from anime_udf.catalog import read_catalog
+from anime_udf.scoring import load_scorer
+from anime_udf.udf import NoModelsError
+from tests.conftest import CATALOG
+
+CALL = "predict_score(synopsis, genres, studio, episodes)"
+
+
+@pytest.fixture
+def con(baseline_bundle):
+    con = duckdb.connect()
+    anime_udf.register(con, baseline=baseline_bundle)
+    catalog = read_catalog(CATALOG)
+    con.execute("CREATE TABLE anime AS SELECT * FROM catalog")  # a real table: visible from other cursors
+    return con
+
+
+def test_udf_equals_direct_python_scoring(con, baseline_bundle):
+    sql = con.sql(f"SELECT {CALL} AS p FROM anime ORDER BY anime_id").pl()["p"].to_numpy()
+    df = read_catalog(CATALOG).sort("anime_id")
+    direct = load_scorer(baseline_bundle).predict(*(df[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")))
+    np.testing.assert_allclose(sql, direct, atol=1e-9)
+    assert sql.dtype == np.float64
+
+
+EDGE_ROWS = [
+    (None, None, None, None),
+    ("", "", "", 0),
+    ("   \n\t ", "  ,  , ", "   ", -5),
+    ("A quiet story.", "NotAGenre, ALSO-NOT", "Totally Unknown Studio", 10**12),
+    ("x" * 20_000, " action ,DRAMA", "studio kestrel", float("nan")),
+]
+
+
+def test_missing_and_odd_inputs_give_finite_scores_in_range(con):
+    con.execute("CREATE TABLE edge (synopsis VARCHAR, genres VARCHAR, studio VARCHAR, episodes DOUBLE)")
+    con.executemany("INSERT INTO edge VALUES (?, ?, ?, ?)", EDGE_ROWS)
+    scores = [r[0] for r in con.execute(f"SELECT {CALL} FROM edge").fetchall()]
+    assert len(scores) == len(EDGE_ROWS)
+    assert all(s is not None and math.isfinite(s) and 1.0 <= s <= 10.0 for s in scores)
+
+
+def test_case_and_spaces_in_genres_do_not_matter(con):
+    a, b = con.execute(
+        "SELECT predict_score('A story.', 'Drama,Mystery', 'Studio Kestrel', 12),"
+        "       predict_score('A story.', '  drama , MYSTERY ', ' studio kestrel', 12)").fetchall()[0]
+    assert a == b
+
+
+def test_row_score_does_not_depend_on_its_batch(con):
+    alone = con.execute(f"SELECT {CALL} FROM anime WHERE anime_id = 17").fetchall()[0][0]
+    big = con.sql(
+        f"SELECT anime_id, {CALL} AS p FROM (SELECT * FROM anime, range(13)) ORDER BY random() LIMIT 5000"
+    ).pl()
+    assert big.height == 5000
+    scores = big.filter(pl.col("anime_id") == 17)["p"].to_numpy()
+    assert len(scores) > 0
+    assert np.max(np.abs(scores - alone)) <= 1e-5
+
+
+def test_constant_arguments_are_scored_per_row(con):
+    rows = con.sql("SELECT predict_score('A story of war.', 'Action', NULL, 12) AS p FROM range(5000)").pl()
+    assert rows.height == 5000 and rows["p"].null_count() == 0
+    assert rows["p"].n_unique() == 1
+    mixed = con.sql("SELECT predict_score(synopsis, 'Action', NULL, 12) AS p FROM anime").pl()
+    assert mixed["p"].n_unique() > 1  # the varying column still varies
+
+
+def test_safe_from_several_threads(con):
+    expected = con.sql(f"SELECT anime_id, {CALL} AS p FROM anime ORDER BY anime_id").pl()
+    results, errors = [], []
+
+    def work():
+        try:
+            c = con.cursor()
+            results.append(c.sql(f"SELECT anime_id, {CALL} AS p FROM anime ORDER BY anime_id").pl())
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for r in results:
+        np.testing.assert_allclose(r["p"].to_numpy(), expected["p"].to_numpy(), atol=1e-5)
+
+
+def test_register_finds_newest_bundle_in_models_dir(baseline_bundle, tmp_path, monkeypatch):
+    con = duckdb.connect()
+    with pytest.raises(NoModelsError, match="anime-udf train baseline"):
+        anime_udf.register(con)
+    shutil.copytree(baseline_bundle, tmp_path / "models" / "b1")
+    assert list(anime_udf.register(con)) == ["predict_score"]
+    assert con.execute("SELECT predict_score('x', NULL, NULL, NULL)").fetchall()[0][0] > 0
