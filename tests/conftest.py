@@ -39,3 +39,26 @@ def baseline_bundle(tmp_path_factory, session_cache) -> Path:
     train_baseline(train, valid, out, BaselineSettings(epochs=30, dropout=0.3),
                    cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_distilbert(tmp_path_factory) -> Path:
+    """A tiny randomly initialised DistilBERT encoder + tokenizer saved like a local HF checkout."""
+    import json
+    import re
+
+    import polars as pl
+    import torch
+    from transformers import DistilBertConfig, DistilBertModel
+
+    directory = tmp_path_factory.mktemp("tiny-distilbert")
+    texts = pl.read_csv(CATALOG)["synopsis"].to_list()
+    words = sorted({w for t in texts for w in re.findall(r"\w+|[^\w\s]", t.lower())})
+    (directory / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "DistilBertTokenizer", "do_lower_case": True, "model_max_length": 128}))
+    config = DistilBertConfig(vocab_size=len(words) + 5, dim=32, n_layers=2, n_heads=2, hidden_dim=64,
+                              max_position_embeddings=128)
+    torch.manual_seed(0)
+    DistilBertModel(config).save_pretrained(directory)
+    return directory

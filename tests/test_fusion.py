@@ -1,0 +1,100 @@
+"""The fusion model: DistilBERT code path (tiny random backbone), real MiniLM steps, resume."""
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+import anime_udf
+from anime_udf.bundle import read_manifest
+from anime_udf.catalog import read_catalog
+from anime_udf.cli import cli
+from anime_udf.scoring import load_scorer
+from tests.conftest import CATALOG, HOLDOUT
+from training.common import load_split
+from training.fusion import Checkpoint, FusionSettings, train_fusion
+
+INPUTS = ("synopsis", "genres", "studio", "episodes")
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tiny_distilbert, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fusion") / "fusion-tiny"
+    result = CliRunner().invoke(cli, [
+        "train", "fusion", "--data", str(CATALOG), "--out", str(out), "--backbone", str(tiny_distilbert),
+        "--pooling", "cls", "--epochs", "2", "--head-epochs", "5", "--max-length", "64", "--batch-size", "16",
+        "--lr-encoder", "1e-4", "--lr-head", "1e-3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "epoch 2/2: validation RMSE" in result.output and "validation: n=80" in result.output
+    return out
+
+
+def test_tiny_distilbert_bundle_scores_through_sql(tiny_bundle):
+    manifest = read_manifest(tiny_bundle)
+    assert manifest["kind"] == "fusion" and manifest["model"]["pooling"] == "cls"
+    assert manifest["text_model"]["architecture"] == "distilbert"
+    assert (tiny_bundle / "tokenizer").is_dir() and (tiny_bundle / "encoder" / "model.safetensors").is_file()
+    assert not list(tiny_bundle.parent.glob(".*checkpoint*"))  # cleaned up after the bundle was written
+
+    con = duckdb.connect()
+    anime_udf.register(con, fusion=tiny_bundle)
+    holdout = read_catalog(HOLDOUT)
+    sql = con.sql("SELECT predict_score_fusion(synopsis, genres, studio, episodes) AS p FROM holdout "
+                  "ORDER BY anime_id").pl()["p"].to_numpy()
+    direct = load_scorer(tiny_bundle).predict(*(holdout.sort("anime_id")[c].to_list() for c in INPUTS))
+    np.testing.assert_allclose(sql, direct, atol=1e-4)
+    assert ((sql >= 1) & (sql <= 10)).all()
+
+
+def test_fusion_row_alone_equals_row_in_a_batch_and_nulls_score(tiny_bundle):
+    scorer = load_scorer(tiny_bundle)
+    df = read_catalog(HOLDOUT)
+    batch = scorer.predict(*(df[c].to_list() for c in INPUTS))
+    for i in (0, 57, 119):
+        alone = scorer.predict(*([df[c][i]] for c in INPUTS))
+        assert abs(alone[0] - batch[i]) <= 1e-4
+    odd = scorer.predict([None, "  "], [None, "nope"], [None, ""], [None, -3])
+    assert np.isfinite(odd).all() and ((odd >= 1) & (odd <= 10)).all()
+
+
+def test_eval_compares_both_kinds_side_by_side(tiny_bundle, baseline_bundle):
+    result = CliRunner().invoke(cli, ["eval", "--data", str(HOLDOUT), "--model", str(baseline_bundle),
+                                      "--model", str(tiny_bundle), "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    import json
+
+    assert [r["model"] for r in json.loads(result.output)] == ["baseline", "fusion"]
+
+
+def test_real_minilm_backbone_trains_a_few_steps(tmp_path):
+    train, valid = load_split(pl.read_csv(CATALOG).head(60), valid_fraction=0.25)
+    settings = FusionSettings(epochs=1, head_epochs=2, batch_size=15, max_length=32)
+    manifest = train_fusion(train, valid, tmp_path / "f", settings, progress=False, log=lambda _: None)
+    assert manifest["training"]["steps"] == 3 and manifest["text_model"]["name"] == "all-MiniLM-L6-v2"
+    assert load_scorer(tmp_path / "f").predict(["A war story."], ["Drama"], [None], [12])[0] > 1
+
+
+def test_resume_after_interruption_continues_from_the_checkpoint(tiny_distilbert, tmp_path):
+    train, valid = load_split(CATALOG)
+    settings = FusionSettings(backbone=str(tiny_distilbert), epochs=2, head_epochs=2, batch_size=64,
+                              max_length=48, checkpoint_every=2)
+    reference = train_fusion(train, valid, tmp_path / "ref", settings, progress=False, log=lambda _: None)
+
+    def interrupt_at_step_7(step):
+        if step == 7:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train_fusion(train, valid, out, settings, progress=False, log=lambda _: None, on_step=interrupt_at_step_7)
+    assert not out.exists()  # no half-written bundle
+    assert Checkpoint(out).exists()
+
+    messages = []
+    resumed = train_fusion(train, valid, out, settings, resume=True, progress=False, log=messages.append)
+    assert any("resuming" in m and "at step 7 of 10" in m for m in messages)
+    assert resumed["training"]["steps"] == reference["training"]["steps"] == 10
+    # Same batches, optimizer state and RNG: the resumed run ends where the uninterrupted one did.
+    assert resumed["metrics"]["valid"]["mae"] == pytest.approx(reference["metrics"]["valid"]["mae"], abs=1e-6)
+    assert not Checkpoint(out).exists()
