@@ -12,7 +12,7 @@ import click
 import duckdb
 import polars as pl
 
-from anime_udf.bundle import BundleError
+from anime_udf.bundle import BundleError, read_manifest
 from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bundles
@@ -83,8 +83,6 @@ def connect(models: Path, model_paths: tuple[str, ...] = ()) -> tuple[duckdb.Duc
         chosen = {}
         for name in model_paths:
             path = get_model(name, models)
-            from anime_udf.bundle import read_manifest
-
             chosen[read_manifest(path, verify=False)["kind"]] = path
         scorers = register(con, models=models, **chosen)
     else:
@@ -221,3 +219,45 @@ def list_models(as_json, models):
 
 def main():  # pragma: no cover - console entry
     sys.exit(cli())
+
+
+# --- nightly rescoring (anime_udf/rescore.py, sql/rescore.sql) --------------------------------
+from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary  # noqa: E402
+from anime_udf.rescore import rescore as run_rescore  # noqa: E402
+
+
+@cli.command(name="rescore")
+@click.option("--catalog", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Catalog to rescore (CSV or Parquet), with a key column.")
+@click.option("--store", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="DuckDB file keeping the scores and the run records (created on the first run).")
+@click.option("--model", "model_specs", multiple=True, default=("all",), show_default=True,
+              metavar="baseline|fusion|all|NAME|DIR",
+              help="Model(s) to rescore with: a kind (its newest bundle), all kinds present, or a bundle.")
+@click.option("--key", default=DEFAULT_KEY, show_default=True, help="The catalog column that identifies a row.")
+@click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
+              help="After the run, write all current scores to this Parquet file (atomically).")
+@click.option("--dry-run", is_flag=True, help="Say how many rows would be scored; score and write nothing.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
+              help="Wait this long for a concurrent run on the same store to finish, instead of failing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
+@click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@models_option
+def rescore(catalog, store, model_specs, key, export, dry_run, wait, as_json, progress, models):
+    """Incrementally rescore a catalog into a DuckDB store (the nightly job).
+
+    \b
+    Rows whose inputs and model are unchanged keep their scores; changed and new rows
+    are scored; rows gone from the catalog are removed. All store changes of a run are
+    one transaction, and each run appends a record to the store's rescore_runs table.
+    \b
+      anime-udf rescore --catalog catalog.csv --store scores.duckdb --export scores.parquet
+    """
+    try:
+        report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
+                             dry_run=dry_run, wait=wait, progress=progress)
+    except (RescoreError, *USER_ERRORS) as exc:
+        if as_json:
+            click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
+        raise click.ClickException(str(exc)) from exc
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_summary(report))

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import duckdb
-import numpy as np
 import pyarrow as pa
 from duckdb.sqltypes import DOUBLE, VARCHAR
 
@@ -76,9 +75,3 @@ def register(
             f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
         )
     return registered
-
-
-def scores_for(scorer: Scorer, table: pa.Table) -> np.ndarray:
-    """Score an Arrow/Polars-derived table with the canonical input columns."""
-    cols = [table.column(c).to_pylist() for c in ("synopsis", "genres", "studio", "episodes")]
-    return scorer.predict(*cols)

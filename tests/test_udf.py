@@ -22,7 +22,7 @@ CALL = "predict_score(synopsis, genres, studio, episodes)"
 def con(baseline_bundle):
     con = duckdb.connect()
     anime_udf.register(con, baseline=baseline_bundle)
-    catalog = read_catalog(CATALOG)
+    con.register("catalog", read_catalog(CATALOG))
     con.execute("CREATE TABLE anime AS SELECT * FROM catalog")  # a real table: visible from other cursors
     return con
 

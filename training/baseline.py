@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import polars as pl
 import torch
 
@@ -38,7 +37,7 @@ def train_baseline(
     train: pl.DataFrame,
     valid: pl.DataFrame,
     out: Path,
-    settings: BaselineSettings = BaselineSettings(),
+    settings: BaselineSettings | None = None,
     *,
     name: str | None = None,
     cache: EmbeddingCache | None = None,
@@ -46,6 +45,7 @@ def train_baseline(
     log: Callable[[str], None] = print,
 ) -> dict:
     """Fit the baseline on ``train``, select on ``valid``, write a bundle to ``out``; return its manifest."""
+    settings = settings or BaselineSettings()
     seed_everything(settings.seed)
     started = time.perf_counter()
     text = FrozenTextEncoder(default_encoder_path(), pooling="mean", max_length=settings.max_length,
@@ -71,7 +71,7 @@ def train_baseline(
     fit = fit_on_features(net, train_x, scaler.scale(train["score"].to_numpy()),
                           valid_x, scaler.scale(valid["score"].to_numpy()),
                           epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                          weight_decay=settings.weight_decay, seed=settings.seed, progress=progress, log=log)
+                          weight_decay=settings.weight_decay, seed=settings.seed, progress=progress)
     with torch.inference_mode():
         pred = scaler.unscale(net(*(torch.from_numpy(a) for a in valid_x)).numpy())
     metrics = compute_metrics(valid["score"].to_numpy(), pred)

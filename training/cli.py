@@ -99,5 +99,5 @@ def fusion(models, out, data, valid, valid_fraction, seed, backbone, pooling, ma
         manifest = train_fusion(train_df, valid_df, out, settings, resume=resume, log=click.echo)
     except KeyboardInterrupt:
         raise click.ClickException(
-            f"interrupted; a checkpoint is saved: continue with the same command plus --resume --out {out}")
+            f"interrupted; a checkpoint is saved: continue with the same command plus --resume --out {out}") from None
     report(manifest, out)

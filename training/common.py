@@ -7,8 +7,6 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import polars as pl
 import torch
@@ -87,7 +85,6 @@ def fit_on_features(
     seed: int,
     grad_clip: float = 5.0,
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> FitResult:
     """Train a network taking (text features, dense tabular, studio index) on fixed
     features: AdamW, cosine annealing, MSE, gradient clipping; keep the best

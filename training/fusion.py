@@ -141,7 +141,7 @@ def train_fusion(
     train: pl.DataFrame,
     valid: pl.DataFrame,
     out: Path,
-    settings: FusionSettings = FusionSettings(),
+    settings: FusionSettings | None = None,
     *,
     resume: bool = False,
     name: str | None = None,
@@ -151,6 +151,7 @@ def train_fusion(
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
     """Fit the fusion model and write its bundle to ``out``; return the manifest."""
+    settings = settings or FusionSettings()
     if settings.pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
     seed_everything(settings.seed)
@@ -185,7 +186,7 @@ def train_fusion(
         fit_on_features(head, (pooled[: train.height], tr_dense, tr_studio), y_train,
                         (pooled[train.height :], va_dense, va_studio), y_valid,
                         epochs=settings.head_epochs, batch_size=64, lr=settings.head_lr,
-                        weight_decay=settings.weight_decay, seed=settings.seed, progress=progress, log=log)
+                        weight_decay=settings.weight_decay, seed=settings.seed, progress=progress)
     stage1_seconds = time.perf_counter() - started
 
     # Stage 2: everything, end to end.
