@@ -26,7 +26,7 @@ def tiny_bundle(tiny_distilbert, tmp_path_factory):
         "--pooling", "cls", "--epochs", "2", "--head-epochs", "5", "--max-length", "64", "--batch-size", "16",
         "--lr-encoder", "1e-4", "--lr-head", "1e-3"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "epoch 2/2: validation RMSE" in result.output and "validation: n=80" in result.output
+    assert "epoch 2/2: validation RMSE" in result.output and "validation: n=40" in result.output
     return out
 
 

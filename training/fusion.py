@@ -48,14 +48,14 @@ class FusionSettings:
     max_length: int = 256
     epochs: int = 3  # end-to-end fine-tuning epochs
     batch_size: int = 32
-    lr_encoder: float = 2e-5
+    lr_encoder: float = 1e-5
     lr_head: float = 1e-4
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
     grad_clip: float = 1.0
     head_epochs: int = 30  # stage 1: the head on frozen pooled features
     head_lr: float = 1e-3
-    dropout: float = 0.2
+    dropout: float = 0.4
     studio_dim: int = 16
     min_studio_count: int = 2
     checkpoint_every: int = 100
