@@ -222,8 +222,8 @@ def main():  # pragma: no cover - console entry
 
 
 # --- nightly rescoring (anime_udf/rescore.py, sql/rescore.sql) --------------------------------
-from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary  # noqa: E402
-from anime_udf.rescore import rescore as run_rescore  # noqa: E402
+from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary
+from anime_udf.rescore import rescore as run_rescore
 
 
 @cli.command(name="rescore")
@@ -246,7 +246,6 @@ from anime_udf.rescore import rescore as run_rescore  # noqa: E402
 def rescore(catalog, store, model_specs, key, export, dry_run, wait, as_json, progress, models):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
-    \b
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
     are scored; rows gone from the catalog are removed. All store changes of a run are
     one transaction, and each run appends a record to the store's rescore_runs table.

@@ -1,0 +1,566 @@
+"""Nightly batch rescoring: incremental, crash-safe, and recorded.
+
+``rescore(catalog, store)`` keeps, in a DuckDB file (the *store*), one score per
+(catalog key, model id) together with the hash of the inputs it was computed from.
+A run scores only the rows whose inputs changed or that the model never scored, and
+applies everything in one transaction. The statements are those of
+``sql/rescore.sql``; this module runs them section by section and does the ``score``
+step in Python (chunked, with a progress bar), so the CLI and the SQL agree.
+
+A run, in order:
+
+1. take the store's lock file (``STORE.lock``, an ``flock``: released by the kernel
+   when the process dies, so a killed run never leaves a stale lock);
+2. *plan*: open the store read-only, hash the catalog's inputs in SQL, list the rows
+   each model must score, then close the store again, so that readers can open it
+   while the slow scoring runs;
+3. *score* those rows into a temporary table (the embedding cache keeps each encoded
+   synopsis, so a killed run's work is not lost);
+4. *apply*: open the store read-write and, in one transaction, delete keys gone from
+   the catalog and rows of superseded bundles, upsert the new scores, append the run
+   record; COMMIT;
+5. *export* (optional): write Parquet to a hidden temporary file, fsync, rename.
+
+A crash before COMMIT leaves the store as the previous run left it; after COMMIT, as
+this run left it. The next run completes the work.
+
+Test hook: ``ANIME_UDF_RESCORE_PAUSE_AT=<phase>`` (plan, score, commit, export) makes a
+run print ``rescore: paused at <phase>`` to stderr and sleep
+``ANIME_UDF_RESCORE_PAUSE_SECONDS`` (default 3600) at that point, so that a test can
+``kill -9`` it at a known place: ``score`` is after the first scored chunk, ``commit``
+inside the transaction just before COMMIT, ``export`` before the rename.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import hashlib
+import json
+import os
+import re
+import secrets
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+from anime_udf.bundle import KINDS, read_manifest
+from anime_udf.catalog import INPUT_COLUMNS, read_catalog
+from anime_udf.metrics import sql_path
+from anime_udf.registry import get_model, newest
+from anime_udf.registry import models_dir as resolve_models_dir
+
+SQL_FILE = "rescore.sql"
+PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
+PAUSE_SECONDS_ENV = "ANIME_UDF_RESCORE_PAUSE_SECONDS"
+PHASES = ("plan", "score", "commit", "export")
+SCHEMA_VERSION = "1"
+DEFAULT_KEY = "anime_id"
+CHUNK_ROWS = 256
+# Once the rows are scored, opening the store to apply them waits at least this long
+# for a reader to close it: failing there would throw the scoring away.
+APPLY_WAIT_SECONDS = 60.0
+# Manifest entries that describe a bundle without changing its predictions: they do
+# not enter the model id, so a copied or renamed bundle keeps its scores.
+DESCRIPTIVE_MANIFEST_KEYS = frozenset({"created_at", "name", "metrics", "training"})
+QUANTILES = ("p05", "p25", "p50", "p75", "p95")
+# Columns of rescore_runs that are the same for every model of a run: reported once.
+RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
+
+
+class RescoreError(RuntimeError):
+    """A rescore run cannot start or cannot finish; the store is left as it was."""
+
+
+class StoreBusyError(RescoreError):
+    """Another process holds the store."""
+
+
+# --- models ---------------------------------------------------------------------------
+
+
+def model_id(bundle: Path | str, manifest: dict[str, Any] | None = None) -> str:
+    """``<kind>-<12 hex>``: a hash of everything in the bundle that affects its scores
+    (every file's sha256, vocabularies, scalers, architecture, text encoder checksum).
+    A retrained bundle gets a new id even under the same name; a copy keeps its id."""
+    manifest = manifest if manifest is not None else read_manifest(bundle, verify=False)
+    relevant = {k: v for k, v in manifest.items() if k not in DESCRIPTIVE_MANIFEST_KEYS}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"{manifest['kind']}-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    kind: str
+    path: Path
+    model_id: str
+
+
+def resolve_models(specs: str | Sequence[str], directory: Path | str | None = None) -> list[ModelChoice]:
+    """``all`` (the newest bundle of each kind present), a kind (its newest bundle), or
+    bundle names/paths. Every bundle's files are checked against its manifest."""
+    specs = [specs] if isinstance(specs, str) else list(specs) or ["all"]
+    paths: list[Path] = []
+    for spec in specs:
+        if spec == "all":
+            found = [p for p in (newest(kind, directory) for kind in KINDS) if p is not None]
+            if not found:
+                raise RescoreError(
+                    f"no model bundles in {resolve_models_dir(directory).resolve()}; train one with "
+                    "`anime-udf train baseline --data CATALOG`, or pass --models DIR")
+            paths.extend(found)
+        elif spec in KINDS:
+            path = newest(spec, directory)
+            if path is None:
+                raise RescoreError(f"no {spec} bundle in {resolve_models_dir(directory).resolve()}; "
+                                   f"train one with `anime-udf train {spec} --data CATALOG`, or pass --models DIR")
+            paths.append(path)
+        else:
+            paths.append(get_model(spec, directory))
+    choices: dict[str, ModelChoice] = {}
+    for path in paths:
+        manifest = read_manifest(path)  # verifies every file's checksum
+        kind = manifest["kind"]
+        if kind in choices and choices[kind].path.resolve() != path.resolve():
+            raise RescoreError(f"two {kind} bundles chosen ({choices[kind].path} and {path}); "
+                               "a store keeps one model of each kind")
+        choices[kind] = ModelChoice(kind, path, model_id(path, manifest))
+    return [choices[k] for k in KINDS if k in choices]
+
+
+# --- the SQL ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def sql_sections() -> dict[str, str]:
+    """The sections of sql/rescore.sql, by name (``-- @section NAME`` lines)."""
+    sections: dict[str, str] = {}
+    name = None
+    for line in sql_path(SQL_FILE).read_text().splitlines():
+        match = re.fullmatch(r"--\s*@section\s+(\w+)\s*", line)
+        if match:
+            name = match.group(1)
+            sections[name] = ""
+        elif name is not None:
+            sections[name] += line + "\n"
+    return sections
+
+
+def _run(con: duckdb.DuckDBPyConnection, section: str) -> None:
+    con.execute(sql_sections()[section])
+
+
+def _set(con: duckdb.DuckDBPyConnection, name: str, value: Any, cast: str = "") -> None:
+    con.execute(f"SET VARIABLE {name} = ?{cast}", [value])
+
+
+def _literal(value: str | Path) -> str:
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# --- locking and opening the store --------------------------------------------------------
+
+
+def lock_path(store: Path) -> Path:
+    return store.with_name(store.name + ".lock")
+
+
+@contextmanager
+def store_lock(store: Path, wait: float = 0.0, run_id: str = "") -> Iterator[None]:
+    """Hold ``STORE.lock`` (an exclusive ``flock``) for a run; wait up to ``wait``
+    seconds for another run to finish, then fail naming it. The kernel releases the
+    lock when the holder exits or is killed, so it is never stale."""
+    import fcntl  # POSIX only, like the rest of the scheduler setting
+
+    path = lock_path(store)
+    with open(path, "a+") as fh:  # closing the descriptor releases the flock
+        deadline = time.monotonic() + max(wait, 0.0)
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise StoreBusyError(
+                        f"{store} is being rescored by another run ({_holder(path)}); "
+                        + (f"gave up after waiting {wait:g} s" if wait > 0
+                           else "pass --wait SECONDS to wait for it")) from None
+                time.sleep(0.2)
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "run_id": run_id, "since": _now().isoformat(timespec="seconds")}))
+        fh.flush()
+        yield
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+        return f"pid {info.get('pid', '?')}, run {info.get('run_id', '?')}, since {info.get('since', '?')}"
+    except (OSError, ValueError):
+        return "holder unknown"
+
+
+def _attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wait: float) -> None:
+    """ATTACH the store as ``store`` and USE it; wait up to ``wait`` s while another
+    process (a reader, or a writer that is not a rescore run) has it open."""
+    mode = " (READ_ONLY)" if read_only else ""
+    deadline = time.monotonic() + max(wait, 0.0)
+    while True:
+        try:
+            con.execute(f"ATTACH {_literal(store)} AS store{mode}")
+            break
+        except duckdb.IOException as exc:
+            if "lock" not in str(exc).lower():
+                raise RescoreError(f"{store}: cannot open the store: {exc}") from exc
+            if time.monotonic() >= deadline:
+                raise StoreBusyError(
+                    f"{store} is open in another process, so it cannot be "
+                    f"{'read' if read_only else 'updated'}: {exc}"
+                    + (f" (gave up after waiting {wait:g} s)" if wait > 0
+                       else "; pass --wait SECONDS to wait for it")) from exc
+            time.sleep(0.25)
+        except duckdb.Error as exc:
+            raise RescoreError(f"{store}: cannot open the store (not a DuckDB database?): {exc}") from exc
+    con.execute("USE store")
+
+
+def _detach(con: duckdb.DuckDBPyConnection) -> None:
+    con.execute("USE memory")
+    con.execute("DETACH store")
+
+
+def _has_tables(con: duckdb.DuckDBPyConnection) -> bool:
+    names = {r[0] for r in con.execute(
+        "SELECT table_name FROM duckdb_tables() WHERE database_name = 'store'").fetchall()}
+    if "rescore_scores" not in names:
+        if names:
+            raise RescoreError("the store has tables but no rescore_scores: it is not a rescore store")
+        return False
+    row = con.execute("SELECT value FROM store.rescore_meta WHERE name = 'schema_version'").fetchone()
+    if row and row[0] != SCHEMA_VERSION:
+        raise RescoreError(f"the store has rescore schema version {row[0]}; this anime-udf writes "
+                           f"version {SCHEMA_VERSION}")
+    return True
+
+
+@contextmanager
+def _store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float) -> Iterator[bool]:
+    """The store read-only, or an empty in-memory one where it has no tables yet (a
+    first run, or a first run killed before its COMMIT). Yields whether it exists."""
+    exists = False
+    if store.exists():
+        _attach(con, store, read_only=True, wait=wait)
+        try:
+            exists = _has_tables(con)
+        except RescoreError as exc:
+            _detach(con)
+            raise RescoreError(f"{store}: {exc}") from exc
+        if not exists:
+            _detach(con)
+    if not exists:
+        con.execute("ATTACH ':memory:' AS store")
+        con.execute("USE store")
+        _run(con, "schema")
+    try:
+        yield exists
+    finally:
+        _detach(con)
+
+
+# --- a run ----------------------------------------------------------------------------------
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    status: str  # "ok" or "dry-run"
+    store: str
+    catalog: str
+    key: str
+    started_at: str
+    finished_at: str
+    seconds: float
+    catalog_fingerprint: str
+    rows_seen: int
+    rows_imputed: int
+    models: list[dict[str, Any]] = field(default_factory=list)
+    export: str | None = None
+    export_rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def _pause(phase: str) -> None:
+    """The test hook described in the module docstring."""
+    if os.environ.get(PAUSE_ENV) == phase:
+        sys.stderr.write(f"rescore: paused at {phase} (pid {os.getpid()})\n")
+        sys.stderr.flush()
+        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV) or 3600))
+
+
+def rescore(
+    catalog: Any,
+    store: Path | str,
+    *,
+    models: str | Sequence[str] = ("all",),
+    models_dir: Path | str | None = None,
+    key: str = DEFAULT_KEY,
+    export: Path | str | None = None,
+    dry_run: bool = False,
+    wait: float = 0.0,
+    progress: bool | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+) -> RunReport:
+    """Rescore ``catalog`` (a path or anything ``read_catalog`` takes) into ``store``.
+
+    ``models``: ``all``, ``baseline``, ``fusion`` or bundle names/paths. ``wait``:
+    seconds to wait for a concurrent run (or another process holding the store) before
+    failing; applying the scored rows waits at least ``APPLY_WAIT_SECONDS``.
+    ``progress``: a progress bar on stderr (None: only on a terminal). Raises
+    RescoreError (StoreBusyError for a held store) with the store unchanged, except
+    that an export failure after the COMMIT says so. Returns the run's report.
+    """
+    started = _now()
+    clock = time.perf_counter()
+    store = Path(store)
+    export = Path(export) if export is not None else None
+    if export is not None and export.suffix.lower() not in (".parquet", ".pq"):
+        raise RescoreError(f"{export}: --export writes Parquet; use a .parquet file name")
+    if store.is_dir():
+        raise RescoreError(f"{store}: is a directory; --store is a DuckDB file")
+    if chunk_rows < 1:
+        raise RescoreError("chunk_rows must be at least 1")
+    choices = resolve_models(models, models_dir)
+    label = str(catalog) if isinstance(catalog, (str, Path)) else type(catalog).__name__
+    df = read_catalog(catalog, name=label)
+    if key not in df.columns:
+        raise RescoreError(f"{label}: no key column {key!r} (it has: {', '.join(df.columns)}); pass --key COLUMN")
+    if not dry_run:
+        store.parent.mkdir(parents=True, exist_ok=True)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+    con = duckdb.connect()
+    try:
+        con.register("rescore_catalog_df", df)
+        con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {_ident(key)} AS key, "
+                    f"{', '.join(INPUT_COLUMNS)} FROM rescore_catalog_df")
+        _run(con, "macros")
+        _set(con, "rescore_run_id", run_id)
+        _set(con, "rescore_started_at", started.isoformat(), "::TIMESTAMPTZ")
+        _set(con, "rescore_key_column", key)
+        _set(con, "rescore_catalog", label)
+        with nullcontext() if dry_run else store_lock(store, wait, run_id):
+            with _store_for_planning(con, store, wait):
+                _run(con, "start")
+                for choice in choices:
+                    _set(con, "rescore_model_id", choice.model_id)
+                    _set(con, "rescore_model_kind", choice.kind)
+                    _set(con, "rescore_bundle", str(choice.path))
+                    _run(con, "model")
+                _pause("plan")
+                _run(con, "plan")
+                if dry_run:
+                    _run(con, "counts")
+                    return _dry_run_report(con, run_id, store, label, key, started, clock)
+            _score(con, choices, progress, chunk_rows)
+            _attach(con, store, read_only=False, wait=max(wait, APPLY_WAIT_SECONDS))
+            try:
+                _apply(con)
+                records = con.sql(
+                    "SELECT * EXCLUDE (catalog, key_column, run_id) FROM rescore_runs "
+                    "WHERE run_id = ? ORDER BY model_kind", params=[run_id]).pl().to_dicts()
+                export_rows = None
+                if export is not None:
+                    try:
+                        export_rows = _export(con, export, key)
+                    except (duckdb.Error, OSError) as exc:
+                        raise RescoreError(
+                            f"run {run_id} was committed to {store}, but writing {export} failed: {exc} "
+                            "(the next run with --export writes it again)") from exc
+            finally:
+                _detach(con)
+        first = records[0]
+        finished = _now()
+        return RunReport(
+            run_id=run_id, status="ok", store=str(store), catalog=label, key=key,
+            started_at=started.isoformat(timespec="seconds"), finished_at=finished.isoformat(timespec="seconds"),
+            seconds=round(time.perf_counter() - clock, 3),
+            catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
+            rows_imputed=first["rows_imputed"],
+            models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
+            export=str(export) if export is not None else None, export_rows=export_rows,
+        )
+    except duckdb.Error as exc:
+        message = str(exc)
+        if "rescore: " in message:  # a guard of sql/rescore.sql: its own words suffice
+            message = message.split("rescore: ", 1)[1]
+        raise RescoreError(f"rescore failed, the store is unchanged: {message}") from exc
+    finally:
+        con.close()
+
+
+def _apply(con: duckdb.DuckDBPyConnection) -> None:
+    """The one transaction that changes the store."""
+    _run(con, "begin")
+    try:
+        _run(con, "schema")  # a new store gets its tables in its first run's transaction
+        _run(con, "counts")
+        _run(con, "apply")
+        _pause("commit")
+        _run(con, "commit")
+    except BaseException:
+        try:
+            con.execute("ROLLBACK")
+        except duckdb.Error:
+            pass  # the failed statement may have ended the transaction already
+        raise
+
+
+def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int) -> None:
+    """Score every row of rescore_todo into rescore_new, shortest synopses first (so a
+    chunk's padding is small), in chunks with a progress bar."""
+    from tqdm.auto import tqdm
+
+    from anime_udf.scoring import load_scorer
+
+    todo_counts = dict(con.execute("SELECT model_id, count(*) FROM rescore_todo GROUP BY model_id").fetchall())
+    total = sum(todo_counts.values())
+    if total == 0:
+        return
+    bar = tqdm(total=total, unit="row", desc="rescoring", disable=None if progress is None else not progress,
+               file=sys.stderr)
+    first = True
+    try:
+        for choice in choices:
+            if not todo_counts.get(choice.model_id):
+                continue
+            bar.set_description(f"scoring ({choice.kind})")
+            scorer = load_scorer(choice.path)  # loaded only when there is work for it
+            todo = con.sql(
+                "SELECT key, synopsis, genres, studio, episodes FROM rescore_todo WHERE model_id = ? "
+                "ORDER BY strlen(coalesce(synopsis, '')), key", params=[choice.model_id]).pl()
+            for start in range(0, todo.height, chunk_rows):
+                part = todo.slice(start, chunk_rows)
+                scores = scorer.predict(*(part[c].to_list() for c in INPUT_COLUMNS))
+                chunk = pl.DataFrame({"key": part["key"], "score": scores}).with_columns(
+                    model_id=pl.lit(choice.model_id))
+                con.register("rescore_chunk", chunk)
+                con.execute("INSERT INTO rescore_new SELECT model_id, key, score FROM rescore_chunk")
+                con.unregister("rescore_chunk")
+                bar.update(part.height)
+                if first:
+                    first = False
+                    _pause("score")
+    finally:
+        bar.close()
+
+
+def _export(con: duckdb.DuckDBPyConnection, path: Path, key: str) -> int:
+    """Write the export query's result to ``path`` atomically: a hidden temporary file
+    in the same directory, fsync, rename over the old file, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.rescore-tmp")
+    query = sql_sections()["export"].strip().rstrip(";")
+    rename = f" RENAME (key AS {_ident(key)})" if key != "key" else ""
+    try:
+        n = con.execute(f"COPY (SELECT *{rename} FROM ({query})) TO {_literal(tmp)} (FORMAT parquet)").fetchone()[0]
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        _pause("export")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass  # some file systems cannot fsync a directory; the rename itself is atomic
+    return int(n)
+
+
+def _dry_run_report(con, run_id: str, store: Path, label: str, key: str, started: dt.datetime, clock: float) -> RunReport:
+    counts = con.sql("SELECT * FROM rescore_counts ORDER BY model_kind").pl().to_dicts()
+    fingerprint = con.execute("SELECT getvariable('rescore_catalog_fingerprint')").fetchone()[0]
+    return RunReport(
+        run_id=run_id, status="dry-run", store=str(store), catalog=label, key=key,
+        started_at=started.isoformat(timespec="seconds"), finished_at=_now().isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - clock, 3), catalog_fingerprint=fingerprint,
+        rows_seen=counts[0]["rows_seen"] if counts else 0, rows_imputed=counts[0]["rows_imputed"] if counts else 0,
+        models=[{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
+    )
+
+
+# --- the summary --------------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = ".3f", signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return format(value, ("+" if signed else "") + fmt)
+
+
+def format_summary(report: RunReport) -> str:
+    """One screen for the operator: what was read, scored, reused, removed, and how the
+    score distribution moved against the previous run."""
+    dry = report.status == "dry-run"
+    lines = [
+        f"rescore {report.run_id}: " + ("dry run, nothing scored or written" if dry else "ok")
+        + f" in {report.seconds:.1f} s",
+        (f"catalog  {report.catalog}: {report.rows_seen} rows, {report.rows_imputed} with imputed inputs, "
+         f"fingerprint {report.catalog_fingerprint}"),
+        f"store    {report.store} (keyed by {report.key})",
+    ]
+    verbs = ("would score", "reuse", "remove", "supersede") if dry else ("scored", "reused", "removed", "superseded")
+    head = f"{'model':9} {'model id':22} " + " ".join(f"{v:>11}" for v in verbs)
+    width = len(head)
+    if not dry:
+        head += "  " + " ".join(f"{c:>6}" for c in ("mean", *QUANTILES))
+    lines.append(head)
+    for m in report.models:
+        counts = (m["rows_scored"], m["rows_reused"], m["rows_removed"], m["rows_superseded"])
+        line = f"{m['model_kind']:9} {m['model_id']:22} " + " ".join(f"{c:>11}" for c in counts)
+        if dry:
+            lines.append(line)
+            continue
+        figures = [m["score_mean"], *(m["score_" + q] for q in QUANTILES)]
+        lines.append(line + "  " + " ".join(f"{_num(v, '.2f'):>6}" for v in figures))
+        if m.get("prev_run_id"):
+            same = m["prev_model_id"] == m["model_id"]
+            label = f"{'':9} shift vs run {m['prev_run_id']} ({'same model' if same else m['prev_model_id']})"
+            shifts = [m["shift_mean"], *(m["shift_" + q] for q in QUANTILES)]
+            lines.append(f"{label:{width}}  " + " ".join(f"{_num(v, '.2f', True):>6}" for v in shifts))
+        else:
+            lines.append(f"{'':9} first run of this kind: no shift to report")
+    if report.export:
+        lines.append(f"export   {report.export}: {report.export_rows} rows")
+    return "\n".join(lines)

@@ -1,0 +1,275 @@
+-- Nightly rescoring in DuckDB SQL: incremental (content-hashed inputs), crash-safe
+-- (one transaction per run) and recorded (one run record per model and run).
+--
+-- `anime-udf rescore` runs the sections of this file itself (anime_udf/rescore.py),
+-- scoring the `score` step in Python with a progress bar; everything else, the hash
+-- included, is this SQL, so the command and a scheduler running this file agree.
+--
+-- Running it without the CLI (one model per run), e.g. from an Airflow Python task:
+--
+--   import duckdb, anime_udf.rescore as r, anime_udf.udf as u
+--   con = duckdb.connect("scores.duckdb")            -- the store: tables below
+--   u.register(con, baseline="models/baseline-r2")   -- predict_score(...)
+--   con.execute("""
+--     CREATE TEMP VIEW rescore_catalog AS             -- key + the four model inputs
+--       SELECT anime_id AS key, synopsis, genres, studio, episodes FROM read_csv('catalog.csv');
+--     CREATE TEMP MACRO rescore_predict(s, g, st, e) AS predict_score(s, g, st, e);
+--     SET VARIABLE rescore_model_id   = '<r.model_id(bundle)>';   -- e.g. baseline-3f2a9c1d7e4b
+--     SET VARIABLE rescore_model_kind = 'baseline';
+--     SET VARIABLE rescore_key_column = 'anime_id';
+--     SET VARIABLE rescore_catalog    = 'catalog.csv';             -- recorded, optional
+--     SET VARIABLE rescore_bundle     = 'models/baseline-r2';      -- recorded, optional
+--   """)
+--   con.execute(open("sql/rescore.sql").read())      -- this file, top to bottom
+--
+-- (for the fusion model: predict_score_fusion and rescore_model_kind = 'fusion').
+-- A failure anywhere before COMMIT changes nothing in the store (close the connection,
+-- or ROLLBACK, to end the failed transaction). Run one such job at a time per store.
+--
+-- Store tables:
+--   rescore_scores  one row per (key, model_id): the score, the input hash it was
+--                   computed from, whether an input was imputed, the run that wrote it.
+--                   It holds the current model of each kind only: a new bundle's rows
+--                   replace the old bundle's rows of that kind (counted as superseded).
+--                   Keys gone from the catalog are deleted (counted as removed).
+--   rescore_runs    one row per (run_id, model_kind): counts, score distribution, and
+--                   its shift against the previous run of that kind.
+--   rescore_meta    schema version and the key column the store is keyed by.
+
+
+-- @section macros
+-- Inputs as the models see them: blank text is the same missing value as NULL, and
+-- negative or NaN episodes are missing (DESIGN.md, NULL policy). Two rows hash alike
+-- only if the models cannot tell them apart.
+CREATE OR REPLACE TEMP MACRO rescore_text(x) AS
+    CASE WHEN x IS NULL OR regexp_full_match(CAST(x AS VARCHAR), '[\s\p{Z}]*') THEN NULL
+         ELSE CAST(x AS VARCHAR) END;
+
+CREATE OR REPLACE TEMP MACRO rescore_episodes(e) AS
+    CASE WHEN e IS NULL OR isnan(CAST(e AS DOUBLE)) OR CAST(e AS DOUBLE) < 0 THEN NULL
+         WHEN CAST(e AS DOUBLE) = round(CAST(e AS DOUBLE)) AND CAST(e AS DOUBLE) < 1e15
+             THEN CAST(CAST(e AS DOUBLE) AS BIGINT)::VARCHAR
+         ELSE CAST(CAST(e AS DOUBLE) AS VARCHAR) END;
+
+-- sha256 over a length-prefixed encoding ('N' for a missing value, 'S<bytes>:<text>'
+-- otherwise), so no choice of text can make two different rows encode alike.
+CREATE OR REPLACE TEMP MACRO rescore_field(x) AS
+    CASE WHEN x IS NULL THEN 'N' ELSE 'S' || strlen(x) || ':' || x END;
+
+CREATE OR REPLACE TEMP MACRO rescore_input_hash(synopsis, genres, studio, episodes) AS
+    sha256('rescore-v1|' || rescore_field(rescore_text(synopsis)) || rescore_field(rescore_text(genres))
+           || rescore_field(rescore_text(studio)) || rescore_field(rescore_episodes(episodes)));
+
+CREATE OR REPLACE TEMP MACRO rescore_imputed(synopsis, genres, studio, episodes) AS
+    rescore_text(synopsis) IS NULL OR rescore_text(genres) IS NULL
+    OR rescore_text(studio) IS NULL OR rescore_episodes(episodes) IS NULL;
+
+
+-- @section schema
+CREATE TABLE IF NOT EXISTS rescore_meta (
+    name  VARCHAR PRIMARY KEY,
+    value VARCHAR NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS rescore_scores (
+    key        VARCHAR     NOT NULL,  -- the catalog key, as text
+    model_id   VARCHAR     NOT NULL,  -- kind + hash of the bundle's contents
+    model_kind VARCHAR     NOT NULL,
+    input_hash VARCHAR     NOT NULL,  -- rescore_input_hash of the inputs it was scored from
+    score      DOUBLE      NOT NULL,
+    imputed    BOOLEAN     NOT NULL,  -- some input was missing and imputed
+    run_id     VARCHAR     NOT NULL,  -- the run that scored it
+    scored_at  TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (key, model_id)
+);
+
+CREATE TABLE IF NOT EXISTS rescore_runs (
+    run_id              VARCHAR     NOT NULL,
+    started_at          TIMESTAMPTZ NOT NULL,
+    finished_at         TIMESTAMPTZ NOT NULL,
+    seconds             DOUBLE      NOT NULL,
+    catalog             VARCHAR,
+    catalog_fingerprint VARCHAR     NOT NULL,
+    key_column          VARCHAR     NOT NULL,
+    model_kind          VARCHAR     NOT NULL,
+    model_id            VARCHAR     NOT NULL,
+    bundle              VARCHAR,
+    rows_seen           BIGINT      NOT NULL,
+    rows_scored         BIGINT      NOT NULL,
+    rows_reused         BIGINT      NOT NULL,
+    rows_removed        BIGINT      NOT NULL,
+    rows_superseded     BIGINT      NOT NULL,
+    rows_imputed        BIGINT      NOT NULL,
+    rows_stored         BIGINT      NOT NULL,
+    score_mean          DOUBLE,
+    score_std           DOUBLE,
+    score_p05           DOUBLE,
+    score_p25           DOUBLE,
+    score_p50           DOUBLE,
+    score_p75           DOUBLE,
+    score_p95           DOUBLE,
+    prev_run_id         VARCHAR,      -- the previous run of this kind; NULL on the first
+    prev_model_id       VARCHAR,
+    shift_mean          DOUBLE,       -- this run's figure minus the previous run's
+    shift_std           DOUBLE,
+    shift_p05           DOUBLE,
+    shift_p25           DOUBLE,
+    shift_p50           DOUBLE,
+    shift_p75           DOUBLE,
+    shift_p95           DOUBLE,
+    PRIMARY KEY (run_id, model_kind)
+);
+
+
+-- @section start
+SET VARIABLE rescore_run_id = coalesce(getvariable('rescore_run_id'),
+    strftime(now() AT TIME ZONE 'UTC', '%Y%m%dT%H%M%SZ') || '-' || substr(md5(random()::VARCHAR), 1, 6));
+SET VARIABLE rescore_started_at = coalesce(getvariable('rescore_started_at'), now());
+SELECT error('rescore: SET VARIABLE rescore_key_column (the catalog column the store is keyed by) first')
+WHERE getvariable('rescore_key_column') IS NULL;
+CREATE OR REPLACE TEMP TABLE rescore_models (
+    model_id   VARCHAR NOT NULL PRIMARY KEY,
+    model_kind VARCHAR NOT NULL UNIQUE,
+    bundle     VARCHAR
+);
+
+
+-- @section model
+-- Once per model to rescore, with rescore_model_id / rescore_model_kind set.
+SELECT error('rescore: SET VARIABLE rescore_model_id and rescore_model_kind first')
+WHERE getvariable('rescore_model_id') IS NULL OR getvariable('rescore_model_kind') IS NULL;
+INSERT INTO rescore_models
+VALUES (getvariable('rescore_model_id'), getvariable('rescore_model_kind'), getvariable('rescore_bundle'));
+
+
+-- @section plan
+-- The catalog with its input hashes; the rows each model must score: new keys, and
+-- keys whose inputs changed since that model scored them.
+CREATE OR REPLACE TEMP TABLE rescore_input AS
+SELECT CAST(key AS VARCHAR) AS key, key AS catalog_key, synopsis, genres, studio, episodes,
+       rescore_input_hash(synopsis, genres, studio, episodes) AS input_hash,
+       rescore_imputed(synopsis, genres, studio, episodes) AS imputed
+FROM rescore_catalog;
+
+SELECT error('rescore: the catalog key ' || getvariable('rescore_key_column') || ' is NULL in '
+             || count(*) || ' row(s); every row needs a key')
+FROM rescore_input WHERE key IS NULL HAVING count(*) > 0;
+
+SELECT error('rescore: the catalog key ' || getvariable('rescore_key_column') || ' is not unique: '
+             || key || ' occurs ' || n || ' times')
+FROM (SELECT key, count(*) AS n FROM rescore_input GROUP BY key HAVING count(*) > 1 ORDER BY n DESC, key LIMIT 1);
+
+SELECT error('rescore: this store keys its rows by ' || value || ', not by '
+             || getvariable('rescore_key_column') || '; use --key ' || value || ' or another store')
+FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_key_column');
+
+SET VARIABLE rescore_catalog_fingerprint = (
+    SELECT 'sha256:' || substr(sha256(coalesce(string_agg(key || '=' || input_hash, ',' ORDER BY key), '')), 1, 16)
+    FROM rescore_input);
+
+CREATE OR REPLACE TEMP TABLE rescore_todo AS
+SELECT m.model_id, i.key, i.synopsis, i.genres, i.studio, i.episodes, i.input_hash, i.imputed
+FROM rescore_models m
+CROSS JOIN rescore_input i
+LEFT JOIN rescore_scores s ON s.model_id = m.model_id AND s.key = i.key
+WHERE s.input_hash IS DISTINCT FROM i.input_hash;
+
+CREATE OR REPLACE TEMP TABLE rescore_new (
+    model_id VARCHAR NOT NULL,
+    key      VARCHAR NOT NULL,
+    score    DOUBLE
+);
+
+
+-- @section score
+-- The slow step, and the only one outside SQL in the CLI (same scorer, chunked).
+INSERT INTO rescore_new
+SELECT model_id, key, rescore_predict(synopsis, genres, studio, episodes) FROM rescore_todo;
+
+
+-- @section begin
+BEGIN TRANSACTION;
+
+
+-- @section counts
+CREATE OR REPLACE TEMP TABLE rescore_counts AS
+SELECT m.model_id, m.model_kind, m.bundle,
+       (SELECT count(*) FROM rescore_input) AS rows_seen,
+       (SELECT count(*) FROM rescore_todo t WHERE t.model_id = m.model_id) AS rows_scored,
+       (SELECT count(*) FROM rescore_input) - (SELECT count(*) FROM rescore_todo t WHERE t.model_id = m.model_id)
+           AS rows_reused,
+       (SELECT count(*) FROM rescore_scores s
+         WHERE s.model_id = m.model_id AND s.key NOT IN (SELECT key FROM rescore_input)) AS rows_removed,
+       (SELECT count(*) FROM rescore_scores s
+         WHERE s.model_kind = m.model_kind AND s.model_id <> m.model_id) AS rows_superseded,
+       (SELECT count(*) FROM rescore_input WHERE imputed) AS rows_imputed
+FROM rescore_models m;
+
+
+-- @section apply
+-- Every row to score has a finite score, or nothing is applied.
+SELECT error('rescore: ' || count(*) || ' row(s) to score have no score; nothing was applied')
+FROM rescore_todo t LEFT JOIN rescore_new n USING (model_id, key)
+WHERE n.score IS NULL OR isnan(n.score) OR isinf(n.score)
+HAVING count(*) > 0;
+
+-- Keys gone from the catalog, and rows of an older bundle of the same kind.
+DELETE FROM rescore_scores
+WHERE model_id IN (SELECT model_id FROM rescore_models)
+  AND key NOT IN (SELECT key FROM rescore_input);
+
+DELETE FROM rescore_scores
+WHERE model_kind IN (SELECT model_kind FROM rescore_models)
+  AND model_id NOT IN (SELECT model_id FROM rescore_models);
+
+INSERT OR REPLACE INTO rescore_scores (key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at)
+SELECT t.key, t.model_id, m.model_kind, t.input_hash, n.score, t.imputed, getvariable('rescore_run_id'), now()
+FROM rescore_todo t
+JOIN rescore_new n USING (model_id, key)
+JOIN rescore_models m USING (model_id);
+
+INSERT OR REPLACE INTO rescore_meta
+VALUES ('schema_version', '1'), ('key_column', getvariable('rescore_key_column'));
+
+INSERT INTO rescore_runs
+WITH stats AS (
+    SELECT model_id, count(*) AS n, avg(score) AS mean, stddev_pop(score) AS std,
+           quantile_cont(score, [0.05, 0.25, 0.5, 0.75, 0.95]) AS q
+    FROM rescore_scores
+    WHERE model_id IN (SELECT model_id FROM rescore_models)
+    GROUP BY model_id
+),
+prev AS (
+    SELECT * FROM rescore_runs
+    QUALIFY row_number() OVER (PARTITION BY model_kind ORDER BY finished_at DESC, run_id DESC) = 1
+)
+SELECT getvariable('rescore_run_id'), getvariable('rescore_started_at'), now(),
+       greatest(epoch(now()) - epoch(getvariable('rescore_started_at')::TIMESTAMPTZ), 0),
+       getvariable('rescore_catalog'), getvariable('rescore_catalog_fingerprint'),
+       getvariable('rescore_key_column'),
+       c.model_kind, c.model_id, c.bundle,
+       c.rows_seen, c.rows_scored, c.rows_reused, c.rows_removed, c.rows_superseded, c.rows_imputed,
+       coalesce(s.n, 0),
+       s.mean, s.std, s.q[1], s.q[2], s.q[3], s.q[4], s.q[5],
+       p.run_id, p.model_id,
+       s.mean - p.score_mean, s.std - p.score_std,
+       s.q[1] - p.score_p05, s.q[2] - p.score_p25, s.q[3] - p.score_p50,
+       s.q[4] - p.score_p75, s.q[5] - p.score_p95
+FROM rescore_counts c
+LEFT JOIN stats s USING (model_id)
+LEFT JOIN prev p ON p.model_kind = c.model_kind;
+
+
+-- @section commit
+COMMIT;
+
+
+-- @section export
+-- What `--export` writes (the CLI renames key to the key column): every stored score
+-- of a key in the catalog, with the key in its catalog type; up_to_date is false for
+-- a model kind not rescored since its inputs changed.
+SELECT i.catalog_key AS key, s.model_kind AS model, s.model_id, s.score, s.imputed AS imputed_inputs,
+       s.input_hash = i.input_hash AS up_to_date, s.input_hash, s.run_id, s.scored_at
+FROM rescore_scores s
+JOIN rescore_input i USING (key)
+ORDER BY model, s.key

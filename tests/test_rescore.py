@@ -1,0 +1,452 @@
+"""Nightly rescoring (anime_udf/rescore.py, sql/rescore.sql): incremental, idempotent,
+crash-safe under kill -9, exclusive between concurrent runs, and the SQL agrees."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from anime_udf import rescore as rs
+from anime_udf.catalog import read_catalog
+from anime_udf.cli import cli
+from anime_udf.metrics import sql_path
+from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
+
+CATALOG = Path(__file__).resolve().parents[1] / "fixtures" / "catalog.csv"
+SCORE_COLUMNS = "key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at"
+CHANGED = (1, 2, 3, 4, 5)  # synopses edited in catalog B
+REMOVED = (6, 7, 8)  # keys gone from catalog B
+ADDED = (100001, 100002)  # new keys in catalog B
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def models(tmp_path, baseline_bundle) -> Path:
+    """The models directory ($ANIME_UDF_MODELS) with the session's fixture baseline in it."""
+    directory = tmp_path / "models"
+    shutil.copytree(baseline_bundle, directory / baseline_bundle.name)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def second_head(tmp_path_factory, session_cache, baseline_bundle) -> Path:
+    """Another baseline head on the same frozen encoder: its embeddings are all cached."""
+    from anime_udf.cache import EmbeddingCache
+    from training.baseline import BaselineSettings, train_baseline
+    from training.common import load_split
+
+    train, valid = load_split(CATALOG)
+    out = tmp_path_factory.mktemp("bundles2") / "baseline-head2"
+    train_baseline(train, valid, out, BaselineSettings(epochs=3, seed=7),
+                   cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
+    return out
+
+
+def catalog_a() -> pl.DataFrame:
+    return read_catalog(CATALOG)
+
+
+def catalog_b() -> pl.DataFrame:
+    """Catalog A with 5 synopses edited, 3 rows gone and 2 new rows."""
+    a = catalog_a()
+    edited = a.with_columns(
+        synopsis=pl.when(pl.col("anime_id").is_in(CHANGED))
+        .then(pl.col("synopsis") + " Then a new season begins.")
+        .otherwise(pl.col("synopsis"))
+    ).filter(~pl.col("anime_id").is_in(REMOVED))
+    added = a.head(2).with_columns(anime_id=pl.Series(ADDED), synopsis=pl.lit("A brand new show about rescoring."))
+    return pl.concat([edited, added])
+
+
+def write(df: pl.DataFrame, path: Path) -> Path:
+    df.write_csv(path)
+    return path
+
+
+def snapshot(store: Path) -> dict:
+    """Everything a run may change, read through a connection that is closed again."""
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        return {
+            "scores": con.execute(f"SELECT {SCORE_COLUMNS} FROM rescore_scores ORDER BY key, model_id").fetchall(),
+            "runs": [r[0] for r in con.execute("SELECT run_id FROM rescore_runs ORDER BY finished_at, run_id").fetchall()],
+        }
+    finally:
+        con.close()
+
+
+def hashes(df: pl.DataFrame) -> dict[str, str]:
+    """Expected input hashes of a catalog, from the SQL macros."""
+    con = duckdb.connect()
+    con.execute(rs.sql_sections()["macros"])
+    con.register("c", df)
+    rows = con.execute("SELECT CAST(anime_id AS VARCHAR), rescore_input_hash(synopsis, genres, studio, episodes) "
+                       "FROM c").fetchall()
+    con.close()
+    return dict(rows)
+
+
+def assert_store_matches(store: Path, df: pl.DataFrame, bundle: Path) -> None:
+    """One row per catalog key for the model, none for other keys, with the catalog's hashes."""
+    snap = snapshot(store)
+    rows = [r for r in snap["scores"] if r[1] == model_id(bundle)]
+    keys = [r[0] for r in rows]
+    assert len(keys) == len(set(keys)) == df.height, "a row lost or duplicated"
+    assert {r[0]: r[3] for r in rows} == hashes(df)
+    assert all(1.0 <= r[4] <= 10.0 for r in rows)
+
+
+def cli_subprocess(args: list[str], stderr_path: Path, **env) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from anime_udf.cli import cli; cli()", "rescore", *args]
+    with open(stderr_path, "w") as err:
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, env={**os.environ, **env})
+
+
+def wait_for(proc: subprocess.Popen, stderr_path: Path, marker: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if marker in stderr_path.read_text():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run exited ({proc.returncode}) before {marker!r}:\n{stderr_path.read_text()}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no {marker!r} within {timeout} s:\n{stderr_path.read_text()}")
+
+
+# --- model ids, hashes, model choice ----------------------------------------------------------------
+
+
+def test_model_id_is_a_content_hash(tmp_path, baseline_bundle, second_head):
+    ident = model_id(baseline_bundle)
+    assert ident.startswith("baseline-") and len(ident) == len("baseline-") + 12
+    copy = shutil.copytree(baseline_bundle, tmp_path / "renamed")
+    assert model_id(copy) == ident  # the same model under another name keeps its scores
+    assert model_id(second_head) != ident  # a retrained head is a new model
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["target"]["mean"] += 0.5  # scoring-relevant manifest content counts too
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert model_id(copy) != ident
+
+
+def test_input_hash_tells_apart_exactly_what_the_model_does():
+    con = duckdb.connect()
+    con.execute(rs.sql_sections()["macros"])
+
+    def h(*row):
+        return con.execute("SELECT rescore_input_hash(?, ?, ?, ?)", list(row)).fetchone()[0]
+
+    base = h("A story.", "Action", "Gray Tide", 12)
+    assert base == h("A story.", "Action", "Gray Tide", 12.0)
+    # Missing values the model cannot tell apart: NULL and blank text, NULL and negative episodes.
+    assert h(None, None, None, None) == h("  ", "", "\t", -3)
+    # Anything else differs.
+    assert len({base, h("A story!", "Action", "Gray Tide", 12), h("A story.", "Comedy", "Gray Tide", 12),
+                h("A story.", "Action", "Pixel Mill", 12), h("A story.", "Action", "Gray Tide", 13),
+                h("A story.", "Action", "Gray Tide", 12.5), h("A story.", "Action", "Gray Tide", 0),
+                h("A story.", "Action", "Gray Tide", None)}) == 8
+    # The length-prefixed encoding cannot be fooled by text that looks like a field boundary.
+    assert h("ab", "c", None, 1) != h("a", "bc", None, 1)
+    assert h("aS1:b", None, None, 1) != h("a", "b", None, 1)
+    flags = con.execute("SELECT rescore_imputed('x', 'Action', 'S', 1), rescore_imputed(' ', 'Action', 'S', 1), "
+                        "rescore_imputed('x', 'Action', 'S', -1), rescore_imputed('x', NULL, 'S', 1)").fetchone()
+    assert flags == (False, True, True, True)
+
+
+def test_model_choice(models, baseline_bundle, second_head, tmp_path):
+    assert [c.path for c in rs.resolve_models("all", models)] == [models / baseline_bundle.name]
+    assert rs.resolve_models(str(second_head), models)[0].model_id == model_id(second_head)
+    with pytest.raises(RescoreError, match="no fusion bundle"):
+        rs.resolve_models("fusion", models)
+    with pytest.raises(RescoreError, match="no model bundles"):
+        rs.resolve_models("all", tmp_path / "empty")
+    with pytest.raises(RescoreError, match="two baseline bundles"):
+        rs.resolve_models(["baseline", str(second_head)], models)
+
+
+# --- incremental runs --------------------------------------------------------------------------------
+
+
+def test_first_run_scores_all_and_second_run_nothing(tmp_path, models, baseline_bundle, monkeypatch, capsys):
+    store = tmp_path / "scores.duckdb"
+    first = rescore(write(catalog_a(), tmp_path / "a.csv"), store, progress=True)
+    assert "scoring (baseline)" in capsys.readouterr().err  # the progress bar
+    (m,) = first.models
+    assert (first.rows_seen, m["rows_scored"], m["rows_reused"], m["rows_removed"]) == (400, 400, 0, 0)
+    assert m["model_id"] == model_id(baseline_bundle) and m["rows_stored"] == 400
+    assert m["score_p05"] <= m["score_p50"] <= m["score_p95"] and m["prev_run_id"] is None
+    assert_store_matches(store, catalog_a(), baseline_bundle)
+    before = snapshot(store)
+
+    # Idempotence: nothing to score, so no model is even loaded, and the store's scores are untouched.
+    import anime_udf.scoring
+
+    monkeypatch.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+    second = rescore(tmp_path / "a.csv", store)
+    (m2,) = second.models
+    assert (m2["rows_scored"], m2["rows_reused"], m2["rows_removed"]) == (0, 400, 0)
+    assert m2["prev_run_id"] == first.run_id and m2["shift_mean"] == 0 and m2["shift_p50"] == 0
+    after = snapshot(store)
+    assert after["scores"] == before["scores"]
+    assert after["runs"] == [first.run_id, second.run_id]
+
+
+def test_changed_new_and_gone_rows(tmp_path, models, baseline_bundle):
+    store = tmp_path / "scores.duckdb"
+    first = rescore(write(catalog_a(), tmp_path / "a.csv"), store)
+    old = {r[0]: r for r in snapshot(store)["scores"]}
+    b = catalog_b()
+    report = rescore(write(b, tmp_path / "b.csv"), store)
+    (m,) = report.models
+    assert report.rows_seen == 399
+    assert (m["rows_scored"], m["rows_reused"], m["rows_removed"]) == (7, 392, 3)
+    assert_store_matches(store, b, baseline_bundle)
+    new = {r[0]: r for r in snapshot(store)["scores"]}
+    rescored = {str(k) for k in (*CHANGED, *ADDED)}
+    assert {k for k, r in new.items() if r[6] == report.run_id} == rescored
+    assert all(new[k] == old[k] for k in new if k not in rescored)  # untouched, not rewritten
+    # The new scores are what the model gives for the new inputs.
+    from anime_udf.scoring import load_scorer
+
+    rows = b.filter(pl.col("anime_id").is_in([*CHANGED, *ADDED])).sort("anime_id")
+    expected = load_scorer(baseline_bundle).predict(*(rows[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")))
+    got = [new[str(k)][4] for k in rows["anime_id"]]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert first.catalog_fingerprint != report.catalog_fingerprint
+
+
+def test_new_head_rescores_everything_without_encoding(tmp_path, models, baseline_bundle, second_head, monkeypatch):
+    store = tmp_path / "scores.duckdb"
+    first = rescore(write(catalog_a(), tmp_path / "a.csv"), store)
+    from anime_udf.text import FrozenTextEncoder
+
+    monkeypatch.setattr(FrozenTextEncoder, "_encode", lambda *a, **k: pytest.fail("re-encoded a synopsis"))
+    report = rescore(tmp_path / "a.csv", store, models=str(second_head))
+    (m,) = report.models
+    assert (m["rows_scored"], m["rows_reused"], m["rows_superseded"]) == (400, 0, 400)
+    assert m["prev_model_id"] == model_id(baseline_bundle) and m["model_id"] == model_id(second_head)
+    assert m["shift_mean"] == pytest.approx(m["score_mean"] - first.models[0]["score_mean"])
+    assert {r[1] for r in snapshot(store)["scores"]} == {model_id(second_head)}  # the old head's rows are gone
+    assert_store_matches(store, catalog_a(), second_head)
+
+
+def test_missing_inputs_are_scored_and_counted(tmp_path, models, baseline_bundle):
+    df = pl.DataFrame({
+        "anime_id": [1, 2, 3, 4, 5, 6, 7, 8],
+        "synopsis": ["A hero rises.", None, "   ", "A hero rises.", "A hero rises.", "A hero rises.", None, "Fine."],
+        "genres": ["Action", "Action", "Action", None, "Action", "Action", None, "Drama"],
+        "studio": ["Gray Tide", "Gray Tide", "Gray Tide", "Gray Tide", "", "Gray Tide", None, "Gray Tide"],
+        "episodes": [12, 12, 12, 12, 12, -1, None, 24],
+    })
+    store = tmp_path / "scores.duckdb"
+    report = rescore(df, store)
+    assert report.rows_seen == 8 and report.rows_imputed == 6
+    scores = {r[0]: r for r in snapshot(store)["scores"]}
+    assert len(scores) == 8 and all(1.0 <= r[4] <= 10.0 for r in scores.values())
+    assert [k for k, r in sorted(scores.items()) if r[5]] == ["2", "3", "4", "5", "6", "7"]
+    # NULL and blank synopsis are the same input to the model: same hash, same score.
+    assert scores["2"][3] == scores["3"][3] and scores["2"][4] == scores["3"][4]
+
+
+def test_dry_run_scores_and_writes_nothing(tmp_path, models, monkeypatch):
+    import anime_udf.scoring
+
+    store = tmp_path / "scores.duckdb"
+    with monkeypatch.context() as mp:
+        mp.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+        report = rescore(write(catalog_a(), tmp_path / "a.csv"), store, dry_run=True)
+    assert report.status == "dry-run" and report.models[0]["rows_scored"] == 400
+    assert not store.exists() and not rs.lock_path(store).exists()
+    rescore(tmp_path / "a.csv", store)
+    before = snapshot(store)
+    with monkeypatch.context() as mp:
+        mp.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+        report = rescore(write(catalog_b(), tmp_path / "b.csv"), store, dry_run=True)
+    (m,) = report.models
+    assert (m["rows_scored"], m["rows_reused"], m["rows_removed"]) == (7, 392, 3)
+    assert snapshot(store) == before
+
+
+def test_key_errors(tmp_path, models):
+    store = tmp_path / "scores.duckdb"
+    a = catalog_a()
+    with pytest.raises(RescoreError, match="no key column 'id'.*--key"):
+        rescore(a, store, key="id")
+    with pytest.raises(RescoreError, match="not unique: 1 occurs 2 times"):
+        rescore(pl.concat([a, a.head(1)]), store)
+    with pytest.raises(RescoreError, match="NULL in 1 row"):
+        rescore(a.with_columns(anime_id=pl.when(pl.col("anime_id") == 3).then(None).otherwise(pl.col("anime_id"))),
+                store)
+    assert not store.exists()  # failed runs wrote nothing
+    rescore(a, store)
+    with pytest.raises(RescoreError, match="keys its rows by anime_id, not by title"):
+        rescore(a, store, key="title")
+    with pytest.raises(RescoreError, match="Parquet"):
+        rescore(a, store, export=tmp_path / "scores.csv")
+
+
+# --- CLI, export, SQL -------------------------------------------------------------------------------------
+
+
+def test_cli_summary_json_export_and_failure(tmp_path, models):
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+    runner = CliRunner()
+    args = ["rescore", "--catalog", str(catalog), "--store", "scores.duckdb", "--export", "out/scores.parquet"]
+    result = runner.invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    for text in ("ok in", "400 rows", "scored", "first run of this kind", "export   out/scores.parquet: 400 rows"):
+        assert text in result.output
+    assert len(result.output.splitlines()) <= 24  # one screen
+
+    exported = pl.read_parquet(tmp_path / "out" / "scores.parquet")
+    assert exported.height == 400 and exported["anime_id"].dtype == pl.Int64
+    assert set(exported.columns) >= {"anime_id", "model", "model_id", "score", "imputed_inputs", "up_to_date"}
+    assert exported["up_to_date"].all()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scores.parquet"]  # no temporary left
+
+    result = runner.invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.output)
+    assert record["status"] == "ok" and record["models"][0]["rows_scored"] == 0
+    assert record["models"][0]["rows_reused"] == 400 and record["export_rows"] == 400
+
+    result = runner.invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "scores.duckdb",
+                                 "--key", "nope", "--json"])
+    assert result.exit_code == 1
+    assert json.loads(result.output.split("Error:")[0])["status"] == "failed"
+    assert "no key column 'nope'" in result.output
+
+    result = runner.invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "scores.duckdb", "--dry-run"])
+    assert result.exit_code == 0 and "would score" in result.output and "dry run" in result.output
+
+
+def run_sql_script(store: Path, catalog: Path, bundle: Path) -> None:
+    """sql/rescore.sql run as its header says a scheduler would, without the CLI."""
+    from anime_udf.udf import register
+
+    con = duckdb.connect(str(store))
+    try:
+        register(con, baseline=bundle)
+        con.execute(f"""
+            CREATE TEMP VIEW rescore_catalog AS
+                SELECT anime_id AS key, synopsis, genres, studio, episodes FROM read_csv('{catalog}');
+            CREATE TEMP MACRO rescore_predict(s, g, st, e) AS predict_score(s, g, st, e);
+            SET VARIABLE rescore_model_id = '{model_id(bundle)}';
+            SET VARIABLE rescore_model_kind = 'baseline';
+            SET VARIABLE rescore_key_column = 'anime_id';
+        """)
+        con.execute(sql_path("rescore.sql").read_text())
+    finally:
+        con.close()
+
+
+def test_sql_script_and_cli_agree(tmp_path, models, baseline_bundle):
+    a, b = write(catalog_a(), tmp_path / "a.csv"), write(catalog_b(), tmp_path / "b.csv")
+    by_sql, by_cli = tmp_path / "sql.duckdb", tmp_path / "cli.duckdb"
+    for catalog in (a, b):
+        run_sql_script(by_sql, catalog, baseline_bundle)
+        rescore(catalog, by_cli)
+    sql_rows, cli_rows = snapshot(by_sql), snapshot(by_cli)
+    assert [r[:4] + r[5:6] for r in sql_rows["scores"]] == [r[:4] + r[5:6] for r in cli_rows["scores"]]
+    # The same scorer, in float32: only batch composition differs (DuckDB's vectors vs the
+    # CLI's chunks), which moves the last float32 bit at most.
+    np.testing.assert_allclose([r[4] for r in sql_rows["scores"]], [r[4] for r in cli_rows["scores"]],
+                               rtol=0, atol=1e-6)
+    con = duckdb.connect(str(by_sql), read_only=True)
+    sql_runs = con.execute("SELECT rows_scored, rows_removed, catalog_fingerprint FROM rescore_runs "
+                           "ORDER BY finished_at").fetchall()
+    con.close()
+    assert [r[:2] for r in sql_runs] == [(400, 0), (7, 3)]
+    # Each side finds the other's store up to date.
+    run_sql_script(by_cli, b, baseline_bundle)
+    assert rescore(b, by_sql).models[0]["rows_scored"] == 0
+    con = duckdb.connect(str(by_cli), read_only=True)
+    assert con.execute("SELECT rows_scored, catalog_fingerprint FROM rescore_runs ORDER BY finished_at DESC "
+                       "LIMIT 1").fetchone() == (0, sql_runs[-1][2])
+    con.close()
+
+
+# --- crashes and concurrency ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase", ["score", "commit", "export"])
+def test_kill_9_leaves_previous_or_new_state(tmp_path, models, baseline_bundle, phase):
+    """A run killed at a phase leaves the store as after the previous run (before COMMIT)
+    or as after this one (after it), the export whole; the next run completes the work."""
+    store, export = tmp_path / "scores.duckdb", tmp_path / "scores.parquet"
+    rescore(write(catalog_a(), tmp_path / "a.csv"), store, export=export)
+    before, export_before = snapshot(store), export.read_bytes()
+    b = write(catalog_b(), tmp_path / "b.csv")
+
+    err = tmp_path / "stderr.txt"
+    proc = cli_subprocess(["--catalog", str(b), "--store", str(store), "--export", str(export)], err,
+                          ANIME_UDF_RESCORE_PAUSE_AT=phase)
+    wait_for(proc, err, f"paused at {phase}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    after_kill = snapshot(store)
+    if phase == "export":  # committed: the store is the new state, the old export intact
+        assert len(after_kill["runs"]) == 2
+        assert_store_matches(store, catalog_b(), baseline_bundle)
+    else:
+        assert after_kill == before
+    assert export.read_bytes() == export_before
+
+    report = rescore(b, store, export=export)  # the next run completes the work
+    assert report.models[0]["rows_scored"] == (0 if phase == "export" else 7)
+    assert_store_matches(store, catalog_b(), baseline_bundle)
+    assert pl.read_parquet(export)["anime_id"].sort().to_list() == sorted(catalog_b()["anime_id"].to_list())
+
+
+def test_concurrent_runs_fail_clearly_or_wait(tmp_path, models, baseline_bundle):
+    store = tmp_path / "scores.duckdb"
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+    err = tmp_path / "stderr.txt"
+    proc = cli_subprocess(["--catalog", str(catalog), "--store", str(store)], err,
+                          ANIME_UDF_RESCORE_PAUSE_AT="score", ANIME_UDF_RESCORE_PAUSE_SECONDS="8")
+    try:
+        wait_for(proc, err, "paused at score")
+        with pytest.raises(StoreBusyError, match=rf"being rescored by another run \(pid {proc.pid}.*--wait"):
+            rescore(catalog, store)
+        result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store)])
+        assert result.exit_code == 1 and "being rescored by another run" in result.output
+        waited = rescore(catalog, store, wait=120)  # blocks until the first run is done
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert waited.models[0]["rows_scored"] == 0  # the first run did the work
+    assert len(snapshot(store)["runs"]) == 2
+    assert_store_matches(store, catalog_a(), baseline_bundle)
+
+
+def test_store_open_elsewhere_is_a_clear_error(tmp_path, models):
+    store = tmp_path / "scores.duckdb"
+    rescore(catalog_a(), store)
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         f"import duckdb, time; c = duckdb.connect({str(store)!r}); print('open', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreBusyError, match="open in another process"):
+            rescore(catalog_b(), store)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert rescore(catalog_b(), store).models[0]["rows_scored"] == 7
