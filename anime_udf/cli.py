@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -16,6 +15,8 @@ from anime_udf.bundle import BundleError, read_manifest
 from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bundles
+from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary
+from anime_udf.rescore import rescore as run_rescore
 from anime_udf.udf import FUNCTION_NAMES, NoModelsError, register
 
 USER_ERRORS = (BundleError, CatalogError, UnknownModelError, NoModelsError, duckdb.Error, FileNotFoundError)
@@ -217,15 +218,6 @@ def list_models(as_json, models):
         click.echo(f"{r['kind']:9} {r['name']:32} {r['created_at']:26} {r['data']:24} {figures}")
 
 
-def main():  # pragma: no cover - console entry
-    sys.exit(cli())
-
-
-# --- nightly rescoring (anime_udf/rescore.py, sql/rescore.sql) --------------------------------
-from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary
-from anime_udf.rescore import rescore as run_rescore
-
-
 @cli.command(name="rescore")
 @click.option("--catalog", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Catalog to rescore (CSV or Parquet), with a key column.")
@@ -249,6 +241,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, wait, as_json, pr
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
     are scored; rows gone from the catalog are removed. All store changes of a run are
     one transaction, and each run appends a record to the store's rescore_runs table.
+
     \b
       anime-udf rescore --catalog catalog.csv --store scores.duckdb --export scores.parquet
     """
