@@ -5,7 +5,8 @@ Two stages, both recorded as settings in the bundle:
    hash, so this is quick), which gives the encoder a sensible head to learn with;
 2. encoder and head are fine-tuned together: AdamW with two learning rates,
    linear warm-up then cosine decay, MSE on the standardised score, gradient
-   clipping, length-bucketed batches; the best validation RMSE is kept.
+   clipping, length-bucketed batches. The model with the best validation RMSE is
+   kept, stage 1's included: fine-tuning has to beat it.
 
 Stage 2 checkpoints every ``checkpoint_every`` steps and at each epoch's end into
 ``.OUT.checkpoint/`` beside the bundle; ``resume=True`` continues from there. Ctrl-C saves a
@@ -212,8 +213,6 @@ def train_fusion(
         state = checkpoint.load(net, optimizer, scheduler)
         best_state = checkpoint.best()
         log(f"resuming from {checkpoint.dir} at step {state['step']} of {total_steps}")
-    else:
-        checkpoint.save(net, optimizer, scheduler, state, best=None)  # stage 1 is done: keep it
 
     def validate() -> float:
         net.eval()
@@ -221,9 +220,12 @@ def train_fusion(
             pred = fusion_forward(net, tokenizer, valid_texts, va_dense, va_studio, settings.max_length, 64)
         return float(np.sqrt(np.mean((pred - y_valid) ** 2)))
 
-    if state["step"] == 0 and not resume:
-        state["stage1_valid_rmse"] = validate() * scaler.std
+    if not resume:
+        # Stage 1's model is the first candidate ("epoch 0"): fine-tuning must beat it to be kept.
+        state["best_rmse"] = state["stage1_valid_rmse"] = validate() * scaler.std
+        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         log(f"stage 1 done: validation RMSE {state['stage1_valid_rmse']:.4f}")
+        checkpoint.save(net, optimizer, scheduler, state, best=best_state)
 
     bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tuning", unit="step", disable=not progress)
     loss_sum, loss_n = 0.0, 0
