@@ -53,13 +53,18 @@ def load_tokenizer(path: Path | str):
     return AutoTokenizer.from_pretrained(str(path))
 
 
-def load_encoder(path: Path | str) -> torch.nn.Module:
-    from transformers import AutoModel
+def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Module:
+    """A local encoder; ``dropout`` overrides every dropout rate in its config."""
+    from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
-
-    return AutoModel.from_pretrained(str(path), use_safetensors=True)
+    config = AutoConfig.from_pretrained(str(path))
+    if dropout is not None:
+        for name, value in config.to_dict().items():
+            if "dropout" in name and isinstance(value, float):
+                setattr(config, name, dropout)
+    return AutoModel.from_pretrained(str(path), config=config, use_safetensors=True)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -56,7 +56,10 @@ class FusionSettings:
     grad_clip: float = 1.0
     head_epochs: int = 30  # stage 1: the head on frozen pooled features
     head_lr: float = 1e-3
-    dropout: float = 0.4
+    dropout: float = 0.4  # in the head
+    # Dropout inside the encoder while fine-tuning a regressor shifts its activations
+    # between training and inference; off by default (it also scored better).
+    encoder_dropout: float = 0.0
     studio_dim: int = 16
     min_studio_count: int = 2
     checkpoint_every: int = 100
@@ -160,7 +163,7 @@ def train_fusion(
     backbone = Path(settings.backbone) if settings.backbone else default_encoder_path()
     backbone_name = DEFAULT_ENCODER_NAME if not settings.backbone else backbone.name
     tokenizer = load_tokenizer(backbone)
-    encoder = load_encoder(backbone)
+    encoder = load_encoder(backbone, dropout=settings.encoder_dropout)
     checkpoint = Checkpoint(out)
     if resume and not checkpoint.exists():
         log(f"no checkpoint at {checkpoint.dir}; starting from the beginning")
