@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, fingerprint, read_catalog
+from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 
 
 def seed_everything(seed: int) -> None:
@@ -49,7 +50,7 @@ class TargetScaler:
         return ((y - self.mean) / self.std).astype(np.float32)
 
     def unscale(self, z: np.ndarray) -> np.ndarray:
-        return np.clip(z.astype(np.float64) * self.std + self.mean, 1.0, 10.0)
+        return np.clip(z.astype(np.float64) * self.std + self.mean, SCORE_MIN, SCORE_MAX)
 
 
 def training_record(train: pl.DataFrame, valid: pl.DataFrame, settings: dict, **extra) -> dict:
