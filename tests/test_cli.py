@@ -102,3 +102,14 @@ def test_help_explains_every_command():
     for args in ([], ["train"], ["train", "baseline"], ["train", "fusion"], ["sql"], ["eval"], ["models"]):
         result = run(*args, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output
+
+
+def test_second_training_run_reuses_cached_embeddings(baseline_bundle, tmp_path, monkeypatch):
+    from anime_udf.text import FrozenTextEncoder
+
+    def no_encoding(self, texts, progress):
+        raise AssertionError(f"encoded {len(texts)} texts again")
+
+    monkeypatch.setattr(FrozenTextEncoder, "_encode", no_encoding)  # the session bundle filled the cache
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "3", "--out", tmp_path / "again")
+    assert result.exit_code == 0, result.output
