@@ -90,7 +90,7 @@ def fusion(models, out, data, valid, valid_fraction, seed, backbone, pooling, ma
     at least every epoch, Ctrl-C saves a checkpoint, and --resume continues.
     """
     from training.common import load_split
-    from training.fusion import FusionSettings, train_fusion
+    from training.fusion import FusionSettings, ResumeError, train_fusion
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
@@ -102,6 +102,8 @@ def fusion(models, out, data, valid, valid_fraction, seed, backbone, pooling, ma
         checkpoint_every=checkpoint_every, seed=seed)
     try:
         manifest = train_fusion(train_df, valid_df, out, settings, resume=resume, log=click.echo)
+    except ResumeError as exc:
+        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         raise click.ClickException(
             f"interrupted; a checkpoint is saved: continue with the same command plus --resume --out {out}") from None

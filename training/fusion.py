@@ -42,6 +42,10 @@ from anime_udf.text import (DEFAULT_ENCODER_NAME, POOLINGS, FrozenTextEncoder, d
 from training.common import TargetScaler, fit_on_features, seed_everything, training_record
 
 
+class ResumeError(ValueError):
+    """A checkpoint cannot be resumed with these settings."""
+
+
 @dataclass
 class FusionSettings:
     backbone: str = ""  # local Hugging Face encoder directory; "" = the packaged all-MiniLM-L6-v2
@@ -211,7 +215,7 @@ def train_fusion(
     best_state: dict | None = None
     if resume:
         if json.loads((checkpoint.dir / "state.json").read_text())["settings"] != asdict(settings):
-            raise ValueError(f"{checkpoint.dir}: was made with other settings; rerun without --resume "
+            raise ResumeError(f"{checkpoint.dir}: was made with other settings; rerun without --resume "
                              "or with the same settings")
         state = checkpoint.load(net, optimizer, scheduler)
         best_state = checkpoint.best()
