@@ -13,7 +13,7 @@ from anime_udf.cli import cli
 from anime_udf.scoring import load_scorer
 from tests.conftest import CATALOG, HOLDOUT
 from training.common import load_split
-from training.fusion import Checkpoint, FusionSettings, train_fusion
+from training.fusion import Checkpoint, FusionSettings, ResumeError, train_fusion
 
 INPUTS = ("synopsis", "genres", "studio", "episodes")
 
@@ -90,6 +90,10 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tiny_distilbert
         train_fusion(train, valid, out, settings, progress=False, log=lambda _: None, on_step=interrupt_at_step_7)
     assert not out.exists()  # no half-written bundle
     assert Checkpoint(out).exists()
+
+    other = FusionSettings(**{**settings.__dict__, "lr_head": 1e-3})
+    with pytest.raises(ResumeError, match="other settings"):
+        train_fusion(train, valid, out, other, resume=True, progress=False, log=lambda _: None)
 
     messages = []
     resumed = train_fusion(train, valid, out, settings, resume=True, progress=False, log=messages.append)
