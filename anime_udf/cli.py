@@ -13,10 +13,12 @@ import polars as pl
 
 from anime_udf.bundle import BundleError, read_manifest
 from anime_udf.catalog import CatalogError, read_catalog
+from anime_udf.files import atomic_file
 from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bundles
 from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary
 from anime_udf.rescore import rescore as run_rescore
+from anime_udf.sqlutil import quote_ident
 from anime_udf.udf import FUNCTION_NAMES, NoModelsError, register
 
 USER_ERRORS = (BundleError, CatalogError, UnknownModelError, NoModelsError, duckdb.Error, FileNotFoundError)
@@ -73,10 +75,6 @@ def parse_table(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def connect(models: Path, model_paths: tuple[str, ...] = ()) -> tuple[duckdb.DuckDBPyConnection, dict]:
     """An in-process DuckDB with the scoring functions registered."""
     con = duckdb.connect()
@@ -99,15 +97,15 @@ def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, require_s
 
 
 def write_result(df: pl.DataFrame, out: Path) -> None:
+    """Write a result to .parquet or .csv; readers never see a half-written file."""
     suffix = out.suffix.lower()
-    tmp = out.with_name(f".{out.name}.tmp")
-    if suffix in (".parquet", ".pq"):
-        df.write_parquet(tmp)
-    elif suffix == ".csv":
-        df.write_csv(tmp)
-    else:
+    if suffix not in (".parquet", ".pq", ".csv"):
         raise click.BadParameter(f"{out}: use a .parquet or .csv file name", param_hint="--out")
-    tmp.replace(out)  # readers never see a half-written file
+    with atomic_file(out) as tmp:
+        if suffix == ".csv":
+            df.write_csv(tmp)
+        else:
+            df.write_parquet(tmp)
 
 
 @cli.command()

@@ -2,22 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import duckdb
 import numpy as np
 import polars as pl
 
+from anime_udf.sqlutil import sql_path
+
 METRIC_COLUMNS = ("n", "mae", "rmse", "spearman", "r2")
-
-
-def sql_path(name: str) -> Path:
-    """A file of the project's sql/ directory: inside the installed package, or beside it in a checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "sql" / name, here.parent / "sql" / name):
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError(f"sql/{name} is missing from the anime-udf installation")
 
 
 def load_metric_macros(con: duckdb.DuckDBPyConnection) -> None:

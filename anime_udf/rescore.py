@@ -54,9 +54,10 @@ import polars as pl
 
 from anime_udf.bundle import KINDS, read_manifest
 from anime_udf.catalog import INPUT_COLUMNS, read_catalog
-from anime_udf.metrics import sql_path
+from anime_udf.files import atomic_file
 from anime_udf.registry import get_model, newest
 from anime_udf.registry import models_dir as resolve_models_dir
+from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
 
 SQL_FILE = "rescore.sql"
 PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
@@ -162,14 +163,6 @@ def _set(con: duckdb.DuckDBPyConnection, name: str, value: Any, cast: str = "") 
     con.execute(f"SET VARIABLE {name} = ?{cast}", [value])
 
 
-def _literal(value: str | Path) -> str:
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 # --- locking and opening the store --------------------------------------------------------
 
 
@@ -222,7 +215,7 @@ def _attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wai
     deadline = time.monotonic() + max(wait, 0.0)
     while True:
         try:
-            con.execute(f"ATTACH {_literal(store)} AS store{mode}")
+            con.execute(f"ATTACH {quote_literal(store)} AS store{mode}")
             break
         except duckdb.IOException as exc:
             if "lock" not in str(exc).lower():
@@ -368,7 +361,7 @@ def rescore(
     con = duckdb.connect()
     try:
         con.register("rescore_catalog_df", df)
-        con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {_ident(key)} AS key, "
+        con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {quote_ident(key)} AS key, "
                     f"{', '.join(INPUT_COLUMNS)} FROM rescore_catalog_df")
         _run(con, "macros")
         _set(con, "rescore_run_id", run_id)
@@ -482,29 +475,12 @@ def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress:
 
 
 def _export(con: duckdb.DuckDBPyConnection, path: Path, key: str) -> int:
-    """Write the export query's result to ``path`` atomically: a hidden temporary file
-    in the same directory, fsync, rename over the old file, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.rescore-tmp")
+    """Write the export query's result to ``path`` atomically (temporary file + rename)."""
     query = sql_sections()["export"].strip().rstrip(";")
-    rename = f" RENAME (key AS {_ident(key)})" if key != "key" else ""
-    try:
-        n = con.execute(f"COPY (SELECT *{rename} FROM ({query})) TO {_literal(tmp)} (FORMAT parquet)").fetchone()[0]
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+    rename = f" RENAME (key AS {quote_ident(key)})" if key != "key" else ""
+    with atomic_file(path) as tmp:
+        n = con.execute(f"COPY (SELECT *{rename} FROM ({query})) TO {quote_literal(tmp)} (FORMAT parquet)").fetchone()[0]
         _pause("export")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass  # some file systems cannot fsync a directory; the rename itself is atomic
     return int(n)
 
 

@@ -22,10 +22,9 @@ def arrow_udf(scorer: Scorer):
     """A DuckDB Arrow UDF (synopsis, genres, studio, episodes) -> DOUBLE for ``scorer``."""
 
     def predict(synopsis, genres, studio, episodes) -> pa.Array:
+        # DuckDB flattens a constant argument beside varying ones; when all four are
+        # constant it calls once with one row and repeats the result for every row.
         columns = [c.to_pylist() for c in (synopsis, genres, studio, episodes)]
-        n = max(len(c) for c in columns)
-        # A constant argument may arrive as a single value: repeat it for every row.
-        columns = [c * n if len(c) == 1 and n > 1 else c for c in columns]
         return pa.array(scorer.predict(*columns), type=pa.float64())
 
     return predict

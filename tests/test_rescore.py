@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from anime_udf import rescore as rs
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
-from anime_udf.metrics import sql_path
+from anime_udf.sqlutil import sql_path
 from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
 
 CATALOG = Path(__file__).resolve().parents[1] / "fixtures" / "catalog.csv"
