@@ -12,12 +12,11 @@ import torch
 
 from anime_udf.bundle import write_bundle
 from anime_udf.cache import EmbeddingCache
-from anime_udf.features import TabularEncoder
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import BaselineNet
 from anime_udf.scoring import sentence_embedding
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
-from training.common import TargetScaler, fit_on_features, seed_everything, training_record
+from training.common import TabularSplit, fit_on_features, seed_everything, training_record
 
 
 @dataclass
@@ -55,35 +54,28 @@ def train_baseline(
     emb = sentence_embedding(text.embed(texts, progress=progress))
     encode_seconds = time.perf_counter() - started
 
-    features = TabularEncoder.fit(train["genres"].to_list(), train["studio"].to_list(),
-                                  train["episodes"].to_list(), settings.min_studio_count)
-    scaler = TargetScaler.fit(train["score"].to_numpy())
-
-    def inputs(df: pl.DataFrame, rows: slice):
-        dense, studio = features.encode(df["genres"].to_list(), df["studio"].to_list(), df["episodes"].to_list())
-        return emb[rows], dense, studio
-
-    train_x = inputs(train, slice(0, train.height))
-    valid_x = inputs(valid, slice(train.height, None))
-    net = BaselineNet(emb.shape[1], features.n_tabular, features.n_studios, settings.studio_dim, settings.dropout)
+    tab = TabularSplit.fit(train, valid, settings.min_studio_count)
+    train_x = (emb[: train.height], *tab.train)
+    valid_x = (emb[train.height :], *tab.valid)
+    net = BaselineNet(emb.shape[1], tab.features.n_tabular, tab.features.n_studios, settings.studio_dim,
+                      settings.dropout)
     log(f"training on {train.height} rows, selecting on {valid.height} ({settings.epochs} epochs)")
     fit_started = time.perf_counter()
-    fit = fit_on_features(net, train_x, scaler.scale(train["score"].to_numpy()),
-                          valid_x, scaler.scale(valid["score"].to_numpy()),
+    fit = fit_on_features(net, train_x, tab.y_train, valid_x, tab.y_valid,
                           epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
                           weight_decay=settings.weight_decay, seed=settings.seed, progress=progress)
     with torch.inference_mode():
-        pred = scaler.unscale(net(*(torch.from_numpy(a) for a in valid_x)).numpy())
+        pred = tab.scaler.unscale(net(*(torch.from_numpy(a) for a in valid_x)).numpy())
     metrics = compute_metrics(valid["score"].to_numpy(), pred)
 
     manifest = {
         "kind": "baseline",
         "name": name or Path(out).name,
-        "features": features.to_manifest(),
+        "features": tab.features.to_manifest(),
         "text_model": {"name": DEFAULT_ENCODER_NAME, "checksum": text.checksum,
                        "pooling": "mean", "max_length": settings.max_length, "normalize": True},
         "model": {"text_dim": int(emb.shape[1]), "studio_dim": settings.studio_dim, "dropout": settings.dropout},
-        "target": {"mean": scaler.mean, "std": scaler.std},
+        "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
         "training": training_record(
             train, valid, asdict(settings), best_epoch=fit.best_epoch,
             encode_seconds=round(encode_seconds, 1),

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, fingerprint, read_catalog
+from anime_udf.features import TabularEncoder
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 
 
@@ -51,6 +52,30 @@ class TargetScaler:
 
     def unscale(self, z: np.ndarray) -> np.ndarray:
         return np.clip(z.astype(np.float64) * self.std + self.mean, SCORE_MIN, SCORE_MAX)
+
+
+@dataclass
+class TabularSplit:
+    """The tabular side of a training run, fitted on the training rows only."""
+
+    features: TabularEncoder
+    scaler: TargetScaler
+    train: tuple[np.ndarray, np.ndarray]  # (dense, studio index)
+    valid: tuple[np.ndarray, np.ndarray]
+    y_train: np.ndarray  # standardised scores
+    y_valid: np.ndarray
+
+    @classmethod
+    def fit(cls, train: pl.DataFrame, valid: pl.DataFrame, min_studio_count: int) -> "TabularSplit":
+        features = TabularEncoder.fit(train["genres"].to_list(), train["studio"].to_list(),
+                                      train["episodes"].to_list(), min_studio_count)
+        scaler = TargetScaler.fit(train["score"].to_numpy())
+
+        def encode(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+            return features.encode(df["genres"].to_list(), df["studio"].to_list(), df["episodes"].to_list())
+
+        return cls(features, scaler, encode(train), encode(valid),
+                   scaler.scale(train["score"].to_numpy()), scaler.scale(valid["score"].to_numpy()))
 
 
 def training_record(train: pl.DataFrame, valid: pl.DataFrame, settings: dict, **extra) -> dict:

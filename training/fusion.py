@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from anime_udf.bundle import save_state, write_bundle
 from anime_udf.cache import EmbeddingCache
-from anime_udf.features import TabularEncoder, clean_text
+from anime_udf.features import clean_text
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import FusionHead, FusionNet
 from anime_udf.scoring import fusion_forward
 from anime_udf.text import (DEFAULT_ENCODER_NAME, POOLINGS, FrozenTextEncoder, default_encoder_path,
                             load_encoder, load_tokenizer, weights_checksum)
-from training.common import TargetScaler, fit_on_features, seed_everything, training_record
+from training.common import TabularSplit, fit_on_features, seed_everything, training_record
 
 
 class ResumeError(ValueError):
@@ -173,15 +173,9 @@ def train_fusion(
         log(f"no checkpoint at {checkpoint.dir}; starting from the beginning")
         resume = False
 
-    features = TabularEncoder.fit(train["genres"].to_list(), train["studio"].to_list(),
-                                  train["episodes"].to_list(), settings.min_studio_count)
-    scaler = TargetScaler.fit(train["score"].to_numpy())
-    tr_dense, tr_studio = features.encode(train["genres"].to_list(), train["studio"].to_list(),
-                                          train["episodes"].to_list())
-    va_dense, va_studio = features.encode(valid["genres"].to_list(), valid["studio"].to_list(),
-                                          valid["episodes"].to_list())
-    y_train = scaler.scale(train["score"].to_numpy())
-    y_valid = scaler.scale(valid["score"].to_numpy())
+    tab = TabularSplit.fit(train, valid, settings.min_studio_count)
+    features, scaler, y_train, y_valid = tab.features, tab.scaler, tab.y_train, tab.y_valid
+    (tr_dense, tr_studio), (va_dense, va_studio) = tab.train, tab.valid
     head = FusionHead(encoder.config.hidden_size, features.n_tabular, features.n_studios,
                       settings.studio_dim, settings.dropout)
     net = FusionNet(encoder, head, settings.pooling)
