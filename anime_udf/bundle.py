@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: seed ensembles, the lexical view, text_model.in_bundle
 MANIFEST = "manifest.json"
 KINDS = ("baseline", "fusion")
 

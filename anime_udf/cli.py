@@ -13,6 +13,7 @@ import polars as pl
 
 from anime_udf.bundle import BundleError, read_manifest
 from anime_udf.catalog import CatalogError, read_catalog
+from anime_udf.devices import DeviceError
 from anime_udf.files import atomic_file
 from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bundles
@@ -21,7 +22,8 @@ from anime_udf.rescore import rescore as run_rescore
 from anime_udf.sqlutil import quote_ident
 from anime_udf.udf import FUNCTION_NAMES, NoModelsError, register
 
-USER_ERRORS = (BundleError, CatalogError, UnknownModelError, NoModelsError, duckdb.Error, FileNotFoundError)
+USER_ERRORS = (BundleError, CatalogError, DeviceError, UnknownModelError, NoModelsError, duckdb.Error,
+               FileNotFoundError)
 
 
 class PluginGroup(click.Group):

@@ -40,21 +40,36 @@ class BaselineNet(nn.Module):
 
 
 class FusionHead(nn.Module):
-    """Tabular -> MLP 128; concat(text, tabular) -> Dense 256 ReLU -> Dropout -> Dense 1."""
+    """Three views fused: concat(text, tabular -> MLP 128, lexical score) -> Dense 256 ReLU -> Dropout -> Dense 1.
 
-    def __init__(self, text_dim: int, n_dense: int, n_studios: int, studio_dim: int = 16, dropout: float = 0.2):
+    The lexical input is the TF-IDF ridge score of the synopsis (anime_udf.lexical),
+    one number a row."""
+
+    def __init__(self, text_dim: int, n_dense: int, n_studios: int, studio_dim: int = 16, dropout: float = 0.5):
         super().__init__()
         self.tabular = TabularInput(n_dense, n_studios, studio_dim)
         self.tabular_mlp = nn.Sequential(nn.Linear(self.tabular.width, 128), nn.ReLU())
-        self.head = nn.Sequential(nn.Linear(text_dim + 128, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 1))
+        self.head = nn.Sequential(nn.Linear(text_dim + 128 + 1, 256), nn.ReLU(), nn.Dropout(dropout), nn.Linear(256, 1))
 
-    def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
+    def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
+                lexical: torch.Tensor) -> torch.Tensor:
         tab = self.tabular_mlp(self.tabular(dense, studio))
-        return self.head(torch.cat([text, tab], dim=1)).squeeze(1)
+        return self.head(torch.cat([text, tab, lexical.unsqueeze(1)], dim=1)).squeeze(1)
+
+
+class SeedEnsemble(nn.Module):
+    """The mean prediction of several copies of one network trained with different seeds."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(*inputs) for m in self.members]).mean(0)
 
 
 class FusionNet(nn.Module):
-    """A transformer encoder fine-tuned end to end, pooled, fused with the tabular branch."""
+    """A transformer encoder fine-tuned end to end, pooled, fused with the tabular and lexical inputs."""
 
     def __init__(self, encoder: nn.Module, head: FusionHead, pooling: str):
         super().__init__()
@@ -63,8 +78,9 @@ class FusionNet(nn.Module):
         self.pooling = pooling
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Pooled and L2-normalised, as the frozen path's sentence_embedding (scoring) computes them."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return pool(hidden, attention_mask, self.pooling)
+        return nn.functional.normalize(pool(hidden, attention_mask, self.pooling), dim=1, eps=1e-12)
 
-    def forward(self, input_ids, attention_mask, dense, studio) -> torch.Tensor:
-        return self.head(self.text_features(input_ids, attention_mask), dense, studio)
+    def forward(self, input_ids, attention_mask, dense, studio, lexical) -> torch.Tensor:
+        return self.head(self.text_features(input_ids, attention_mask), dense, studio, lexical)

@@ -11,25 +11,35 @@ import torch
 
 from anime_udf.bundle import BundleError, load_weights, read_manifest
 from anime_udf.cache import EmbeddingCache
+from anime_udf.devices import resolve_device
 from anime_udf.features import TabularEncoder, clean_text
-from anime_udf.models import BaselineNet, FusionHead, FusionNet
-from anime_udf.text import FrozenTextEncoder, default_encoder_path, length_sorted_batches, load_tokenizer
+from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
+from anime_udf.lexical import LexicalModel
+from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
+from anime_udf.text import FrozenTextEncoder, default_encoder_path
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
 
 class Scorer:
-    """What both kinds share: the manifest, tabular features, target scaling, clamping."""
+    """What both kinds share: tabular features, the text encoder (frozen, cached by content
+    hash), a seed ensemble of heads, target scaling and clamping."""
 
     kind: str
+    weights_file: str
 
-    def __init__(self, bundle: Path | str, manifest: dict[str, Any]):
+    def __init__(self, bundle: Path | str, manifest: dict[str, Any], cache: EmbeddingCache | None = None,
+                 device: str | torch.device = "auto"):
         self.path = Path(bundle)
         self.manifest = manifest
         self.name = manifest.get("name", self.path.name)
         self.features = TabularEncoder.from_manifest(manifest["features"])
         self.target_mean = float(manifest["target"]["mean"])
         self.target_std = float(manifest["target"]["std"])
+        self.text_encoder = bundle_text_encoder(self.path, manifest, cache, resolve_device(device))
+        cfg = manifest["model"]
+        self.net = SeedEnsemble([self._member(cfg) for _ in range(int(cfg["seeds"]))])
+        _load_state(self.net, self.path, self.weights_file)
         # DuckDB calls UDFs from several threads; one forward pass at a time keeps
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
         self._lock = threading.Lock()
@@ -47,40 +57,47 @@ class Scorer:
         if n == 0:
             return np.zeros(0, dtype=np.float64)
         dense, studio_index = self.features.encode(genres, studio, episodes)
+        texts = [clean_text(s) for s in synopsis]
         with self._lock, torch.inference_mode():
-            standardised = self._forward([clean_text(s) for s in synopsis], dense, studio_index)
+            emb = sentence_embedding(self.text_encoder.embed(texts))
+            inputs = (emb, dense, studio_index, *self._extra_inputs(texts))
+            standardised = self.net(*(torch.from_numpy(a) for a in inputs)).numpy()
         scores = standardised.astype(np.float64) * self.target_std + self.target_mean
         return np.clip(scores, SCORE_MIN, SCORE_MAX)
 
-    def _forward(self, texts: list[str], dense: np.ndarray, studio: np.ndarray) -> np.ndarray:
+    def _member(self, cfg: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
+
+    def _extra_inputs(self, texts: list[str]) -> tuple[np.ndarray, ...]:
+        return ()
 
 
 class BaselineScorer(Scorer):
     kind = "baseline"
+    weights_file = "model.safetensors"
 
-    def __init__(self, bundle: Path | str, manifest: dict[str, Any], cache: EmbeddingCache | None = None):
-        super().__init__(bundle, manifest)
-        text = manifest["text_model"]
-        self.text_encoder = FrozenTextEncoder(
-            default_encoder_path(), pooling=text["pooling"], max_length=text["max_length"], cache=cache
-        )
-        if self.text_encoder.checksum != text["checksum"]:
-            raise BundleError(
-                f"{self.path / 'manifest.json'}: trained with text encoder {text['name']} "
-                f"({text['checksum'][:19]}…), but the installed one is {self.text_encoder.checksum[:19]}…"
-            )
-        cfg = manifest["model"]
-        self.net = BaselineNet(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,
-                               cfg["studio_dim"], cfg["dropout"])
-        _load_state(self.net, self.path, "model.safetensors")
+    def _member(self, cfg):
+        return BaselineNet(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,
+                           cfg["studio_dim"], cfg["dropout"])
 
-    def text_embeddings(self, texts: Sequence[str | None], progress: bool = False) -> np.ndarray:
-        return sentence_embedding(self.text_encoder.embed(texts, progress=progress))
 
-    def _forward(self, texts, dense, studio):
-        emb = self.text_embeddings(texts)
-        return self.net(torch.from_numpy(emb), torch.from_numpy(dense), torch.from_numpy(studio)).numpy()
+class FusionScorer(Scorer):
+    kind = "fusion"
+    weights_file = "head.safetensors"
+
+    def __init__(self, bundle, manifest, cache=None, device="auto"):
+        super().__init__(bundle, manifest, cache, device)
+        try:
+            self.lexical = LexicalModel.load(self.path, manifest["lexical"], load_weights(self.path, LEXICAL_WEIGHTS))
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"{self.path / 'lexical'}: cannot load the lexical model: {exc}") from exc
+
+    def _member(self, cfg):
+        return FusionHead(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,
+                          cfg["studio_dim"], cfg["dropout"])
+
+    def _extra_inputs(self, texts):
+        return (self.lexical.predict(texts),)
 
 
 def sentence_embedding(pooled: np.ndarray) -> np.ndarray:
@@ -89,41 +106,26 @@ def sentence_embedding(pooled: np.ndarray) -> np.ndarray:
     return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-class FusionScorer(Scorer):
-    kind = "fusion"
-
-    def __init__(self, bundle: Path | str, manifest: dict[str, Any], batch_size: int = 64):
-        super().__init__(bundle, manifest)
-        from transformers import AutoConfig, AutoModel
-
-        cfg = manifest["model"]
-        self.max_length = int(cfg["max_length"])
-        self.batch_size = batch_size
-        encoder_dir = self.path / "encoder"
-        try:
-            encoder = AutoModel.from_config(AutoConfig.from_pretrained(str(encoder_dir)))
-            self.tokenizer = load_tokenizer(self.path / "tokenizer")
-        except (OSError, ValueError) as exc:
-            raise BundleError(f"{encoder_dir}: cannot load the encoder or tokenizer: {exc}") from exc
-        _load_state(encoder, self.path, "encoder/model.safetensors")
-        head = FusionHead(encoder.config.hidden_size, self.features.n_tabular, self.features.n_studios,
-                          cfg["studio_dim"], cfg["dropout"])
-        _load_state(head, self.path, "head.safetensors")
-        self.net = FusionNet(encoder, head, cfg["pooling"])
-
-    def _forward(self, texts, dense, studio):
-        return fusion_forward(self.net, self.tokenizer, texts, dense, studio, self.max_length, self.batch_size)
-
-
-def fusion_forward(net: FusionNet, tokenizer, texts: list[str], dense: np.ndarray, studio: np.ndarray,
-                   max_length: int, batch_size: int) -> np.ndarray:
-    """Standardised fusion predictions, tokenised once and run in length-sorted sub-batches."""
-    out = np.zeros(len(texts), dtype=np.float32)
-    for rows, batch in length_sorted_batches(tokenizer, texts, max_length, batch_size):
-        pred = net(batch["input_ids"], batch["attention_mask"],
-                   torch.from_numpy(dense[rows]), torch.from_numpy(studio[rows]))
-        out[rows] = pred.float().numpy()
-    return out
+def bundle_text_encoder(bundle: Path, manifest: dict[str, Any], cache: EmbeddingCache | None,
+                        device: torch.device) -> FrozenTextEncoder:
+    """The bundle's text encoder: its own ``encoder/`` and ``tokenizer/`` (a fine-tuned or other
+    backbone), or the packaged all-MiniLM-L6-v2, which must be the one it was trained with."""
+    text = manifest["text_model"]
+    if text["in_bundle"]:
+        path, tokenizer_path = bundle / "encoder", bundle / "tokenizer"
+    else:
+        path, tokenizer_path = default_encoder_path(), None
+    try:
+        encoder = FrozenTextEncoder(path, tokenizer_path=tokenizer_path, pooling=text["pooling"],
+                                    max_length=text["max_length"], cache=cache, device=device)
+    except OSError as exc:
+        raise BundleError(f"{path}: cannot read the text encoder: {exc}") from exc
+    if encoder.checksum != text["checksum"]:
+        raise BundleError(
+            f"{bundle / 'manifest.json'}: trained with text encoder {text['name']} "
+            f"({text['checksum'][:19]}…), but {path} holds {encoder.checksum[:19]}…"
+        )
+    return encoder
 
 
 def _load_state(module: torch.nn.Module, bundle: Path, name: str) -> None:
@@ -135,10 +137,8 @@ def _load_state(module: torch.nn.Module, bundle: Path, name: str) -> None:
     module.eval()
 
 
-def load_scorer(bundle: Path | str, **kwargs) -> Scorer:
+def load_scorer(bundle: Path | str, *, cache: EmbeddingCache | None = None, device: str = "auto") -> Scorer:
     """Load a bundle of either kind, checking every file first."""
     manifest = read_manifest(bundle)
-    if manifest["kind"] == "baseline":
-        kwargs.setdefault("cache", EmbeddingCache())
-        return BaselineScorer(bundle, manifest, **kwargs)
-    return FusionScorer(bundle, manifest, **kwargs)
+    scorer = BaselineScorer if manifest["kind"] == "baseline" else FusionScorer
+    return scorer(bundle, manifest, cache if cache is not None else EmbeddingCache(), device)

@@ -21,6 +21,7 @@ import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
+from anime_udf.devices import resolve_device  # noqa: E402
 from anime_udf.features import clean_text  # noqa: E402
 
 DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
@@ -94,16 +95,22 @@ class FrozenTextEncoder:
         self,
         path: Path | str | None = None,
         *,
+        tokenizer_path: Path | str | None = None,
         pooling: str = "mean",
         max_length: int = 256,
         batch_size: int = 64,
         cache: EmbeddingCache | None = None,
+        device: str | torch.device = "auto",
     ):
         self.path = Path(path) if path else default_encoder_path()
+        self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else self.path
+        self.device = resolve_device(device)
         self.pooling = pooling
         self.max_length = max_length
         self.batch_size = batch_size
         self.cache = cache
+        # The cache key: embeddings of one encoder's weights, pooling and length are interchangeable,
+        # whichever model (baseline, frozen fusion) asked for them.
         self.checksum = weights_checksum(str(self.path))
         self.encoder_id = f"{self.checksum}|{pooling}|{max_length}"
         self._model = None
@@ -112,10 +119,8 @@ class FrozenTextEncoder:
 
     def _load(self) -> None:
         if self._model is None:
-            self._tokenizer = load_tokenizer(self.path)
-            model = load_encoder(self.path)
-            model.eval()
-            self._model = model
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+            self._model = load_encoder(self.path).to(self.device).eval()
 
     def embed(self, texts: Sequence[str | None], *, progress: bool = False) -> np.ndarray:
         """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again."""
@@ -137,8 +142,9 @@ class FrozenTextEncoder:
             out = np.zeros((len(texts), self._model.config.hidden_size), dtype=np.float32)
             bar = tqdm(total=len(texts), desc="encoding synopses", unit="text", disable=not progress)
             for rows, batch in length_sorted_batches(self._tokenizer, texts, self.max_length, self.batch_size):
+                batch = {k: v.to(self.device) for k, v in batch.items()}
                 hidden = self._model(**batch).last_hidden_state
-                out[rows] = pool(hidden, batch["attention_mask"], self.pooling).numpy()
+                out[rows] = pool(hidden, batch["attention_mask"], self.pooling).float().cpu().numpy()
                 bar.update(len(rows))
             bar.close()
         return out

@@ -53,12 +53,14 @@ def register(
     baseline: Path | str | None = None,
     fusion: Path | str | None = None,
     models: Path | str | None = None,
+    device: str = "auto",
 ) -> dict[str, Scorer]:
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``.
 
     Without explicit bundle paths, the newest bundle of each kind in the models
-    directory (``models``, ``$ANIME_UDF_MODELS`` or ``./models``) is used.
-    Returns {function name: scorer}.
+    directory (``models``, ``$ANIME_UDF_MODELS`` or ``./models``) is used. ``device``
+    runs the text encoder: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``
+    or ``cuda``. Returns {function name: scorer}.
     """
     paths = {"baseline": baseline, "fusion": fusion}
     if baseline is None and fusion is None:
@@ -66,7 +68,7 @@ def register(
     registered = {}
     for path in paths.values():
         if path is not None:
-            scorer = load_scorer(path)
+            scorer = load_scorer(path, device=device)
             registered[register_scorer(con, scorer)] = scorer
     if not registered:
         raise NoModelsError(

@@ -75,11 +75,12 @@ def train_head(catalog: Path, out: Path, cache_dir: Path, epochs: int) -> Path:
     from anime_udf.cache import EmbeddingCache
     from anime_udf.catalog import read_catalog
     from training.baseline import BaselineSettings, train_baseline
+    from training.common import DataSplit
 
     df = read_catalog(catalog, require_score=True)
     valid = df.filter(pl.col("anime_id") % 5 == 0)
     train = df.filter(pl.col("anime_id") % 5 != 0)
-    train_baseline(train, valid, out, BaselineSettings(epochs=epochs, seed=1234),
+    train_baseline(DataSplit(train, valid, train), out, BaselineSettings(epochs=epochs, seed=1234),
                    cache=EmbeddingCache(cache_dir / "embeddings.sqlite"), progress=False, log=lambda _: None)
     return out
 

@@ -3,8 +3,10 @@
     .venv/bin/python benchmarks/scoring_benchmark.py --data ../shared/data/anime_catalog.csv \
         --where "anime_id % 5 = 0" --baseline models/baseline-X --fusion models/fusion-Y
 
-The baseline is measured twice in one run: with an empty embedding cache (every
-synopsis encoded) and with the cache warm (the nightly-rescore case).
+Each model is measured in one run with an empty embedding cache (every synopsis
+encoded), then with it warm (the nightly-rescore case); a frozen-encoder fusion model
+is also scored from the cache the baseline filled (they share it). Last, the cost of
+the seed ensemble: warm scoring with all heads against one head.
 """
 
 from __future__ import annotations
@@ -13,32 +15,68 @@ import argparse
 import os
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
+import torch
 
 from anime_udf.catalog import read_catalog
 from anime_udf.metrics import metrics_table
-from anime_udf.udf import register
+from anime_udf.udf import FUNCTION_NAMES, register
+
+INPUTS = ("synopsis", "genres", "studio", "episodes")
+
+
+@contextmanager
+def empty_cache():
+    previous = os.environ.get("ANIME_UDF_CACHE")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["ANIME_UDF_CACHE"] = cache
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["ANIME_UDF_CACHE"]
+            else:
+                os.environ["ANIME_UDF_CACHE"] = previous
 
 
 def timed_scoring(bundle: Path, kind: str, data: Path, where: str | None) -> tuple[int, float, dict]:
     con = duckdb.connect()
     register(con, **{kind: bundle})
     con.register("catalog", read_catalog(data, require_score=True))
-    fn = "predict_score" if kind == "baseline" else "predict_score_fusion"
     filter_sql = f"WHERE {where}" if where else ""
     start = time.perf_counter()
     con.execute(f"CREATE TEMP TABLE predictions AS SELECT '{kind}' AS model, score AS y, "
-                f"{fn}(synopsis, genres, studio, episodes) AS yhat FROM catalog {filter_sql}")
+                f"{FUNCTION_NAMES[kind]}(synopsis, genres, studio, episodes) AS yhat FROM catalog {filter_sql}")
     seconds = time.perf_counter() - start
     metrics = metrics_table(con, "predictions").row(0, named=True)
     return metrics["n"], seconds, metrics
 
 
 def report(label: str, n: int, seconds: float, metrics: dict) -> None:
-    print(f"{label:28} {n:6d} rows {seconds:8.1f} s {n / seconds:9.1f} rows/s   "
+    print(f"{label:36} {n:6d} rows {seconds:8.2f} s {n / seconds:9.1f} rows/s   "
           f"MAE {metrics['mae']:.4f}  RMSE {metrics['rmse']:.4f}  Spearman {metrics['spearman']:.4f}")
+
+
+def ensemble_cost(bundle: Path, kind: str, data: Path, where: str | None) -> None:
+    """Warm scoring with the whole seed ensemble against its first member alone."""
+    con = duckdb.connect()
+    (scorer,) = register(con, **{kind: bundle}).values()
+    con.register("catalog", read_catalog(data))
+    df = con.sql(f"SELECT * FROM catalog {('WHERE ' + where) if where else ''}").pl()
+    columns = [df[c].to_list() for c in INPUTS]
+    scorer.predict(*columns)  # warm the cache
+    members = scorer.net.members
+    timings = {}
+    for label, chosen in ((f"{len(members)} heads", members), ("1 head", members[:1])):
+        scorer.net.members = torch.nn.ModuleList(chosen)
+        start = time.perf_counter()
+        scorer.predict(*columns)
+        timings[label] = time.perf_counter() - start
+    scorer.net.members = members
+    print(f"{kind} warm, " + ", ".join(f"{k}: {df.height / s:9.1f} rows/s" for k, s in timings.items()))
 
 
 def main() -> None:
@@ -48,18 +86,18 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path)
     parser.add_argument("--fusion", type=Path)
     args = parser.parse_args()
-    if args.baseline:
-        previous = os.environ.get("ANIME_UDF_CACHE")
-        with tempfile.TemporaryDirectory() as cache:
-            os.environ["ANIME_UDF_CACHE"] = cache  # starts empty; the first run fills it
-            report("baseline, cold cache", *timed_scoring(args.baseline, "baseline", args.data, args.where))
-            report("baseline, warm cache", *timed_scoring(args.baseline, "baseline", args.data, args.where))
-        if previous is None:
-            del os.environ["ANIME_UDF_CACHE"]
-        else:
-            os.environ["ANIME_UDF_CACHE"] = previous
-    if args.fusion:
-        report("fusion", *timed_scoring(args.fusion, "fusion", args.data, args.where))
+    bundles = {kind: path for kind, path in (("baseline", args.baseline), ("fusion", args.fusion)) if path}
+    for kind, bundle in bundles.items():
+        with empty_cache():  # starts empty; the first run fills it
+            report(f"{kind}, cold cache", *timed_scoring(bundle, kind, args.data, args.where))
+            report(f"{kind}, warm cache", *timed_scoring(bundle, kind, args.data, args.where))
+    if len(bundles) == 2:
+        with empty_cache():
+            timed_scoring(bundles["baseline"], "baseline", args.data, args.where)
+            report("fusion, cache filled by the baseline", *timed_scoring(bundles["fusion"], "fusion", args.data,
+                                                                          args.where))
+    for kind, bundle in bundles.items():
+        ensemble_cost(bundle, kind, args.data, args.where)
 
 
 if __name__ == "__main__":

@@ -34,10 +34,22 @@ def baseline_bundle(tmp_path_factory, session_cache) -> Path:
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
 
-    train, valid = load_split(CATALOG)
     out = tmp_path_factory.mktemp("bundles") / "baseline-fixture"
-    train_baseline(train, valid, out, BaselineSettings(epochs=30, dropout=0.3),
+    train_baseline(load_split(CATALOG), out, BaselineSettings(epochs=30, seeds=2),
                    cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fusion_bundle(tmp_path_factory, session_cache) -> Path:
+    """A fusion model with the defaults (frozen MiniLM, lexical view, refit, seeds) on the fixture catalog."""
+    from anime_udf.cache import EmbeddingCache
+    from training.common import load_split
+    from training.fusion import FusionSettings, train_fusion
+
+    out = tmp_path_factory.mktemp("bundles") / "fusion-fixture"
+    train_fusion(load_split(CATALOG, valid_fraction=0.1), out, FusionSettings(head_epochs=30, seeds=2),
+                 cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
     return out
 
 

