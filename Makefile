@@ -21,10 +21,12 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/anime-udf train baseline --data fixtures/catalog.csv --out $(DEMO_MODELS)/baseline-fixture
+	$(BIN)/anime-udf train fusion --data fixtures/catalog.csv --out $(DEMO_MODELS)/fusion-fixture
 	$(BIN)/anime-udf sql --models $(DEMO_MODELS) --table anime=fixtures/holdout.csv \
-	  "WITH scored AS (SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS predicted FROM anime) \
-	   SELECT a.anime_id, a.title, a.genres, a.score, round(s.predicted, 2) AS predicted \
-	   FROM anime a JOIN scored s USING (anime_id) ORDER BY s.predicted DESC LIMIT 8"
+	  "WITH scored AS (SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS baseline, \
+	                          predict_score_fusion(synopsis, genres, studio, episodes) AS fusion FROM anime) \
+	   SELECT a.anime_id, a.title, a.genres, a.score, round(s.baseline, 2) AS baseline, round(s.fusion, 2) AS fusion \
+	   FROM anime a JOIN scored s USING (anime_id) ORDER BY s.fusion DESC LIMIT 8"
 	$(BIN)/anime-udf eval --models $(DEMO_MODELS) --data fixtures/holdout.csv
 
 test: install

@@ -18,7 +18,7 @@ from anime_udf.metrics import compute_metrics
 from anime_udf.models import BaselineNet
 from anime_udf.scoring import sentence_embedding
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
-from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, seed_everything, select_epochs,
+from training.common import (DataSplit, HeadTraining, Tabular, refit_ensemble, seed_everything, select_epochs,
                              training_record)
 
 
@@ -70,23 +70,22 @@ def train_baseline(
     emb_fit, emb_valid, emb_refit = embed_frozen(text, [split.fit, split.valid, split.refit], progress)
     encode_seconds = time.perf_counter() - started
 
-    tab = Tabular.fit(split.refit, settings.min_studio_count)
+    final_rows, emb_final = (split.refit, emb_refit) if settings.refit else (split.fit, emb_fit)
+    tab = Tabular.fit(final_rows, settings.min_studio_count)
     make_net = partial(BaselineNet, emb_fit.shape[1], tab.features.n_tabular, tab.features.n_studios,
                        settings.studio_dim, settings.dropout)
     how = settings.head_training()
     fit_started = time.perf_counter()
     log(f"selection run: training on {split.fit.height} rows, validating on {split.valid.height} "
-        f"(up to {settings.epochs} epochs)")
+        f"(schedules of up to {settings.epochs} epochs)")
     selection = select_epochs(make_net, (emb_fit, *tab.inputs(split.fit)), tab.target(split.fit),
                               (emb_valid, *tab.inputs(split.valid)), tab.target(split.valid), how, settings.seed,
                               device, progress)
     metrics = compute_metrics(split.valid["score"].to_numpy(), tab.scaler.unscale(selection.valid_predictions))
-    final_rows, final_x = (split.refit, (emb_refit, *tab.inputs(split.refit))) if settings.refit else \
-        (split.fit, (emb_fit, *tab.inputs(split.fit)))
-    log(f"best epoch {selection.best_epoch}; final model: {settings.seeds} seed(s) x {selection.best_epoch} epochs "
-        f"on {final_rows.height} rows")
-    ensemble = fit_ensemble(make_net, final_x, tab.target(final_rows), selection.best_epoch, how, settings.seed,
-                            device, progress)
+    log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
+        f"epochs on {final_rows.height} rows")
+    ensemble = refit_ensemble(make_net, (emb_final, *tab.inputs(final_rows)), tab.target(final_rows),
+                              selection.best_epochs, how, settings.seed, device, progress)
 
     manifest = {
         "kind": "baseline",
@@ -98,7 +97,7 @@ def train_baseline(
                   "dropout": settings.dropout, "seeds": settings.seeds},
         "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
         "training": training_record(
-            split, asdict(settings), best_epoch=selection.best_epoch, final_rows=final_rows.height,
+            split, asdict(settings), epochs=selection.best_epochs, final_rows=final_rows.height,
             encode_seconds=round(encode_seconds, 1),
             fit_seconds=round(time.perf_counter() - fit_started, 1), history=selection.history),
         # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -102,20 +101,13 @@ def training_record(split: DataSplit, settings: dict, **extra) -> dict:
     }
 
 
-@dataclass
-class FitResult:
-    history: list[dict] = field(default_factory=list)
-    valid_predictions: list[np.ndarray] = field(default_factory=list)  # one array per epoch
-
-
 Inputs = tuple[np.ndarray, ...]
 
 
 def fit_on_features(
     net: nn.Module,
-    train_inputs: Inputs,
-    y_train: np.ndarray,
-    valid_inputs: Inputs | None = None,
+    inputs: Inputs,
+    y: np.ndarray,
     *,
     epochs: int,
     batch_size: int,
@@ -124,94 +116,107 @@ def fit_on_features(
     seed: int,
     grad_clip: float = 5.0,
     device: torch.device = torch.device("cpu"),
-    progress: bool = True,
-) -> FitResult:
+    bar: tqdm | None = None,
+) -> list[dict]:
     """Train a network on fixed inputs (text features, dense tabular, studio index, ...):
-    AdamW, cosine annealing over ``epochs``, MSE, gradient clipping; with validation
-    inputs, their predictions after every epoch are recorded. The network ends on the
-    CPU in eval mode."""
+    AdamW, cosine annealing over ``epochs``, MSE, gradient clipping. The network ends on
+    the CPU in eval mode; returns the per-epoch training loss."""
     torch.manual_seed(seed)
     net.to(device)
-    x_train = [torch.from_numpy(a).to(device) for a in train_inputs]
-    t_train = torch.from_numpy(y_train).to(device)
-    x_valid = [torch.from_numpy(a).to(device) for a in valid_inputs] if valid_inputs is not None else None
+    x = [torch.from_numpy(a).to(device) for a in inputs]
+    target = torch.from_numpy(y).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
-    steps_per_epoch = math.ceil(len(t_train) / batch_size)
+    steps_per_epoch = math.ceil(len(target) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    result = FitResult()
-    for epoch in tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=not progress):
-        start = time.perf_counter()
+    history = []
+    for epoch in range(1, epochs + 1):
         net.train()
         total = 0.0
-        for idx in torch.randperm(len(t_train), generator=generator).split(batch_size):
+        for idx in torch.randperm(len(target), generator=generator).split(batch_size):
             idx = idx.to(device)
-            loss = nn.functional.mse_loss(net(*(x[idx] for x in x_train)), t_train[idx])
+            loss = nn.functional.mse_loss(net(*(a[idx] for a in x)), target[idx])
             optimizer.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(idx)
-        result.history.append({"epoch": epoch, "train_mse": total / len(t_train),
-                               "seconds": round(time.perf_counter() - start, 3)})
-        if x_valid is not None:
-            net.eval()
-            with torch.inference_mode():
-                result.valid_predictions.append(net(*x_valid).float().cpu().numpy())
+        history.append({"epoch": epoch, "train_mse": total / len(target)})
+        if bar is not None:
+            bar.update(1)
     net.to("cpu").eval()
-    return result
+    return history
 
 
 @dataclass
 class HeadTraining:
     """How a head is fitted on fixed features (both trainers)."""
 
-    epochs: int
+    epochs: int  # the longest schedule tried
     batch_size: int
     lr: float
     weight_decay: float
     seeds: int
+
+    def schedule_lengths(self) -> list[int]:
+        """The schedules the selection run compares: a quarter, half, three quarters and all of ``epochs``."""
+        return sorted({max(1, round(self.epochs * k / 4)) for k in (1, 2, 3, 4)})
 
 
 @dataclass
 class Selection:
     """What the selection run chose, and the validation predictions that chose it."""
 
-    best_epoch: int
-    valid_predictions: np.ndarray  # standardised, the ensemble's at the best epoch
-    history: list[dict]
+    best_epochs: int
+    valid_predictions: np.ndarray  # standardised, the chosen ensemble's
+    history: list[dict]  # validation RMSE (standardised) of each schedule tried
 
 
 def select_epochs(make_net: Callable[[], nn.Module], train_inputs: Inputs, y_train: np.ndarray,
                   valid_inputs: Inputs, y_valid: np.ndarray, how: HeadTraining, seed: int,
                   device: torch.device, progress: bool) -> Selection:
-    """The selection run: the ensemble that will be shipped (``how.seeds`` members), trained on
-    the fit rows; the epoch whose mean prediction has the best validation RMSE is chosen.
-    (Chosen for the ensemble, not for one member: averaging tolerates longer training.)"""
-    per_member = []
-    for i in range(how.seeds):
-        torch.manual_seed(seed + i)
-        fit = fit_on_features(make_net(), train_inputs, y_train, valid_inputs, epochs=how.epochs,
-                              batch_size=how.batch_size, lr=how.lr, weight_decay=how.weight_decay, seed=seed + i,
-                              device=device, progress=progress)
-        per_member.append(np.stack(fit.valid_predictions))
-    mean = np.mean(per_member, axis=0)  # [epochs, n_valid]
-    rmse = np.sqrt(np.mean((mean - y_valid) ** 2, axis=1))
-    best = int(np.argmin(rmse))
-    history = [{"epoch": e + 1, "valid_rmse_std": round(float(r), 5)} for e, r in enumerate(rmse)]
-    return Selection(best + 1, mean[best], history)
+    """The selection run: for each schedule length, the ensemble that would ship is trained
+    on the fit rows and validated at the schedule's end; the best validation RMSE wins.
+    Whole schedules and whole ensembles, because that is what ships: cosine annealing makes
+    a schedule's end unlike its middle, and averaging seeds tolerates longer training
+    than one network does."""
+    history, best = [], None
+    lengths = how.schedule_lengths()
+    with tqdm(total=how.seeds * sum(lengths), desc=f"choosing epochs of {lengths}", unit="epoch",
+              disable=not progress) as bar:
+        for epochs in lengths:
+            pred = predict(fit_ensemble(make_net, train_inputs, y_train, epochs, how, seed, device, bar),
+                           valid_inputs)
+            rmse = float(np.sqrt(np.mean((pred - y_valid) ** 2)))
+            history.append({"epochs": epochs, "valid_rmse_std": round(rmse, 5)})
+            bar.set_postfix(valid_rmse=f"{rmse:.4f}")
+            if best is None or rmse < best[0]:
+                best = (rmse, epochs, pred)
+    return Selection(best[1], best[2], history)
+
+
+def predict(net: nn.Module, inputs: Inputs) -> np.ndarray:
+    with torch.inference_mode():
+        return net.eval()(*(torch.from_numpy(a) for a in inputs)).numpy()
 
 
 def fit_ensemble(make_net: Callable[[], nn.Module], inputs: Inputs, y: np.ndarray, epochs: int,
-                 how: HeadTraining, seed: int, device: torch.device, progress: bool) -> SeedEnsemble:
-    """``how.seeds`` copies of a network, seeds ``seed``, ``seed + 1``, …, each trained for the
-    chosen number of epochs (a whole cosine schedule) on ``inputs``; their mean is the model."""
+                 how: HeadTraining, seed: int, device: torch.device, bar: tqdm | None = None) -> SeedEnsemble:
+    """``how.seeds`` copies of a network, seeds ``seed``, ``seed + 1``, …, each trained for
+    ``epochs`` (a whole cosine schedule) on ``inputs``; their mean is the model."""
     members = []
     for i in range(how.seeds):
         torch.manual_seed(seed + i)
         net = make_net()
         fit_on_features(net, inputs, y, epochs=epochs, batch_size=how.batch_size, lr=how.lr,
-                        weight_decay=how.weight_decay, seed=seed + i, device=device, progress=progress)
+                        weight_decay=how.weight_decay, seed=seed + i, device=device, bar=bar)
         members.append(net)
     return SeedEnsemble(members).eval()
+
+
+def refit_ensemble(make_net: Callable[[], nn.Module], inputs: Inputs, y: np.ndarray, epochs: int,
+                   how: HeadTraining, seed: int, device: torch.device, progress: bool) -> SeedEnsemble:
+    """The final model: the chosen ensemble trained on the final rows, with a progress bar."""
+    with tqdm(total=how.seeds * epochs, desc="final model", unit="epoch", disable=not progress) as bar:
+        return fit_ensemble(make_net, inputs, y, epochs, how, seed, device, bar)

@@ -52,7 +52,7 @@ from anime_udf.models import FusionHead, FusionNet
 from anime_udf.text import (DEFAULT_ENCODER_NAME, POOLINGS, FrozenTextEncoder, default_encoder_path,
                             length_sorted_batches, load_encoder, load_tokenizer, weights_checksum)
 from training.baseline import embed_frozen
-from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, seed_everything, select_epochs,
+from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, refit_ensemble, seed_everything, select_epochs,
                              training_record)
 from training.lexical import fit_lexical, out_of_fold
 
@@ -352,8 +352,8 @@ def train_fusion(
                                device=device)
     make_head, x, selection = select_head(frozen)
     stage1_seconds = time.perf_counter() - started
-    log(f"stage 1 done: head best at epoch {selection.best_epoch}, validation RMSE "
-        f"{selection.history[selection.best_epoch - 1]['valid_rmse_std'] * tab.scaler.std:.4f}")
+    best_rmse = min(h["valid_rmse_std"] for h in selection.history) * tab.scaler.std
+    log(f"stage 1 done: the head's best schedule is {selection.best_epochs} epochs, validation RMSE {best_rmse:.4f}")
 
     tokenizer = load_tokenizer(backbone)
     encoder = load_encoder(backbone, dropout=settings.encoder_dropout)
@@ -362,8 +362,8 @@ def train_fusion(
         side = Path(side)
         if settings.epochs > 0:
             # One head, trained as chosen on the fit rows, to fine-tune the encoder with.
-            head = fit_ensemble(make_head, x["fit"], y["fit"], selection.best_epoch, replace(how, seeds=1),
-                                settings.seed, device, progress).members[0]
+            head = fit_ensemble(make_head, x["fit"], y["fit"], selection.best_epochs, replace(how, seeds=1),
+                                settings.seed, device).members[0]
             net = FusionNet(encoder, head, settings.pooling).to(device)
             fine_tuning = fine_tune(net, tokenizer, texts, {k: tabular[k] for k in ("fit", "valid")}, y, settings,
                                     checkpoint, resume, device, tab.scaler.std, progress, log, on_step)
@@ -380,9 +380,9 @@ def train_fusion(
                                        device=device)
             make_head, x, selection = select_head(frozen)
         metrics = compute_metrics(split.valid["score"].to_numpy(), tab.scaler.unscale(selection.valid_predictions))
-        log(f"final head: {settings.seeds} seed(s) x {selection.best_epoch} epochs on {parts['refit'].height} rows")
-        ensemble = fit_ensemble(make_head, x["refit"], y["refit"], selection.best_epoch, how, settings.seed,
-                                device, progress)
+        log(f"final head: {settings.seeds} seed(s) x {selection.best_epochs} epochs on {parts['refit'].height} rows")
+        ensemble = refit_ensemble(make_head, x["refit"], y["refit"], selection.best_epochs, how, settings.seed,
+                                  device, progress)
 
         checksum = weights_checksum(str(side / "encoder")) if in_bundle else frozen.checksum
         text_model = {"name": backbone_name, "checksum": checksum, "in_bundle": in_bundle,
@@ -400,7 +400,7 @@ def train_fusion(
                       "dropout": settings.dropout, "seeds": settings.seeds},
             "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
             "training": training_record(
-                split, asdict(settings), best_epoch=selection.best_epoch, final_rows=parts["refit"].height,
+                split, asdict(settings), epochs=selection.best_epochs, final_rows=parts["refit"].height,
                 lexical_seconds=round(lexical_seconds, 1), stage1_seconds=round(stage1_seconds, 1),
                 fine_tuning=fine_tuning, seconds=round(time.perf_counter() - started, 1), history=selection.history),
             # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
