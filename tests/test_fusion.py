@@ -8,9 +8,11 @@ from click.testing import CliRunner
 
 import anime_udf
 from anime_udf.bundle import read_manifest
+from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.scoring import load_scorer
+from anime_udf.text import weights_checksum
 from tests.conftest import CATALOG, HOLDOUT
 from training.common import load_split
 from training.fusion import Checkpoint, FusionSettings, ResumeError, train_fusion
@@ -102,3 +104,24 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tiny_distilbert
     # Same batches, optimizer state and RNG: the resumed run ends where the uninterrupted one did.
     assert resumed["metrics"]["valid"]["mae"] == pytest.approx(reference["metrics"]["valid"]["mae"], abs=1e-6)
     assert not Checkpoint(out).exists()
+
+
+def test_a_frozen_fusion_model_shares_the_baseline_embedding_cache(baseline_bundle, fusion_bundle, tmp_path,
+                                                                   monkeypatch):
+    cache = EmbeddingCache(tmp_path / "embeddings.sqlite")
+    holdout = read_catalog(HOLDOUT)
+    columns = [holdout[c].to_list() for c in INPUTS]
+    baseline = load_scorer(baseline_bundle, cache=cache)
+    baseline.predict(*columns)
+    fusion = load_scorer(fusion_bundle, cache=cache)
+    assert fusion.text_encoder.encoder_id == baseline.text_encoder.encoder_id
+    monkeypatch.setattr(fusion.text_encoder, "_encode", lambda *a, **k: pytest.fail("encoded a cached synopsis"))
+    assert np.isfinite(fusion.predict(*columns)).all()
+
+
+def test_a_tuned_encoder_ships_in_the_bundle_under_its_own_checksum(tiny_bundle):
+    text_model = read_manifest(tiny_bundle)["text_model"]
+    scorer = load_scorer(tiny_bundle)
+    assert scorer.text_encoder.path == tiny_bundle / "encoder"
+    assert text_model["checksum"] == scorer.text_encoder.checksum == weights_checksum(str(tiny_bundle / "encoder"))
+    assert text_model["fine_tuned"] == (read_manifest(tiny_bundle)["training"]["fine_tuning"]["best_epoch"] > 0)
