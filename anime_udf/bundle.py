@@ -105,14 +105,38 @@ def read_manifest(bundle: Path | str, *, verify: bool = True) -> dict[str, Any]:
         raise BundleError(f"{path}: unsupported bundle format {manifest.get('format_version')!r}")
     if manifest.get("kind") not in KINDS:
         raise BundleError(f"{path}: unknown model kind {manifest.get('kind')!r}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{path}: 'files' must list every file of the bundle with its sha256")
+    for name in files:
+        _check_inside(bundle, name, path)
     if verify:
-        for name, sha in manifest.get("files", {}).items():
+        listed = {Path(name) for name in files}
+        for file in sorted(bundle.rglob("*")):
+            relative = file.relative_to(bundle)
+            if file.is_symlink() or (file.is_file() and relative != Path(MANIFEST) and relative not in listed):
+                raise BundleError(f"{file}: not listed in {path} (every file of a bundle is, with its checksum)")
+        for name, sha in files.items():
             file = bundle / name
             if not file.is_file():
                 raise BundleError(f"{file}: missing from the bundle")
             if file_sha256(file) != sha:
                 raise BundleError(f"{file}: checksum mismatch (truncated or modified)")
     return manifest
+
+
+def _check_inside(bundle: Path, name: str, manifest_path: Path) -> None:
+    """A listed file is a plain relative path inside the bundle, through no symlink:
+    refused before anything is opened, so a manifest cannot make us read elsewhere."""
+    relative = Path(name)
+    if (not name or relative.is_absolute() or ".." in relative.parts or "\\" in name
+            or any(part in ("", ".") for part in name.split("/"))):
+        raise BundleError(f"{manifest_path}: file entry {name!r} is not a plain relative path inside the bundle")
+    current = bundle
+    for part in relative.parts:
+        current = current / part
+        if current.is_symlink():
+            raise BundleError(f"{manifest_path}: file entry {name!r} goes through a symbolic link ({current})")
 
 
 def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:

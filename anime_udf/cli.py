@@ -20,10 +20,11 @@ from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bu
 from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary
 from anime_udf.rescore import rescore as run_rescore
 from anime_udf.sqlutil import quote_ident
+from anime_udf.text import EncoderError
 from anime_udf.udf import FUNCTION_NAMES, NoModelsError, register
 
-USER_ERRORS = (BundleError, CatalogError, DeviceError, UnknownModelError, NoModelsError, duckdb.Error,
-               FileNotFoundError)
+USER_ERRORS = (BundleError, CatalogError, DeviceError, EncoderError, UnknownModelError, NoModelsError,
+               duckdb.Error, FileNotFoundError)
 
 
 class PluginGroup(click.Group):

@@ -16,7 +16,7 @@ from anime_udf.features import TabularEncoder, clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
-from anime_udf.text import FrozenTextEncoder, default_encoder_path
+from anime_udf.text import EncoderError, FrozenTextEncoder, default_encoder_path
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
@@ -118,8 +118,8 @@ def bundle_text_encoder(bundle: Path, manifest: dict[str, Any], cache: Embedding
     try:
         encoder = FrozenTextEncoder(path, tokenizer_path=tokenizer_path, pooling=text["pooling"],
                                     max_length=text["max_length"], cache=cache, device=device)
-    except OSError as exc:
-        raise BundleError(f"{path}: cannot read the text encoder: {exc}") from exc
+    except (OSError, EncoderError) as exc:
+        raise BundleError(f"{bundle}: cannot use its text encoder: {exc}") from exc
     if encoder.checksum != text["checksum"]:
         raise BundleError(
             f"{bundle / 'manifest.json'}: trained with text encoder {text['name']} "

