@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -101,10 +102,14 @@ def read_manifest(bundle: Path | str, *, verify: bool = True) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path}: not valid JSON (truncated or corrupted?): {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
-        raise BundleError(f"{path}: unsupported bundle format {manifest.get('format_version')!r}")
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object, found {type(manifest).__name__}")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(f"{path}: unsupported bundle format {manifest.get('format_version')!r} "
+                          f"(this anime-udf reads format {FORMAT_VERSION}; retrain the model)")
     if manifest.get("kind") not in KINDS:
         raise BundleError(f"{path}: unknown model kind {manifest.get('kind')!r}")
+    check_schema(path, manifest)
     files = manifest.get("files")
     if not isinstance(files, dict) or not files or not all(isinstance(v, str) for v in files.values()):
         raise BundleError(f"{path}: 'files' must list every file of the bundle with its sha256")
@@ -137,6 +142,54 @@ def _check_inside(bundle: Path, name: str, manifest_path: Path) -> None:
         current = current / part
         if current.is_symlink():
             raise BundleError(f"{manifest_path}: file entry {name!r} goes through a symbolic link ({current})")
+
+
+def _number(lo: float, hi: float, integer: bool = False, above: bool = False):
+    """A finite number in [lo, hi] (or (lo, hi] with ``above``), not a bool."""
+    def ok(v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+            return False
+        return math.isfinite(v) and (v > lo if above else v >= lo) and v <= hi
+
+    kind = "an integer" if integer else "a number"
+    return ok, f"{kind} in {'(' if above else '['}{lo:g}, {hi:g}]"
+
+
+_STRINGS = (lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v), "a list of strings")
+_TEXT = (lambda v: isinstance(v, str) and v != "", "a non-empty string")
+_BOOL = (lambda v: isinstance(v, bool), "true or false")
+# The manifest keys scoring relies on, and what each must be: checked before anything is built,
+# so a hand-edited manifest gives one error naming the key instead of a crash or a 1 TB allocation.
+_SCHEMA = {
+    ("features", "genres"): _STRINGS,
+    ("features", "studios"): _STRINGS,
+    ("features", "episodes_log_mean"): _number(-1e3, 1e3),
+    ("features", "episodes_log_std"): _number(0, 1e3, above=True),
+    ("target", "mean"): _number(-1e3, 1e3),
+    ("target", "std"): _number(0, 1e3, above=True),
+    ("text_model", "name"): _TEXT,
+    ("text_model", "checksum"): _TEXT,
+    ("text_model", "in_bundle"): _BOOL,
+    ("text_model", "pooling"): (lambda v: v in ("mean", "cls"), "'mean' or 'cls'"),
+    ("text_model", "max_length"): _number(1, 8192, integer=True),
+    ("model", "text_dim"): _number(1, 8192, integer=True),
+    ("model", "studio_dim"): _number(1, 1024, integer=True),
+    ("model", "dropout"): _number(0, 1),
+    ("model", "seeds"): _number(1, 64, integer=True),
+}
+_FUSION_SCHEMA = {("lexical", "ngram_max"): _number(1, 5, integer=True)}
+
+
+def check_schema(path: Path, manifest: dict[str, Any]) -> None:
+    schema = _SCHEMA | (_FUSION_SCHEMA if manifest["kind"] == "fusion" else {})
+    for keys, (ok, expected) in schema.items():
+        value: Any = manifest
+        for key in keys:
+            if not isinstance(value, dict) or key not in value:
+                raise BundleError(f"{path}: {'.'.join(keys)} is missing; expected {expected}")
+            value = value[key]
+        if not ok(value):
+            raise BundleError(f"{path}: {'.'.join(keys)} is {json.dumps(value)[:60]}; expected {expected}")
 
 
 def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:

@@ -161,23 +161,36 @@ def score(data, out, model_paths, models):
     click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}")
 
 
+def parse_where(where: str) -> str:
+    """``--where`` as exactly one SQL expression, as DuckDB's parser renders it back: no
+    second statement, set operation or comment can ride along into the query."""
+    try:
+        return f"({duckdb.SQLExpression(where)})"
+    except duckdb.Error as exc:
+        raise click.BadParameter(f"{where!r} is not one SQL expression: {exc}", param_hint="--where") from None
+
+
 @cli.command(name="eval")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Catalog with a score column (CSV or Parquet).")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle(s) to evaluate (default: the newest of each kind, side by side).")
-@click.option("--where", "where", help="SQL filter on the catalog, e.g. \"anime_id % 5 = 0\".")
+@click.option("--where", "where",
+              help="One SQL expression filtering the catalog, e.g. \"anime_id % 5 = 0\" (statements, "
+                   "UNIONs and comments are refused; it cannot read files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
 @models_option
 def evaluate(data, model_paths, where, as_json, models):
     """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql)."""
+    condition = parse_where(where) if where else "true"
     con, scorers = connect(models, model_paths)
     add_catalog(con, "catalog", data, require_score=True)
-    filter_sql = f"WHERE {where}" if where else ""
+    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
+    con.execute(f"CREATE TEMP VIEW selected AS SELECT * FROM catalog WHERE {condition}")
     kind_of = {fn: kind for kind, fn in FUNCTION_NAMES.items()}
     selects = " UNION ALL ".join(
         f"SELECT '{kind_of[fn]}' AS model, score AS y, {fn}(synopsis, genres, studio, episodes) AS yhat "
-        f"FROM catalog {filter_sql}"
+        f"FROM selected"
         for fn in scorers
     )
     con.execute(f"CREATE TEMP TABLE predictions AS {selects}")

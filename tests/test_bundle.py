@@ -105,3 +105,25 @@ def test_a_manifest_must_list_its_files(bundle, files):
     _edit_manifest(bundle, lambda m: m.__setitem__("files", files) if files is not None else m.pop("files"))
     with pytest.raises(BundleError, match="'files' must list every file"):
         load_scorer(bundle)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.pop("features"), r"features\.genres is missing"),
+    (lambda m: m.pop("target"), r"target\.mean is missing"),
+    (lambda m: m["model"].__setitem__("dropout", "x"), r'model\.dropout is "x"; expected a number in \[0, 1\]'),
+    (lambda m: m["model"].__setitem__("studio_dim", 1_000_000_000), r"model\.studio_dim is 1000000000; expected an integer"),
+    (lambda m: m["target"].__setitem__("std", float("nan")), r"target\.std is NaN; expected a number in \(0, 1000\]"),
+    (lambda m: m["model"].__setitem__("seeds", True), r"model\.seeds is true"),
+    (lambda m: m["features"].__setitem__("genres", "Action"), r"features\.genres is \"Action\"; expected a list"),
+])
+def test_manifest_values_are_checked_before_anything_is_built(bundle, edit, message):
+    _edit_manifest(bundle, edit)
+    with pytest.raises(BundleError, match=rf"manifest\.json: {message}"):
+        load_scorer(bundle)
+
+
+@pytest.mark.parametrize("content", ["null", "[]", '"text"'])
+def test_a_manifest_that_is_not_an_object_is_a_clear_error(bundle, content):
+    (bundle / "manifest.json").write_text(content)
+    with pytest.raises(BundleError, match="manifest.json: expected a JSON object"):
+        load_scorer(bundle)

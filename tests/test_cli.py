@@ -113,3 +113,21 @@ def test_second_training_run_reuses_cached_embeddings(baseline_bundle, tmp_path,
     monkeypatch.setattr(FrozenTextEncoder, "_encode", no_encoding)  # the session bundle filled the cache
     result = run("train", "baseline", "--data", CATALOG, "--epochs", "3", "--out", tmp_path / "again")
     assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("where", ["anime_id > 0 UNION ALL SELECT 'baseline', 1, 1",
+                                   "anime_id > 0; COPY (SELECT 1) TO 'written.csv'",
+                                   "1=1) UNION ALL (SELECT 'baseline', 1.0, 1.0"])
+def test_eval_where_is_one_expression(models, where, tmp_path):
+    result = run("eval", "--data", HOLDOUT, "--where", where)
+    assert result.exit_code == 2 and "is not one SQL expression" in result.output
+    assert not (tmp_path / "written.csv").exists()
+
+
+def test_eval_where_comment_cannot_drop_a_model_and_no_file_is_read(models, fusion_bundle):
+    shutil.copytree(fusion_bundle, models / "fusion-fixture")
+    both = json.loads(run("eval", "--data", HOLDOUT, "--where", "anime_id % 2 = 0 --", "--json").output)
+    even = int((pl.read_csv(HOLDOUT)["anime_id"] % 2 == 0).sum())
+    assert [(r["model"], r["n"]) for r in both] == [("baseline", even), ("fusion", even)]
+    result = run("eval", "--data", HOLDOUT, "--where", f"anime_id IN (SELECT 1 FROM read_csv('{CATALOG}'))")
+    assert result.exit_code == 1 and "file system operations are disabled" in result.output
