@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import warnings
 from pathlib import Path
 from typing import Iterable
 
@@ -27,21 +28,52 @@ def text_key(text: str) -> str:
 
 
 class EmbeddingCache:
+    """A cache that cannot be used (corrupt file, read-only disk) is a warning, not an error:
+    scoring goes on without it, only slower."""
+
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "embeddings.sqlite"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS embeddings ("
-                " encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL,"
-                " PRIMARY KEY (encoder, key)) WITHOUT ROWID"
-            )
+        self.usable = True
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self._connect() as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute(
+                    "CREATE TABLE IF NOT EXISTS embeddings ("
+                    " encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL,"
+                    " PRIMARY KEY (encoder, key)) WITHOUT ROWID"
+                )
+            con.close()
+        except (sqlite3.Error, OSError) as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: Exception) -> None:
+        if self.usable:
+            warnings.warn(f"embedding cache {self.path} cannot be used ({exc}); continuing without it",
+                          RuntimeWarning, stacklevel=3)
+        self.usable = False
 
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=120)
 
     def get(self, encoder: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
+        if not self.usable:
+            return {}
+        try:
+            return self._get(encoder, keys)
+        except (sqlite3.Error, OSError) as exc:
+            self._give_up(exc)
+            return {}
+
+    def put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
+        if not self.usable:
+            return
+        try:
+            self._put(encoder, vectors)
+        except (sqlite3.Error, OSError) as exc:
+            self._give_up(exc)
+
+    def _get(self, encoder: str, keys: Iterable[str]) -> dict[str, np.ndarray]:
         keys = list(dict.fromkeys(keys))
         found: dict[str, np.ndarray] = {}
         con = self._connect()
@@ -59,15 +91,8 @@ class EmbeddingCache:
             con.close()
         return found
 
-    def put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
+    def _put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
         rows = [(encoder, k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()]
         with self._connect() as con:  # one transaction: all rows or none
             con.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", rows)
         con.close()
-
-    def count(self, encoder: str) -> int:
-        con = self._connect()
-        try:
-            return con.execute("SELECT count(*) FROM embeddings WHERE encoder = ?", [encoder]).fetchone()[0]
-        finally:
-            con.close()

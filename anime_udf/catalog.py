@@ -39,7 +39,7 @@ def read_catalog(source: Any, *, require_score: bool = False, name: str | None =
         raise CatalogError(
             f"{label}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns) or 'none'})"
         )
-    casts = [pl.col(c).cast(pl.String) for c in ("synopsis", "genres", "studio")]
+    casts = [_to_text(df, c, label) for c in ("synopsis", "genres", "studio")]
     casts.append(_to_number(df, "episodes", label, pl.Int64))
     if SCORE_COLUMN in df.columns:
         casts.append(_to_number(df, SCORE_COLUMN, label, pl.Float64))
@@ -63,21 +63,38 @@ def _to_polars(source: Any, label: str) -> pl.DataFrame:
         raise CatalogError(f"{label}: no such file")
     suffix = path.suffix.lower()
     try:
+        # Opened by us, so that a name with * [ ] ? is one file, never a glob pattern.
         if suffix in (".parquet", ".pq"):
-            return pl.read_parquet(path)
+            with open(path, "rb") as fh:
+                return pl.read_parquet(fh)
         if suffix in (".csv", ".tsv", ".txt"):
             # The model columns are read as text, so that a bad value can be reported by name.
             text = {c: pl.String for c in (*INPUT_COLUMNS, SCORE_COLUMN)}
-            return pl.read_csv(path, schema_overrides=text, infer_schema_length=10_000,
-                               separator="\t" if suffix == ".tsv" else ",")
+            with open(path, "rb") as fh:
+                return pl.read_csv(fh, schema_overrides=text, infer_schema_length=10_000,
+                                   separator="\t" if suffix == ".tsv" else ",")
     except Exception as exc:  # polars raises several unrelated types for bad files
         raise CatalogError(f"{label}: cannot read: {exc}") from exc
     raise CatalogError(f"{label}: unsupported file type {suffix!r} (use .csv or .parquet)")
 
 
+def _to_text(df: pl.DataFrame, column: str, label: str) -> pl.Expr:
+    """A text column as strings. A list of names (genres stored as LIST) becomes the comma-separated
+    string the models read; other nested values are an error naming the column and its type."""
+    dtype = df.schema[column]
+    if isinstance(dtype, (pl.List, pl.Array)) and dtype.inner in (pl.String, pl.Categorical, pl.Null):
+        return pl.col(column).cast(pl.List(pl.String)).list.join(",").alias(column)
+    if dtype.is_nested() or dtype == pl.Binary or dtype == pl.Object:
+        raise CatalogError(f"{label}: column {column!r} is {dtype}; expected text"
+                           + (" (or a list of names)" if column == "genres" else ""))
+    return pl.col(column).cast(pl.String)
+
+
 def _to_number(df: pl.DataFrame, column: str, label: str, dtype: type[pl.DataType]) -> pl.Expr:
     """Cast ``column`` to ``dtype``; empty strings are NULL, anything else unparseable is an error."""
     col = df.get_column(column)
+    if col.dtype == pl.Boolean or col.dtype.is_nested():
+        raise CatalogError(f"{label}: column {column!r} is {col.dtype}; expected numbers")
     if col.dtype == pl.String:
         col = col.str.strip_chars().replace("", None)
     as_float = col.cast(pl.Float64, strict=False)

@@ -48,6 +48,13 @@ class PluginGroup(click.Group):
             return super().invoke(ctx)
         except USER_ERRORS as exc:
             raise click.ClickException(str(exc)) from exc
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except Exception as exc:
+            # Anything unforeseen: one line, not a traceback, unless --debug asks for it.
+            if ctx.params.get("debug"):
+                raise
+            raise click.ClickException(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)") from exc
 
 
 def models_option(f):
@@ -59,7 +66,8 @@ def models_option(f):
 
 @click.group(cls=PluginGroup)
 @click.version_option(package_name="anime-udf")
-def cli():
+@click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
+def cli(debug):
     """Score an anime catalog with deep-learning models from plain SQL.
 
     \b

@@ -131,3 +131,35 @@ def test_eval_where_comment_cannot_drop_a_model_and_no_file_is_read(models, fusi
     assert [(r["model"], r["n"]) for r in both] == [("baseline", even), ("fusion", even)]
     result = run("eval", "--data", HOLDOUT, "--where", f"anime_id IN (SELECT 1 FROM read_csv('{CATALOG}'))")
     assert result.exit_code == 1 and "file system operations are disabled" in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["baseline", "--epochs", "0"], "--epochs"),
+    (["baseline", "--batch-size", "0"], "--batch-size"),
+    (["baseline", "--lr", "nan"], "--lr"),
+    (["fusion", "--lr-head", "-1"], "--lr-head"),
+])
+def test_train_refuses_impossible_settings_before_reading_data(args, message):
+    result = run("train", *args, "--data", CATALOG)
+    assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output
+
+
+def test_train_with_a_header_only_validation_catalog_is_a_clear_error(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("synopsis,genres,studio,episodes,score\n")
+    result = run("train", "baseline", "--data", CATALOG, "--valid", empty)
+    assert result.exit_code == 1 and "empty.csv: no rows to validate on" in result.output
+
+
+def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch):
+    import anime_udf.cli
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(anime_udf.cli, "list_bundles", broken)
+    result = run("models")
+    assert result.exit_code == 1
+    assert result.output.strip() == "Error: ZeroDivisionError: boom (rerun with --debug for the traceback)"
+    with pytest.raises(ZeroDivisionError):
+        run("--debug", "models")

