@@ -64,7 +64,7 @@ def write_bundle(
             str(p.relative_to(tmp)): file_sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()
         }
         full = {"format_version": FORMAT_VERSION, "created_at": now_iso(), **manifest, "files": files}
-        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, ensure_ascii=False) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
         _fsync_tree(tmp)
         if out.exists():  # replace an older bundle of the same name, never leaving neither
             old = out.with_name(f".{out.name}.{os.getpid()}.old")

@@ -107,11 +107,17 @@ def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, require_s
     return df.height
 
 
-def write_result(df: pl.DataFrame, out: Path) -> None:
-    """Write a result to .parquet or .csv; readers never see a half-written file."""
+def check_out_suffix(out: Path) -> str:
+    """Checked before any scoring, so a bad name costs nothing."""
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
         raise click.BadParameter(f"{out}: use a .parquet or .csv file name", param_hint="--out")
+    return suffix
+
+
+def write_result(df: pl.DataFrame, out: Path) -> None:
+    """Write a result to .parquet or .csv; readers never see a half-written file."""
+    suffix = check_out_suffix(out)
     with atomic_file(out) as tmp:
         if suffix == ".csv":
             df.write_csv(tmp)
@@ -137,10 +143,17 @@ def sql(query, tables, model_paths, out, limit, models):
     """
     from anime_udf.metrics import load_metric_macros
 
+    views = [parse_table(spec) for spec in tables]
+    names = [name.casefold() for name, _ in views]  # SQL identifiers are case-insensitive
+    if len(set(names)) < len(names):
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        raise click.BadParameter(f"view name(s) given more than once: {', '.join(repeated)}", param_hint="--table")
+    if out:
+        check_out_suffix(out)
     con, _ = connect(models, model_paths)
     load_metric_macros(con)
-    for spec in tables:
-        add_catalog(con, *parse_table(spec))
+    for name, path in views:
+        add_catalog(con, name, path)
     result = con.sql(query)
     if result is None:
         return
@@ -162,6 +175,7 @@ def sql(query, tables, model_paths, out, limit, models):
 @models_option
 def score(data, out, model_paths, models):
     """Score a whole catalog file with every registered model."""
+    check_out_suffix(out)
     con, scorers = connect(models, model_paths)
     n = add_catalog(con, "catalog", data)
     calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
@@ -214,15 +228,23 @@ def evaluate(data, model_paths, where, as_json, models):
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @models_option
 def list_models(as_json, models):
-    """List the bundles in the models directory: kind, name, created-at, data, metrics."""
+    """List the bundles in the models directory: kind, name, created-at, data, metrics.
+
+    Every file's checksum is verified: a bundle that would fail to load is listed as broken."""
+    def field(manifest: dict, *keys: str):
+        """A nested value, or None where a level is missing or not an object (hand-edited manifests)."""
+        for key in keys:
+            manifest = manifest.get(key) if isinstance(manifest, dict) else None
+        return manifest
+
     rows = []
-    for b in list_bundles(models):
+    for b in list_bundles(models, verify=True):
         m = b.manifest or {}
-        valid = m.get("metrics", {}).get("valid", {})
+        figures = {f"valid_{k}": field(m, "metrics", "valid", k) for k in ("mae", "rmse", "spearman")}
         rows.append({
             "kind": b.kind, "name": b.path.name, "created_at": b.created_at,
-            "data": m.get("training", {}).get("data_fingerprint", ""),
-            "valid_mae": valid.get("mae"), "valid_rmse": valid.get("rmse"), "valid_spearman": valid.get("spearman"),
+            "data": str(field(m, "training", "data_fingerprint") or ""),
+            **{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in figures.items()},
             "error": b.error,
         })
     if as_json:

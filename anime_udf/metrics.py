@@ -30,4 +30,6 @@ def compute_metrics(y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:
         row = metrics_table(con, "pairs").row(0, named=True)
     finally:
         con.close()
-    return {k: (int(row[k]) if k == "n" else float(row[k])) for k in METRIC_COLUMNS}
+    # Undefined figures (Spearman of constant predictions) are None: bundles hold strict JSON.
+    return {k: (int(row[k]) if k == "n" else None if row[k] is None or not np.isfinite(row[k]) else float(row[k]))
+            for k in METRIC_COLUMNS}

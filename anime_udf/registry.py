@@ -32,18 +32,19 @@ class BundleInfo:
 
     @property
     def created_at(self) -> str:
-        return self.manifest.get("created_at", "") if self.manifest else ""
+        return str(self.manifest.get("created_at", "")) if self.manifest else ""
 
 
-def list_bundles(directory: Path | str | None = None) -> list[BundleInfo]:
-    """Every bundle in the models directory, oldest first; broken ones carry their error."""
+def list_bundles(directory: Path | str | None = None, *, verify: bool = False) -> list[BundleInfo]:
+    """Every bundle in the models directory, oldest first; broken ones carry their error
+    (with ``verify``, a file that fails its checksum makes a bundle broken too)."""
     root = models_dir(directory)
     if not root.is_dir():
         return []
     infos = []
     for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
-            infos.append(BundleInfo(path, read_manifest(path, verify=False)))
+            infos.append(BundleInfo(path, read_manifest(path, verify=verify)))
         except BundleError as exc:
             infos.append(BundleInfo(path, None, str(exc)))
     return sorted(infos, key=lambda b: (b.created_at, b.path.name))

@@ -163,3 +163,29 @@ def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch):
     assert result.output.strip() == "Error: ZeroDivisionError: boom (rerun with --debug for the traceback)"
     with pytest.raises(ZeroDivisionError):
         run("--debug", "models")
+
+
+def test_models_lists_corrupt_and_malformed_bundles_as_broken_and_the_rest(models, baseline_bundle):
+    corrupt = shutil.copytree(baseline_bundle, models / "corrupt")
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10] + b"0123456789")
+    odd = shutil.copytree(baseline_bundle, models / "odd-metrics")
+    manifest = json.loads((odd / "manifest.json").read_text())
+    manifest["metrics"] = []
+    (odd / "manifest.json").write_text(json.dumps(manifest))
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[1]: line for line in result.output.splitlines()}
+    assert lines["corrupt"].startswith("broken") and "checksum mismatch" in lines["corrupt"]
+    assert lines["odd-metrics"].startswith("baseline") and "mae=" not in lines["odd-metrics"]
+    assert lines["baseline-fixture"].startswith("baseline") and "mae=" in lines["baseline-fixture"]
+
+
+def test_sql_refuses_a_repeated_view_name_and_score_a_bad_out_before_scoring(models, monkeypatch):
+    import anime_udf.udf
+
+    monkeypatch.setattr(anime_udf.udf, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+    result = run("sql", "SELECT 1", "--table", f"anime={CATALOG}", "--table", f"ANIME={HOLDOUT}")
+    assert result.exit_code == 2 and "given more than once: anime" in result.output
+    result = run("score", "--data", HOLDOUT, "--out", "scores.txt")
+    assert result.exit_code == 2 and "use a .parquet or .csv file name" in result.output
