@@ -96,6 +96,9 @@ def test_resume_after_interruption_continues_from_the_checkpoint(tiny_distilbert
     other = FusionSettings(**{**settings.__dict__, "lr_head": 1e-3})
     with pytest.raises(ResumeError, match="other settings"):
         train_fusion(split, out, other, resume=True, progress=False, log=lambda _: None)
+    other_data = load_split(pl.read_csv(CATALOG).head(300))
+    with pytest.raises(ResumeError, match="other training data"):
+        train_fusion(other_data, out, settings, resume=True, progress=False, log=lambda _: None)
 
     messages = []
     resumed = train_fusion(split, out, settings, resume=True, progress=False, log=messages.append)

@@ -43,6 +43,7 @@ from tqdm.auto import tqdm
 
 from anime_udf.bundle import save_state, write_bundle
 from anime_udf.cache import EmbeddingCache
+from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
 from anime_udf.features import clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
@@ -203,10 +204,10 @@ def tuned_predictions(net: FusionNet, tokenizer, texts: list[str], dense: np.nda
     return out
 
 
-def fine_tune(net: FusionNet, tokenizer, texts: dict[str, list[str]], inputs: dict[str, tuple], y: dict[str, np.ndarray],
-              settings: FusionSettings, checkpoint: Checkpoint, resume: bool, device: torch.device,
-              std: float, progress: bool, log: Callable[[str], None],
-              on_step: Callable[[int], None] | None) -> dict:
+def fine_tune(net: FusionNet, tokenizer, texts: dict[str, list[str]], inputs: dict[str, tuple],
+              y: dict[str, np.ndarray], settings: FusionSettings, checkpoint: Checkpoint, resume: bool,
+              data_fingerprint: str, device: torch.device, std: float, progress: bool,
+              log: Callable[[str], None], on_step: Callable[[int], None] | None) -> dict:
     """Stage 2 on the fit rows. ``net`` ends holding the best state, stage 1's included
     ("epoch 0"); returns the run's record (best epoch 0 = fine-tuning did not pay)."""
     encoder, head = net.encoder, net.head
@@ -226,11 +227,14 @@ def fine_tune(net: FusionNet, tokenizer, texts: dict[str, list[str]], inputs: di
         pred = tuned_predictions(net, tokenizer, texts["valid"], *inputs["valid"], settings.max_length, device)
         return float(np.sqrt(np.mean((pred - y["valid"]) ** 2))) * std
 
-    state = {"step": 0, "best_rmse": math.inf, "best_epoch": 0, "history": [], "settings": asdict(settings)}
+    state = {"step": 0, "best_rmse": math.inf, "best_epoch": 0, "history": [], "settings": asdict(settings),
+             "data": data_fingerprint}
     if resume:
-        if json.loads((checkpoint.dir / "state.json").read_text())["settings"] != asdict(settings):
-            raise ResumeError(f"{checkpoint.dir}: was made with other settings; rerun without --resume "
-                              "or with the same settings")
+        saved = json.loads((checkpoint.dir / "state.json").read_text())
+        for key, what in (("settings", "settings"), ("data", "training data (--data, --valid, split)")):
+            if saved.get(key) != state[key]:
+                raise ResumeError(f"{checkpoint.dir}: was made with other {what}; rerun without --resume "
+                                  f"or with the same {what}")
         state = checkpoint.load(net, optimizer, scheduler)
         best_state = checkpoint.best()
         log(f"resuming from {checkpoint.dir} at step {state['step']} of {total_steps}")
@@ -365,8 +369,9 @@ def train_fusion(
             head = fit_ensemble(make_head, x["fit"], y["fit"], selection.best_epochs, replace(how, seeds=1),
                                 settings.seed, device).members[0]
             net = FusionNet(encoder, head, settings.pooling).to(device)
+            data = f"{fingerprint(split.fit)} {fingerprint(split.valid)}"
             fine_tuning = fine_tune(net, tokenizer, texts, {k: tabular[k] for k in ("fit", "valid")}, y, settings,
-                                    checkpoint, resume, device, tab.scaler.std, progress, log, on_step)
+                                    checkpoint, resume, data, device, tab.scaler.std, progress, log, on_step)
             net.to("cpu")
         tuned = bool(fine_tuning and fine_tuning["best_epoch"] > 0)
         in_bundle = tuned or bool(settings.backbone)  # else: the packaged encoder, referenced by checksum
