@@ -125,7 +125,11 @@ def read_manifest(bundle: Path | str, *, verify: bool = True) -> dict[str, Any]:
             file = bundle / name
             if not file.is_file():
                 raise BundleError(f"{file}: missing from the bundle")
-            if file_sha256(file) != sha:
+            try:
+                actual = file_sha256(file)
+            except OSError as exc:  # e.g. another user's file we may not read
+                raise BundleError(f"{file}: cannot read it: {exc.strerror or exc}") from exc
+            if actual != sha:
                 raise BundleError(f"{file}: checksum mismatch (truncated or modified)")
     return manifest
 

@@ -106,8 +106,11 @@ def _to_number(df: pl.DataFrame, column: str, label: str, dtype: type[pl.DataTyp
         kind = "an integer" if dtype == pl.Int64 else "a number"
         raise CatalogError(f"{label}: column {column!r} row {row + 1}: {col[row]!r} is not {kind}")
     if dtype == pl.Int64:
-        as_float = pl.Series(column, as_float).fill_nan(None)
-        return pl.lit(as_float.cast(pl.Int64, strict=False)).alias(column)
+        # The models' rule (features.log_episodes): NaN and ±inf are missing; huge counts are capped.
+        values = pl.Series(column, as_float).fill_nan(None)
+        values = pl.select(pl.when(values.is_infinite()).then(None).otherwise(values.clip(-2.0**62, 2.0**62))
+                           ).to_series()
+        return pl.lit(values.cast(pl.Int64)).alias(column)
     return pl.lit(pl.Series(column, as_float)).alias(column)
 
 

@@ -2,7 +2,8 @@
 
 NULL policy (DESIGN.md): NULL synopsis -> empty text; NULL genres -> none; NULL,
 empty or unseen studio -> the unknown studio (index 0); NULL, NaN or negative
-episodes -> missing (imputed with the training mean, with a flag). Genre names are
+episodes -> missing (imputed with the training mean, with a flag); ±inf is missing too, and huge
+counts are capped. Genre names are
 matched without regard to case or surrounding spaces; unknown names are ignored.
 """
 
@@ -38,14 +39,14 @@ def studio_key(value: Any) -> str:
 
 
 def log_episodes(value: Any) -> float | None:
-    """log1p(episodes), or None when missing (NULL, NaN, negative)."""
+    """log1p(episodes), capped, or None when missing (NULL, NaN, ±inf, negative)."""
     if value is None:
         return None
     try:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    if math.isnan(x) or x < 0:
+    if not math.isfinite(x) or x < 0:  # as the catalog reader: NaN and ±inf are missing
         return None
     return min(math.log1p(x), MAX_LOG_EPISODES)
 

@@ -127,3 +127,18 @@ def test_a_manifest_that_is_not_an_object_is_a_clear_error(bundle, content):
     (bundle / "manifest.json").write_text(content)
     with pytest.raises(BundleError, match="manifest.json: expected a JSON object"):
         load_scorer(bundle)
+
+
+def test_an_unreadable_weight_file_is_named(bundle, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    def no_permission(file, *args, **kwargs):  # as for another user's file (root reads anything)
+        if str(file).endswith("model.safetensors"):
+            raise PermissionError(13, "Permission denied")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_permission)
+    with pytest.raises(BundleError, match=r"model\.safetensors: cannot read it: Permission denied"):
+        load_scorer(bundle)

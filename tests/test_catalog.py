@@ -35,3 +35,24 @@ def test_file_names_are_literal_not_glob_patterns(tmp_path):
     assert read_catalog(tmp_path / "g" / "*.csv").height == 1
     (tmp_path / "br[1].csv").write_text(row)
     assert read_catalog(tmp_path / "br[1].csv").height == 1
+
+
+def test_infinite_and_huge_episodes_follow_one_rule_in_files_and_in_sql(tmp_path, baseline_bundle):
+    import duckdb
+
+    import anime_udf
+
+    path = tmp_path / "c.csv"
+    path.write_text("synopsis,genres,studio,episodes,score\n" + "".join(
+        f"A story.,Action,S,{e},7\n" for e in ("inf", "-inf", "1e30", "12")))
+    assert read_catalog(path)["episodes"].to_list() == [None, None, 2**62, 12]
+    con = duckdb.connect()
+    anime_udf.register(con, baseline=baseline_bundle)
+    con.register("rows", read_catalog(path))
+    from_file = [r[0] for r in con.sql("SELECT predict_score(synopsis, genres, studio, episodes) FROM rows").fetchall()]
+    in_sql = [r[0] for r in con.sql(
+        "SELECT predict_score('A story.', 'Action', 'S', e) FROM (VALUES (1, 'inf'::DOUBLE), (2, '-inf'::DOUBLE), "
+        "(3, 1e30), (4, 12)) t(i, e) ORDER BY i").fetchall()]
+    missing = con.sql("SELECT predict_score('A story.', 'Action', 'S', NULL)").fetchall()[0][0]
+    assert from_file == pytest.approx(in_sql, abs=1e-9)
+    assert from_file[0] == from_file[1] == pytest.approx(missing)

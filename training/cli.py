@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import sys
 from pathlib import Path
 
 import click
@@ -22,6 +23,11 @@ def finite(ctx, param, value):
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{value} is not a finite number")
     return value
+
+
+def progress_bars() -> bool:
+    """Progress bars on a terminal only: in a log file they are noise."""
+    return sys.stderr.isatty()
 
 
 def default_out(models: Path, kind: str) -> Path:
@@ -88,7 +94,7 @@ def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, devic
     out = out or default_out(models, "baseline")
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
                                 device=device)
-    report(train_baseline(split, out, settings, log=click.echo), out)
+    report(train_baseline(split, out, settings, progress=progress_bars(), log=click.echo), out)
 
 
 @train.command()
@@ -139,7 +145,7 @@ def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device,
         batch_size=batch_size, checkpoint_every=checkpoint_every, seeds=seeds, refit=refit, seed=seed,
         device=device)
     try:
-        manifest = train_fusion(split, out, settings, resume=resume, log=click.echo)
+        manifest = train_fusion(split, out, settings, resume=resume, progress=progress_bars(), log=click.echo)
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
