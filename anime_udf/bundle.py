@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from anime_udf.text import POOLINGS
+
 FORMAT_VERSION = 2  # 2: seed ensembles, the lexical view, text_model.in_bundle
 MANIFEST = "manifest.json"
 KINDS = ("baseline", "fusion")
@@ -174,7 +176,7 @@ _SCHEMA = {
     ("text_model", "name"): _TEXT,
     ("text_model", "checksum"): _TEXT,
     ("text_model", "in_bundle"): _BOOL,
-    ("text_model", "pooling"): (lambda v: v in ("mean", "cls"), "'mean' or 'cls'"),
+    ("text_model", "pooling"): (lambda v: v in POOLINGS, " or ".join(map(repr, POOLINGS))),
     ("text_model", "max_length"): _number(1, 8192, integer=True),
     ("model", "text_dim"): _number(1, 8192, integer=True),
     ("model", "studio_dim"): _number(1, 1024, integer=True),
