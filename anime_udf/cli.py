@@ -274,12 +274,14 @@ def list_models(as_json, models):
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
               help="After the run, write all current scores to this Parquet file (atomically).")
 @click.option("--dry-run", is_flag=True, help="Say how many rows would be scored; score and write nothing.")
+@click.option("--allow-shrink", is_flag=True,
+              help="Apply a run that removes more than half of the stored keys (refused otherwise).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
               help="Wait this long for a concurrent run on the same store to finish, instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @models_option
-def rescore(catalog, store, model_specs, key, export, dry_run, wait, as_json, progress, models):
+def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, models):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -291,7 +293,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, wait, as_json, pr
     """
     try:
         report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
-                             dry_run=dry_run, wait=wait, progress=progress)
+                             dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink)
     except (RescoreError, *USER_ERRORS) as exc:
         if as_json:
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))

@@ -22,7 +22,10 @@ A run, in order:
 5. *export* (optional): write Parquet to a hidden temporary file, fsync, rename.
 
 A crash before COMMIT leaves the store as the previous run left it; after COMMIT, as
-this run left it. The next run completes the work.
+this run left it. The next run completes the work. A failure from COMMIT on (DuckDB
+can make a COMMIT durable in its write-ahead log and then fail to checkpoint, e.g. on
+a full disk) is noted in the lock file: the next run of the same work reuses that
+run's id, so the run is recorded once whether or not the COMMIT took effect.
 
 Test hook: ``ANIME_UDF_RESCORE_PAUSE_AT=<phase>`` (plan, score, commit, export) makes a
 run print ``rescore: paused at <phase>`` to stderr and sleep
@@ -43,7 +46,7 @@ import secrets
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -73,6 +76,10 @@ APPLY_WAIT_SECONDS = 60.0
 # not enter the model id, so a copied or renamed bundle keeps its scores.
 DESCRIPTIVE_MANIFEST_KEYS = frozenset({"created_at", "name", "metrics", "training"})
 QUANTILES = ("p05", "p25", "p50", "p75", "p95")
+# A run may remove at most this share of the keys the store holds for its models'
+# kinds without --allow-shrink: a truncated or header-only catalog is far likelier
+# than a catalog that really lost most of its rows.
+SHRINK_LIMIT = 0.5
 # Columns of rescore_runs that are the same for every model of a run: reported once.
 RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
 
@@ -171,10 +178,11 @@ def lock_path(store: Path) -> Path:
 
 
 @contextmanager
-def store_lock(store: Path, wait: float = 0.0, run_id: str = "") -> Iterator[None]:
+def store_lock(store: Path, wait: float = 0.0, run_id: str = "") -> Iterator[dict[str, Any]]:
     """Hold ``STORE.lock`` (an exclusive ``flock``) for a run; wait up to ``wait``
     seconds for another run to finish, then fail naming it. The kernel releases the
-    lock when the holder exits or is killed, so it is never stale."""
+    lock when the holder exits or is killed, so it is never stale. Yields what the
+    previous holder left in the file (see ``_note_unfinished``)."""
     import fcntl  # POSIX only, like the rest of the scheduler setting
 
     path = lock_path(store)
@@ -193,19 +201,59 @@ def store_lock(store: Path, wait: float = 0.0, run_id: str = "") -> Iterator[Non
                         + (f"gave up after waiting {wait:g} s" if wait > 0
                            else "pass --wait SECONDS to wait for it")) from None
                 time.sleep(0.2)
+        previous = _lock_info(path)
         fh.seek(0)
         fh.truncate()
         fh.write(json.dumps({"pid": os.getpid(), "run_id": run_id, "since": _now().isoformat(timespec="seconds")}))
         fh.flush()
-        yield
+        yield previous
+
+
+def _lock_info(path: Path) -> dict[str, Any]:
+    """What the lock file says about its (last) holder; {} where it says nothing readable."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def _holder(path: Path) -> str:
-    try:
-        info = json.loads(path.read_text() or "{}")
-        return f"pid {info.get('pid', '?')}, run {info.get('run_id', '?')}, since {info.get('since', '?')}"
-    except (OSError, ValueError):
+    info = _lock_info(path)
+    if not info:
         return "holder unknown"
+    return f"pid {info.get('pid', '?')}, run {info.get('run_id', '?')}, since {info.get('since', '?')}"
+
+
+def _note_unfinished(store: Path, run_id: str, work: dict[str, Any]) -> None:
+    """Note in the (held) lock file that ``run_id`` failed from its COMMIT on, so that a
+    retry of the same ``work`` reuses the id. Written over the old text before cutting
+    it, so the file keeps its disk block and this works on a full disk; if it fails
+    all the same, a retry records the run once more, which is all that is lost."""
+    with suppress(OSError), open(lock_path(store), "r+") as fh:
+        fh.write(json.dumps({"pid": os.getpid(), "run_id": run_id, "since": _now().isoformat(timespec="seconds"),
+                             "unfinished": work}))
+        fh.truncate()
+
+
+def _refuse_overlaps(catalog: Any, store: Path, export: Path | None) -> None:
+    """Two of catalog, store and export that are one file would lose data with exit 0
+    (the export written over the catalog or the store): refuse before anything is read.
+    The store's lock file and DuckDB's write-ahead log count as the store."""
+    files = [("--catalog", catalog, ""), ("--store", store, ""),
+             ("--store", lock_path(store), " (the store's lock file)"),
+             ("--store", store.with_name(store.name + ".wal"), " (the store's write-ahead log)"),
+             ("--export", export, "")]
+    seen: dict[Path, tuple[str, str]] = {}
+    for option, path, role in files:
+        if not isinstance(path, (str, Path)):
+            continue  # no export, or a catalog given as a data frame
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            first, first_role = seen[resolved]
+            raise RescoreError(f"{first} and {option} are the same file, {resolved}{first_role or role}; "
+                               "use a different path for each")
+        seen[resolved] = (option, role)
 
 
 def _attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wait: float) -> None:
@@ -329,20 +377,24 @@ def rescore(
     wait: float = 0.0,
     progress: bool | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    allow_shrink: bool = False,
 ) -> RunReport:
     """Rescore ``catalog`` (a path or anything ``read_catalog`` takes) into ``store``.
 
     ``models``: ``all``, ``baseline``, ``fusion`` or bundle names/paths. ``wait``:
     seconds to wait for a concurrent run (or another process holding the store) before
     failing; applying the scored rows waits at least ``APPLY_WAIT_SECONDS``.
-    ``progress``: a progress bar on stderr (None: only on a terminal). Raises
-    RescoreError (StoreBusyError for a held store) with the store unchanged, except
-    that an export failure after the COMMIT says so. Returns the run's report.
+    ``progress``: a progress bar on stderr (None: only on a terminal). ``allow_shrink``:
+    apply a run that removes more than ``SHRINK_LIMIT`` of the stored keys (refused
+    otherwise, dry runs included). Raises RescoreError (StoreBusyError for a held
+    store) with the store unchanged, except where its message says that the COMMIT
+    failed or that something after it did. Returns the run's report.
     """
     started = _now()
     clock = time.perf_counter()
     store = Path(store)
     export = Path(export) if export is not None else None
+    _refuse_overlaps(catalog, store, export)
     if export is not None and export.suffix.lower() not in (".parquet", ".pq"):
         raise RescoreError(f"{export}: --export writes Parquet; use a .parquet file name")
     if store.is_dir():
@@ -368,7 +420,7 @@ def rescore(
         _set(con, "rescore_started_at", started.isoformat(), "::TIMESTAMPTZ")
         _set(con, "rescore_key_column", key)
         _set(con, "rescore_catalog", label)
-        with nullcontext() if dry_run else store_lock(store, wait, run_id):
+        with nullcontext({}) if dry_run else store_lock(store, wait, run_id) as previous:
             with _store_for_planning(con, store, wait):
                 _run(con, "start")
                 for choice in choices:
@@ -378,26 +430,43 @@ def rescore(
                     _run(con, "model")
                 _pause("plan")
                 _run(con, "plan")
+                if not allow_shrink:
+                    _refuse_shrink(con, label, store)
                 if dry_run:
                     _run(con, "counts")
                     return _dry_run_report(con, run_id, store, label, key, started, clock)
+            fingerprint = con.execute("SELECT getvariable('rescore_catalog_fingerprint')").fetchone()[0]
+            work = {"catalog_fingerprint": fingerprint, "model_ids": [c.model_id for c in choices]}
+            if previous.get("unfinished") == work:  # a retry: the run is recorded once, under its first id
+                run_id = previous["run_id"]
+                _set(con, "rescore_run_id", run_id)
             _score(con, choices, progress, chunk_rows)
             _attach(con, store, read_only=False, wait=max(wait, APPLY_WAIT_SECONDS))
+            _apply(con)
+            # From COMMIT on, a failure may leave the run applied: say what is known, and note
+            # the run so that a retry of the same work does not record it twice.
+            step = "COMMIT"
             try:
-                _apply(con)
+                _run(con, "commit")
+                step = "reading the run record"
                 records = con.sql(
                     "SELECT * EXCLUDE (catalog, key_column, run_id) FROM rescore_runs "
                     "WHERE run_id = ? ORDER BY model_kind", params=[run_id]).pl().to_dicts()
                 export_rows = None
                 if export is not None:
-                    try:
-                        export_rows = _export(con, export, key)
-                    except (duckdb.Error, OSError) as exc:
-                        raise RescoreError(
-                            f"run {run_id} was committed to {store}, but writing {export} failed: {exc} "
-                            "(the next run with --export writes it again)") from exc
-            finally:
+                    step = f"writing {export}"
+                    export_rows = _export(con, export, key)
+                step = "closing the store (its checkpoint)"
                 _detach(con)
+            except (duckdb.Error, OSError) as exc:
+                with suppress(duckdb.Error):  # the store may be detached or unusable already
+                    _detach(con)
+                _note_unfinished(store, run_id, work)
+                outcome = (f"may or may not have been applied to {store}: COMMIT failed: {exc}. It was applied "
+                           f"if SELECT * FROM rescore_runs WHERE run_id = '{run_id}' returns rows"
+                           if step == "COMMIT" else f"was committed to {store}, but {step} failed: {exc}")
+                raise RescoreError(f"run {run_id} {outcome}. Rerun the same command: it completes the work and "
+                                   f"records run {run_id} once") from exc
         first = records[0]
         finished = _now()
         return RunReport(
@@ -419,20 +488,31 @@ def rescore(
 
 
 def _apply(con: duckdb.DuckDBPyConnection) -> None:
-    """The one transaction that changes the store."""
+    """The one transaction that changes the store, up to its COMMIT: a failure rolls
+    it back, leaving the store unchanged."""
     _run(con, "begin")
     try:
         _run(con, "schema")  # a new store gets its tables in its first run's transaction
         _run(con, "counts")
         _run(con, "apply")
         _pause("commit")
-        _run(con, "commit")
     except BaseException:
-        try:
+        with suppress(duckdb.Error):  # the failed statement may have ended the transaction already
             con.execute("ROLLBACK")
-        except duckdb.Error:
-            pass  # the failed statement may have ended the transaction already
         raise
+
+
+def _refuse_shrink(con: duckdb.DuckDBPyConnection, label: str, store: Path) -> None:
+    """Refuse a run that would remove more than SHRINK_LIMIT of the keys the store holds
+    for the chosen models' kinds (their own rows, or an older bundle's they supersede)."""
+    held, gone = con.execute(
+        "SELECT count(*), count(*) FILTER (key NOT IN (SELECT key FROM rescore_input)) FROM "
+        "(SELECT DISTINCT key FROM rescore_scores WHERE model_kind IN (SELECT model_kind FROM rescore_models))"
+    ).fetchone()
+    if gone > held * SHRINK_LIMIT:
+        raise RescoreError(
+            f"{label} would remove {gone} of the {held} keys {store} holds (more than {SHRINK_LIMIT:.0%}); "
+            "is the catalog complete? Pass --allow-shrink to remove them")
 
 
 def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int) -> None:

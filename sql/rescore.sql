@@ -231,7 +231,9 @@ JOIN rescore_models m USING (model_id);
 INSERT OR REPLACE INTO rescore_meta
 VALUES ('schema_version', '1'), ('key_column', getvariable('rescore_key_column'));
 
-INSERT INTO rescore_runs
+-- A retry of a run whose COMMIT failed reuses its run id: if that COMMIT took effect
+-- after all, its record stays the only one.
+INSERT OR IGNORE INTO rescore_runs
 WITH stats AS (
     SELECT model_id, count(*) AS n, avg(score) AS mean, stddev_pop(score) AS std,
            quantile_cont(score, [0.05, 0.25, 0.5, 0.75, 0.95]) AS q

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -334,6 +336,51 @@ def test_cli_summary_json_export_and_failure(tmp_path, models):
     assert result.exit_code == 0 and "would score" in result.output and "dry run" in result.output
 
 
+def test_overlapping_paths_are_refused_before_anything_is_written(tmp_path, models):
+    catalog, store = tmp_path / "a.parquet", tmp_path / "scores.parquet"  # a store may have any name
+    catalog_a().write_parquet(catalog)
+    rescore(catalog, store)
+    before, catalog_bytes = snapshot(store), catalog.read_bytes()
+    here = tmp_path.resolve()
+    cases = [  # relative to the working directory, tmp_path: ./x and x are one file
+        (["--catalog", "a.parquet", "--store", "new.duckdb", "--export", "./a.parquet"],
+         f"--catalog and --export are the same file, {here / 'a.parquet'};"),
+        (["--catalog", "a.parquet", "--store", "scores.parquet", "--export", "./scores.parquet"],
+         f"--store and --export are the same file, {here / 'scores.parquet'};"),
+        (["--catalog", "a.parquet", "--store", "./a.parquet"],
+         f"--catalog and --store are the same file, {here / 'a.parquet'};"),
+    ]
+    for args, message in cases:
+        result = CliRunner().invoke(cli, ["rescore", *args])
+        assert result.exit_code == 1 and message in result.output, result.output
+    (tmp_path / "wal.parquet").symlink_to(tmp_path / "scores.parquet.wal")  # resolved like any path
+    with pytest.raises(RescoreError, match=r"--store and --export are the same file, .*scores\.parquet\.wal "
+                                           r"\(the store's write-ahead log\)"):
+        rescore(catalog, store, export=tmp_path / "wal.parquet")
+    assert snapshot(store) == before and catalog.read_bytes() == catalog_bytes
+    assert not (tmp_path / "new.duckdb").exists() and not (tmp_path / "scores.parquet.wal").exists()
+
+
+def test_shrinking_catalog_is_refused_unless_allowed(tmp_path, models):
+    """A header-only or cut-short catalog would delete the scores of every key it lacks."""
+    store, export = tmp_path / "scores.duckdb", tmp_path / "scores.parquet"
+    rescore(catalog_a(), store, export=export)
+    before, exported = snapshot(store), export.read_bytes()
+    args = ["rescore", "--catalog", str(write(catalog_a().clear(), tmp_path / "empty.csv")),
+            "--store", str(store), "--export", str(export)]
+    for dry_run in ([], ["--dry-run"]):  # a dry run says that the run would be refused
+        result = CliRunner().invoke(cli, [*args, *dry_run])
+        assert result.exit_code == 1, result.output
+        assert "would remove 400 of the 400 keys" in result.output and "--allow-shrink" in result.output
+    assert snapshot(store) == before and export.read_bytes() == exported
+    with pytest.raises(RescoreError, match="would remove 201 of the 400 keys"):
+        rescore(catalog_a().head(199), store)
+    assert rescore(catalog_a().head(200), store).models[0]["rows_removed"] == 200  # half is not more than half
+    result = CliRunner().invoke(cli, [*args, "--allow-shrink"])
+    assert result.exit_code == 0, result.output
+    assert snapshot(store)["scores"] == [] and pl.read_parquet(export).height == 0
+
+
 def run_sql_script(store: Path, catalog: Path, bundle: Path) -> None:
     """sql/rescore.sql run as its header says a scheduler would, without the CLI."""
     from anime_udf.udf import register
@@ -411,6 +458,61 @@ def test_kill_9_leaves_previous_or_new_state(tmp_path, models, baseline_bundle, 
     assert report.models[0]["rows_scored"] == (0 if phase == "export" else 7)
     assert_store_matches(store, catalog_b(), baseline_bundle)
     assert pl.read_parquet(export)["anime_id"].sort().to_list() == sorted(catalog_b()["anime_id"].to_list())
+
+
+@pytest.mark.parametrize("applied", [True, False])
+def test_failed_commit_is_reported_as_unknown_and_recorded_once(tmp_path, models, baseline_bundle, monkeypatch,
+                                                                  applied):
+    """A COMMIT that fails may have taken effect all the same (DuckDB: "COMMIT succeeded
+    and is durable, but the autocheckpoint failed"); the retry records the run once."""
+    store = tmp_path / "scores.duckdb"
+    first = rescore(catalog_a(), store)
+    b = write(catalog_b(), tmp_path / "b.csv")
+    run_section = rs._run
+
+    def commit_fails(con, section):
+        if section == "commit" and applied:
+            run_section(con, section)
+        if section == "commit":
+            raise duckdb.IOException('Could not write file "scores.duckdb": No space left on device')
+        run_section(con, section)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(rs, "_run", commit_fails)
+        with pytest.raises(RescoreError, match="may or may not have been applied") as failed:
+            rescore(b, store)
+    message = str(failed.value)
+    run_id = re.match(r"run (\S+) ", message).group(1)
+    assert "unchanged" not in message and f"FROM rescore_runs WHERE run_id = '{run_id}' returns rows" in message
+    assert snapshot(store)["runs"] == ([first.run_id, run_id] if applied else [first.run_id])
+
+    retry = rescore(b, store)
+    assert retry.run_id == run_id and retry.models[0]["rows_scored"] == 7  # the run's record, not a no-op's
+    assert snapshot(store)["runs"] == [first.run_id, run_id]
+    assert_store_matches(store, catalog_b(), baseline_bundle)
+    assert rescore(b, store).run_id != run_id  # a later run of the same catalog is a run of its own
+
+
+def test_checkpoint_failing_on_a_full_disk_after_commit(tmp_path, models, baseline_bundle):
+    """The real thing: the store may not grow (RLIMIT_FSIZE, Python ignores SIGXFSZ), so
+    the COMMIT reaches the write-ahead log but the checkpoint closing the store fails."""
+    store = tmp_path / "scores.duckdb"
+    first = rescore(catalog_a().head(390), store)
+    a = write(catalog_a(), tmp_path / "a.csv")  # 10 new rows, their embeddings cached
+    size = store.stat().st_size
+    result = subprocess.run(
+        [sys.executable, "-c", "from anime_udf.cli import cli; cli()", "rescore", "--catalog", str(a),
+         "--store", str(store)],
+        capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size)))
+    assert result.returncode == 1, result.stderr
+    run_id = re.search(r"Error: run (\S+) was committed to .*closing the store .*File too large", result.stderr,
+                       re.DOTALL).group(1)
+    assert snapshot(store)["runs"] == [first.run_id, run_id]  # the write-ahead log had it
+    retry = rescore(a, store)
+    assert retry.run_id == run_id and retry.models[0]["rows_scored"] == 10
+    assert snapshot(store)["runs"] == [first.run_id, run_id]
+    assert_store_matches(store, catalog_a(), baseline_bundle)
 
 
 def test_concurrent_runs_fail_clearly_or_wait(tmp_path, models, baseline_bundle):
