@@ -189,3 +189,27 @@ def test_sql_refuses_a_repeated_view_name_and_score_a_bad_out_before_scoring(mod
     assert result.exit_code == 2 and "given more than once: anime" in result.output
     result = run("score", "--data", HOLDOUT, "--out", "scores.txt")
     assert result.exit_code == 2 and "use a .parquet or .csv file name" in result.output
+
+
+def test_constant_scores_give_strict_json_and_no_progress_bars_in_a_log(tmp_path):
+    catalog = tmp_path / "constant.csv"
+    pl.read_csv(CATALOG).with_columns(score=pl.lit(7.0)).write_csv(catalog)
+    result = run("train", "baseline", "--data", catalog, "--epochs", "4", "--seeds", "1", "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "epoch/s" not in result.output and "it/s" not in result.output  # not a terminal: no bars
+    text = (tmp_path / "b" / "manifest.json").read_text()
+    manifest = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the manifest: not JSON"))
+    assert manifest["metrics"]["valid"]["spearman"] is None  # undefined for a constant target
+
+
+def test_ctrl_c_before_fine_tuning_does_not_claim_a_checkpoint(tmp_path, monkeypatch):
+    import training.fusion
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.fusion, "select_epochs", interrupted)
+    result = run("train", "fusion", "--data", CATALOG, "--epochs", "1", "--out", tmp_path / "f")
+    assert result.exit_code == 1
+    assert "interrupted before fine-tuning began: nothing was saved" in result.output
+    assert "--resume" not in result.output

@@ -65,7 +65,7 @@ def report(manifest: dict, out: Path) -> None:
     click.echo(f"wrote {manifest['kind']} bundle {out} ({manifest['model']['seeds']} seed(s), "
                f"trained on {training['final_rows']} rows)")
     click.echo("validation (selection run): " + "  ".join(
-        f"{k}={metrics[k]}" if k == "n" else f"{k}={metrics[k]:.4f}" for k in METRIC_COLUMNS))
+        f"{k}={metrics[k]}" if k == "n" or metrics[k] is None else f"{k}={metrics[k]:.4f}" for k in METRIC_COLUMNS))
 
 
 
