@@ -17,8 +17,8 @@ A run, in order:
 3. *score* those rows into a temporary table (the embedding cache keeps each encoded
    synopsis, so a killed run's work is not lost);
 4. *apply*: open the store read-write and, in one transaction, delete keys gone from
-   the catalog and rows of superseded bundles, upsert the new scores, append the run
-   record; COMMIT;
+   the catalog (their rows of every kind) and rows of superseded bundles, upsert the
+   new scores, append the run record; COMMIT;
 5. *export* (optional): write Parquet to a hidden temporary file, fsync, rename.
 
 A crash before COMMIT leaves the store as the previous run left it; after COMMIT, as
@@ -76,9 +76,9 @@ APPLY_WAIT_SECONDS = 60.0
 # not enter the model id, so a copied or renamed bundle keeps its scores.
 DESCRIPTIVE_MANIFEST_KEYS = frozenset({"created_at", "name", "metrics", "training"})
 QUANTILES = ("p05", "p25", "p50", "p75", "p95")
-# A run may remove at most this share of the keys the store holds for its models'
-# kinds without --allow-shrink: a truncated or header-only catalog is far likelier
-# than a catalog that really lost most of its rows.
+# A run may remove at most this share of the keys the store holds (of any kind: a
+# removed key loses every kind's rows) without --allow-shrink: a truncated or
+# header-only catalog is far likelier than a catalog that really lost most of its rows.
 SHRINK_LIMIT = 0.5
 # Columns of rescore_runs that are the same for every model of a run: reported once.
 RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
@@ -186,7 +186,12 @@ def store_lock(store: Path, wait: float = 0.0, run_id: str = "") -> Iterator[dic
     import fcntl  # POSIX only, like the rest of the scheduler setting
 
     path = lock_path(store)
-    with open(path, "a+") as fh:  # closing the descriptor releases the flock
+    try:
+        fh = open(path, "a+")
+    except OSError as exc:  # a read-only directory, or a lock path that is not a file
+        raise RescoreError(f"{path}: cannot create or open the store's lock file: "
+                           f"{exc.strerror or exc}") from exc
+    with fh:  # closing the descriptor releases the flock
         deadline = time.monotonic() + max(wait, 0.0)
         while True:
             try:
@@ -407,7 +412,11 @@ def rescore(
     if key not in df.columns:
         raise RescoreError(f"{label}: no key column {key!r} (it has: {', '.join(df.columns)}); pass --key COLUMN")
     if not dry_run:
-        store.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            store.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. a read-only directory, or a parent that is a file
+            reason = "it exists and is not a directory" if isinstance(exc, FileExistsError) else exc.strerror or exc
+            raise RescoreError(f"{store.parent}: cannot create the store's directory: {reason}") from exc
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
     con = duckdb.connect()
@@ -430,6 +439,8 @@ def rescore(
                     _run(con, "model")
                 _pause("plan")
                 _run(con, "plan")
+                if export is not None:
+                    _refuse_key_collision(con, key)
                 if not allow_shrink:
                     _refuse_shrink(con, label, store)
                 if dry_run:
@@ -502,12 +513,25 @@ def _apply(con: duckdb.DuckDBPyConnection) -> None:
         raise
 
 
+def _refuse_key_collision(con: duckdb.DuckDBPyConnection, key: str) -> None:
+    """Refuse a key column named like a column the export adds (``model``, ``run_id``,
+    ...): renaming ``key`` to it would give the export two columns of that name. Read
+    from the export query itself (on the planned tables), so the list cannot go stale."""
+    query = sql_sections()["export"].strip().rstrip(";")
+    columns = [d[0] for d in con.execute(f"SELECT * FROM ({query}) LIMIT 0").description]
+    clash = next((c for c in columns if c != "key" and c.lower() == key.lower()), None)
+    if clash is not None:
+        raise RescoreError(f"--key {key}: the export has a {clash} column of its own ({', '.join(columns[1:])}); "
+                           "rename the catalog's key column, or run without --export")
+
+
 def _refuse_shrink(con: duckdb.DuckDBPyConnection, label: str, store: Path) -> None:
-    """Refuse a run that would remove more than SHRINK_LIMIT of the keys the store holds
-    for the chosen models' kinds (their own rows, or an older bundle's they supersede)."""
+    """Refuse a run that would remove more than SHRINK_LIMIT of the keys the store holds,
+    of any kind: a key gone from the catalog loses its rows of every kind, the kinds
+    this run does not score included."""
     held, gone = con.execute(
         "SELECT count(*), count(*) FILTER (key NOT IN (SELECT key FROM rescore_input)) FROM "
-        "(SELECT DISTINCT key FROM rescore_scores WHERE model_kind IN (SELECT model_kind FROM rescore_models))"
+        "(SELECT DISTINCT key FROM rescore_scores)"
     ).fetchone()
     if gone > held * SHRINK_LIMIT:
         raise RescoreError(

@@ -31,7 +31,8 @@
 --                   computed from, whether an input was imputed, the run that wrote it.
 --                   It holds the current model of each kind only: a new bundle's rows
 --                   replace the old bundle's rows of that kind (counted as superseded).
---                   Keys gone from the catalog are deleted (counted as removed).
+--                   Keys gone from the catalog lose their rows of every kind (counted
+--                   as removed: keys, not rows, so the same in each model's record).
 --   rescore_runs    one row per (run_id, model_kind): counts, score distribution, and
 --                   its shift against the previous run of that kind.
 --   rescore_meta    schema version and the key column the store is keyed by.
@@ -198,8 +199,10 @@ SELECT m.model_id, m.model_kind, m.bundle,
        (SELECT count(*) FROM rescore_todo t WHERE t.model_id = m.model_id) AS rows_scored,
        (SELECT count(*) FROM rescore_input) - (SELECT count(*) FROM rescore_todo t WHERE t.model_id = m.model_id)
            AS rows_reused,
-       (SELECT count(*) FROM rescore_scores s
-         WHERE s.model_id = m.model_id AND s.key NOT IN (SELECT key FROM rescore_input)) AS rows_removed,
+       -- keys gone from the catalog (the same for every model of a run): each loses its
+       -- rows of every kind, the kinds this run does not score included
+       (SELECT count(DISTINCT s.key) FROM rescore_scores s
+         WHERE s.key NOT IN (SELECT key FROM rescore_input)) AS rows_removed,
        (SELECT count(*) FROM rescore_scores s
          WHERE s.model_kind = m.model_kind AND s.model_id <> m.model_id) AS rows_superseded,
        (SELECT count(*) FROM rescore_input WHERE imputed) AS rows_imputed
@@ -213,10 +216,10 @@ FROM rescore_todo t LEFT JOIN rescore_new n USING (model_id, key)
 WHERE n.score IS NULL OR isnan(n.score) OR isinf(n.score)
 HAVING count(*) > 0;
 
--- Keys gone from the catalog, and rows of an older bundle of the same kind.
+-- Keys gone from the catalog (a key gone has no score of any kind, so every kind's
+-- rows go, not only the chosen models'), and rows of an older bundle of the same kind.
 DELETE FROM rescore_scores
-WHERE model_id IN (SELECT model_id FROM rescore_models)
-  AND key NOT IN (SELECT key FROM rescore_input);
+WHERE key NOT IN (SELECT key FROM rescore_input);
 
 DELETE FROM rescore_scores
 WHERE model_kind IN (SELECT model_kind FROM rescore_models)
@@ -267,9 +270,10 @@ COMMIT;
 
 
 -- @section export
--- What `--export` writes (the CLI renames key to the key column): every stored score
--- of a key in the catalog, with the key in its catalog type; up_to_date is false for
--- a model kind not rescored since its inputs changed.
+-- What `--export` writes (the CLI renames key to the key column, and refuses a key
+-- column named like one of the others): every stored score of a key in the catalog,
+-- with the key in its catalog type; up_to_date is false for a model kind not rescored
+-- since its inputs changed.
 SELECT i.catalog_key AS key, s.model_kind AS model, s.model_id, s.score, s.imputed AS imputed_inputs,
        s.input_hash = i.input_hash AS up_to_date, s.input_hash, s.run_id, s.scored_at
 FROM rescore_scores s

@@ -3,6 +3,7 @@ crash-safe under kill -9, exclusive between concurrent runs, and the SQL agrees.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -334,6 +335,93 @@ def test_cli_summary_json_export_and_failure(tmp_path, models):
 
     result = runner.invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "scores.duckdb", "--dry-run"])
     assert result.exit_code == 0 and "would score" in result.output and "dry run" in result.output
+
+
+def test_unwritable_store_is_a_clear_error_also_under_json(tmp_path, models, monkeypatch):
+    """A store that cannot be created fails naming the path and the reason, and --json
+    prints the failure. The tests run as root, which chmod does not stop, so two failures
+    root meets too: the store's directory under a regular file (mkdir fails), and the lock
+    file's open failing with EACCES, as it does in a read-only directory (patched open)."""
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+
+    def failure(store: Path) -> str:
+        result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store), "--json"])
+        assert result.exit_code == 1, result.output
+        failed = json.loads(result.output.split("Error:")[0])
+        assert failed["status"] == "failed" and failed["error"] in result.output.split("Error:")[1]
+        return failed["error"]
+
+    (tmp_path / "afile").write_text("")
+    assert failure(tmp_path / "afile" / "scores.duckdb") == (
+        f"{tmp_path / 'afile'}: cannot create the store's directory: it exists and is not a directory")
+
+    store = tmp_path / "read-only" / "scores.duckdb"
+    store.parent.mkdir()
+    real_open = open
+
+    def open_in_read_only_dir(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and Path(file) == rs.lock_path(store):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_in_read_only_dir)
+    assert failure(store) == f"{rs.lock_path(store)}: cannot create or open the store's lock file: Permission denied"
+    assert list(store.parent.iterdir()) == []
+
+
+def test_key_named_like_an_export_column_is_refused_before_any_work(tmp_path, models, monkeypatch):
+    """The export adds model, run_id, ...: a key column of that name would be exported
+    under another name (DuckDB renames the clash to model_1), so the run is refused."""
+    import anime_udf.scoring
+
+    store, export = tmp_path / "scores.duckdb", tmp_path / "scores.parquet"
+    with monkeypatch.context() as mp:
+        mp.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("scored before refusing"))
+        for key, column in (("model", "model"), ("RUN_ID", "run_id")):
+            df = catalog_a().rename({"anime_id": key})
+            for dry_run in (False, True):
+                with pytest.raises(RescoreError, match=rf"--key {key}: the export has a {column} column of its own"):
+                    rescore(df, store, key=key, export=export, dry_run=dry_run)
+    assert not store.exists() and not export.exists()
+    # Without --export the key is only the store's key: no clash.
+    assert rescore(catalog_a().rename({"anime_id": "model"}), store, key="model").models[0]["rows_scored"] == 400
+
+
+def add_fusion_rows(store: Path, df: pl.DataFrame) -> None:
+    """Fusion rows for the catalog's keys, as a fusion run would have written them
+    (training a fusion model just to hold rows of another kind would cost minutes)."""
+    con = duckdb.connect(str(store))
+    try:
+        con.register("h", pl.DataFrame(list(hashes(df).items()), schema=["key", "input_hash"], orient="row"))
+        con.execute("INSERT OR REPLACE INTO rescore_scores SELECT key, 'fusion-000000000000', 'fusion', input_hash, 5.0, "
+                    "false, 'an-earlier-run', now() FROM h")
+    finally:
+        con.close()
+
+
+def test_removed_keys_lose_the_rows_of_every_kind(tmp_path, models):
+    """A key gone from the catalog has no score of any kind: a --model baseline run also
+    deletes its fusion rows, and the shrink guard counts the keys of every kind."""
+    store, few = tmp_path / "scores.duckdb", catalog_a().head(10)
+    rescore(few, store)
+    add_fusion_rows(store, catalog_a())  # fusion holds 390 keys that baseline does not
+    before = snapshot(store)
+    with pytest.raises(RescoreError, match="would remove 390 of the 400 keys"):
+        rescore(few, store, models="baseline")
+    assert snapshot(store) == before
+    report = rescore(few, store, models="baseline", allow_shrink=True)
+    assert report.models[0]["rows_removed"] == 390  # keys, whatever kinds held them
+    kept = {str(k) for k in few["anime_id"]}
+    rows = snapshot(store)["scores"]
+    assert {r[0] for r in rows if r[2] == "fusion"} == {r[0] for r in rows if r[2] == "baseline"} == kept
+
+    add_fusion_rows(store, catalog_a())  # within the limit: 3 of 400 keys gone, both kinds' rows
+    rescore(catalog_a(), store, models="baseline")
+    report = rescore(catalog_b(), store, models="baseline")
+    assert report.models[0]["rows_removed"] == 3
+    rows = snapshot(store)["scores"]
+    assert not {r[0] for r in rows} & {str(k) for k in REMOVED}
+    assert len([r for r in rows if r[2] == "fusion"]) == 397  # the fusion rows of the kept keys stay
 
 
 def test_overlapping_paths_are_refused_before_anything_is_written(tmp_path, models):
