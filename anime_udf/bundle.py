@@ -16,19 +16,20 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors.torch import load_file, save_file
+from anime_udf.errors import AnimeUdfError
 
-from anime_udf.text import POOLINGS
+if TYPE_CHECKING:
+    import torch
 
 FORMAT_VERSION = 2  # 2: seed ensembles, the lexical view, text_model.in_bundle
 MANIFEST = "manifest.json"
 KINDS = ("baseline", "fusion")
+POOLINGS = ("mean", "cls")  # how an encoder's token states become one text vector
 
 
-class BundleError(RuntimeError):
+class BundleError(AnimeUdfError, RuntimeError):
     """A bundle is missing, truncated or inconsistent."""
 
 
@@ -82,6 +83,8 @@ def write_bundle(
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file  # torch: imported where weights are, not for listing bundles
+
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(path))
 
 
@@ -199,6 +202,8 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
     path = Path(bundle) / name
     try:
         return load_file(str(path))

@@ -15,12 +15,14 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from anime_udf.errors import AnimeUdfError
+
 INPUT_COLUMNS = ("synopsis", "genres", "studio", "episodes")
 SCORE_COLUMN = "score"
 SCORE_RANGE = (1.0, 10.0)
 
 
-class CatalogError(ValueError):
+class CatalogError(AnimeUdfError, ValueError):
     """A catalog cannot be read or has a bad column or value."""
 
 

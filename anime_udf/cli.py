@@ -11,20 +11,19 @@ import click
 import duckdb
 import polars as pl
 
-from anime_udf.bundle import BundleError, read_manifest
-from anime_udf.catalog import CatalogError, read_catalog
-from anime_udf.devices import DeviceError
+from anime_udf.bundle import read_manifest
+from anime_udf.catalog import read_catalog
+from anime_udf.errors import AnimeUdfError
 from anime_udf.files import atomic_file
 from anime_udf.metrics import metrics_table
-from anime_udf.registry import MODELS_ENV, UnknownModelError, get_model, list_bundles
-from anime_udf.rescore import DEFAULT_KEY, RescoreError, format_summary
+from anime_udf.registry import MODELS_ENV, get_model, list_bundles
+from anime_udf.rescore import DEFAULT_KEY, format_summary
 from anime_udf.rescore import rescore as run_rescore
 from anime_udf.sqlutil import quote_ident
-from anime_udf.text import EncoderError
-from anime_udf.udf import FUNCTION_NAMES, NoModelsError, register
 
-USER_ERRORS = (BundleError, CatalogError, DeviceError, EncoderError, UnknownModelError, NoModelsError,
-               duckdb.Error, FileNotFoundError)
+# torch and transformers load only in the commands that score or train (anime_udf.udf):
+# --help, `models` and a nightly run with nothing to score start in a fraction of a second.
+USER_ERRORS = (AnimeUdfError, duckdb.Error, FileNotFoundError)
 
 
 class PluginGroup(click.Group):
@@ -88,6 +87,8 @@ def parse_table(value: str) -> tuple[str, Path]:
 
 def connect(models: Path, model_paths: tuple[str, ...] = ()) -> tuple[duckdb.DuckDBPyConnection, dict]:
     """An in-process DuckDB with the scoring functions registered."""
+    from anime_udf.udf import register
+
     con = duckdb.connect()
     if model_paths:
         chosen = {}
@@ -209,6 +210,8 @@ def evaluate(data, model_paths, where, as_json, models):
     add_catalog(con, "catalog", data, require_score=True)
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
     con.execute(f"CREATE TEMP VIEW selected AS SELECT * FROM catalog WHERE {condition}")
+    from anime_udf.udf import FUNCTION_NAMES
+
     kind_of = {fn: kind for kind, fn in FUNCTION_NAMES.items()}
     selects = " UNION ALL ".join(
         f"SELECT '{kind_of[fn]}' AS model, score AS y, {fn}(synopsis, genres, studio, episodes) AS yhat "
@@ -294,7 +297,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     try:
         report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
                              dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink)
-    except (RescoreError, *USER_ERRORS) as exc:
+    except USER_ERRORS as exc:
         if as_json:
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
         raise click.ClickException(str(exc)) from exc

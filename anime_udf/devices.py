@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+from anime_udf.errors import AnimeUdfError
+
+if TYPE_CHECKING:
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
-class DeviceError(ValueError):
+class DeviceError(AnimeUdfError, ValueError):
     """A device was asked for that this machine does not have."""
 
 
 def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    import torch  # here, so that the CLI's option lists do not import it
+
     if isinstance(name, torch.device):
         return name
     if name not in DEVICES:

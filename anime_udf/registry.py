@@ -7,12 +7,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from anime_udf.errors import AnimeUdfError
 from anime_udf.bundle import KINDS, BundleError, read_manifest
 
 MODELS_ENV = "ANIME_UDF_MODELS"
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(AnimeUdfError, LookupError):
     """No bundle of that name or kind."""
 
 

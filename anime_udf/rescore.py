@@ -55,6 +55,7 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from anime_udf.errors import AnimeUdfError
 from anime_udf.bundle import KINDS, read_manifest
 from anime_udf.catalog import INPUT_COLUMNS, read_catalog
 from anime_udf.files import atomic_file
@@ -84,7 +85,7 @@ SHRINK_LIMIT = 0.5
 RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
 
 
-class RescoreError(RuntimeError):
+class RescoreError(AnimeUdfError, RuntimeError):
     """A rescore run cannot start or cannot finish; the store is left as it was."""
 
 
@@ -542,14 +543,13 @@ def _refuse_shrink(con: duckdb.DuckDBPyConnection, label: str, store: Path) -> N
 def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int) -> None:
     """Score every row of rescore_todo into rescore_new, shortest synopses first (so a
     chunk's padding is small), in chunks with a progress bar."""
-    from tqdm.auto import tqdm
-
-    from anime_udf.scoring import load_scorer
-
     todo_counts = dict(con.execute("SELECT model_id, count(*) FROM rescore_todo GROUP BY model_id").fetchall())
     total = sum(todo_counts.values())
     if total == 0:
         return
+    from tqdm.auto import tqdm
+
+    from anime_udf.scoring import load_scorer  # torch and transformers: only when there is work
     bar = tqdm(total=total, unit="row", desc="rescoring", disable=None if progress is None else not progress,
                file=sys.stderr)
     first = True

@@ -21,12 +21,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from anime_udf.errors import AnimeUdfError  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
 from anime_udf.devices import resolve_device  # noqa: E402
 from anime_udf.features import clean_text  # noqa: E402
 
 DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
-POOLINGS = ("mean", "cls")
 
 
 def default_encoder_path() -> Path:
@@ -49,7 +49,7 @@ def weights_checksum(path: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-class EncoderError(ValueError):
+class EncoderError(AnimeUdfError, ValueError):
     """A local encoder directory that cannot be loaded safely or at all."""
 
 

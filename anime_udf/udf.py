@@ -8,13 +8,14 @@ import duckdb
 import pyarrow as pa
 from duckdb.sqltypes import DOUBLE, VARCHAR
 
+from anime_udf.errors import AnimeUdfError
 from anime_udf.registry import models_dir, newest
 from anime_udf.scoring import Scorer, load_scorer
 
 FUNCTION_NAMES = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
 
 
-class NoModelsError(LookupError):
+class NoModelsError(AnimeUdfError, LookupError):
     """register() found no bundle to register."""
 
 

@@ -22,3 +22,16 @@ def test_fixture_catalogs_are_what_the_generator_writes(tmp_path):
         fresh = make_catalog.write_catalog(tmp_path / name, **params)
         assert fresh.read_text() == (ROOT / "fixtures" / name).read_text()
     assert {CATALOG.name, HOLDOUT.name} == set(make_catalog.FIXTURES)
+
+
+def test_help_and_listing_import_neither_torch_nor_transformers(tmp_path):
+    code = ("import sys\n"
+            "from anime_udf.cli import cli\n"
+            "for args in (['--help'], ['train', '--help'], ['models', '--models', sys.argv[1]]):\n"
+            "    try:\n"
+            "        cli(args)\n"
+            "    except SystemExit as exit:\n"
+            "        assert exit.code == 0, (args, exit.code)\n"
+            "heavy = [m for m in ('torch', 'transformers', 'sklearn') if m in sys.modules]\n"
+            "assert not heavy, heavy\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT, capture_output=True)

@@ -207,6 +207,14 @@ def test_first_run_scores_all_and_second_run_nothing(tmp_path, models, baseline_
     assert after["scores"] == before["scores"]
     assert after["runs"] == [first.run_id, second.run_id]
 
+    # In a fresh process, such a run imports neither torch nor transformers (it starts in under a second).
+    code = ("import sys\nfrom anime_udf.cli import cli\n"
+            "try:\n    cli(['rescore', '--catalog', sys.argv[1], '--store', sys.argv[2]])\n"
+            "except SystemExit as exit:\n    assert exit.code == 0, exit.code\n"
+            "assert not [m for m in ('torch', 'transformers') if m in sys.modules]\n")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.csv"), str(store)], check=True,
+                   capture_output=True, env={**os.environ, "ANIME_UDF_MODELS": str(models)})
+
 
 def test_changed_new_and_gone_rows(tmp_path, models, baseline_bundle):
     store = tmp_path / "scores.duckdb"

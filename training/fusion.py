@@ -41,7 +41,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from anime_udf.bundle import save_state, write_bundle
+from anime_udf.bundle import POOLINGS, save_state, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
@@ -50,7 +50,7 @@ from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalSettings
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import FusionHead, FusionNet
-from anime_udf.text import (DEFAULT_ENCODER_NAME, POOLINGS, FrozenTextEncoder, default_encoder_path,
+from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path,
                             length_sorted_batches, load_encoder, load_tokenizer, weights_checksum)
 from training.baseline import embed_frozen
 from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, refit_ensemble, seed_everything, select_epochs,
