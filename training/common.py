@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -122,10 +121,10 @@ def fit_on_features(
     grad_clip: float = 5.0,
     device: torch.device = torch.device("cpu"),
     bar: tqdm | None = None,
-) -> list[dict]:
+) -> None:
     """Train a network on fixed inputs (text features, dense tabular, studio index, ...):
     AdamW, cosine annealing over ``epochs``, MSE, gradient clipping. The network ends on
-    the CPU in eval mode; returns the per-epoch training loss."""
+    the CPU in eval mode."""
     torch.manual_seed(seed)
     net.to(device)
     x = [torch.from_numpy(a).to(device) for a in inputs]
@@ -134,10 +133,8 @@ def fit_on_features(
     steps_per_epoch = math.ceil(len(target) / batch_size)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
     generator = torch.Generator().manual_seed(seed)
-    history = []
-    for epoch in range(1, epochs + 1):
+    for _ in range(epochs):
         net.train()
-        total = 0.0
         for idx in torch.randperm(len(target), generator=generator).split(batch_size):
             idx = idx.to(device)
             loss = nn.functional.mse_loss(net(*(a[idx] for a in x)), target[idx])
@@ -146,12 +143,9 @@ def fit_on_features(
             nn.utils.clip_grad_norm_(net.parameters(), grad_clip)
             optimizer.step()
             scheduler.step()
-            total += loss.item() * len(idx)
-        history.append({"epoch": epoch, "train_mse": total / len(target)})
         if bar is not None:
             bar.update(1)
     net.to("cpu").eval()
-    return history
 
 
 @dataclass

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import polars as pl
 import torch
 from safetensors.torch import load_file
 from torch import nn
