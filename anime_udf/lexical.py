@@ -19,7 +19,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from anime_udf.features import clean_text
 
 VOCABULARY_FILE = "lexical/vocabulary.json"
 WEIGHTS_FILE = "lexical/weights.safetensors"
@@ -35,8 +34,9 @@ class LexicalSettings:
 
 
 def word_ngrams(text: str, ngram_max: int) -> list[str]:
-    """Lower-cased word 1..ngram_max-grams, as scikit-learn's analyzer='word' builds them."""
-    tokens = re.findall(TOKEN_PATTERN, clean_text(text).lower())
+    """Lower-cased word 1..ngram_max-grams, as scikit-learn's analyzer='word' builds them
+    (whitespace does not matter: tokens are runs of word characters)."""
+    tokens = re.findall(TOKEN_PATTERN, text.lower())
     grams = list(tokens)
     for n in range(2, ngram_max + 1):
         grams.extend(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))

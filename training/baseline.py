@@ -8,18 +8,15 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import polars as pl
 
 from anime_udf.bundle import write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import BaselineNet
-from anime_udf.scoring import sentence_embedding
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
-from training.common import (DataSplit, HeadTraining, Tabular, refit_ensemble, seed_everything, select_epochs,
-                             training_record)
+from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, refit_ensemble, seed_everything,
+                             select_epochs, training_record)
 
 
 @dataclass
@@ -39,14 +36,6 @@ class BaselineSettings:
 
     def head_training(self) -> HeadTraining:
         return HeadTraining(self.epochs, self.batch_size, self.lr, self.weight_decay, self.seeds)
-
-
-def embed_frozen(encoder: FrozenTextEncoder, frames: list[pl.DataFrame], progress: bool) -> list[np.ndarray]:
-    """Sentence embeddings of each frame's synopses, every distinct text encoded once (cached by content)."""
-    texts = [t for df in frames for t in df["synopsis"].to_list()]
-    emb = sentence_embedding(encoder.embed(texts, progress=progress))
-    bounds = np.cumsum([0] + [df.height for df in frames])
-    return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def train_baseline(

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 from anime_udf.catalog import CatalogError, fingerprint, read_catalog
 from anime_udf.features import TabularEncoder
 from anime_udf.models import SeedEnsemble
-from anime_udf.scoring import SCORE_MAX, SCORE_MIN
+from anime_udf.scoring import SCORE_MAX, SCORE_MIN, sentence_embedding
+from anime_udf.text import FrozenTextEncoder
 
 
 def seed_everything(seed: int) -> None:
@@ -53,6 +54,14 @@ def load_split(data, valid=None, valid_fraction: float = 0.2, seed: int = 42) ->
     if train.height - n_valid < 2:
         raise CatalogError(f"{data}: {train.height} rows are too few to split into training and validation")
     return DataSplit(train[order[n_valid:]], train[order[:n_valid]], train)
+
+
+def embed_frozen(encoder: FrozenTextEncoder, frames: list[pl.DataFrame], progress: bool) -> list[np.ndarray]:
+    """Sentence embeddings of each frame's synopses, every distinct text encoded once (cached by content)."""
+    texts = [t for df in frames for t in df["synopsis"].to_list()]
+    emb = sentence_embedding(encoder.embed(texts, progress=progress))
+    bounds = np.cumsum([0] + [df.height for df in frames])
+    return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 @dataclass

@@ -51,9 +51,8 @@ from anime_udf.metrics import compute_metrics
 from anime_udf.models import FusionHead, FusionNet
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path,
                             length_sorted_batches, load_encoder, load_tokenizer, weights_checksum)
-from training.baseline import embed_frozen
-from training.common import (DataSplit, HeadTraining, Tabular, fit_ensemble, refit_ensemble, seed_everything, select_epochs,
-                             training_record)
+from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_ensemble, refit_ensemble,
+                             seed_everything, select_epochs, training_record)
 from training.lexical import fit_lexical, out_of_fold
 
 
