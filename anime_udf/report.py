@@ -73,7 +73,7 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
     data = {name: con.sql(sql).pl() for name, sql in queries.items()}
     density = (f" Above {HEXBIN_ABOVE} rows a model's chart is a density: hexagons shaded by their number of rows."
                if scored > HEXBIN_ABOVE else "")
-    # Glyphs as paths: the SVGs need no font; a fixed salt keeps their ids (and the file) reproducible.
+    # Glyphs as paths: the SVGs need no font; a fixed salt keeps their element ids the same run to run.
     with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "anime-udf", "font.size": 10}):
         sections = [
             ("Metrics", "metrics", _metrics_table(data["metrics"], evaluation),
