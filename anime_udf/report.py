@@ -85,7 +85,7 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
              + density),
             ("Residuals", "residuals",
              _chart(_residual_figure(data["residuals"], evaluation, colors, residual_width),
-                    "histogram of the residuals per model"),
+                    "histogram of the residuals per model") + _details(data["residuals"]),
              "Predicted minus actual score: right of zero a model scored a title too high, left too low."),
         ]
         for name, title, note in (

@@ -117,10 +117,15 @@ def test_report_numbers_equal_eval_and_scipy(two_model_report, baseline_bundle, 
         assert float(row["mean_predicted"]) == pytest.approx(fusion[decile].mean(), abs=5e-5)
         assert float(row["mean_actual"]) == pytest.approx(y[decile].mean(), abs=5e-5)
 
+    # residuals: predicted - actual in bins of 0.25, as numpy counts them
+    lower, n = np.unique(np.floor((fusion - y) / 0.25) * 0.25, return_counts=True)
+    histogram = [r for r in tables.find("model", "lower", "n") if r["model"] == "fusion"]
+    assert [(float(r["lower"]), int(r["n"])) for r in histogram] == list(zip(lower.tolist(), n.tolist()))
+
     # error by genre: the most frequent genre first, its MAE as numpy computes it
     genres = holdout["genres"].str.split(",").list.eval(pl.element().str.strip_chars().str.to_lowercase())
-    counts = genres.explode().value_counts(sort=True)
-    top = counts.row(0)[0]
+    counts = genres.explode().value_counts()
+    top = counts.sort(["count", "genres"], descending=[True, False]).row(0)[0]  # ties by name, as the SQL
     has_top = genres.list.contains(top).to_numpy()
     first = tables.find("model", "genre", "n")[:3]
     assert [r["model"] for r in first] == ["baseline", "fusion", "training mean"]
