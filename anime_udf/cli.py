@@ -13,6 +13,7 @@ import polars as pl
 
 from anime_udf.bundle import read_manifest
 from anime_udf.catalog import read_catalog
+from anime_udf.devices import DEVICES, PRECISIONS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions, load_report_macros
 from anime_udf.files import atomic_file
@@ -20,7 +21,7 @@ from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, get_model, list_bundles
 from anime_udf.rescore import DEFAULT_KEY, format_summary
 from anime_udf.rescore import rescore as run_rescore
-from anime_udf.sqlutil import quote_ident
+from anime_udf.sqlutil import quote_ident, quote_literal
 
 # torch and transformers load only in the commands that score or train (anime_udf.udf):
 # --help, `models` and a nightly run with nothing to score start in a fraction of a second.
@@ -57,6 +58,15 @@ class PluginGroup(click.Group):
             raise click.ClickException(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)") from exc
 
 
+def scoring_options(f):
+    """--device and --precision: where and how the text encoder runs."""
+    f = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+                     help="The text encoder's precision: auto is bf16 on CUDA GPUs and on CPUs with native "
+                          "bf16 (AVX-512 BF16, AMX; about 2x faster, scores within 0.02), fp32 elsewhere.")(f)
+    return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
+                        help="Where the text encoder runs: auto is a CUDA GPU when present, else the CPU.")(f)
+
+
 def models_option(f):
     return click.option(
         "--models", "models", type=click.Path(file_okay=False, path_type=Path), envvar=MODELS_ENV,
@@ -86,7 +96,8 @@ def parse_table(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def connect(models: Path, model_paths: tuple[str, ...] = ()) -> tuple[duckdb.DuckDBPyConnection, dict]:
+def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto",
+            precision: str = "auto") -> tuple[duckdb.DuckDBPyConnection, dict]:
     """An in-process DuckDB with the scoring functions registered."""
     from anime_udf.udf import register
 
@@ -96,9 +107,9 @@ def connect(models: Path, model_paths: tuple[str, ...] = ()) -> tuple[duckdb.Duc
         for name in model_paths:
             path = get_model(name, models)
             chosen[read_manifest(path, verify=False)["kind"]] = path
-        scorers = register(con, models=models, **chosen)
+        scorers = register(con, models=models, device=device, precision=precision, **chosen)
     else:
-        scorers = register(con, models=models)
+        scorers = register(con, models=models, device=device, precision=precision)
     return con, scorers
 
 
@@ -136,7 +147,8 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result to .parquet or .csv.")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (without --out).")
 @models_option
-def sql(query, tables, model_paths, out, limit, models):
+@scoring_options
+def sql(query, tables, model_paths, out, limit, models, device, precision):
     """Run QUERY with predict_score / predict_score_fusion and the macros of sql/metrics.sql and
     sql/report.sql available.
 
@@ -151,7 +163,7 @@ def sql(query, tables, model_paths, out, limit, models):
         raise click.BadParameter(f"view name(s) given more than once: {', '.join(repeated)}", param_hint="--table")
     if out:
         check_out_suffix(out)
-    con, _ = connect(models, model_paths)
+    con, _ = connect(models, model_paths, device, precision)
     load_report_macros(con)
     for name, path in views:
         add_catalog(con, name, path)
@@ -174,13 +186,16 @@ def sql(query, tables, model_paths, out, limit, models):
               help="Output .parquet or .csv: the catalog plus one score column per model.")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR", help="Bundle(s) to score with.")
 @models_option
-def score(data, out, model_paths, models):
+@scoring_options
+def score(data, out, model_paths, models, device, precision):
     """Score a whole catalog file with every registered model."""
     check_out_suffix(out)
-    con, scorers = connect(models, model_paths)
+    con, scorers = connect(models, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
     calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
-    write_result(con.sql(f"SELECT *, {calls} FROM catalog").pl(), out)
+    file_format = "csv" if check_out_suffix(out) == ".csv" else "parquet"
+    with atomic_file(out) as tmp:  # DuckDB streams the scored rows to the file: memory stays flat
+        con.execute(f"COPY (SELECT *, {calls} FROM catalog) TO {quote_literal(tmp)} (FORMAT {file_format})")
     click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}")
 
 
@@ -206,7 +221,8 @@ def parse_where(where: str) -> str:
               help="Also write a self-contained HTML report: metrics, predicted vs actual, residuals, error by "
                    "genre / episodes / studio, calibration and the largest misses (opens offline).")
 @models_option
-def evaluate(data, model_paths, where, as_json, report, models):
+@scoring_options
+def evaluate(data, model_paths, where, as_json, report, models, device, precision):
     """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql), beside the
     reference of predicting the training mean (what a model must beat).
 
@@ -216,7 +232,7 @@ def evaluate(data, model_paths, where, as_json, report, models):
     condition = parse_where(where) if where else "true"
     if report and report.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report}: use an .html file name", param_hint="--report")
-    con, scorers = connect(models, model_paths)
+    con, scorers = connect(models, model_paths, device, precision)
     add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
     evaluation = build_predictions(con, "catalog", condition, scorers)
@@ -297,7 +313,9 @@ def list_models(as_json, models):
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @models_option
-def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, models):
+@scoring_options
+def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, models,
+            device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -309,7 +327,8 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     """
     try:
         report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
-                             dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink)
+                             dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
+                             device=device, precision=precision)
     except USER_ERRORS as exc:
         if as_json:
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))

@@ -58,6 +58,7 @@ import polars as pl
 from anime_udf.errors import AnimeUdfError
 from anime_udf.bundle import KINDS, read_manifest
 from anime_udf.catalog import INPUT_COLUMNS, read_catalog
+from anime_udf.devices import DEVICES, PRECISIONS, check_choice
 from anime_udf.files import atomic_file
 from anime_udf.registry import get_model, newest
 from anime_udf.registry import models_dir as resolve_models_dir
@@ -384,6 +385,8 @@ def rescore(
     progress: bool | None = None,
     chunk_rows: int = CHUNK_ROWS,
     allow_shrink: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
 ) -> RunReport:
     """Rescore ``catalog`` (a path or anything ``read_catalog`` takes) into ``store``.
 
@@ -392,7 +395,8 @@ def rescore(
     failing; applying the scored rows waits at least ``APPLY_WAIT_SECONDS``.
     ``progress``: a progress bar on stderr (None: only on a terminal). ``allow_shrink``:
     apply a run that removes more than ``SHRINK_LIMIT`` of the stored keys (refused
-    otherwise, dry runs included). Raises RescoreError (StoreBusyError for a held
+    otherwise, dry runs included). ``device``, ``precision``: the text encoder's, as for
+    ``anime_udf.register``. Raises RescoreError (StoreBusyError for a held
     store) with the store unchanged, except where its message says that the COMMIT
     failed or that something after it did. Returns the run's report.
     """
@@ -407,6 +411,8 @@ def rescore(
         raise RescoreError(f"{store}: is a directory; --store is a DuckDB file")
     if chunk_rows < 1:
         raise RescoreError("chunk_rows must be at least 1")
+    check_choice("device", device, DEVICES)
+    check_choice("precision", precision, PRECISIONS)
     choices = resolve_models(models, models_dir)
     label = str(catalog) if isinstance(catalog, (str, Path)) else type(catalog).__name__
     df = read_catalog(catalog, name=label)
@@ -452,7 +458,7 @@ def rescore(
             if previous.get("unfinished") == work:  # a retry: the run is recorded once, under its first id
                 run_id = previous["run_id"]
                 _set(con, "rescore_run_id", run_id)
-            _score(con, choices, progress, chunk_rows)
+            _score(con, choices, progress, chunk_rows, device, precision)
             _attach(con, store, read_only=False, wait=max(wait, APPLY_WAIT_SECONDS))
             _apply(con)
             # From COMMIT on, a failure may leave the run applied: say what is known, and note
@@ -540,7 +546,8 @@ def _refuse_shrink(con: duckdb.DuckDBPyConnection, label: str, store: Path) -> N
             "is the catalog complete? Pass --allow-shrink to remove them")
 
 
-def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int) -> None:
+def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int,
+           device: str, precision: str) -> None:
     """Score every row of rescore_todo into rescore_new, shortest synopses first (so a
     chunk's padding is small), in chunks with a progress bar."""
     todo_counts = dict(con.execute("SELECT model_id, count(*) FROM rescore_todo GROUP BY model_id").fetchall())
@@ -558,7 +565,7 @@ def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress:
             if not todo_counts.get(choice.model_id):
                 continue
             bar.set_description(f"scoring ({choice.kind})")
-            scorer = load_scorer(choice.path)  # loaded only when there is work for it
+            scorer = load_scorer(choice.path, device=device, precision=precision)  # only when there is work for it
             todo = con.sql(
                 "SELECT key, synopsis, genres, studio, episodes FROM rescore_todo WHERE model_id = ? "
                 "ORDER BY strlen(coalesce(synopsis, '')), key", params=[choice.model_id]).pl()

@@ -9,14 +9,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from anime_udf.bundle import BundleError, load_weights, read_manifest
+from anime_udf.bundle import BundleError, load_weights, read_manifest, text_encoder_dirs
 from anime_udf.cache import EmbeddingCache
-from anime_udf.devices import resolve_device
 from anime_udf.features import TabularEncoder, clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
-from anime_udf.text import EncoderError, FrozenTextEncoder, default_encoder_path
+from anime_udf.text import FrozenTextEncoder
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
@@ -29,14 +28,18 @@ class Scorer:
     weights_file: str
 
     def __init__(self, bundle: Path | str, manifest: dict[str, Any], cache: EmbeddingCache | None = None,
-                 device: str | torch.device = "auto"):
+                 device: str | torch.device = "auto", precision: str = "auto"):
         self.path = Path(bundle)
         self.manifest = manifest
         self.name = manifest.get("name", self.path.name)
         self.features = TabularEncoder.from_manifest(manifest["features"])
         self.target_mean = float(manifest["target"]["mean"])
         self.target_std = float(manifest["target"]["std"])
-        self.text_encoder = bundle_text_encoder(self.path, manifest, cache, resolve_device(device))
+        encoder_dir, tokenizer_dir = text_encoder_dirs(self.path, manifest)
+        text = manifest["text_model"]
+        self.text_encoder = FrozenTextEncoder(encoder_dir, tokenizer_path=tokenizer_dir, pooling=text["pooling"],
+                                              max_length=text["max_length"], cache=cache, device=device,
+                                              precision=precision)
         cfg = manifest["model"]
         self.net = SeedEnsemble([self._member(cfg) for _ in range(int(cfg["seeds"]))])
         _load_state(self.net, self.path, self.weights_file)
@@ -85,8 +88,8 @@ class FusionScorer(Scorer):
     kind = "fusion"
     weights_file = "head.safetensors"
 
-    def __init__(self, bundle, manifest, cache=None, device="auto"):
-        super().__init__(bundle, manifest, cache, device)
+    def __init__(self, bundle, manifest, cache=None, device="auto", precision="auto"):
+        super().__init__(bundle, manifest, cache, device, precision)
         try:
             self.lexical = LexicalModel.load(self.path, manifest["lexical"], load_weights(self.path, LEXICAL_WEIGHTS))
         except (OSError, ValueError, KeyError) as exc:
@@ -106,28 +109,6 @@ def sentence_embedding(pooled: np.ndarray) -> np.ndarray:
     return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
-def bundle_text_encoder(bundle: Path, manifest: dict[str, Any], cache: EmbeddingCache | None,
-                        device: torch.device) -> FrozenTextEncoder:
-    """The bundle's text encoder: its own ``encoder/`` and ``tokenizer/`` (a fine-tuned or other
-    backbone), or the packaged all-MiniLM-L6-v2, which must be the one it was trained with."""
-    text = manifest["text_model"]
-    if text["in_bundle"]:
-        path, tokenizer_path = bundle / "encoder", bundle / "tokenizer"
-    else:
-        path, tokenizer_path = default_encoder_path(), None
-    try:
-        encoder = FrozenTextEncoder(path, tokenizer_path=tokenizer_path, pooling=text["pooling"],
-                                    max_length=text["max_length"], cache=cache, device=device)
-    except (OSError, EncoderError) as exc:
-        raise BundleError(f"{bundle}: cannot use its text encoder: {exc}") from exc
-    if encoder.checksum != text["checksum"]:
-        raise BundleError(
-            f"{bundle / 'manifest.json'}: trained with text encoder {text['name']} "
-            f"({text['checksum'][:19]}…), but {path} holds {encoder.checksum[:19]}…"
-        )
-    return encoder
-
-
 def _load_state(module: torch.nn.Module, bundle: Path, name: str) -> None:
     state = load_weights(bundle, name)
     try:
@@ -137,8 +118,10 @@ def _load_state(module: torch.nn.Module, bundle: Path, name: str) -> None:
     module.eval()
 
 
-def load_scorer(bundle: Path | str, *, cache: EmbeddingCache | None = None, device: str = "auto") -> Scorer:
-    """Load a bundle of either kind, checking every file first."""
-    manifest = read_manifest(bundle)
+def load_scorer(bundle: Path | str, *, cache: EmbeddingCache | None = None, device: str = "auto",
+                precision: str = "auto", manifest: dict[str, Any] | None = None) -> Scorer:
+    """Load a bundle of either kind, checking every file first (unless its checked
+    ``manifest`` is given). ``precision`` is the transformer's: auto, fp32 or bf16."""
+    manifest = manifest if manifest is not None else read_manifest(bundle)
     scorer = BaselineScorer if manifest["kind"] == "baseline" else FusionScorer
-    return scorer(bundle, manifest, cache if cache is not None else EmbeddingCache(), device)
+    return scorer(bundle, manifest, cache if cache is not None else EmbeddingCache(), device, precision)

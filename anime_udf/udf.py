@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 from duckdb.sqltypes import DOUBLE, VARCHAR
 
+from anime_udf.bundle import read_manifest, text_encoder_dirs
+from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
 from anime_udf.registry import models_dir, newest
-from anime_udf.scoring import Scorer, load_scorer
+
+if TYPE_CHECKING:
+    from anime_udf.scoring import Scorer
 
 FUNCTION_NAMES = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
 
@@ -19,7 +26,44 @@ class NoModelsError(AnimeUdfError, LookupError):
     """register() found no bundle to register."""
 
 
-def arrow_udf(scorer: Scorer):
+class LazyScorer:
+    """A model as registered: its bundle is checked now (manifest, every file's checksum, the
+    text encoder's identity: a few hashes) and loaded on the first call, so that registering
+    takes milliseconds and imports neither torch nor transformers."""
+
+    def __init__(self, bundle: Path | str, device: str = "auto", precision: str = "auto"):
+        check_choice("device", device, DEVICES)
+        check_choice("precision", precision, PRECISIONS)
+        if device == "cuda":
+            resolve_device(device)  # a GPU asked for by name must be there now, not at the first query
+        self.path = Path(bundle)
+        self.manifest = read_manifest(self.path)
+        text_encoder_dirs(self.path, self.manifest)
+        self.kind = self.manifest["kind"]
+        self.name = self.manifest.get("name", self.path.name)
+        self.device, self.precision = device, precision
+        self._scorer: Scorer | None = None
+        self._lock = threading.Lock()  # DuckDB may make the first calls from several threads at once
+
+    @property
+    def loaded(self) -> bool:
+        return self._scorer is not None
+
+    def scorer(self) -> Scorer:
+        with self._lock:
+            if self._scorer is None:
+                from anime_udf.scoring import load_scorer
+
+                self._scorer = load_scorer(self.path, manifest=self.manifest, device=self.device,
+                                           precision=self.precision)
+        return self._scorer
+
+    def predict(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                episodes: Sequence[Any]) -> np.ndarray:
+        return self.scorer().predict(synopsis, genres, studio, episodes)
+
+
+def arrow_udf(scorer: Scorer | LazyScorer):
     """A DuckDB Arrow UDF (synopsis, genres, studio, episodes) -> DOUBLE for ``scorer``."""
 
     def predict(synopsis, genres, studio, episodes) -> pa.Array:
@@ -31,7 +75,7 @@ def arrow_udf(scorer: Scorer):
     return predict
 
 
-def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer, name: str | None = None) -> str:
+def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None) -> str:
     name = name or FUNCTION_NAMES[scorer.kind]
     try:
         con.remove_function(name)
@@ -55,13 +99,16 @@ def register(
     fusion: Path | str | None = None,
     models: Path | str | None = None,
     device: str = "auto",
-) -> dict[str, Scorer]:
+    precision: str = "auto",
+) -> dict[str, LazyScorer]:
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``.
 
     Without explicit bundle paths, the newest bundle of each kind in the models
     directory (``models``, ``$ANIME_UDF_MODELS`` or ``./models``) is used. ``device``
     runs the text encoder: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``
-    or ``cuda``. Returns {function name: scorer}.
+    or ``cuda``. ``precision`` is the text encoder's: ``auto`` (bf16 on CUDA and on CPUs
+    with native bf16, else fp32), ``fp32`` or ``bf16``. Bundles are checked now and
+    loaded on their function's first call. Returns {function name: scorer}.
     """
     paths = {"baseline": baseline, "fusion": fusion}
     if baseline is None and fusion is None:
@@ -69,7 +116,7 @@ def register(
     registered = {}
     for path in paths.values():
         if path is not None:
-            scorer = load_scorer(path, device=device)
+            scorer = LazyScorer(path, device, precision)
             registered[register_scorer(con, scorer)] = scorer
     if not registered:
         raise NoModelsError(

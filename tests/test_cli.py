@@ -182,9 +182,9 @@ def test_models_lists_corrupt_and_malformed_bundles_as_broken_and_the_rest(model
 
 
 def test_sql_refuses_a_repeated_view_name_and_score_a_bad_out_before_scoring(models, monkeypatch):
-    import anime_udf.udf
+    import anime_udf.scoring
 
-    monkeypatch.setattr(anime_udf.udf, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
     result = run("sql", "SELECT 1", "--table", f"anime={CATALOG}", "--table", f"ANIME={HOLDOUT}")
     assert result.exit_code == 2 and "given more than once: anime" in result.output
     result = run("score", "--data", HOLDOUT, "--out", "scores.txt")

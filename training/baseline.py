@@ -33,6 +33,7 @@ class BaselineSettings:
     refit: bool = True  # refit on every training row with the chosen epochs
     seed: int = 42
     device: str = "auto"
+    precision: str = "auto"  # the frozen encoder's (see anime_udf.devices.resolve_precision)
 
     def head_training(self) -> HeadTraining:
         return HeadTraining(self.epochs, self.batch_size, self.lr, self.weight_decay, self.seeds)
@@ -54,8 +55,9 @@ def train_baseline(
     seed_everything(settings.seed)
     started = time.perf_counter()
     text = FrozenTextEncoder(default_encoder_path(), pooling="mean", max_length=settings.max_length,
-                             cache=cache if cache is not None else EmbeddingCache(), device=device)
-    log(f"embedding the synopses with {DEFAULT_ENCODER_NAME} on {device} (cached by content hash)")
+                             cache=cache if cache is not None else EmbeddingCache(), device=device,
+                             precision=settings.precision)
+    log(f"embedding the synopses with {DEFAULT_ENCODER_NAME} on {device} in {text.precision} (cached by content hash)")
     emb_fit, emb_valid, emb_refit = embed_frozen(text, [split.fit, split.valid, split.refit], progress)
     encode_seconds = time.perf_counter() - started
 
@@ -87,7 +89,7 @@ def train_baseline(
         "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
         "training": training_record(
             split, asdict(settings), epochs=selection.best_epochs, final_rows=final_rows.height,
-            encode_seconds=round(encode_seconds, 1),
+            embedding_precision=text.precision, encode_seconds=round(encode_seconds, 1),
             fit_seconds=round(time.perf_counter() - fit_started, 1), history=selection.history),
         # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
         "metrics": {"valid": metrics},

@@ -91,6 +91,7 @@ class FusionSettings:
     checkpoint_every: int = 100
     seed: int = 42
     device: str = "auto"
+    precision: str = "auto"  # the frozen encoder's features; fine-tuning runs in fp32
 
     def lexical(self) -> LexicalSettings:
         return LexicalSettings(self.lexical_ngram_max, self.lexical_min_df, self.lexical_alpha, self.lexical_folds)
@@ -351,7 +352,7 @@ def train_fusion(
     log(f"stage 1: {backbone_name} frozen, pooled features (cached) for the head; "
         f"selection on {split.fit.height} rows, validation on {split.valid.height}")
     frozen = FrozenTextEncoder(backbone, pooling=settings.pooling, max_length=settings.max_length, cache=cache,
-                               device=device)
+                               device=device, precision=settings.precision)
     make_head, x, selection = select_head(frozen)
     stage1_seconds = time.perf_counter() - started
     best_rmse = min(h["valid_rmse_std"] for h in selection.history) * tab.scaler.std
@@ -380,7 +381,7 @@ def train_fusion(
             log(f"fine-tuning won (epoch {fine_tuning['best_epoch']}): choosing the head's epochs on its features")
             frozen = FrozenTextEncoder(side / "encoder", tokenizer_path=side / "tokenizer",
                                        pooling=settings.pooling, max_length=settings.max_length, cache=cache,
-                                       device=device)
+                                       device=device, precision=settings.precision)
             make_head, x, selection = select_head(frozen)
         metrics = compute_metrics(split.valid["score"].to_numpy(), tab.scaler.unscale(selection.valid_predictions))
         log(f"final head: {settings.seeds} seed(s) x {selection.best_epochs} epochs on {parts['refit'].height} rows")
@@ -404,7 +405,7 @@ def train_fusion(
             "target": {"mean": tab.scaler.mean, "std": tab.scaler.std},
             "training": training_record(
                 split, asdict(settings), epochs=selection.best_epochs, final_rows=parts["refit"].height,
-                lexical_seconds=round(lexical_seconds, 1), stage1_seconds=round(stage1_seconds, 1),
+                embedding_precision=frozen.precision, lexical_seconds=round(lexical_seconds, 1), stage1_seconds=round(stage1_seconds, 1),
                 fine_tuning=fine_tuning, seconds=round(time.perf_counter() - started, 1), history=selection.history),
             # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
             "metrics": {"valid": metrics},

@@ -1,0 +1,149 @@
+"""The fast paths keep the contracts: bf16 scores stay within their tolerance of fp32 and never
+share cache entries with them, a text's embedding does not depend on its batch at either
+precision, DuckDB's thread count changes nothing, and registering loads nothing heavy."""
+
+import shutil
+import sqlite3
+import subprocess
+import sys
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from click.testing import CliRunner
+
+import anime_udf
+from anime_udf import devices
+from anime_udf.bundle import BundleError
+from anime_udf.cache import EmbeddingCache
+from anime_udf.catalog import read_catalog
+from anime_udf.cli import cli
+from anime_udf.devices import DeviceError, resolve_precision
+from anime_udf.scoring import load_scorer
+from anime_udf.text import FrozenTextEncoder
+from tests.conftest import HOLDOUT, ROOT
+from tests.test_udf import EDGE_ROWS
+
+FUNCTIONS = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
+INPUTS = ("synopsis", "genres", "studio", "episodes")
+
+
+@pytest.fixture(params=list(FUNCTIONS))
+def kind(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def bundle(kind, request):
+    return request.getfixturevalue(f"{kind}_bundle")
+
+
+def sql_scores(kind, bundle, precision, rows=None, threads=2) -> np.ndarray:
+    con = duckdb.connect()
+    con.execute(f"SET threads = {threads}")
+    anime_udf.register(con, **{kind: bundle}, precision=precision)
+    con.register("catalog", rows if rows is not None else read_catalog(HOLDOUT).with_row_index("i"))
+    fn = FUNCTIONS[kind]
+    return con.sql(f"SELECT {fn}(synopsis, genres, studio, episodes) AS p FROM catalog ORDER BY i").pl()["p"].to_numpy()
+
+
+def test_bf16_scores_are_within_tolerance_of_fp32(kind, bundle):
+    fp32, bf16 = sql_scores(kind, bundle, "fp32"), sql_scores(kind, bundle, "bf16")
+    assert np.abs(bf16 - fp32).max() <= 0.02
+    assert not np.array_equal(bf16, fp32)  # bf16 really ran
+    y = read_catalog(HOLDOUT).with_row_index("i")["score"].to_numpy()
+    assert abs(np.abs(bf16 - y).mean() - np.abs(fp32 - y).mean()) <= 0.001
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_odd_and_missing_inputs_keep_the_contracts_at_each_precision(kind, bundle, precision):
+    rows = pl.DataFrame(EDGE_ROWS, schema={"synopsis": pl.String, "genres": pl.String, "studio": pl.String,
+                                           "episodes": pl.Float64}, orient="row").with_row_index("i")
+    scores = sql_scores(kind, bundle, precision, rows)
+    assert len(scores) == len(EDGE_ROWS) and np.isfinite(scores).all()
+    assert ((scores >= 1) & (scores <= 10)).all()
+
+
+def test_fp32_and_bf16_embeddings_never_mix_in_the_cache(tmp_path):
+    cache = EmbeddingCache(tmp_path / "embeddings.sqlite")
+    texts = read_catalog(HOLDOUT)["synopsis"].to_list()[:6]
+    fp32 = FrozenTextEncoder(cache=cache, precision="fp32", device="cpu")
+    bf16 = FrozenTextEncoder(cache=cache, precision="bf16", device="cpu")
+    assert fp32.encoder_id != bf16.encoder_id and bf16.encoder_id.endswith("|bf16")
+    from_bf16 = bf16.embed(texts)
+    from_fp32 = fp32.embed(texts)  # not served from the bf16 entries just written
+    assert not np.array_equal(from_bf16, from_fp32)
+    np.testing.assert_array_equal(from_fp32, FrozenTextEncoder(cache=None, precision="fp32", device="cpu").embed(texts))
+    with sqlite3.connect(cache.path) as con:
+        per_encoder = dict(con.execute("SELECT encoder, count(*) FROM embeddings GROUP BY encoder").fetchall())
+    assert per_encoder == {fp32.encoder_id: 6, bf16.encoder_id: 6}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_an_embedding_does_not_depend_on_its_batch(precision):
+    """No cache: each text alone against all of them together, bit for bit."""
+    texts = read_catalog(HOLDOUT)["synopsis"].to_list()[:40] + ["", "Short.", "word " * 400]
+    encoder = FrozenTextEncoder(cache=None, precision=precision, device="cpu")
+    together = encoder.embed(texts)
+    alone = np.stack([encoder.embed([t])[0] for t in texts])
+    np.testing.assert_array_equal(together, alone)
+
+
+def test_duckdb_thread_count_does_not_change_scores(kind, bundle, tmp_path, monkeypatch):
+    rows = read_catalog(HOLDOUT).head(60).with_row_index("i")
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(tmp_path / "one"))
+    one = sql_scores(kind, bundle, "auto", rows, threads=1)
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(tmp_path / "two"))  # encoded again, not read from the cache
+    two = sql_scores(kind, bundle, "auto", rows, threads=2)
+    np.testing.assert_array_equal(one, two)
+
+
+def test_auto_precision_follows_the_hardware(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", cpu) == "bf16"
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto", cuda) == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("auto", cuda) == "fp32"
+    with pytest.raises(DeviceError, match="unknown precision 'fp16': use one of auto, fp32, bf16"):
+        resolve_precision("fp16", cpu)
+
+
+def test_precision_is_an_option_of_every_command_that_scores_or_trains(baseline_bundle):
+    for command in (["sql", "SELECT 1"], ["score", "--data", HOLDOUT, "--out", "x.parquet"],
+                    ["eval", "--data", HOLDOUT], ["rescore", "--catalog", HOLDOUT, "--store", "s.duckdb"],
+                    ["train", "baseline", "--data", HOLDOUT], ["train", "fusion", "--data", HOLDOUT]):
+        result = CliRunner().invoke(cli, [*map(str, command), "--precision", "fp16"])
+        assert result.exit_code == 2 and "'fp16' is not one of 'auto', 'fp32', 'bf16'" in result.output, command
+    result = CliRunner().invoke(cli, ["eval", "--data", str(HOLDOUT), "--model", str(baseline_bundle),
+                                      "--precision", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+
+
+def test_the_scorer_records_its_precision(baseline_bundle):
+    assert load_scorer(baseline_bundle, precision="bf16").text_encoder.precision == "bf16"
+    assert load_scorer(baseline_bundle, precision="fp32").text_encoder.encoder_id.endswith("|fp32")
+
+
+def test_register_checks_bundles_but_loads_them_on_the_first_call(baseline_bundle, tmp_path):
+    code = ("import sys, duckdb, anime_udf\n"
+            "con = duckdb.connect()\n"
+            "(scorer,) = anime_udf.register(con, baseline=sys.argv[1]).values()\n"
+            "assert not scorer.loaded and 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
+            "score = con.sql(\"SELECT predict_score('A war story.', 'Drama', NULL, 12)\").fetchall()[0][0]\n"
+            "assert scorer.loaded and 1 <= score <= 10\n")
+    subprocess.run([sys.executable, "-c", code, str(baseline_bundle)], check=True, cwd=ROOT)
+
+    broken = tmp_path / "broken"
+    shutil.copytree(baseline_bundle, broken)
+    with open(broken / "model.safetensors", "r+b") as fh:
+        fh.seek(-1, 2)
+        fh.write(b"\x00" if fh.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(BundleError, match="model.safetensors: checksum mismatch"):
+        anime_udf.register(duckdb.connect(), baseline=broken)
