@@ -27,7 +27,7 @@ demo: install
 	                          predict_score_fusion(synopsis, genres, studio, episodes) AS fusion FROM anime) \
 	   SELECT a.anime_id, a.title, a.genres, a.score, round(s.baseline, 2) AS baseline, round(s.fusion, 2) AS fusion \
 	   FROM anime a JOIN scored s USING (anime_id) ORDER BY s.fusion DESC LIMIT 8"
-	$(BIN)/anime-udf eval --models $(DEMO_MODELS) --data fixtures/holdout.csv
+	$(BIN)/anime-udf eval --models $(DEMO_MODELS) --data fixtures/holdout.csv --report $(DEMO_MODELS)/report.html
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -26,11 +26,14 @@ class CatalogError(AnimeUdfError, ValueError):
     """A catalog cannot be read or has a bad column or value."""
 
 
-def read_catalog(source: Any, *, require_score: bool = False, name: str | None = None) -> pl.DataFrame:
+def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scores: bool = False,
+                 name: str | None = None) -> pl.DataFrame:
     """Read ``source`` and return it with the input columns in canonical types.
 
     ``synopsis``, ``genres`` and ``studio`` become strings, ``episodes`` an integer
     (NULL when missing), ``score`` a float. Errors name the column and the value.
+    ``require_score`` checks every score is in range; ``allow_missing_scores`` lets
+    NULL scores through (evaluation skips and counts them).
     """
     label = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
     df = _to_polars(source, label)
@@ -47,7 +50,7 @@ def read_catalog(source: Any, *, require_score: bool = False, name: str | None =
         casts.append(_to_number(df, SCORE_COLUMN, label, pl.Float64))
     df = df.with_columns(casts)
     if require_score:
-        _check_scores(df, label)
+        _check_scores(df, label, allow_missing_scores)
     return df
 
 
@@ -116,10 +119,12 @@ def _to_number(df: pl.DataFrame, column: str, label: str, dtype: type[pl.DataTyp
     return pl.lit(pl.Series(column, as_float)).alias(column)
 
 
-def _check_scores(df: pl.DataFrame, label: str) -> None:
+def _check_scores(df: pl.DataFrame, label: str, allow_missing: bool) -> None:
     scores = df.get_column(SCORE_COLUMN)
     lo, hi = SCORE_RANGE
-    bad = scores.is_null() | scores.is_nan() | (scores < lo) | (scores > hi)
+    bad = scores.is_nan() | (scores < lo) | (scores > hi)
+    if not allow_missing:
+        bad = bad | scores.is_null()
     if bad.any():
         row = int(bad.arg_true()[0])
         raise CatalogError(

@@ -15,6 +15,7 @@ from anime_udf.bundle import read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.devices import DEVICES, PRECISIONS
 from anime_udf.errors import AnimeUdfError
+from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions, load_report_macros
 from anime_udf.files import atomic_file
 from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, get_model, list_bundles
@@ -112,9 +113,9 @@ def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto
     return con, scorers
 
 
-def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, require_score: bool = False) -> int:
-    """Read a catalog (validated) and expose it to SQL as ``name``."""
-    df = read_catalog(path, require_score=require_score)
+def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, **checks) -> int:
+    """Read a catalog (validated; ``checks`` as for read_catalog) and expose it to SQL as ``name``."""
+    df = read_catalog(path, **checks)
     con.register(name, df)
     return df.height
 
@@ -148,14 +149,13 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 @models_option
 @scoring_options
 def sql(query, tables, model_paths, out, limit, models, device, precision):
-    """Run QUERY with predict_score / predict_score_fusion and the metric macros available.
+    """Run QUERY with predict_score / predict_score_fusion and the macros of sql/metrics.sql and
+    sql/report.sql available.
 
     \b
     anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
                    FROM anime ORDER BY p DESC LIMIT 5" --table anime=catalog.parquet
     """
-    from anime_udf.metrics import load_metric_macros
-
     views = [parse_table(spec) for spec in tables]
     names = [name.casefold() for name, _ in views]  # SQL identifiers are case-insensitive
     if len(set(names)) < len(names):
@@ -164,7 +164,7 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
     if out:
         check_out_suffix(out)
     con, _ = connect(models, model_paths, device, precision)
-    load_metric_macros(con)
+    load_report_macros(con)
     for name, path in views:
         add_catalog(con, name, path)
     result = con.sql(query)
@@ -210,37 +210,50 @@ def parse_where(where: str) -> str:
 
 @cli.command(name="eval")
 @click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Catalog with a score column (CSV or Parquet).")
+              help="Catalog with a score column (CSV or Parquet); rows with a NULL score are skipped and counted.")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle(s) to evaluate (default: the newest of each kind, side by side).")
 @click.option("--where", "where",
               help="One SQL expression filtering the catalog, e.g. \"anime_id % 5 = 0\" (statements, "
                    "UNIONs and comments are refused; it cannot read files).")
-@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the models' metrics as JSON.")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.html",
+              help="Also write a self-contained HTML report: metrics, predicted vs actual, residuals, error by "
+                   "genre / episodes / studio, calibration and the largest misses (opens offline).")
 @models_option
 @scoring_options
-def evaluate(data, model_paths, where, as_json, models, device, precision):
-    """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql)."""
-    condition = parse_where(where) if where else "true"
-    con, scorers = connect(models, model_paths, device, precision)
-    add_catalog(con, "catalog", data, require_score=True)
-    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
-    con.execute(f"CREATE TEMP VIEW selected AS SELECT * FROM catalog WHERE {condition}")
-    from anime_udf.udf import FUNCTION_NAMES
+def evaluate(data, model_paths, where, as_json, report, models, device, precision):
+    """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql), beside the
+    reference of predicting the training mean (what a model must beat).
 
-    kind_of = {fn: kind for kind, fn in FUNCTION_NAMES.items()}
-    selects = " UNION ALL ".join(
-        f"SELECT '{kind_of[fn]}' AS model, score AS y, {fn}(synopsis, genres, studio, episodes) AS yhat "
-        f"FROM selected"
-        for fn in scorers
-    )
-    con.execute(f"CREATE TEMP TABLE predictions AS {selects}")
-    table = metrics_table(con, "predictions")
+    \b
+    anime-udf eval --data valid.parquet --where "anime_id % 5 = 0" --report report.html
+    """
+    condition = parse_where(where) if where else "true"
+    if report and report.suffix.lower() not in (".html", ".htm"):
+        raise click.BadParameter(f"{report}: use an .html file name", param_hint="--report")
+    con, scorers = connect(models, model_paths, device, precision)
+    add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
+    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
+    evaluation = build_predictions(con, "catalog", condition, scorers)
+    table = metrics_table(con, EVALUATED)
+    skipped = f"skipped {evaluation.skipped_rows} selected row(s) without a score" if evaluation.skipped_rows else ""
     if as_json:
-        click.echo(json.dumps(table.to_dicts(), indent=2))
+        click.echo(json.dumps(table.filter(pl.col("model").is_in(evaluation.models)).to_dicts(), indent=2))
+        if skipped:
+            click.echo(skipped, err=True)
     else:
         with pl.Config(float_precision=4, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
             click.echo(table)
+        means = ", ".join(f"{mean:.4f}" for mean in evaluation.references.values())
+        click.echo(f"{REFERENCE}: every row predicted as the mean score of the training data ({means})")
+        if skipped:
+            click.echo(skipped)
+    if report:
+        from anime_udf.report import write_report
+
+        write_report(con, evaluation, report, catalog=data, where=where)
+        click.echo(f"wrote the report to {report}", err=as_json)
 
 
 @cli.command(name="models")

@@ -1,0 +1,91 @@
+"""What `anime-udf eval` measures: the predictions table every figure is computed from, in SQL.
+
+``predictions`` holds one row per (model, evaluated catalog row) with the columns the macros
+of sql/report.sql read; the view ``evaluated`` adds the reference every model must beat, a
+constant prediction of the training mean recorded in its bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import duckdb
+
+from anime_udf.errors import AnimeUdfError
+from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
+
+PREDICTIONS = "predictions"
+EVALUATED = "evaluated"
+REFERENCE = "training mean"
+KEY_COLUMN = "anime_id"  # shown as a row's key when the catalog has it
+
+
+class NothingToEvaluateError(AnimeUdfError):
+    """The selection holds no row with a score."""
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    models: tuple[str, ...]  # labels in the predictions table, one per scorer (its kind)
+    references: dict[str, float]  # label in `evaluated` -> the constant it predicts
+    bundles: dict[str, str]  # model label -> bundle name
+    catalog_rows: int
+    selected_rows: int
+    skipped_rows: int  # selected rows without a score: left out of every figure
+    key: str  # what the key column holds: the catalog's anime_id, or the row number
+    statements: tuple[str, ...]  # the SQL that built `predictions` and `evaluated`, shown in the report
+
+
+def load_report_macros(con: duckdb.DuckDBPyConnection) -> None:
+    """The metric macros, then the grouped queries of sql/report.sql that use them."""
+    con.execute(sql_path("metrics.sql").read_text())
+    con.execute(sql_path("report.sql").read_text())
+
+
+def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: str,
+                      scorers: dict[str, Any]) -> Evaluation:
+    """Score the rows of view ``catalog`` that satisfy SQL ``condition`` and have a score, with each
+    of ``scorers`` ({SQL function name: scorer}), into ``predictions``; create ``evaluated``.
+    An empty selection, or one without scores, is an error rather than a table of NULLs."""
+    source = quote_ident(catalog)
+    columns = [row[0] for row in con.execute(f"DESCRIBE {source}").fetchall()]
+    catalog_rows, selected_rows, scored_rows = con.execute(
+        f"SELECT count(*), count(*) FILTER (WHERE {condition}), count(score) FILTER (WHERE {condition}) "
+        f"FROM {source}").fetchall()[0]
+    if selected_rows == 0:
+        raise NothingToEvaluateError(f"nothing to evaluate: the selection holds none of the {catalog_rows} "
+                                     "catalog rows (check --where)")
+    if scored_rows == 0:
+        raise NothingToEvaluateError(f"nothing to evaluate: none of the {selected_rows} selected rows has a score")
+
+    key = quote_ident(KEY_COLUMN) if KEY_COLUMN in columns else "row_id"
+    title = "title::VARCHAR" if "title" in columns else "NULL::VARCHAR"
+    labels = {fn: scorer.kind for fn, scorer in scorers.items()}
+    # row_id numbers the evaluated rows: it tells rows apart where keys repeat.
+    statements = [
+        f"CREATE OR REPLACE TEMP TABLE scored_rows AS\n"
+        f"SELECT row_number() OVER () AS row_id, {key} AS key, {title} AS title, genres, studio, episodes,\n"
+        f"       score AS y, synopsis\nFROM {source} WHERE {condition} AND score IS NOT NULL",
+        f"CREATE OR REPLACE TEMP TABLE {PREDICTIONS} AS\n" + "\nUNION ALL\n".join(
+            f"SELECT {quote_literal(label)} AS model, row_id, key, title, genres, studio, episodes, y,\n"
+            f"       {fn}(synopsis, genres, studio, episodes) AS yhat FROM scored_rows"
+            for fn, label in labels.items()),
+    ]
+    means = {scorer.kind: float(scorer.manifest["target"]["mean"]) for scorer in scorers.values()}
+    if len(set(means.values())) == 1:
+        references = {REFERENCE: next(iter(means.values()))}
+    else:  # models trained on different data: each has its own reference
+        references = {f"{REFERENCE} ({label})": mean for label, mean in means.items()}
+    first = quote_literal(next(iter(labels.values())))
+    statements.append(f"CREATE OR REPLACE TEMP VIEW {EVALUATED} AS\nSELECT * FROM {PREDICTIONS}" + "".join(
+        f"\nUNION ALL\nSELECT {quote_literal(label)}, row_id, key, title, genres, studio, episodes, y, "
+        f"{mean!r}::DOUBLE FROM {PREDICTIONS} WHERE model = {first}"
+        for label, mean in references.items()))
+    for statement in statements:
+        con.execute(statement)
+    return Evaluation(
+        models=tuple(labels.values()), references=references,
+        bundles={scorer.kind: scorer.name for scorer in scorers.values()},
+        catalog_rows=catalog_rows, selected_rows=selected_rows, skipped_rows=selected_rows - scored_rows,
+        key=KEY_COLUMN if KEY_COLUMN in columns else "row", statements=tuple(statements))

@@ -1,0 +1,288 @@
+"""The evaluation report: one self-contained HTML file (`anime-udf eval --report FILE.html`).
+
+Every number in it, and the data of every chart, is the result of a query shown beside it:
+the macros of sql/metrics.sql and sql/report.sql run on the tables `eval` builds (see
+anime_udf.evaluation). matplotlib only draws, to SVG inlined as data: URIs; a
+Content-Security-Policy forbids the page any fetch, so it opens offline from a file:// URL.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from anime_udf.evaluation import EVALUATED, PREDICTIONS, Evaluation, load_report_macros
+from anime_udf.files import atomic_file
+
+TOP_GROUPS = 12  # genres and studios shown
+CALIBRATION_BINS = 10
+LARGEST_MISSES = 20
+HEXBIN_ABOVE = 1000  # rows per model above which predicted vs actual is drawn as a density
+COLORS = {"baseline": "#1f77b4", "fusion": "#ff7f0e"}
+SPARE_COLORS = ("#2ca02c", "#d62728", "#9467bd")
+REFERENCE_COLOR = "#a8a8a8"
+# The metrics table's columns: (column, heading, higher is better).
+METRICS = (("mae", "MAE", False), ("rmse", "RMSE", False), ("spearman", "Spearman", True), ("r2", "R²", True))
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+STYLE = """
+body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1180px; margin: 2em auto; padding: 0 1em; }
+h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .6em 0; } th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; } th { text-align: left; background: #f5f5f5; }
+td.best { font-weight: 700; background: #e3f2e1; } tr.reference td { color: #666; font-style: italic; }
+dl.about { display: grid; grid-template-columns: max-content auto; gap: .1em 1em; } dl.about dt { color: #666; }
+img.chart { display: block; max-width: 100%; height: auto; margin: .6em 0; }
+pre { background: #f7f7f7; padding: .6em .8em; overflow-x: auto; font-size: 13px; }
+details { margin: .4em 0 1em; } summary { cursor: pointer; color: #555; } p.note { color: #555; }
+"""
+
+
+def write_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, out: Path, *,
+                 catalog: Path, where: str | None) -> None:
+    """Render the report from ``evaluation``'s tables on ``con`` and write it to ``out``."""
+    page = render_report(con, evaluation, catalog=catalog, where=where)
+    with atomic_file(out) as tmp:
+        tmp.write_text(page, encoding="utf-8")
+
+
+def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, catalog: Path,
+                  where: str | None) -> str:
+    import matplotlib  # here, not at the top: `import anime_udf` and --help stay light
+
+    load_report_macros(con)
+    colors = _colors(evaluation)
+    scored = con.execute(f"SELECT count(DISTINCT row_id) FROM {PREDICTIONS}").fetchall()[0][0]
+    residual_width = 0.1 if scored >= HEXBIN_ABOVE else 0.25
+    queries = {
+        "metrics": f"SELECT * FROM regression_metrics('{EVALUATED}')",
+        "points": f"SELECT model, y, yhat FROM {PREDICTIONS}",
+        "residuals": f"SELECT * FROM residual_histogram('{PREDICTIONS}', {residual_width})",
+        "genre": f"SELECT * FROM error_by_genre('{EVALUATED}', {TOP_GROUPS})",
+        "episodes": f"SELECT * FROM error_by_episodes('{EVALUATED}')",
+        "studio": f"SELECT * FROM error_by_studio('{EVALUATED}', {TOP_GROUPS})",
+        "calibration": f"SELECT * FROM calibration('{PREDICTIONS}', {CALIBRATION_BINS})",
+        "misses": f"SELECT * FROM largest_misses('{PREDICTIONS}', {LARGEST_MISSES})",
+    }
+    data = {name: con.sql(sql).pl() for name, sql in queries.items()}
+    density = (f" Above {HEXBIN_ABOVE} rows a model's chart is a density: hexagons shaded by their number of rows."
+               if scored > HEXBIN_ABOVE else "")
+    # Glyphs as paths: the SVGs need no font; a fixed salt keeps their element ids the same run to run.
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "anime-udf", "font.size": 10}):
+        sections = [
+            ("Metrics", "metrics", _metrics_table(data["metrics"], evaluation),
+             "The best value of each column is highlighted. The reference predicts every row as the mean score "
+             "of the models' training data: a model must beat it to have learned anything."),
+            ("Predicted vs actual", "points",
+             _chart(_scatter_figure(data["points"], evaluation, colors), "predicted vs actual score per model"),
+             "Each model's predictions against the true scores; on the dashed diagonal a prediction is exact."
+             + density),
+            ("Residuals", "residuals",
+             _chart(_residual_figure(data["residuals"], evaluation, colors, residual_width),
+                    "histogram of the residuals per model") + _details(data["residuals"]),
+             "Predicted minus actual score: right of zero a model scored a title too high, left too low."),
+        ]
+        for name, title, note in (
+            ("genre", "Error by genre", f"The {TOP_GROUPS} most frequent genres; a title counts in each of its genres."),
+            ("episodes", "Error by episode count", "Buckets of the episode count; 'unknown' is missing or negative."),
+            ("studio", "Error by studio", f"The {TOP_GROUPS} studios with the most titles."),
+        ):
+            groups = data[name]
+            body = (_chart(_group_figure(groups, name, colors), f"mean absolute error by {name}") + _details(groups)
+                    if groups.height else f'<p class="note">No row has a {name}.</p>')
+            sections.append((title, name, body, note + " Bars: mean absolute error per model (n: rows)."))
+        sections += [
+            ("Calibration", "calibration",
+             _chart(_calibration_figure(data["calibration"], evaluation, colors),
+                    "calibration: mean actual per bin of prediction") + _details(data["calibration"]),
+             f"Each model's rows cut into {CALIBRATION_BINS} equal bins by prediction: the mean actual score "
+             "against the mean prediction of each. Below the diagonal, titles predicted that high score lower."),
+            ("Largest misses", "misses", _misses_table(data["misses"], evaluation),
+             f"The {LARGEST_MISSES} rows that any model missed most."),
+        ]
+    return _page(evaluation, catalog, where, scored,
+                 [_section(title, body, queries[name], note) for title, name, body, note in sections])
+
+
+def _colors(evaluation: Evaluation) -> dict[str, str]:
+    spare = iter(SPARE_COLORS)
+    colors = {m: COLORS.get(m) or next(spare) for m in evaluation.models}
+    return colors | {label: REFERENCE_COLOR for label in evaluation.references}
+
+
+# --- charts -----------------------------------------------------------------------------------
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _chart(fig, alt: str) -> str:
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg", metadata={"Date": None})
+    data = base64.b64encode(buffer.getvalue().encode()).decode()
+    return f'<img class="chart" alt="{html.escape(alt)}" src="data:image/svg+xml;base64,{data}">'
+
+
+def _scatter_figure(points: pl.DataFrame, evaluation: Evaluation, colors: dict[str, str]):
+    models = evaluation.models
+    fig = _figure(4.4 * len(models) + 0.8, 4.4)
+    axes = fig.subplots(1, len(models), squeeze=False, sharex=True, sharey=True)[0]
+    values = np.concatenate([points["y"].to_numpy(), points["yhat"].to_numpy()])
+    lo, hi = float(values.min()) - 0.2, float(values.max()) + 0.2
+    for ax, model in zip(axes, models):
+        rows = points.filter(pl.col("model") == model)
+        if rows.height > HEXBIN_ABOVE:
+            density = ax.hexbin(rows["y"].to_numpy(), rows["yhat"].to_numpy(), gridsize=40, bins="log", mincnt=1,
+                                cmap="viridis", extent=(lo, hi, lo, hi), linewidths=0.1)
+            fig.colorbar(density, ax=ax, shrink=0.8, label="rows")
+        else:
+            ax.scatter(rows["y"], rows["yhat"], s=14, alpha=0.65, color=colors[model], edgecolors="none")
+        ax.plot([lo, hi], [lo, hi], color="#333", lw=1, ls="--")
+        ax.set(title=model, xlabel="actual score", xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("predicted score")
+    return fig
+
+
+def _residual_figure(histogram: pl.DataFrame, evaluation: Evaluation, colors: dict[str, str], width: float):
+    fig = _figure(9, 3.8)
+    ax = fig.subplots()
+    for model in evaluation.models:
+        rows = histogram.filter(pl.col("model") == model)
+        bins = np.rint(rows["lower"].to_numpy() / width).astype(int)
+        counts = np.zeros(bins.max() - bins.min() + 1)
+        counts[bins - bins.min()] = rows["n"].to_numpy()
+        edges = (np.arange(len(counts) + 1) + bins.min()) * width
+        ax.stairs(counts, edges, color=colors[model], lw=1.8, label=model, fill=False)
+        ax.stairs(counts, edges, color=colors[model], alpha=0.12, fill=True)
+    ax.axvline(0, color="#333", lw=1, ls="--")
+    ax.set(xlabel="residual: predicted − actual score", ylabel="rows")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _group_figure(groups: pl.DataFrame, column: str, colors: dict[str, str]):
+    series = groups["model"].unique(maintain_order=True).to_list()
+    names = groups[column].unique(maintain_order=True).to_list()
+    counts = dict(groups.filter(pl.col("model") == series[0]).select(column, "n").iter_rows())
+    bar = 0.8 / len(series)
+    fig = _figure(9, 0.9 + len(names) * (0.22 + 0.14 * len(series)))
+    ax = fig.subplots()
+    for j, model in enumerate(series):
+        mae = dict(groups.filter(pl.col("model") == model).select(column, "mae").iter_rows())
+        positions = np.arange(len(names)) + (j - (len(series) - 1) / 2) * bar
+        ax.barh(positions, [mae[name] for name in names], height=bar, color=colors[model], label=model,
+                hatch="//" if colors[model] == REFERENCE_COLOR else None, edgecolor="white", linewidth=0.5)
+    ax.set_yticks(np.arange(len(names)), [f"{name} (n={counts[name]})" for name in names])
+    ax.invert_yaxis()  # the first group (the most frequent) on top
+    ax.set_xlabel("mean absolute error")
+    ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(series))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
+def _calibration_figure(calibration: pl.DataFrame, evaluation: Evaluation, colors: dict[str, str]):
+    fig = _figure(5.6, 5.2)
+    ax = fig.subplots()
+    values = np.concatenate([calibration["mean_predicted"].to_numpy(), calibration["mean_actual"].to_numpy()])
+    lo, hi = float(values.min()) - 0.2, float(values.max()) + 0.2
+    ax.plot([lo, hi], [lo, hi], color="#333", lw=1, ls="--", label="calibrated")
+    for model in evaluation.models:
+        rows = calibration.filter(pl.col("model") == model)
+        ax.plot(rows["mean_predicted"], rows["mean_actual"], marker="o", color=colors[model], label=model)
+    ax.set(xlabel="mean predicted score (per bin of prediction)", ylabel="mean actual score",
+           xlim=(lo, hi), ylim=(lo, hi), aspect="equal")
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+# --- tables and page --------------------------------------------------------------------------
+
+def _number(value, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _table(headings: list[str], rows: list[list[tuple[str, str]]], row_classes: list[str] | None = None,
+           table_id: str = "") -> str:
+    """Rows of (text, css class) cells; text is escaped here."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headings)
+    body = "".join(
+        f'<tr class="{row_classes[i] if row_classes else ""}">'
+        + "".join(f'<td class="{cls}">{html.escape(text)}</td>' for text, cls in row) + "</tr>"
+        for i, row in enumerate(rows))
+    return f'<table id="{table_id}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _metrics_table(metrics: pl.DataFrame, evaluation: Evaluation) -> str:
+    # models first, then the reference, each in the SQL's order
+    metrics = metrics.sort(pl.col("model").is_in(list(evaluation.references)), maintain_order=True)
+    best = {}
+    for column, _, higher in METRICS:
+        values = [v for v in metrics[column] if v is not None and np.isfinite(v)]
+        if values:
+            best[column] = max(values) if higher else min(values)
+    rows = [[(row["model"], ""), (str(row["n"]), "num")]
+            + [(_number(row[c]), "num best" if row[c] is not None and row[c] == best.get(c) else "num")
+               for c, _, _ in METRICS]
+            for row in metrics.iter_rows(named=True)]
+    classes = ["reference" if m in evaluation.references else "" for m in metrics["model"]]
+    return _table(["model", "n", *(h for _, h, _ in METRICS)], rows, classes, "metrics")
+
+
+def _details(df: pl.DataFrame) -> str:
+    rows = [[(_number(v), "num" if isinstance(v, (int, float)) else "") for v in row] for row in df.iter_rows()]
+    return f"<details><summary>the numbers</summary>{_table(df.columns, rows)}</details>"
+
+
+def _misses_table(misses: pl.DataFrame, evaluation: Evaluation) -> str:
+    wide = misses.pivot(on="model", index=["row_id", "key", "title", "actual", "largest_error"],
+                        values="predicted", maintain_order=True)
+    has_title = wide["title"].is_not_null().any()
+    headings = [evaluation.key, *(["title"] if has_title else []), "actual",
+                *(f"{m} predicted" for m in evaluation.models), "largest error"]
+    rows = [[(str(row["key"]), ""), *([(row["title"] or "", "")] if has_title else []),
+             (_number(row["actual"], 2), "num"), *((_number(row[m], 2), "num") for m in evaluation.models),
+             (_number(row["largest_error"], 2), "num")]
+            for row in wide.iter_rows(named=True)]
+    return _table(headings, rows, table_id="misses")
+
+
+def _section(title: str, body: str, sql: str, note: str) -> str:
+    return (f"<section><h2>{html.escape(title)}</h2><p class=\"note\">{html.escape(note)}</p>{body}"
+            f"<details><summary>SQL</summary><pre>{html.escape(sql)};</pre></details></section>")
+
+
+def _page(evaluation: Evaluation, catalog: Path, where: str | None, scored: int, sections: list[str]) -> str:
+    rows = f"{scored} evaluated of {evaluation.selected_rows} selected ({evaluation.catalog_rows} in the catalog)"
+    if evaluation.skipped_rows:
+        rows += f"; {evaluation.skipped_rows} without a score skipped"
+    about = [("catalog", str(catalog)), ("selection", where or "every row"), ("rows", rows),
+             *((f"model: {m}", evaluation.bundles[m]) for m in evaluation.models),
+             *((label, f"{mean:.4f} for every row") for label, mean in evaluation.references.items()),
+             ("written", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
+    about_html = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in about)
+    statements = ";\n\n".join(evaluation.statements) + ";"
+    reproduce = (
+        "<section><h2>Reproducing a figure</h2><p class=\"note\">Every number above is the result of the SQL "
+        "shown with it, run on the tables below (built by <code>anime-udf eval</code> from the catalog as view "
+        "<code>catalog</code>). In <code>anime-udf sql --table catalog=FILE</code> the models and the macros of "
+        "sql/metrics.sql and sql/report.sql are available: run these statements, then any query above.</p>"
+        f"<pre>{html.escape(statements)}</pre></section>")
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+            f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
+            f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f"<title>anime-udf evaluation: {html.escape(catalog.name)}</title><style>{STYLE}</style></head>"
+            f"<body><h1>Evaluation of {html.escape(', '.join(evaluation.models))}</h1>"
+            f'<dl class="about">{about_html}</dl>{"".join(sections)}{reproduce}</body></html>\n')

@@ -1,0 +1,227 @@
+"""`anime-udf eval --report`: a self-contained HTML report whose numbers are the SQL's."""
+
+import io
+import json
+import os
+import re
+from html.parser import HTMLParser
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+from scipy.stats import spearmanr
+
+from anime_udf.cli import cli
+from anime_udf.scoring import load_scorer
+from tests.browser import chromium_path, visit
+from tests.conftest import HOLDOUT, ROOT
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+class Cell(str):
+    """A table cell's text, with its CSS classes."""
+
+    classes: tuple[str, ...] = ()
+
+
+class Tables(HTMLParser):
+    """Every <table> of a page, as lists of rows of cells."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables, self._rows, self._cell, self._classes = [], None, None, ()
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._rows = []
+        elif tag == "tr" and self._rows is not None:
+            self._rows.append([])
+        elif tag in ("td", "th") and self._rows is not None:
+            self._cell, self._classes = "", tuple((dict(attrs).get("class") or "").split())
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell += data
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            cell = Cell(self._cell)
+            cell.classes = self._classes
+            self._rows[-1].append(cell)
+            self._cell = None
+        elif tag == "table":
+            self.tables.append(self._rows)
+            self._rows = None
+
+    def find(self, *headings: str) -> list[dict]:
+        """The rows, as dicts, of the table whose headings start with ``headings``."""
+        [table] = [t for t in self.tables if tuple(t[0][:len(headings)]) == headings]
+        return [dict(zip(table[0], row)) for row in table[1:]]
+
+
+@pytest.fixture(scope="module")
+def two_model_report(baseline_bundle, fusion_bundle, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "report.html"
+    result = run("eval", "--data", HOLDOUT, "--model", baseline_bundle, "--model", fusion_bundle, "--report", out)
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def holdout_predictions(bundle) -> np.ndarray:
+    df = pl.read_csv(HOLDOUT)
+    return load_scorer(bundle).predict(*(df[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")))
+
+
+def test_report_numbers_equal_eval_and_scipy(two_model_report, baseline_bundle, fusion_bundle):
+    out, printed = two_model_report
+    page = out.read_text()
+    tables = Tables(page)
+    shown = {row["model"]: row for row in tables.find("model", "n", "MAE")}
+    evaluated = json.loads(run("eval", "--data", HOLDOUT, "--model", baseline_bundle, "--model", fusion_bundle,
+                               "--json").stdout)
+    holdout = pl.read_csv(HOLDOUT)
+    y = holdout["score"].to_numpy()
+    mean = json.loads((baseline_bundle / "manifest.json").read_text())["target"]["mean"]
+    for row in evaluated:
+        yhat = holdout_predictions(baseline_bundle if row["model"] == "baseline" else fusion_bundle)
+        expected = {"mae": np.mean(np.abs(y - yhat)), "rmse": np.sqrt(np.mean((y - yhat) ** 2)),
+                    "spearman": spearmanr(y, yhat).statistic,
+                    "r2": 1 - np.sum((y - yhat) ** 2) / np.sum((y - y.mean()) ** 2)}
+        for column, heading in (("mae", "MAE"), ("rmse", "RMSE"), ("spearman", "Spearman"), ("r2", "R²")):
+            assert float(shown[row["model"]][heading]) == pytest.approx(row[column], abs=5e-5)
+            assert row[column] == pytest.approx(expected[column], abs=1e-5)
+        assert int(shown[row["model"]]["n"]) == row["n"] == holdout.height
+    # the reference row, in the report and in the terminal: a constant prediction of the training mean
+    reference = shown["training mean"]
+    assert float(reference["MAE"]) == pytest.approx(np.mean(np.abs(y - mean)), abs=5e-5)
+    assert reference["Spearman"] == "—"
+    assert re.search(r"training mean\s*┆\s*120\s*┆\s*" + f"{np.mean(np.abs(y - mean)):.4f}", printed)
+    # the best value of each column is marked, and only that one
+    for column, heading, pick in (("mae", "MAE", min), ("rmse", "RMSE", min), ("spearman", "Spearman", max),
+                                  ("r2", "R²", max)):
+        winner = pick(evaluated, key=lambda r: r[column])["model"]
+        assert [m for m, row in shown.items() if "best" in row[heading].classes] == [winner], heading
+
+    # calibration: deciles of prediction, as scipy/numpy cut them
+    fusion = holdout_predictions(fusion_bundle)
+    order = np.argsort(fusion, kind="stable")
+    calibration = [r for r in tables.find("model", "bin", "n") if r["model"] == "fusion"]
+    assert [int(r["n"]) for r in calibration] == [12] * 10
+    for decile, row in zip(np.split(order, 10), calibration):
+        assert float(row["mean_predicted"]) == pytest.approx(fusion[decile].mean(), abs=5e-5)
+        assert float(row["mean_actual"]) == pytest.approx(y[decile].mean(), abs=5e-5)
+
+    # residuals: predicted - actual in bins of 0.25, as numpy counts them
+    lower, n = np.unique(np.floor((fusion - y) / 0.25) * 0.25, return_counts=True)
+    histogram = [r for r in tables.find("model", "lower", "n") if r["model"] == "fusion"]
+    assert [(float(r["lower"]), int(r["n"])) for r in histogram] == list(zip(lower.tolist(), n.tolist()))
+
+    # error by genre: the most frequent genre first, its MAE as numpy computes it
+    genres = holdout["genres"].str.split(",").list.eval(pl.element().str.strip_chars().str.to_lowercase())
+    counts = genres.explode().value_counts()
+    top = counts.sort(["count", "genres"], descending=[True, False]).row(0)[0]  # ties by name, as the SQL
+    has_top = genres.list.contains(top).to_numpy()
+    first = tables.find("model", "genre", "n")[:3]
+    assert [r["model"] for r in first] == ["baseline", "fusion", "training mean"]
+    assert first[0]["genre"].lower() == top and int(first[0]["n"]) == has_top.sum()
+    assert float(first[1]["mae"]) == pytest.approx(np.mean(np.abs(y - fusion)[has_top]), abs=5e-5)
+
+
+def test_report_renders_offline_in_a_browser_with_every_chart_drawn(two_model_report):
+    if chromium_path() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the browser test: .ci/run installs the Debian package chromium")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    from PIL import Image
+
+    out, _ = two_model_report
+    page = visit(out, "img.chart")
+    assert page.console_errors == []
+    assert [url for url in page.requests if not url.startswith("data:")] == [out.resolve().as_uri()]
+    assert [box["label"] for box in page.boxes] == [
+        "predicted vs actual score per model", "histogram of the residuals per model", "mean absolute error by genre",
+        "mean absolute error by episodes", "mean absolute error by studio",
+        "calibration: mean actual per bin of prediction"]
+    shot = Image.open(io.BytesIO(page.screenshot)).convert("RGB")
+    for box in page.boxes:
+        chart = np.asarray(shot.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]),
+                                      int(box["y"] + box["height"]))))
+        assert chart.shape[0] > 150 and chart.shape[1] > 300, box
+        inked = (chart.min(axis=2) < 200).mean()  # pixels that are not white or near it
+        colours = {tuple(c) for c in chart.reshape(-1, 3)[::7]}
+        assert inked > 0.02 and len(colours) > 20, (box["label"], inked, len(colours))
+        for rgb in ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E)):  # both models are drawn, in their colours
+            assert (np.abs(chart.astype(int) - rgb).max(axis=2) < 40).sum() > 30, (box["label"], rgb)
+
+
+def test_report_of_one_model_with_null_scores_skips_and_counts_them(baseline_bundle, tmp_path):
+    holdout = pl.read_csv(HOLDOUT)
+    blanked = holdout.with_columns(
+        pl.when(pl.int_range(pl.len()) % 20 == 3).then(None).otherwise(pl.col("score")).alias("score"))
+    data = tmp_path / "partly-scored.csv"
+    blanked.write_csv(data)
+    out = tmp_path / "one.html"
+    result = run("eval", "--data", data, "--model", baseline_bundle, "--report", out)
+    assert result.exit_code == 0, result.output
+    assert "skipped 6 selected row(s) without a score" in result.output
+    page = out.read_text()
+    assert "6 without a score skipped" in page
+    tables = Tables(page)
+    assert {r["model"]: int(r["n"]) for r in tables.find("model", "n", "MAE")} == {"baseline": 114,
+                                                                                  "training mean": 114}
+    assert tables.find("anime_id", "title", "actual")[0].keys() == {
+        "anime_id", "title", "actual", "baseline predicted", "largest error"}
+    assert page.count('<img class="chart"') == 6
+    # the figures agree with eval on the same rows
+    [row] = json.loads(run("eval", "--data", data, "--model", baseline_bundle, "--json").stdout)
+    assert row["n"] == 114
+    assert float(tables.find("model", "n", "MAE")[0]["MAE"]) == pytest.approx(row["mae"], abs=5e-5)
+
+
+def test_an_empty_selection_is_a_clear_error_and_writes_no_report(baseline_bundle, tmp_path):
+    out = tmp_path / "empty.html"
+    result = run("eval", "--data", HOLDOUT, "--model", baseline_bundle, "--where", "anime_id < 0", "--report", out)
+    assert result.exit_code == 1
+    assert "nothing to evaluate: the selection holds none of the 120 catalog rows" in result.output
+    unscored = tmp_path / "unscored.csv"
+    pl.read_csv(HOLDOUT).with_columns(pl.lit(None, pl.Float64).alias("score")).write_csv(unscored)
+    result = run("eval", "--data", unscored, "--model", baseline_bundle, "--where", "anime_id % 2 = 0",
+                 "--report", out)
+    assert result.exit_code == 1 and "none of the 60 selected rows has a score" in result.output
+    assert not out.exists()
+    result = run("eval", "--data", HOLDOUT, "--model", baseline_bundle, "--report", tmp_path / "report.pdf")
+    assert result.exit_code == 2 and "use an .html file name" in result.output
+
+
+def test_readme_recipe_reproduces_the_report_in_plain_duckdb(two_model_report, baseline_bundle, fusion_bundle):
+    """The README's SQL, run on `anime-udf score` output in a DuckDB without the models, gives the
+    report's numbers."""
+    out, _ = two_model_report
+    scored = run("score", "--data", HOLDOUT, "--out", "scored.parquet", "--model", baseline_bundle,
+                 "--model", fusion_bundle)
+    assert scored.exit_code == 0, scored.output
+    readme = (ROOT / "README.md").read_text()
+    [recipe] = [block for block in re.findall(r"```sql\n(.*?)```", readme, re.S) if "UNPIVOT" in block]
+    recipe = recipe.replace("models/baseline-…", str(baseline_bundle))
+    con = duckdb.connect()
+    for line in recipe.splitlines():
+        if line.startswith(".read"):  # a duckdb shell command: run the file
+            con.execute((ROOT / line.split()[1]).read_text())
+    con.execute("\n".join(line for line in recipe.splitlines() if not line.startswith(".read"))).fetchall()
+    tables = Tables(out.read_text())
+    for query, headings, shown_value, value in (
+            ("regression_metrics('evaluated')", ("model", "n", "MAE"), "MAE", "mae"),
+            ("error_by_studio('evaluated', 12)", ("model", "studio", "n"), "mae", "mae"),
+            ("calibration('predictions', 10)", ("model", "bin", "n"), "mean_actual", "mean_actual")):
+        reproduced = con.sql(f"SELECT * FROM {query}").pl()
+        shown = tables.find(*headings)
+        assert len(shown) == reproduced.height, query
+        for row, again in zip(shown, reproduced.iter_rows(named=True)):
+            assert [row[h] for h in headings if h != "MAE"] == [str(again[h]) for h in headings if h != "MAE"]
+            assert float(row[shown_value]) == pytest.approx(again[value], abs=5e-5), query
