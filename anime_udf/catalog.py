@@ -15,10 +15,9 @@ from typing import Any
 import polars as pl
 import pyarrow as pa
 
+from anime_udf.columns import INPUT_COLUMNS, SCORE_COLUMN
 from anime_udf.errors import AnimeUdfError
 
-INPUT_COLUMNS = ("synopsis", "genres", "studio", "episodes")
-SCORE_COLUMN = "score"
 SCORE_RANGE = (1.0, 10.0)
 
 

@@ -7,25 +7,32 @@ import re
 from importlib.metadata import entry_points
 from pathlib import Path
 
+import sys
+from typing import TYPE_CHECKING
+
 import click
-import duckdb
-import polars as pl
 
 from anime_udf.bundle import read_manifest
-from anime_udf.catalog import read_catalog
+from anime_udf.columns import DEFAULT_KEY
 from anime_udf.devices import DEVICES, PRECISIONS
 from anime_udf.errors import AnimeUdfError
-from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions, load_report_macros
 from anime_udf.files import atomic_file
-from anime_udf.metrics import metrics_table
 from anime_udf.registry import MODELS_ENV, get_model, list_bundles
-from anime_udf.rescore import DEFAULT_KEY, format_summary
-from anime_udf.rescore import rescore as run_rescore
 from anime_udf.sqlutil import quote_ident, quote_literal
 
-# torch and transformers load only in the commands that score or train (anime_udf.udf):
-# --help, `models` and a nightly run with nothing to score start in a fraction of a second.
-USER_ERRORS = (AnimeUdfError, duckdb.Error, FileNotFoundError)
+if TYPE_CHECKING:
+    import duckdb
+    import polars as pl
+
+# Each command imports what it needs: torch and transformers only to score or train
+# (anime_udf.udf), DuckDB and polars only to query; --help and `models` need neither and
+# start in a fraction of a second, and a nightly run with nothing to score skips torch.
+
+
+def is_user_error(exc: Exception) -> bool:
+    """Errors a user can act on from their message alone: ours, missing files, SQL errors."""
+    duckdb = sys.modules.get("duckdb")  # a DuckDB error implies DuckDB was imported
+    return isinstance(exc, (AnimeUdfError, FileNotFoundError)) or (duckdb is not None and isinstance(exc, duckdb.Error))
 
 
 class PluginGroup(click.Group):
@@ -47,11 +54,11 @@ class PluginGroup(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except USER_ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
+            if is_user_error(exc):
+                raise click.ClickException(str(exc)) from exc
             # Anything unforeseen: one line, not a traceback, unless --debug asks for it.
             if ctx.params.get("debug"):
                 raise
@@ -99,6 +106,8 @@ def parse_table(value: str) -> tuple[str, Path]:
 def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto",
             precision: str = "auto") -> tuple[duckdb.DuckDBPyConnection, dict]:
     """An in-process DuckDB with the scoring functions registered."""
+    import duckdb
+
     from anime_udf.udf import register
 
     con = duckdb.connect()
@@ -115,6 +124,8 @@ def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto
 
 def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, **checks) -> int:
     """Read a catalog (validated; ``checks`` as for read_catalog) and expose it to SQL as ``name``."""
+    from anime_udf.catalog import read_catalog
+
     df = read_catalog(path, **checks)
     con.register(name, df)
     return df.height
@@ -156,6 +167,10 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
     anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
                    FROM anime ORDER BY p DESC LIMIT 5" --table anime=catalog.parquet
     """
+    import polars as pl
+
+    from anime_udf.evaluation import load_report_macros
+
     views = [parse_table(spec) for spec in tables]
     names = [name.casefold() for name, _ in views]  # SQL identifiers are case-insensitive
     if len(set(names)) < len(names):
@@ -202,6 +217,8 @@ def score(data, out, model_paths, models, device, precision):
 def parse_where(where: str) -> str:
     """``--where`` as exactly one SQL expression, as DuckDB's parser renders it back: no
     second statement, set operation or comment can ride along into the query."""
+    import duckdb
+
     try:
         return f"({duckdb.SQLExpression(where)})"
     except duckdb.Error as exc:
@@ -229,6 +246,11 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
     \b
     anime-udf eval --data valid.parquet --where "anime_id % 5 = 0" --report report.html
     """
+    import polars as pl
+
+    from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions
+    from anime_udf.metrics import metrics_table
+
     condition = parse_where(where) if where else "true"
     if report and report.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report}: use an .html file name", param_hint="--report")
@@ -325,11 +347,16 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     \b
       anime-udf rescore --catalog catalog.csv --store scores.duckdb --export scores.parquet
     """
+    from anime_udf.rescore import format_summary
+    from anime_udf.rescore import rescore as run_rescore
+
     try:
         report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
                              dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
                              device=device, precision=precision)
-    except USER_ERRORS as exc:
+    except Exception as exc:
+        if not is_user_error(exc):
+            raise
         if as_json:
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
         raise click.ClickException(str(exc)) from exc

@@ -57,7 +57,8 @@ import polars as pl
 
 from anime_udf.errors import AnimeUdfError
 from anime_udf.bundle import KINDS, read_manifest
-from anime_udf.catalog import INPUT_COLUMNS, read_catalog
+from anime_udf.catalog import read_catalog
+from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice
 from anime_udf.files import atomic_file
 from anime_udf.registry import get_model, newest
@@ -69,7 +70,6 @@ PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
 PAUSE_SECONDS_ENV = "ANIME_UDF_RESCORE_PAUSE_SECONDS"
 PHASES = ("plan", "score", "commit", "export")
 SCHEMA_VERSION = "1"
-DEFAULT_KEY = "anime_id"
 CHUNK_ROWS = 256
 # Once the rows are scored, opening the store to apply them waits at least this long
 # for a reader to close it: failing there would throw the scoring away.

@@ -11,7 +11,6 @@ import click
 
 from anime_udf.cli import models_option
 from anime_udf.devices import DEVICES, PRECISIONS
-from anime_udf.metrics import METRIC_COLUMNS
 
 
 POSITIVE = click.IntRange(min=1)
@@ -39,9 +38,10 @@ def data_options(valid_fraction: float, seeds: int):
     refit, the seed ensemble, the device and the precision."""
 
     def decorate(f):
-        f = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                         help="The frozen text encoder's precision when embedding the synopses: auto is bf16 "
-                              "on CUDA and on CPUs with native bf16 (about 2x faster), fp32 elsewhere.")(f)
+        f = click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+                         help="The frozen text encoder's precision when embedding the synopses. bf16 (or auto, "
+                              "bf16 where the hardware has it) encodes about 2x faster, but heads fitted on bf16 "
+                              "embeddings measured 0.001 MAE worse on the real catalog.")(f)
         f = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                          help="Where to train: auto = a CUDA GPU when there is one, else the CPU.")(f)
         f = click.option("--seeds", type=click.IntRange(min=1), default=seeds, show_default=True,
@@ -63,6 +63,8 @@ def data_options(valid_fraction: float, seeds: int):
 
 
 def report(manifest: dict, out: Path) -> None:
+    from anime_udf.metrics import METRIC_COLUMNS  # here: `anime-udf --help` lists this plugin, light
+
     metrics = manifest["metrics"]["valid"]
     training = manifest["training"]
     click.echo(f"wrote {manifest['kind']} bundle {out} ({manifest['model']['seeds']} seed(s), "

@@ -91,7 +91,7 @@ class FusionSettings:
     checkpoint_every: int = 100
     seed: int = 42
     device: str = "auto"
-    precision: str = "auto"  # the frozen encoder's features; fine-tuning runs in fp32
+    precision: str = "fp32"  # the frozen encoder's features (bf16 measured 0.001 MAE worse); fine-tuning: fp32
 
     def lexical(self) -> LexicalSettings:
         return LexicalSettings(self.lexical_ngram_max, self.lexical_min_df, self.lexical_alpha, self.lexical_folds)

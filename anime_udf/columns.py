@@ -1,0 +1,5 @@
+"""The catalog's column names, in a module light enough for the CLI's option lists."""
+
+INPUT_COLUMNS = ("synopsis", "genres", "studio", "episodes")  # the models' inputs, in call order
+SCORE_COLUMN = "score"  # the target
+DEFAULT_KEY = "anime_id"  # what identifies a row for the nightly rescoring
