@@ -22,6 +22,7 @@ import re
 import secrets
 import shutil
 import sys
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Tuple
@@ -52,22 +53,38 @@ class SparkJobError(AnimeUdfError, RuntimeError):
     """A Spark job failed; the message is the worker's own error where there is one."""
 
 
-def session(master: str | None = None, *, app_name: str = "anime-udf", progress: bool = False) -> SparkSession:
+def session(master: str | None = None, *, app_name: str = "anime-udf", progress: bool = False,
+            conf: dict[str, str] | None = None) -> SparkSession:
     """The active SparkSession, or a new one whose Python workers run this interpreter
     (unless ``PYSPARK_PYTHON`` names another), where anime-udf is installed. ``progress``
-    shows Spark's console progress bar on stderr."""
+    shows Spark's console progress bar on stderr; ``conf``: more Spark settings, e.g.
+    ``{"spark.executorEnv.ANIME_UDF_CACHE": "/local/disk/anime-udf"}``."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     # PySpark reads the workers' interpreter from the environment when the context starts
     # (the spark.pyspark.python setting is spark-submit's only).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    spark = (SparkSession.builder.appName(app_name).master(master or "local[*]")
-             .config("spark.ui.showConsoleProgress", "true" if progress else "false").getOrCreate())
+    builder = SparkSession.builder.appName(app_name).master(master or "local[*]")
+    for name, value in {"spark.ui.showConsoleProgress": str(progress).lower(), **(conf or {})}.items():
+        builder = builder.config(name, value)
+    spark = builder.getOrCreate()
     # Spark's own log lines (a failed task's Java and Python stack traces) are noise to a
     # user of the CLI: errors reach the caller as one SparkJobError.
     spark.sparkContext.setLogLevel("OFF")
     return spark
+
+
+@contextmanager
+def owned_session(master: str | None = None, *, progress: bool = False) -> Iterator[SparkSession]:
+    """``session()`` for one command: stopped at the end if this started it."""
+    existing = SparkSession.getActiveSession()
+    spark = session(master, progress=progress)
+    try:
+        yield spark
+    finally:
+        if existing is None:
+            spark.stop()
 
 
 # --- the SQL functions ------------------------------------------------------------------------
@@ -175,7 +192,7 @@ def read_parquet(spark: SparkSession, data: str) -> DataFrame:
     types (the other columns as they are), spread over at least as many partitions as
     Spark runs tasks at once."""
     try:
-        df = spark.read.parquet(data)
+        df = spark.read.parquet(spark_path(data))
     except PySparkException as exc:
         raise CatalogError(f"{data}: cannot read Parquet: {job_error(exc)}") from exc
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
@@ -205,31 +222,40 @@ def write_parquet(df: DataFrame, out: Path) -> None:
     """Write ``df`` as a Parquet directory ``out``: into a hidden sibling first, then
     renamed into place, so a failed job leaves ``out`` as it was. An existing ``out``
     is replaced only if it is a Spark output (it has ``_SUCCESS``)."""
-    out = Path(out)
+    out = Path(out).absolute()  # Spark resolves relative paths against its own start directory
     if out.exists() and not (out / "_SUCCESS").is_file():
         raise AnimeUdfError(f"{out}: exists and is not a Parquet directory written by Spark; "
                             "choose another --out or remove it")
     tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
     try:
         df.write.parquet(str(tmp))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
     except PySparkException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise SparkJobError(job_error(exc)) from exc
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
-def score_parquet(spark: SparkSession, data: str, out: Path, bundles: dict[str, Path | str],
-                  device: str = "auto") -> tuple[int, list[str]]:
-    """The catalog ``data`` plus one score column per model, written to ``out``; returns
-    (rows, function names)."""
-    functions = register(spark, **bundles, device=device)
+def spark_path(path: str | Path) -> str:
+    """A path for Spark: a URI (``hdfs://``, ``s3a://``...) as it is, a local path or glob
+    made absolute (Spark resolves relative paths against its own start directory)."""
+    path = str(path)
+    return path if re.match(r"[A-Za-z][\w+.-]*://", path) else os.path.abspath(path)
+
+
+def score_parquet(spark: SparkSession, data: str, out: Path, *, models: Path | str | None = None,
+                  device: str = "auto", **bundles: Path | str) -> tuple[int, list[str]]:
+    """The catalog ``data`` plus one score column per model (named after its function),
+    written to the Parquet directory ``out``. ``bundles`` and ``models`` choose the models
+    as in ``register``. Returns (rows, function names)."""
+    functions = register(spark, **bundles, models=models, device=device)
     df = read_parquet(spark, data)
     scored = df.select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)
-    return spark.read.parquet(str(out)).count(), list(functions)
+    return spark.read.parquet(spark_path(out)).count(), list(functions)

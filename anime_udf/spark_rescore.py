@@ -56,7 +56,7 @@ from anime_udf.catalog import INPUT_COLUMNS, read_catalog
 from anime_udf.files import atomic_file
 from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _dry_run_report, _now,
                                _pause, _refuse_shrink, resolve_models, run_report, sql_sections, store_lock)
-from anime_udf.spark import CANONICAL_TYPES, job_error, scoring_udf
+from anime_udf.spark import CANONICAL_TYPES, job_error, scoring_udf, spark_path
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
 
@@ -126,7 +126,7 @@ def rescore_spark(
     published snapshot unchanged. Returns the run's report."""
     started = _now()
     clock = time.perf_counter()
-    store = Path(store)
+    store = Path(store).absolute()  # Spark resolves relative paths against its own start directory
     if store.exists() and not store.is_dir():
         raise RescoreError(f"{store}: is a file; a Spark store is a directory (a DuckDB store needs --engine duckdb)")
     if Path(catalog).resolve().is_relative_to(store.resolve()):
@@ -168,8 +168,10 @@ def rescore_spark(
                         .join(todo.select("model_id", "key"), ["model_id", "key"], "left_anti"))
                 scored = [_score(spark, todo, c, to_score[c.model_id], run_id, device)
                           for c in choices if to_score[c.model_id]]
-                snapshot = kept.select(SCORES_COLUMNS).unionByName(*scored) if scored else kept
-                _write(snapshot.select(SCORES_COLUMNS), work / "scores")
+                snapshot = kept.select(SCORES_COLUMNS)
+                for part in scored:
+                    snapshot = snapshot.unionByName(part)
+                _write(snapshot, work / "scores")
             finally:
                 inputs.unpersist()
             records = _record(con, work, run_id)
@@ -204,7 +206,7 @@ def _check_meta(snapshot: Path | None, key: str) -> None:
 
 def _hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
     try:
-        df = spark.read.parquet(catalog)
+        df = spark.read.parquet(spark_path(catalog))
     except PySparkException as exc:
         raise RescoreError(f"{catalog}: cannot read Parquet: {job_error(exc)}") from exc
     missing = [c for c in (key, *INPUT_COLUMNS) if c not in df.columns]
