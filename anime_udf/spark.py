@@ -29,6 +29,7 @@ from typing import Iterator, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
+from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -47,6 +48,10 @@ TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_v
 NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
 # The catalog columns as read_catalog makes them (the DuckDB functions' input types).
 CANONICAL_TYPES = {"synopsis": pa.string(), "genres": pa.string(), "studio": pa.string(), "episodes": pa.int64()}
+
+
+# What a failed Spark job raises in the driver (most failures are converted to the first).
+SPARK_ERRORS = (PySparkException, Py4JJavaError)
 
 
 class SparkJobError(AnimeUdfError, RuntimeError):
@@ -187,13 +192,13 @@ def canonical_inputs(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Ar
                                          names=list(INPUT_COLUMNS))
 
 
-def read_parquet(spark: SparkSession, data: str) -> DataFrame:
+def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
     """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
     types (the other columns as they are), spread over at least as many partitions as
     Spark runs tasks at once."""
     try:
         df = spark.read.parquet(spark_path(data))
-    except PySparkException as exc:
+    except SPARK_ERRORS as exc:
         raise CatalogError(f"{data}: cannot read Parquet: {job_error(exc)}") from exc
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
     if missing:
@@ -212,10 +217,13 @@ def read_parquet(spark: SparkSession, data: str) -> DataFrame:
 
 def job_error(exc: Exception) -> str:
     """The message a user needs from a failed Spark job: the Python worker's own
-    ``SomeError: message`` line where there is one, else Spark's first line."""
+    ``SomeError: message`` line where there is one, else the root Java cause."""
     text = str(exc)
     worker = re.findall(r"^(\w+(?:Error|Exception): .+)$", text, flags=re.M)
-    return worker[-1] if worker else text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    if worker:
+        return worker[-1]
+    java = re.findall(r"^(?:Caused by: )?[\w.$]+(?:Error|Exception): (.+)$", text, flags=re.M)
+    return java[-1] if java else (text.strip().splitlines() or [type(exc).__name__])[0]
 
 
 def write_parquet(df: DataFrame, out: Path) -> None:
@@ -236,7 +244,7 @@ def write_parquet(df: DataFrame, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except PySparkException as exc:
+    except SPARK_ERRORS as exc:
         raise SparkJobError(job_error(exc)) from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -255,7 +263,7 @@ def score_parquet(spark: SparkSession, data: str, out: Path, *, models: Path | s
     written to the Parquet directory ``out``. ``bundles`` and ``models`` choose the models
     as in ``register``. Returns (rows, function names)."""
     functions = register(spark, **bundles, models=models, device=device)
-    df = read_parquet(spark, data)
+    df = read_catalog_parquet(spark, data)
     scored = df.select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)
     return spark.read.parquet(spark_path(out)).count(), list(functions)

@@ -48,7 +48,6 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pyspark.errors import PySparkException
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -56,7 +55,7 @@ from anime_udf.catalog import INPUT_COLUMNS, read_catalog
 from anime_udf.files import atomic_file
 from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _dry_run_report, _now,
                                _pause, _refuse_shrink, resolve_models, run_report, sql_sections, store_lock)
-from anime_udf.spark import CANONICAL_TYPES, job_error, scoring_udf, spark_path
+from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, spark_path
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
 
@@ -207,7 +206,7 @@ def _check_meta(snapshot: Path | None, key: str) -> None:
 def _hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
     try:
         df = spark.read.parquet(spark_path(catalog))
-    except PySparkException as exc:
+    except SPARK_ERRORS as exc:
         raise RescoreError(f"{catalog}: cannot read Parquet: {job_error(exc)}") from exc
     missing = [c for c in (key, *INPUT_COLUMNS) if c not in df.columns]
     if missing:
@@ -230,7 +229,7 @@ def _check_keys(inputs: DataFrame, key: str) -> None:
             raise RescoreError(f"the catalog key {key} is NULL in {nulls} row(s); every row needs a key")
         dup = (inputs.groupBy("key").count().where("count > 1")
                .orderBy(F.desc("count"), "key").limit(1).collect())
-    except PySparkException as exc:
+    except SPARK_ERRORS as exc:
         raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
     if dup:
         raise RescoreError(f"the catalog key {key} is not unique: {dup[0]['key']} occurs {dup[0]['count']} times")
@@ -245,7 +244,7 @@ def _stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
 def _write(df: DataFrame, path: Path) -> None:
     try:
         df.write.parquet(str(path))
-    except PySparkException as exc:
+    except SPARK_ERRORS as exc:
         raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
 
 

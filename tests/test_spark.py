@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -119,6 +120,18 @@ def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functio
         "predict_score(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE) -> DOUBLE")
 
 
+def test_shipped_bundles_are_loaded_from_the_copy_spark_sends(spark, anime, tmp_path, baseline_bundle,
+                                                              fusion_bundle):
+    from pyspark import SparkFiles
+
+    copy = shutil.copytree(baseline_bundle, tmp_path / "baseline-shipped")
+    spark_udf.register(spark, baseline=copy, ship=True)
+    assert (Path(SparkFiles.get(copy.name)) / "manifest.json").is_file()
+    query = f"SELECT anime_id, {CALLS['predict_score']} AS b FROM anime"
+    assert_same(spark_sql(spark, query, anime), duckdb_scores(baseline_bundle, fusion_bundle, query, anime),
+                "anime_id", ["b"])
+
+
 def test_score_command_on_spark_writes_what_the_duckdb_score_writes(spark, tmp_path, baseline_bundle, fusion_bundle):
     data = tmp_path / "parts"
     data.mkdir()
@@ -144,6 +157,18 @@ def test_score_command_on_spark_writes_what_the_duckdb_score_writes(spark, tmp_p
     refused = CliRunner().invoke(cli, ["score", "--engine", "spark", "--data", str(data / "a.parquet"), "--out",
                                        "mine", *map(str, models)])
     assert refused.exit_code == 1 and "is not a Parquet directory written by Spark" in refused.output
+
+
+def test_the_cli_imports_pyspark_only_to_run_on_spark():
+    code = ("import sys\n"
+            "from anime_udf.cli import cli\n"
+            "for args in (['--help'], ['score', '--help'], ['rescore', '--help']):\n"
+            "    try:\n"
+            "        cli(args)\n"
+            "    except SystemExit as exit:\n"
+            "        assert exit.code == 0, (args, exit.code)\n"
+            "assert 'pyspark' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
 
 
 # --- nightly rescoring ----------------------------------------------------------------------------------
