@@ -200,6 +200,11 @@ def test_rescoring_scores_only_changed_rows_drops_removed_keys_and_hashes_as_duc
 
     changed, removed = (11, 22, 33, 44), (55, 66)  # 1% of the rows edited, two keys gone
     catalog_with(changed, removed).write_parquet(catalog)
+    dry = rescore_spark(spark, str(catalog), store, models=models, dry_run=True)
+    assert (dry.status, dry.models[0]["rows_scored"], dry.models[0]["rows_removed"]) == ("dry-run", 4, 2)
+    assert (store / "CURRENT").read_text().strip() == again.run_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.parquet", "store", "store.lock"]
+    assert sorted(p.name for p in (store / SNAPSHOTS).iterdir()) == sorted([first.run_id, again.run_id])
     third = rescore_spark(spark, str(catalog), store, models=models)
     counts = third.models[0]
     assert (counts["rows_scored"], counts["rows_reused"], counts["rows_removed"]) == (4, 394, 2)
