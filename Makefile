@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_MODELS := models/demo
+# The tests run the Spark engine too (local mode, with the machine's Java); `make install EXTRAS=test` leaves it out.
+EXTRAS ?= test,spark
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test fixtures clean
@@ -14,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, as the CPU wheel on this machine: an unpinned torch would pull a multi-GB CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-
-import sys
 from typing import TYPE_CHECKING
 
 import click
@@ -81,6 +80,23 @@ def models_option(f):
     )(f)
 
 
+def engine_options(f):
+    """--engine and --master: the same command on DuckDB (this process) or on Spark."""
+    f = click.option("--master", default="local[*]", show_default=True, metavar="URL",
+                     help="Spark master, with --engine spark (its workers need anime-udf installed: "
+                          "see the README's \"Running on a cluster\").")(f)
+    return click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
+                        help="Run in an in-process DuckDB, or on Apache Spark (pip install 'anime-udf[spark]').")(f)
+
+
+def require_file(path: Path, option: str) -> None:
+    """The DuckDB engine reads one file; Spark also takes a directory or a glob."""
+    if not path.is_file():
+        raise click.BadParameter(f"{path}: no such file" + (" (a directory or glob needs --engine spark)"
+                                                             if path.is_dir() or "*" in str(path) else ""),
+                                 param_hint=option)
+
+
 @click.group(cls=PluginGroup)
 @click.version_option(package_name="anime-udf")
 @click.option("--debug", is_flag=True, help="Show the full traceback of an unexpected error.")
@@ -111,15 +127,17 @@ def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto
     from anime_udf.udf import register
 
     con = duckdb.connect()
-    if model_paths:
-        chosen = {}
-        for name in model_paths:
-            path = get_model(name, models)
-            chosen[read_manifest(path, verify=False)["kind"]] = path
-        scorers = register(con, models=models, device=device, precision=precision, **chosen)
-    else:
-        scorers = register(con, models=models, device=device, precision=precision)
+    scorers = register(con, models=models, device=device, precision=precision, **chosen_bundles(model_paths, models))
     return con, scorers
+
+
+def chosen_bundles(model_paths: tuple[str, ...], models: Path) -> dict[str, Path]:
+    """``--model`` names or paths as {kind: bundle}; none: register's default, the newest of each kind."""
+    chosen = {}
+    for name in model_paths:
+        path = get_model(name, models)
+        chosen[read_manifest(path, verify=False)["kind"]] = path
+    return chosen
 
 
 def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, **checks) -> int:
@@ -195,15 +213,31 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
 
 
 @cli.command()
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Catalog to score (CSV or Parquet).")
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Output .parquet or .csv: the catalog plus one score column per model.")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Catalog to score (CSV or Parquet; with --engine spark, a Parquet file, directory or glob).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Output .parquet or .csv: the catalog plus one score column per model "
+                   "(with --engine spark, a directory of Parquet files).")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR", help="Bundle(s) to score with.")
+@engine_options
 @models_option
 @scoring_options
-def score(data, out, model_paths, models, device, precision):
-    """Score a whole catalog file with every registered model."""
+def score(data, out, model_paths, engine, master, models, device, precision):
+    """Score a whole catalog file with every registered model.
+
+    \b
+      anime-udf score --data catalog.parquet --out scored.parquet
+      anime-udf score --engine spark --data 'catalog/*.parquet' --out scored/
+    """
+    if engine == "spark":
+        from anime_udf.spark import owned_session, score_parquet
+
+        with owned_session(master, progress=True) as spark:
+            n, functions = score_parquet(spark, str(data), out, models=models, device=device, precision=precision,
+                                         **chosen_bundles(model_paths, models))
+        click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
+        return
+    require_file(data, "--data")
     check_out_suffix(out)
     con, scorers = connect(models, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
@@ -317,16 +351,18 @@ def list_models(as_json, models):
 
 
 @cli.command(name="rescore")
-@click.option("--catalog", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Catalog to rescore (CSV or Parquet), with a key column.")
-@click.option("--store", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="DuckDB file keeping the scores and the run records (created on the first run).")
+@click.option("--catalog", required=True, type=click.Path(path_type=Path),
+              help="Catalog to rescore (CSV or Parquet; with --engine spark, a Parquet file, directory or glob), "
+                   "with a key column.")
+@click.option("--store", required=True, type=click.Path(path_type=Path),
+              help="DuckDB file keeping the scores and the run records (created on the first run); with "
+                   "--engine spark, a directory of Parquet snapshots.")
 @click.option("--model", "model_specs", multiple=True, default=("all",), show_default=True,
               metavar="baseline|fusion|all|NAME|DIR",
               help="Model(s) to rescore with: a kind (its newest bundle), all kinds present, or a bundle.")
 @click.option("--key", default=DEFAULT_KEY, show_default=True, help="The catalog column that identifies a row.")
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
-              help="After the run, write all current scores to this Parquet file (atomically).")
+              help="After the run, write all current scores to this Parquet file (atomically; DuckDB store).")
 @click.option("--dry-run", is_flag=True, help="Say how many rows would be scored; score and write nothing.")
 @click.option("--allow-shrink", is_flag=True,
               help="Apply a run that removes more than half of the stored keys (refused otherwise).")
@@ -334,26 +370,47 @@ def list_models(as_json, models):
               help="Wait this long for a concurrent run on the same store to finish, instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
+@engine_options
 @models_option
 @scoring_options
-def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, models,
-            device, precision):
+def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, engine, master,
+            models, device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
     are scored; rows gone from the catalog are removed. All store changes of a run are
     one transaction, and each run appends a record to the store's rescore_runs table.
 
+    With --engine spark the rows are hashed and scored on Spark, and the store is a
+    directory: each run writes a new Parquet snapshot and publishes it by an atomic
+    switch (same hashes, counts and run records as the DuckDB store).
+
     \b
       anime-udf rescore --catalog catalog.csv --store scores.duckdb --export scores.parquet
+      anime-udf rescore --engine spark --catalog catalog.parquet --store scores/
     """
     from anime_udf.rescore import format_summary
-    from anime_udf.rescore import rescore as run_rescore
 
+    if engine == "spark" and export is not None:
+        raise click.BadParameter("a Spark store is Parquet already: read its current snapshot "
+                                 "(anime_udf.spark_rescore.current_snapshot)", param_hint="--export")
+    if engine == "duckdb":
+        require_file(catalog, "--catalog")
     try:
-        report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
-                             dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
-                             device=device, precision=precision)
+        if engine == "spark":
+            from anime_udf.spark import owned_session
+            from anime_udf.spark_rescore import rescore_spark
+
+            with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
+                report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models, key=key,
+                                       dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
+                                       precision=precision)
+        else:
+            from anime_udf.rescore import rescore as run_rescore
+
+            report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
+                                 dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
+                                 device=device, precision=precision)
     except Exception as exc:
         if not is_user_error(exc):
             raise

@@ -446,6 +446,7 @@ def rescore(
                     _run(con, "model")
                 _pause("plan")
                 _run(con, "plan")
+                _run(con, "fingerprint")
                 if export is not None:
                     _refuse_key_collision(con, key)
                 if not allow_shrink:
@@ -485,17 +486,8 @@ def rescore(
                            if step == "COMMIT" else f"was committed to {store}, but {step} failed: {exc}")
                 raise RescoreError(f"run {run_id} {outcome}. Rerun the same command: it completes the work and "
                                    f"records run {run_id} once") from exc
-        first = records[0]
-        finished = _now()
-        return RunReport(
-            run_id=run_id, status="ok", store=str(store), catalog=label, key=key,
-            started_at=started.isoformat(timespec="seconds"), finished_at=finished.isoformat(timespec="seconds"),
-            seconds=round(time.perf_counter() - clock, 3),
-            catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
-            rows_imputed=first["rows_imputed"],
-            models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
-            export=str(export) if export is not None else None, export_rows=export_rows,
-        )
+        return run_report(records, run_id, store, label, key, started, clock,
+                          export=str(export) if export is not None else None, export_rows=export_rows)
     except duckdb.Error as exc:
         message = str(exc)
         if "rescore: " in message:  # a guard of sql/rescore.sql: its own words suffice
@@ -503,6 +495,21 @@ def rescore(
         raise RescoreError(f"rescore failed, the store is unchanged: {message}") from exc
     finally:
         con.close()
+
+
+def run_report(records: list[dict[str, Any]], run_id: str, store: Path, label: str, key: str,
+               started: dt.datetime, clock: float, **export: Any) -> RunReport:
+    """The report of a finished run, from its rows of rescore_runs (one per model)."""
+    first = records[0]
+    return RunReport(
+        run_id=run_id, status="ok", store=str(store), catalog=label, key=key,
+        started_at=started.isoformat(timespec="seconds"), finished_at=_now().isoformat(timespec="seconds"),
+        seconds=round(time.perf_counter() - clock, 3),
+        catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
+        rows_imputed=first["rows_imputed"],
+        models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
+        **export,
+    )
 
 
 def _apply(con: duckdb.DuckDBPyConnection) -> None:
@@ -513,6 +520,7 @@ def _apply(con: duckdb.DuckDBPyConnection) -> None:
         _run(con, "schema")  # a new store gets its tables in its first run's transaction
         _run(con, "counts")
         _run(con, "apply")
+        _run(con, "record")
         _pause("commit")
     except BaseException:
         with suppress(duckdb.Error):  # the failed statement may have ended the transaction already

@@ -164,10 +164,6 @@ SELECT error('rescore: this store keys its rows by ' || value || ', not by '
              || getvariable('rescore_key_column') || '; use --key ' || value || ' or another store')
 FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_key_column');
 
-SET VARIABLE rescore_catalog_fingerprint = (
-    SELECT 'sha256:' || substr(sha256(coalesce(string_agg(key || '=' || input_hash, ',' ORDER BY key), '')), 1, 16)
-    FROM rescore_input);
-
 CREATE OR REPLACE TEMP TABLE rescore_todo AS
 SELECT m.model_id, i.key, i.synopsis, i.genres, i.studio, i.episodes, i.input_hash, i.imputed
 FROM rescore_models m
@@ -180,6 +176,15 @@ CREATE OR REPLACE TEMP TABLE rescore_new (
     key      VARCHAR NOT NULL,
     score    DOUBLE
 );
+
+
+-- @section fingerprint
+-- One hash of every key and its input hash. Sections fingerprint, counts and record read
+-- only the tables they name: the Spark rescoring (anime_udf/spark_rescore.py) runs them
+-- over its snapshot's Parquet files.
+SET VARIABLE rescore_catalog_fingerprint = (
+    SELECT 'sha256:' || substr(sha256(coalesce(string_agg(key || '=' || input_hash, ',' ORDER BY key), '')), 1, 16)
+    FROM rescore_input);
 
 
 -- @section score
@@ -234,6 +239,9 @@ JOIN rescore_models m USING (model_id);
 INSERT OR REPLACE INTO rescore_meta
 VALUES ('schema_version', '1'), ('key_column', getvariable('rescore_key_column'));
 
+-- @section record
+-- The run record: counts, the score distribution of each model's stored rows, and its
+-- shift against the previous run of that kind.
 -- A retry of a run whose COMMIT failed reuses its run id: if that COMMIT took effect
 -- after all, its record stays the only one.
 INSERT OR IGNORE INTO rescore_runs

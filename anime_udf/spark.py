@@ -1,0 +1,271 @@
+"""The SQL functions on Apache Spark: the same scorer, in Spark's Arrow UDFs.
+
+``register(spark, models=DIR)`` registers ``predict_score`` and ``predict_score_fusion``
+as Spark SQL functions (and returns them as column functions for the DataFrame API).
+Each is an iterator-form Arrow UDF (``pyspark.sql.functions.arrow_udf``, Spark >= 4.1):
+a Python worker loads a bundle once, with ``anime_udf.scoring.load_scorer`` as the
+DuckDB functions do, and scores whole Arrow batches with ``Scorer.predict``. One
+scoring code path, two engines; the NULL policy, the [1, 10] range, batch independence
+and per-row constant arguments are the scorer's, so they hold on both.
+
+Workers must run a Python that has anime-udf installed: ``session()`` sets
+``PYSPARK_PYTHON`` to this interpreter where it is unset.
+On a cluster, see the README's "Running on a cluster".
+
+This module imports pyspark (the ``spark`` extra); ``import anime_udf`` never does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import sys
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Tuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from py4j.protocol import Py4JJavaError
+from pyspark.errors import PySparkException
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.udf import UserDefinedFunction
+
+from anime_udf.bundle import read_manifest
+from anime_udf.catalog import INPUT_COLUMNS, CatalogError, read_catalog
+from anime_udf.errors import AnimeUdfError
+from anime_udf.registry import models_dir, newest
+from anime_udf.udf import FUNCTION_NAMES, NoModelsError
+
+SIGNATURE = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE) -> DOUBLE"
+# What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
+TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
+NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
+# The catalog columns as read_catalog makes them (the DuckDB functions' input types).
+CANONICAL_TYPES = {"synopsis": pa.string(), "genres": pa.string(), "studio": pa.string(), "episodes": pa.int64()}
+
+
+# What a failed Spark job raises in the driver (most failures are converted to the first).
+SPARK_ERRORS = (PySparkException, Py4JJavaError)
+
+
+class SparkJobError(AnimeUdfError, RuntimeError):
+    """A Spark job failed; the message is the worker's own error where there is one."""
+
+
+def session(master: str | None = None, *, app_name: str = "anime-udf", progress: bool = False,
+            conf: dict[str, str] | None = None) -> SparkSession:
+    """The active SparkSession, or a new one whose Python workers run this interpreter
+    (unless ``PYSPARK_PYTHON`` names another), where anime-udf is installed. ``progress``
+    shows Spark's console progress bar on stderr; ``conf``: more Spark settings, e.g.
+    ``{"spark.executorEnv.ANIME_UDF_CACHE": "/local/disk/anime-udf"}``."""
+    active = SparkSession.getActiveSession()
+    if active is not None:
+        return active
+    # PySpark reads the workers' interpreter from the environment when the context starts
+    # (the spark.pyspark.python setting is spark-submit's only).
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder.appName(app_name).master(master or "local[*]")
+    for name, value in {"spark.ui.showConsoleProgress": str(progress).lower(), **(conf or {})}.items():
+        builder = builder.config(name, value)
+    spark = builder.getOrCreate()
+    # Spark's own log lines (a failed task's Java and Python stack traces) are noise to a
+    # user of the CLI: errors reach the caller as one SparkJobError.
+    spark.sparkContext.setLogLevel("OFF")
+    return spark
+
+
+@contextmanager
+def owned_session(master: str | None = None, *, progress: bool = False) -> Iterator[SparkSession]:
+    """``session()`` for one command: stopped at the end if this started it."""
+    existing = SparkSession.getActiveSession()
+    spark = session(master, progress=progress)
+    try:
+        yield spark
+    finally:
+        if existing is None:
+            spark.stop()
+
+
+# --- the SQL functions ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def worker_scorer(bundle: str, device: str, precision: str):
+    """A bundle's scorer, loaded once per Python worker process (Spark reuses workers
+    across tasks, so a bundle is not reloaded for every partition)."""
+    from anime_udf.scoring import load_scorer  # torch: on the workers, only when scoring
+
+    return load_scorer(bundle, device=device, precision=precision)
+
+
+def _bundle_on_worker(bundle: str, shipped: bool) -> str:
+    if not shipped:
+        return bundle
+    from pyspark import SparkFiles
+
+    return SparkFiles.get(Path(bundle).name)
+
+
+def arguments(name: str, columns: tuple[pa.Array, ...]) -> list[list]:
+    """The four argument columns as the scorer takes them (the DuckDB functions' types:
+    text, and episodes as DOUBLE), or a TypeError naming the function and its signature."""
+    values = []
+    for column, array, allowed in zip(INPUT_COLUMNS, columns, (TEXT_TYPES,) * 3 + (NUMBER_TYPES,)):
+        if not any(check(array.type) for check in allowed):
+            expected = "a number" if column == "episodes" else "text"
+            raise TypeError(f"{name}: argument {column} has type {array.type}, expected {expected}; "
+                            f"the signature is {name}{SIGNATURE}")
+        if column == "episodes":
+            array = pc.cast(array, pa.float64())
+        values.append(array.to_pylist())
+    return values
+
+
+def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: str = "auto",
+                shipped: bool = False) -> UserDefinedFunction:
+    """An iterator Arrow UDF ``name(synopsis, genres, studio, episodes) -> DOUBLE`` scoring with ``bundle``."""
+    bundle = str(bundle)
+
+    def predict(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
+        scorer = None
+        for batch in batches:
+            columns = arguments(name, batch)
+            if scorer is None:
+                scorer = worker_scorer(_bundle_on_worker(bundle, shipped), device, precision)
+            yield pa.array(scorer.predict(*columns), type=pa.float64())
+
+    predict.__name__ = name
+    return F.arrow_udf(predict, "double")
+
+
+def register(
+    spark: SparkSession,
+    baseline: Path | str | None = None,
+    fusion: Path | str | None = None,
+    models: Path | str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    ship: bool = False,
+) -> dict[str, UserDefinedFunction]:
+    """Register ``predict_score`` (baseline) and ``predict_score_fusion`` as Spark SQL
+    functions, like ``anime_udf.register`` does on DuckDB: the given bundles, or the
+    newest of each kind in the models directory. Returns {function name: column function}.
+
+    Bundles are checked here, on the driver. The workers read them from the same path
+    (a local or shared directory), or, with ``ship=True``, from a copy that
+    ``SparkContext.addFile`` sends to every executor. ``device`` is where the workers
+    run the text encoder (``auto``: a CUDA GPU when the executor has one), ``precision`` how
+    (``auto``: bf16 where the executor's hardware has it), as for ``anime_udf.register``."""
+    paths = {"baseline": baseline, "fusion": fusion}
+    if baseline is None and fusion is None:
+        paths = {kind: newest(kind, models) for kind in paths}
+    registered = {}
+    for path in paths.values():
+        if path is None:
+            continue
+        path = Path(path).resolve()
+        name = FUNCTION_NAMES[read_manifest(path)["kind"]]  # verifies every file's checksum
+        if ship:
+            spark.sparkContext.addFile(str(path), recursive=True)
+        registered[name] = spark.udf.register(name, scoring_udf(name, path, device, precision, ship))
+    if not registered:
+        raise NoModelsError(
+            f"no model bundles in {models_dir(models).resolve()}; train one with "
+            f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
+        )
+    return registered
+
+
+# --- catalogs ---------------------------------------------------------------------------------
+
+
+def canonical_inputs(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]], label: str
+                     ) -> Iterator[pa.Array]:
+    """The four input columns as ``read_catalog`` makes them (the rules of the DuckDB
+    commands: genres lists joined, episodes integers, a bad value named), one struct a row."""
+    for batch in batches:
+        inputs = read_catalog(pa.Table.from_arrays(list(batch), names=list(INPUT_COLUMNS)), name=label)
+        yield pa.StructArray.from_arrays([inputs[c].to_arrow().cast(CANONICAL_TYPES[c]) for c in INPUT_COLUMNS],
+                                         names=list(INPUT_COLUMNS))
+
+
+def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
+    """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
+    types (the other columns as they are), spread over at least as many partitions as
+    Spark runs tasks at once."""
+    try:
+        df = spark.read.parquet(spark_path(data))
+    except SPARK_ERRORS as exc:
+        raise CatalogError(f"{data}: cannot read Parquet: {job_error(exc)}") from exc
+    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    if missing:
+        raise CatalogError(f"{data}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)})")
+    label = f"{data} (row numbers count within one Spark batch)"
+
+    def canonical(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
+        return canonical_inputs(batches, label)
+
+    struct = ", ".join(f"{c} {'bigint' if c == 'episodes' else 'string'}" for c in INPUT_COLUMNS)
+    inputs = F.arrow_udf(canonical, f"struct<{struct}>")(*(df[c] for c in INPUT_COLUMNS))
+    df = df.select(*(inputs[c].alias(c) if c in INPUT_COLUMNS else df[c] for c in df.columns))
+    parallelism = spark.sparkContext.defaultParallelism
+    return df.repartition(parallelism) if df.rdd.getNumPartitions() < parallelism else df
+
+
+def job_error(exc: Exception) -> str:
+    """The message a user needs from a failed Spark job: the Python worker's own
+    ``SomeError: message`` line where there is one, else the root Java cause."""
+    text = str(exc)
+    worker = re.findall(r"^(\w+(?:Error|Exception): .+)$", text, flags=re.M)
+    if worker:
+        return worker[-1]
+    java = re.findall(r"^(?:Caused by: )?[\w.$]+(?:Error|Exception): (.+)$", text, flags=re.M)
+    return java[-1] if java else (text.strip().splitlines() or [type(exc).__name__])[0]
+
+
+def write_parquet(df: DataFrame, out: Path) -> None:
+    """Write ``df`` as a Parquet directory ``out``: into a hidden sibling first, then
+    renamed into place, so a failed job leaves ``out`` as it was. An existing ``out``
+    is replaced only if it is a Spark output (it has ``_SUCCESS``)."""
+    out = Path(out).absolute()  # Spark resolves relative paths against its own start directory
+    if out.exists() and not (out / "_SUCCESS").is_file():
+        raise AnimeUdfError(f"{out}: exists and is not a Parquet directory written by Spark; "
+                            "choose another --out or remove it")
+    tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+    try:
+        df.write.parquet(str(tmp))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except SPARK_ERRORS as exc:
+        raise SparkJobError(job_error(exc)) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def spark_path(path: str | Path) -> str:
+    """A path for Spark: a URI (``hdfs://``, ``s3a://``...) as it is, a local path or glob
+    made absolute (Spark resolves relative paths against its own start directory)."""
+    path = str(path)
+    return path if re.match(r"[A-Za-z][\w+.-]*://", path) else os.path.abspath(path)
+
+
+def score_parquet(spark: SparkSession, data: str, out: Path, *, models: Path | str | None = None,
+                  device: str = "auto", precision: str = "auto", **bundles: Path | str) -> tuple[int, list[str]]:
+    """The catalog ``data`` plus one score column per model (named after its function),
+    written to the Parquet directory ``out``. ``bundles`` and ``models`` choose the models
+    as in ``register``. Returns (rows, function names)."""
+    functions = register(spark, **bundles, models=models, device=device, precision=precision)
+    df = read_catalog_parquet(spark, data)
+    scored = df.select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
+    write_parquet(scored, out)
+    return spark.read.parquet(spark_path(out)).count(), list(functions)

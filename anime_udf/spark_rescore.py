@@ -1,0 +1,332 @@
+"""Nightly rescoring on Spark: the DuckDB rescoring's semantics over a Parquet store.
+
+``rescore_spark(spark, catalog, store)`` does what ``anime_udf.rescore.rescore`` does
+(only new and changed rows are scored, keys gone from the catalog drop out, a run
+record with counts and drift is appended) for catalogs that need a cluster. The row
+work runs on Spark; the definitions are those of ``sql/rescore.sql``:
+
+- the input hash is computed on the workers by DuckDB with that file's ``macros``
+  section, over the inputs as ``read_catalog`` makes them: a row hashes the same on
+  both engines;
+- the fingerprint, the counts and the run record (score distribution and its shift
+  against the previous run) are that file's ``fingerprint``, ``counts`` and ``record``
+  sections, run by DuckDB on the driver over the Parquet files Spark wrote (keys, input
+  hashes and scores only: no synopsis reaches the driver).
+
+The store is a directory::
+
+    STORE/CURRENT                         the published snapshot's name (replaced atomically)
+    STORE/snapshots/<run id>/scores/      Parquet: one row per (key, model id), the columns of
+                                          rescore_scores (key, model_id, model_kind, input_hash,
+                                          score, imputed, run_id, scored_at)
+    STORE/snapshots/<run id>/runs.parquet every run record so far (the columns of rescore_runs)
+    STORE/snapshots/<run id>/meta.json    schema version and key column
+    STORE.lock                            the run lock (an flock, as for a DuckDB store)
+
+A run writes a new snapshot beside the published one and then publishes it by
+replacing ``CURRENT`` (a rename): a run killed at any point leaves the previous
+snapshot published, complete and readable, and the next run does the work. Readers
+open ``current_snapshot(store)``; the snapshot before it is kept, so a reader who
+resolved ``CURRENT`` just before a switch can finish. The test hook of
+``anime_udf.rescore`` applies: ``ANIME_UDF_RESCORE_PAUSE_AT=commit`` pauses a run after
+its snapshot is written, before it is published.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext, suppress
+from pathlib import Path
+from typing import Any, Iterator, Tuple
+
+import duckdb
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from anime_udf.catalog import INPUT_COLUMNS, read_catalog
+from anime_udf.files import atomic_file
+from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _dry_run_report, _now,
+                               _pause, _refuse_shrink, resolve_models, run_report, sql_sections, store_lock)
+from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, spark_path
+from anime_udf.sqlutil import quote_literal
+from anime_udf.udf import FUNCTION_NAMES
+
+CURRENT = "CURRENT"
+SNAPSHOTS = "snapshots"
+META_FILE = "meta.json"
+RUNS_FILE = "runs.parquet"
+# The hashed catalog, one struct a row: the key as text (as CAST(key AS VARCHAR) in DuckDB),
+# the canonical inputs, their hash and whether one was imputed.
+INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_()}
+INPUT_STRUCT = "struct<" + ", ".join(
+    f"{name} {'bigint' if t == pa.int64() else 'boolean' if t == pa.bool_() else 'string'}"
+    for name, t in INPUT_FIELDS.items()) + ">"
+# A snapshot's scores: the columns of sql/rescore.sql's rescore_scores.
+SCORES_SCHEMA = ("key string, model_id string, model_kind string, input_hash string, score double, "
+                 "imputed boolean, run_id string, scored_at timestamp")
+SCORES_COLUMNS = [column.split()[0] for column in SCORES_SCHEMA.split(", ")]
+# Rows a scoring task takes at most (more tasks than cores where the work is large).
+TASK_ROWS = 50_000
+
+
+def current_snapshot(store: Path | str) -> Path | None:
+    """The published snapshot of a Spark store, or None before its first run."""
+    pointer = Path(store) / CURRENT
+    return Path(store) / SNAPSHOTS / pointer.read_text().strip() if pointer.is_file() else None
+
+
+# --- on the workers ------------------------------------------------------------------------------
+
+
+def hashed_inputs(batches: Iterator[Tuple[pa.Array, ...]], label: str) -> Iterator[pa.Array]:
+    """(key, synopsis, genres, studio, episodes) batches -> INPUT_STRUCT, by read_catalog and
+    the SQL macros of sql/rescore.sql, as the DuckDB rescoring computes them."""
+    con = duckdb.connect()
+    con.execute(sql_sections()["macros"])
+    args = ", ".join(INPUT_COLUMNS)
+    for batch in batches:
+        rows = read_catalog(pa.Table.from_arrays(list(batch), names=["key", *INPUT_COLUMNS]), name=label)
+        con.register("rescore_batch", rows)
+        out = con.sql(f"SELECT CAST(key AS VARCHAR) AS key, {args}, rescore_input_hash({args}) AS input_hash, "
+                      f"rescore_imputed({args}) AS imputed FROM rescore_batch").to_arrow_table()
+        con.unregister("rescore_batch")
+        yield pa.StructArray.from_arrays([out[n].combine_chunks().cast(t) for n, t in INPUT_FIELDS.items()],
+                                         names=list(INPUT_FIELDS))
+    con.close()
+
+
+# --- a run ---------------------------------------------------------------------------------------
+
+
+def rescore_spark(
+    spark: SparkSession,
+    catalog: str,
+    store: Path | str,
+    *,
+    models: str | Sequence[str] = ("all",),
+    models_dir: Path | str | None = None,
+    key: str = DEFAULT_KEY,
+    dry_run: bool = False,
+    wait: float = 0.0,
+    allow_shrink: bool = False,
+    device: str = "auto",
+    precision: str = "auto",
+) -> RunReport:
+    """Rescore the Parquet ``catalog`` (a file, directory or glob) into the Spark store
+    ``store`` (a directory). The options are those of ``anime_udf.rescore.rescore``;
+    ``device`` and ``precision`` are the workers' text encoder's. Raises RescoreError with the
+    published snapshot unchanged. Returns the run's report."""
+    started = _now()
+    clock = time.perf_counter()
+    store = Path(store).absolute()  # Spark resolves relative paths against its own start directory
+    if store.exists() and not store.is_dir():
+        raise RescoreError(f"{store}: is a file; a Spark store is a directory (a DuckDB store needs --engine duckdb)")
+    if Path(catalog).resolve().is_relative_to(store.resolve()):
+        raise RescoreError(f"--catalog {catalog} is inside --store {store}; keep the catalog outside the store")
+    choices = resolve_models(models, models_dir)
+    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+    if not dry_run:
+        try:
+            (store / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RescoreError(f"{store}: cannot create the store directory: {exc.strerror or exc}") from exc
+    work = (store.parent / f".{store.name}.dry-run-{run_id}") if dry_run else store / SNAPSHOTS / run_id
+    con = duckdb.connect()
+    try:
+        with nullcontext() if dry_run else store_lock(store, wait, run_id):
+            previous = current_snapshot(store)
+            _check_meta(previous, key)
+            inputs = _hashed_catalog(spark, catalog, key).persist()
+            try:
+                _check_keys(inputs, key)
+                old = _stored_scores(spark, previous)
+                chosen = spark.createDataFrame([(c.model_id, c.kind) for c in choices], "model_id string, model_kind string")
+                todo = (inputs.crossJoin(F.broadcast(chosen))
+                        .join(old.select("model_id", "key", F.col("input_hash").alias("stored_hash")),
+                              ["model_id", "key"], "left")
+                        .where(~F.col("stored_hash").eqNullSafe(F.col("input_hash"))).drop("stored_hash"))
+                _write(inputs.select("key", "input_hash", "imputed"), work / "plan" / "input")
+                _write(todo.select("model_id", "key"), work / "plan" / "todo")
+                _plan(con, choices, previous, work, run_id, started, key, catalog)
+                if not allow_shrink:
+                    _refuse_shrink(con, catalog, store)
+                _sql(con, "counts")
+                if dry_run:
+                    return _dry_run_report(con, run_id, store, catalog, key, started, clock)
+                to_score = dict(con.execute("SELECT model_id, rows_scored FROM rescore_counts").fetchall())
+                kept = (old.join(inputs.select("key"), "key", "left_semi")  # keys gone from the catalog drop out
+                        .where(~F.col("model_kind").isin([c.kind for c in choices])  # an older bundle's rows go
+                               | F.col("model_id").isin([c.model_id for c in choices]))
+                        .join(todo.select("model_id", "key"), ["model_id", "key"], "left_anti"))
+                scored = [_score(spark, todo, c, to_score[c.model_id], run_id, device, precision)
+                          for c in choices if to_score[c.model_id]]
+                snapshot = kept.select(SCORES_COLUMNS)
+                for part in scored:
+                    snapshot = snapshot.unionByName(part)
+                _write(snapshot, work / "scores")
+            finally:
+                inputs.unpersist()
+            records = _record(con, work, run_id)
+            shutil.rmtree(work / "plan")
+            with atomic_file(work / META_FILE) as tmp:
+                tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "key_column": key}))
+            _pause("commit")
+            with atomic_file(store / CURRENT) as tmp:  # the switch: one rename
+                tmp.write_text(run_id + "\n")
+            _prune(store, keep={run_id, previous.name if previous else run_id})
+            return run_report(records, run_id, store, catalog, key, started, clock)
+    except duckdb.Error as exc:
+        message = str(exc).split("rescore: ", 1)[-1]  # a guard of sql/rescore.sql: its own words suffice
+        raise RescoreError(f"rescore failed, nothing was published: {message}") from exc
+    finally:
+        con.close()
+        if dry_run or current_snapshot(store) != work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _check_meta(snapshot: Path | None, key: str) -> None:
+    if snapshot is None:
+        return
+    meta = json.loads((snapshot / META_FILE).read_text())
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise RescoreError(f"{snapshot}: rescore schema version {meta.get('schema_version')}; this anime-udf "
+                           f"writes version {SCHEMA_VERSION}")
+    if meta.get("key_column") != key:
+        raise RescoreError(f"this store keys its rows by {meta.get('key_column')}, not by {key}; "
+                           f"use --key {meta.get('key_column')} or another store")
+
+
+def _hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
+    try:
+        df = spark.read.parquet(spark_path(catalog))
+    except SPARK_ERRORS as exc:
+        raise RescoreError(f"{catalog}: cannot read Parquet: {job_error(exc)}") from exc
+    missing = [c for c in (key, *INPUT_COLUMNS) if c not in df.columns]
+    if missing:
+        hint = "; pass --key COLUMN" if key in missing else ""
+        raise RescoreError(f"{catalog}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}){hint}")
+    label = f"{catalog} (row numbers count within one Spark batch)"
+
+    def hashed(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
+        return hashed_inputs(batches, label)
+
+    row = F.arrow_udf(hashed, INPUT_STRUCT)(df[key], *(df[c] for c in INPUT_COLUMNS))
+    return df.select(row.alias("row")).select("row.*")
+
+
+def _check_keys(inputs: DataFrame, key: str) -> None:
+    """Every row has a key, and no key occurs twice (sql/rescore.sql's plan checks)."""
+    try:
+        nulls = inputs.where(F.col("key").isNull()).count()
+        if nulls:
+            raise RescoreError(f"the catalog key {key} is NULL in {nulls} row(s); every row needs a key")
+        dup = (inputs.groupBy("key").count().where("count > 1")
+               .orderBy(F.desc("count"), "key").limit(1).collect())
+    except SPARK_ERRORS as exc:
+        raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
+    if dup:
+        raise RescoreError(f"the catalog key {key} is not unique: {dup[0]['key']} occurs {dup[0]['count']} times")
+
+
+def _stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
+    if snapshot is not None:
+        return spark.read.parquet(str(snapshot / "scores"))
+    return spark.createDataFrame([], SCORES_SCHEMA)
+
+
+def _write(df: DataFrame, path: Path) -> None:
+    try:
+        df.write.parquet(str(path))
+    except SPARK_ERRORS as exc:
+        raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
+
+
+def _sql(con: duckdb.DuckDBPyConnection, section: str) -> None:
+    con.execute(sql_sections()[section])
+
+
+def _register_parquet(con: duckdb.DuckDBPyConnection, name: str, directory: Path) -> None:
+    """Expose the Parquet files Spark wrote in ``directory`` to DuckDB as ``name`` (an Arrow
+    dataset of the files, listed by name: a path is never a glob pattern, and DuckDB reads
+    only the columns a query needs)."""
+    files = sorted(str(f) for f in directory.glob("*.parquet"))
+    if not files:
+        raise RescoreError(f"{directory}: no Parquet files; the store is damaged")
+    with suppress(duckdb.Error):
+        con.unregister(name)
+    con.register(name, pads.dataset(files, format="parquet"))
+
+
+def _plan(con: duckdb.DuckDBPyConnection, choices, previous: Path | None, work: Path, run_id: str, started,
+          key: str, catalog: str) -> None:
+    """The driver's DuckDB, set up as sql/rescore.sql expects after its plan: the store's
+    tables (the published snapshot's), the models, and the planned input and todo rows."""
+    con.execute("ATTACH ':memory:' AS store")
+    con.execute("USE store")
+    _sql(con, "schema")  # empty tables: a new store's
+    if previous is not None:
+        con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
+        _register_parquet(con, "rescore_scores", previous / "scores")
+        con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
+        con.execute("INSERT INTO rescore_runs SELECT * FROM previous_runs")
+    for name, value in (("rescore_run_id", run_id), ("rescore_key_column", key), ("rescore_catalog", catalog)):
+        con.execute(f"SET VARIABLE {name} = ?", [value])
+    con.execute("SET VARIABLE rescore_started_at = ?::TIMESTAMPTZ", [started.isoformat()])
+    _sql(con, "start")
+    for choice in choices:
+        for name, value in (("rescore_model_id", choice.model_id), ("rescore_model_kind", choice.kind),
+                            ("rescore_bundle", str(choice.path))):
+            con.execute(f"SET VARIABLE {name} = ?", [value])
+        _sql(con, "model")
+    _register_parquet(con, "rescore_input", work / "plan" / "input")
+    _register_parquet(con, "rescore_todo", work / "plan" / "todo")
+    _sql(con, "fingerprint")
+
+
+def _score(spark: SparkSession, todo: DataFrame, choice, rows: int, run_id: str, device: str,
+           precision: str) -> DataFrame:
+    """The todo rows of one model, scored by the SQL function's UDF, in the store's columns.
+    Spread over the cluster's cores, shortest synopses first within a task (less padding)."""
+    predict = scoring_udf(FUNCTION_NAMES[choice.kind], choice.path, device, precision)
+    tasks = max(spark.sparkContext.defaultParallelism, math.ceil(rows / TASK_ROWS))
+    mine = (todo.where(F.col("model_id") == choice.model_id).repartition(tasks)
+            .sortWithinPartitions(F.length(F.coalesce("synopsis", F.lit("")))))
+    return mine.select("key", "model_id", "model_kind", "input_hash",
+                       predict(*INPUT_COLUMNS).alias("score"), "imputed", F.lit(run_id).alias("run_id"),
+                       F.current_timestamp().alias("scored_at"))
+
+
+def _record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dict[str, Any]]:
+    """Check the new snapshot (every key of the catalog, once, with a finite score, for each
+    chosen model), append the run record (sql/rescore.sql's record section) and write all
+    records beside the scores. Returns this run's records."""
+    con.execute("DROP TABLE IF EXISTS store.main.rescore_scores")  # a new store's empty table
+    _register_parquet(con, "rescore_scores", work / "scores")
+    bad = con.execute(
+        "SELECT m.model_kind, count(s.key), count(DISTINCT s.key), count(*) FILTER (NOT isfinite(s.score)), "
+        "(SELECT count(*) FROM rescore_input) FROM rescore_models m LEFT JOIN rescore_scores s USING (model_id) "
+        "GROUP BY m.model_kind HAVING count(s.key) <> count(DISTINCT s.key) OR count(s.key) <> "
+        "(SELECT count(*) FROM rescore_input) OR count(*) FILTER (NOT isfinite(s.score)) > 0").fetchall()
+    if bad:
+        kind, n, distinct, nonfinite, expected = bad[0]
+        raise RescoreError(f"rescore failed, nothing was published: the new {kind} scores have {n} rows "
+                           f"({distinct} keys, {nonfinite} not finite) for {expected} catalog keys")
+    _sql(con, "record")
+    con.execute(f"COPY rescore_runs TO {quote_literal(work / RUNS_FILE)} (FORMAT parquet)")
+    return con.sql("SELECT * EXCLUDE (catalog, key_column, run_id) FROM rescore_runs WHERE run_id = ? "
+                   "ORDER BY model_kind", params=[run_id]).pl().to_dicts()
+
+
+def _prune(store: Path, keep: set[str]) -> None:
+    """Remove snapshots other than ``keep``: older ones, and those of runs killed before publishing."""
+    for path in (store / SNAPSHOTS).iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,279 @@
+"""The Spark engine (anime_udf/spark.py, anime_udf/spark_rescore.py) in local mode: the
+same scores as the DuckDB functions, the same errors, and the nightly rescoring's
+semantics over a Parquet snapshot store. One SparkSession for the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("pyspark", reason="the spark extra is not installed (pip install 'anime-udf[spark]')")
+
+import anime_udf  # noqa: E402
+from anime_udf import spark as spark_udf  # noqa: E402
+from anime_udf.catalog import read_catalog  # noqa: E402
+from anime_udf.cli import cli  # noqa: E402
+from anime_udf.rescore import rescore  # noqa: E402
+from anime_udf.spark_rescore import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
+from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
+
+CALLS = {name: f"{name}(synopsis, genres, studio, episodes)" for name in ("predict_score", "predict_score_fusion")}
+# Rows with missing and odd inputs (the NULL policy): episodes NULL, NaN, negative, huge.
+EDGE_ROWS = [
+    (-1, None, None, None, None),
+    (-2, "", "", "", 0.0),
+    (-3, "   \n\t ", "  ,  , ", "   ", -5.0),
+    (-4, "A quiet story.", "NotAGenre, ALSO-NOT", "Totally Unknown Studio", 1e12),
+    (-5, "x" * 5_000, " action ,DRAMA", "studio kestrel", float("nan")),
+]
+
+
+@pytest.fixture(scope="module")
+def spark(session_cache, tmp_path_factory):
+    """local[2], its workers on the tests' embedding cache (set as a cluster would set it)."""
+    session = spark_udf.session("local[2]", app_name="anime-udf-tests", conf={
+        "spark.executorEnv.ANIME_UDF_CACHE": str(session_cache),
+        "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("spark-warehouse")),
+    })
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="module")
+def functions(spark, baseline_bundle, fusion_bundle):
+    return spark_udf.register(spark, baseline=baseline_bundle, fusion=fusion_bundle)
+
+
+@pytest.fixture(scope="module")
+def anime(tmp_path_factory) -> Path:
+    """The fixture hold-out and the edge rows as one Parquet file (episodes DOUBLE, as the SQL functions take it)."""
+    holdout = read_catalog(HOLDOUT).select("anime_id", "synopsis", "genres", "studio",
+                                           pl.col("episodes").cast(pl.Float64))
+    edge = pl.DataFrame(EDGE_ROWS, schema=holdout.schema, orient="row")
+    path = tmp_path_factory.mktemp("anime") / "anime.parquet"
+    pl.concat([holdout, edge]).write_parquet(path)
+    return path
+
+
+def duckdb_scores(baseline_bundle, fusion_bundle, query: str, anime: Path) -> pl.DataFrame:
+    con = duckdb.connect()
+    anime_udf.register(con, baseline=baseline_bundle, fusion=fusion_bundle)
+    con.register("anime", pl.read_parquet(anime))
+    return con.sql(query).pl()
+
+
+def spark_sql(spark, query: str, anime: Path) -> pl.DataFrame:
+    spark.read.parquet(str(anime)).createOrReplaceTempView("anime")
+    return pl.from_arrow(spark.sql(query).toArrow())
+
+
+def assert_same(spark_df: pl.DataFrame, duck_df: pl.DataFrame, key: str, columns) -> None:
+    joined = spark_df.join(duck_df, on=key, suffix="_duckdb")
+    assert joined.height == duck_df.height == spark_df.height
+    for c in columns:
+        assert joined[c].null_count() == 0
+        np.testing.assert_allclose(joined[c].to_numpy(), joined[f"{c}_duckdb"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_both_functions_score_as_on_duckdb_nulls_included(spark, functions, anime, baseline_bundle, fusion_bundle):
+    query = f"SELECT anime_id, {CALLS['predict_score']} AS b, {CALLS['predict_score_fusion']} AS f FROM anime"
+    on_spark = spark_sql(spark, query, anime)
+    assert_same(on_spark, duckdb_scores(baseline_bundle, fusion_bundle, query, anime), "anime_id", ["b", "f"])
+    assert on_spark.filter(pl.col("anime_id") < 0).height == len(EDGE_ROWS)
+    assert on_spark.select(pl.col("b", "f").is_between(1, 10).all()).row(0) == (True, True)
+    # the returned column functions, in the DataFrame API
+    df = spark.read.parquet(str(anime))
+    api = pl.from_arrow(df.select("anime_id", functions["predict_score_fusion"]("synopsis", "genres", "studio",
+                                                                               "episodes").alias("f")).toArrow())
+    assert_same(api, on_spark.select("anime_id", "f"), "anime_id", ["f"])
+
+
+def test_constant_arguments_are_scored_per_row_as_on_duckdb(spark, functions, anime, baseline_bundle, fusion_bundle):
+    query = ("SELECT anime_id, predict_score('A story of war.', 'Action', NULL, 12) AS constant, "
+             "predict_score_fusion(synopsis, 'Action', NULL, 12) AS mixed FROM anime")
+    on_spark = spark_sql(spark, query, anime)
+    assert_same(on_spark, duckdb_scores(baseline_bundle, fusion_bundle, query, anime), "anime_id",
+                ["constant", "mixed"])
+    # one value for the constant call (up to float noise between batches); the varying column still varies
+    assert on_spark["constant"].max() - on_spark["constant"].min() <= 1e-6 and on_spark["mixed"].n_unique() > 1
+
+
+def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functions, anime):
+    from pyspark.errors import PythonException
+
+    with pytest.raises(PythonException) as caught:
+        spark_sql(spark, "SELECT predict_score(synopsis, genres, studio, 'twelve') FROM anime", anime)
+    assert spark_udf.job_error(caught.value) == (
+        "TypeError: predict_score: argument episodes has type string, expected a number; the signature is "
+        "predict_score(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE) -> DOUBLE")
+
+
+def test_shipped_bundles_are_loaded_from_the_copy_spark_sends(spark, anime, tmp_path, baseline_bundle,
+                                                              fusion_bundle):
+    from pyspark import SparkFiles
+
+    copy = shutil.copytree(baseline_bundle, tmp_path / "baseline-shipped")
+    spark_udf.register(spark, baseline=copy, ship=True)
+    assert (Path(SparkFiles.get(copy.name)) / "manifest.json").is_file()
+    query = f"SELECT anime_id, {CALLS['predict_score']} AS b FROM anime"
+    assert_same(spark_sql(spark, query, anime), duckdb_scores(baseline_bundle, fusion_bundle, query, anime),
+                "anime_id", ["b"])
+
+
+def test_score_command_on_spark_writes_what_the_duckdb_score_writes(spark, tmp_path, baseline_bundle, fusion_bundle):
+    data = tmp_path / "parts"
+    data.mkdir()
+    catalog = pl.read_csv(HOLDOUT)
+    catalog.head(60).write_parquet(data / "a.parquet")
+    catalog.tail(-60).write_parquet(data / "b.parquet")
+    models = ["--model", baseline_bundle, "--model", fusion_bundle]
+    run = CliRunner().invoke(cli, ["score", "--engine", "spark", "--data", str(data / "*.parquet"),
+                                   "--out", "scored", *map(str, models)], catch_exceptions=False)
+    assert run.exit_code == 0, run.output
+    assert f"scored {catalog.height} rows with predict_score, predict_score_fusion on Spark" in run.output
+    duck = CliRunner().invoke(cli, ["score", "--data", str(HOLDOUT), "--out", "scored.parquet", *map(str, models)])
+    assert duck.exit_code == 0, duck.output
+    expected = pl.read_parquet("scored.parquet")
+    on_spark = pl.read_parquet("scored/*.parquet")
+    assert on_spark.columns == expected.columns  # the catalog's columns, then one per model
+    assert_same(on_spark, expected, "anime_id", ["predict_score", "predict_score_fusion"])
+    # a second run replaces the output; a directory that is not a Spark output is never replaced
+    assert CliRunner().invoke(cli, ["score", "--engine", "spark", "--data", str(data / "a.parquet"), "--out",
+                                    "scored", *map(str, models)]).exit_code == 0
+    assert pl.read_parquet("scored/*.parquet").height == 60
+    (tmp_path / "mine").mkdir()
+    refused = CliRunner().invoke(cli, ["score", "--engine", "spark", "--data", str(data / "a.parquet"), "--out",
+                                       "mine", *map(str, models)])
+    assert refused.exit_code == 1 and "is not a Parquet directory written by Spark" in refused.output
+
+
+def test_the_cli_imports_pyspark_only_to_run_on_spark():
+    code = ("import sys\n"
+            "from anime_udf.cli import cli\n"
+            "for args in (['--help'], ['score', '--help'], ['rescore', '--help']):\n"
+            "    try:\n"
+            "        cli(args)\n"
+            "    except SystemExit as exit:\n"
+            "        assert exit.code == 0, (args, exit.code)\n"
+            "assert 'pyspark' not in sys.modules\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# --- nightly rescoring ----------------------------------------------------------------------------------
+
+
+def catalog_with(changed=(), removed=()) -> pl.DataFrame:
+    df = pl.read_csv(CATALOG)
+    return df.with_columns(synopsis=pl.when(pl.col("anime_id").is_in(list(changed)))
+                           .then(pl.col("synopsis") + " Then a new season begins.")
+                           .otherwise(pl.col("synopsis"))).filter(~pl.col("anime_id").is_in(list(removed)))
+
+
+def stored(store: Path) -> pl.DataFrame:
+    return pl.read_parquet(str(current_snapshot(store) / "scores" / "*.parquet"))
+
+
+def test_rescoring_scores_only_changed_rows_drops_removed_keys_and_hashes_as_duckdb(spark, tmp_path,
+                                                                                     baseline_bundle):
+    store, catalog = tmp_path / "store", tmp_path / "catalog.parquet"
+    catalog_with().write_parquet(catalog)
+    models = [str(baseline_bundle)]
+    first = rescore_spark(spark, str(catalog), store, models=models)
+    assert (first.rows_seen, first.models[0]["rows_scored"]) == (400, 400)
+
+    again = rescore_spark(spark, str(catalog), store, models=models)
+    assert (again.models[0]["rows_scored"], again.models[0]["rows_reused"]) == (0, 400)
+    assert again.models[0]["prev_run_id"] == first.run_id and abs(again.models[0]["shift_mean"]) < 1e-9
+    assert again.catalog_fingerprint == first.catalog_fingerprint
+
+    changed, removed = (11, 22, 33, 44), (55, 66)  # 1% of the rows edited, two keys gone
+    catalog_with(changed, removed).write_parquet(catalog)
+    dry = rescore_spark(spark, str(catalog), store, models=models, dry_run=True)
+    assert (dry.status, dry.models[0]["rows_scored"], dry.models[0]["rows_removed"]) == ("dry-run", 4, 2)
+    assert (store / "CURRENT").read_text().strip() == again.run_id
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["catalog.parquet", "store", "store.lock"]
+    assert sorted(p.name for p in (store / SNAPSHOTS).iterdir()) == sorted([first.run_id, again.run_id])
+    third = rescore_spark(spark, str(catalog), store, models=models)
+    counts = third.models[0]
+    assert (counts["rows_scored"], counts["rows_reused"], counts["rows_removed"]) == (4, 394, 2)
+    scores = stored(store)
+    assert scores.height == 398 and scores["key"].n_unique() == 398
+    assert sorted(scores.filter(pl.col("run_id") == third.run_id)["key"].cast(int)) == list(changed)
+    assert not scores["key"].is_in([str(k) for k in removed]).any()
+    runs = pl.read_parquet(current_snapshot(store) / "runs.parquet")
+    assert runs["run_id"].to_list() == [first.run_id, again.run_id, third.run_id]
+    assert len(list((store / SNAPSHOTS).iterdir())) == 2  # the published snapshot and the one before
+
+    # a DuckDB store built from the same catalog: the same hashes, scores and fingerprint
+    duck = rescore(catalog, tmp_path / "scores.duckdb", models=models)
+    assert duck.catalog_fingerprint == third.catalog_fingerprint
+    con = duckdb.connect(str(tmp_path / "scores.duckdb"), read_only=True)
+    expected = con.sql("SELECT key, input_hash, score, imputed FROM rescore_scores").pl()
+    joined = scores.join(expected, on="key", suffix="_duckdb")
+    assert joined.height == expected.height == 398
+    assert (joined["input_hash"] == joined["input_hash_duckdb"]).all()
+    assert (joined["imputed"] == joined["imputed_duckdb"]).all()
+    np.testing.assert_allclose(joined["score"].to_numpy(), joined["score_duckdb"].to_numpy(), rtol=0, atol=1e-6)
+
+
+def test_a_run_killed_before_publishing_leaves_the_previous_snapshot_and_the_next_run_completes(
+        spark, tmp_path, baseline_bundle):
+    store, catalog = tmp_path / "store", tmp_path / "catalog.parquet"
+    catalog_with().write_parquet(catalog)
+    published = rescore_spark(spark, str(catalog), store, models=[str(baseline_bundle)])
+    before = stored(store).sort("key")
+
+    catalog_with(changed=(5, 6, 7)).write_parquet(catalog)
+    err = tmp_path / "stderr"
+    with open(err, "w") as fh:
+        killed = subprocess.Popen(
+            [sys.executable, "-c", "from anime_udf.cli import cli; cli()", "rescore", "--engine", "spark",
+             "--master", "local[1]", "--catalog", str(catalog), "--store", str(store), "--model", str(baseline_bundle)],
+            stdout=subprocess.DEVNULL, stderr=fh, start_new_session=True,  # its JVM and workers: one process group
+            env={**os.environ, "ANIME_UDF_RESCORE_PAUSE_AT": "commit"})
+    try:
+        deadline = time.monotonic() + 600
+        while "paused at commit" not in err.read_text():
+            assert killed.poll() is None, err.read_text()[-2000:]
+            assert time.monotonic() < deadline, "the run never reached its switch"
+            time.sleep(0.5)
+        assert len(list((store / SNAPSHOTS).iterdir())) == 2  # the new snapshot is written ...
+    finally:
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+    assert (store / "CURRENT").read_text().strip() == published.run_id  # ... but not published
+    assert stored(store).sort("key").equals(before)
+
+    done = rescore_spark(spark, str(catalog), store, models=[str(baseline_bundle)])
+    assert done.models[0]["rows_scored"] == 3
+    assert sorted(p.name for p in (store / SNAPSHOTS).iterdir()) == sorted([published.run_id, done.run_id])
+
+
+def test_rescoring_refuses_bad_input_before_writing(spark, tmp_path, baseline_bundle):
+    catalog = tmp_path / "catalog.parquet"
+    pl.concat([catalog_with(), catalog_with().head(1)]).write_parquet(catalog)
+    runner = CliRunner()
+    args = ["rescore", "--engine", "spark", "--catalog", str(catalog), "--store", "store", "--model",
+            str(baseline_bundle)]
+    duplicate = runner.invoke(cli, args + ["--json"])
+    assert duplicate.exit_code == 1
+    assert json.loads(duplicate.stdout)["error"] == \
+        "the catalog key anime_id is not unique: 1 occurs 2 times"
+    assert not (tmp_path / "store" / "CURRENT").exists()
+    assert not list((tmp_path / "store" / SNAPSHOTS).iterdir())
+    no_key = runner.invoke(cli, args + ["--key", "id"])
+    assert no_key.exit_code == 1 and "missing column(s) id" in no_key.output and "pass --key COLUMN" in no_key.output
+    export = runner.invoke(cli, args + ["--export", "x.parquet"])
+    assert export.exit_code == 2 and "a Spark store is Parquet already" in export.output
