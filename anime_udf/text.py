@@ -191,8 +191,16 @@ class FrozenTextEncoder:
 
     def _load(self) -> None:
         if self._model is None:
+            import torch
+
             self._tokenizer = load_tokenizer(self.tokenizer_path)
             self._model = load_encoder(self.path).to(self.device).eval()
+            if self.precision == "bf16":
+                # The bf16 weights autocast would make for every batch, made once: same numbers,
+                # less work. Everything else (embeddings, layer norms) stays fp32 under autocast.
+                for module in self._model.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.to(torch.bfloat16)
 
     def embed(self, texts: Sequence[str | None], *, progress: bool = False) -> np.ndarray:
         """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again."""
@@ -211,15 +219,14 @@ class FrozenTextEncoder:
     def _encode(self, texts: list[str], *, progress: bool) -> np.ndarray:
         import torch
 
-        bf16 = self.precision == "bf16"
-        with self._lock, torch.inference_mode():
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with self._lock, torch.inference_mode(), autocast:
             self._load()
             out = np.zeros((len(texts), self._model.config.hidden_size), dtype=np.float32)
             bar = tqdm(total=len(texts), desc="encoding synopses", unit="text", disable=not progress)
             for rows, batch in length_sorted_batches(self._tokenizer, texts, self.max_length, self.batch_size):
                 batch = {k: v.to(self.device) for k, v in batch.items()}
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    hidden = self._model(**batch).last_hidden_state
+                hidden = self._model(**batch).last_hidden_state
                 out[rows] = pool(hidden.float(), batch["attention_mask"], self.pooling).cpu().numpy()
                 bar.update(len(rows))
             bar.close()

@@ -42,6 +42,16 @@ def worker_rss_mb() -> float:
     return round(largest / 1024, 1)
 
 
+def time_twice(figures: dict, engine: str, run_query) -> None:
+    """The query's seconds and rows/s, first run (workers or models loading) and second."""
+    for run in ("first", "second"):
+        clock = time.perf_counter()
+        run_query()
+        seconds = time.perf_counter() - clock
+        figures[f"{engine}_scoring_{run}_s"] = round(seconds, 2)
+        figures[f"{engine}_rows_per_s_{run}"] = round(figures["rows"] / seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, type=Path)
@@ -84,23 +94,13 @@ def main() -> None:
              "sum(predict_score_fusion(synopsis, genres, studio, episodes)) AS f FROM anime")
     spark_udf.register(spark, baseline=args.baseline, fusion=args.fusion)
     spark_udf.read_catalog_parquet(spark, str(args.data)).createOrReplaceTempView("anime")
-    for run in ("first", "second"):
-        clock = time.perf_counter()
-        spark.sql(query).collect()
-        seconds = time.perf_counter() - clock
-        figures[f"spark_scoring_{run}_s"] = round(seconds, 2)
-        figures[f"spark_rows_per_s_{run}"] = round(figures["rows"] / seconds)
+    time_twice(figures, "spark", lambda: spark.sql(query).collect())
     figures["spark_worker_rss_mb"] = worker_rss_mb()
 
     con = duckdb.connect()
     anime_udf.register(con, baseline=args.baseline, fusion=args.fusion)
     con.register("anime", read_catalog(args.data))
-    for run in ("first", "second"):
-        clock = time.perf_counter()
-        con.sql(query).fetchall()
-        seconds = time.perf_counter() - clock
-        figures[f"duckdb_scoring_{run}_s"] = round(seconds, 2)
-        figures[f"duckdb_rows_per_s_{run}"] = round(figures["rows"] / seconds)
+    time_twice(figures, "duckdb", lambda: con.sql(query).fetchall())
     spark.stop()
     shutil.rmtree(work)
     print(json.dumps(figures, indent=2))

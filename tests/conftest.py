@@ -27,6 +27,17 @@ def isolated_dirs(tmp_path, session_cache, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(params=["baseline", "fusion"])
+def kind(request) -> str:
+    """A test taking ``kind`` (or ``bundle``) runs for both models: every contract holds for both."""
+    return request.param
+
+
+@pytest.fixture
+def bundle(kind, request) -> Path:
+    return request.getfixturevalue(f"{kind}_bundle")
+
+
 @pytest.fixture(scope="session")
 def baseline_bundle(tmp_path_factory, session_cache) -> Path:
     """A baseline trained on the fixture catalog with the real packaged MiniLM encoder."""

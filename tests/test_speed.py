@@ -30,16 +30,6 @@ FUNCTIONS = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
 INPUTS = ("synopsis", "genres", "studio", "episodes")
 
 
-@pytest.fixture(params=list(FUNCTIONS))
-def kind(request) -> str:
-    return request.param
-
-
-@pytest.fixture
-def bundle(kind, request):
-    return request.getfixturevalue(f"{kind}_bundle")
-
-
 def sql_scores(kind, bundle, precision, rows=None, threads=2) -> np.ndarray:
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")

@@ -18,17 +18,6 @@ from tests.conftest import CATALOG
 FUNCTIONS = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
 
 
-@pytest.fixture(params=list(FUNCTIONS))
-def kind(request) -> str:
-    """Every contract holds for both functions."""
-    return request.param
-
-
-@pytest.fixture
-def bundle(kind, request):
-    return request.getfixturevalue(f"{kind}_bundle")
-
-
 @pytest.fixture
 def fn(kind) -> str:
     return FUNCTIONS[kind]
