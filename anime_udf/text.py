@@ -154,7 +154,7 @@ class FrozenTextEncoder:
 
     ``precision`` (``auto``, ``fp32`` or ``bf16``, see :func:`resolve_precision`) sets how the
     transformer runs; pooling and everything after it stay fp32. Batches of 16 length-sorted
-    texts: on a 2-core CPU they run ~1.3× faster than batches of 64 (less padding, better cache use).
+    texts: on a 2-core CPU faster than batches of 64 (less padding, better cache use).
     """
 
     def __init__(
