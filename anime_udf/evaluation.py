@@ -12,13 +12,14 @@ from typing import Any
 
 import duckdb
 
+from anime_udf.columns import DEFAULT_KEY
 from anime_udf.errors import AnimeUdfError
+from anime_udf.metrics import load_metric_macros
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
 
 PREDICTIONS = "predictions"
 EVALUATED = "evaluated"
 REFERENCE = "training mean"
-KEY_COLUMN = "anime_id"  # shown as a row's key when the catalog has it
 
 
 class NothingToEvaluateError(AnimeUdfError):
@@ -39,7 +40,7 @@ class Evaluation:
 
 def load_report_macros(con: duckdb.DuckDBPyConnection) -> None:
     """The metric macros, then the grouped queries of sql/report.sql that use them."""
-    con.execute(sql_path("metrics.sql").read_text())
+    load_metric_macros(con)
     con.execute(sql_path("report.sql").read_text())
 
 
@@ -59,7 +60,8 @@ def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: s
     if scored_rows == 0:
         raise NothingToEvaluateError(f"nothing to evaluate: none of the {selected_rows} selected rows has a score")
 
-    key = quote_ident(KEY_COLUMN) if KEY_COLUMN in columns else "row_id"
+    has_key = DEFAULT_KEY in columns  # the catalog's key shows a row in the report, else its number
+    key = quote_ident(DEFAULT_KEY) if has_key else "row_id"
     title = "title::VARCHAR" if "title" in columns else "NULL::VARCHAR"
     labels = {fn: scorer.kind for fn, scorer in scorers.items()}
     # row_id numbers the evaluated rows: it tells rows apart where keys repeat.
@@ -88,4 +90,4 @@ def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: s
         models=tuple(labels.values()), references=references,
         bundles={scorer.kind: scorer.name for scorer in scorers.values()},
         catalog_rows=catalog_rows, selected_rows=selected_rows, skipped_rows=selected_rows - scored_rows,
-        key=KEY_COLUMN if KEY_COLUMN in columns else "row", statements=tuple(statements))
+        key=DEFAULT_KEY if has_key else "row", statements=tuple(statements))

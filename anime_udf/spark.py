@@ -38,8 +38,7 @@ from pyspark.sql.udf import UserDefinedFunction
 from anime_udf.bundle import read_manifest
 from anime_udf.catalog import INPUT_COLUMNS, CatalogError, read_catalog
 from anime_udf.errors import AnimeUdfError
-from anime_udf.registry import models_dir, newest
-from anime_udf.udf import FUNCTION_NAMES, NoModelsError
+from anime_udf.udf import FUNCTION_NAMES, bundles_to_register
 
 SIGNATURE = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE) -> DOUBLE"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
@@ -161,23 +160,13 @@ def register(
     ``SparkContext.addFile`` sends to every executor. ``device`` is where the workers
     run the text encoder (``auto``: a CUDA GPU when the executor has one), ``precision`` how
     (``auto``: bf16 where the executor's hardware has it), as for ``anime_udf.register``."""
-    paths = {"baseline": baseline, "fusion": fusion}
-    if baseline is None and fusion is None:
-        paths = {kind: newest(kind, models) for kind in paths}
     registered = {}
-    for path in paths.values():
-        if path is None:
-            continue
+    for path in bundles_to_register(baseline, fusion, models):
         path = Path(path).resolve()
         name = FUNCTION_NAMES[read_manifest(path)["kind"]]  # verifies every file's checksum
         if ship:
             spark.sparkContext.addFile(str(path), recursive=True)
         registered[name] = spark.udf.register(name, scoring_udf(name, path, device, precision, ship))
-    if not registered:
-        raise NoModelsError(
-            f"no model bundles in {models_dir(models).resolve()}; train one with "
-            f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
-        )
     return registered
 
 

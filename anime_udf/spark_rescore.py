@@ -54,7 +54,8 @@ from pyspark.sql import functions as F
 from anime_udf.catalog import INPUT_COLUMNS, read_catalog
 from anime_udf.files import atomic_file
 from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _dry_run_report, _now,
-                               _pause, _refuse_shrink, resolve_models, run_report, sql_sections, store_lock)
+                               _pause, _refuse_shrink, _run, _set, resolve_models, run_report, sql_sections,
+                               store_lock)
 from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, spark_path
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
@@ -158,7 +159,7 @@ def rescore_spark(
                 _plan(con, choices, previous, work, run_id, started, key, catalog)
                 if not allow_shrink:
                     _refuse_shrink(con, catalog, store)
-                _sql(con, "counts")
+                _run(con, "counts")
                 if dry_run:
                     return _dry_run_report(con, run_id, store, catalog, key, started, clock)
                 to_score = dict(con.execute("SELECT model_id, rows_scored FROM rescore_counts").fetchall())
@@ -249,10 +250,6 @@ def _write(df: DataFrame, path: Path) -> None:
         raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
 
 
-def _sql(con: duckdb.DuckDBPyConnection, section: str) -> None:
-    con.execute(sql_sections()[section])
-
-
 def _register_parquet(con: duckdb.DuckDBPyConnection, name: str, directory: Path) -> None:
     """Expose the Parquet files Spark wrote in ``directory`` to DuckDB as ``name`` (an Arrow
     dataset of the files, listed by name: a path is never a glob pattern, and DuckDB reads
@@ -271,24 +268,25 @@ def _plan(con: duckdb.DuckDBPyConnection, choices, previous: Path | None, work: 
     tables (the published snapshot's), the models, and the planned input and todo rows."""
     con.execute("ATTACH ':memory:' AS store")
     con.execute("USE store")
-    _sql(con, "schema")  # empty tables: a new store's
+    _run(con, "schema")  # empty tables: a new store's
     if previous is not None:
         con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
         _register_parquet(con, "rescore_scores", previous / "scores")
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
         con.execute("INSERT INTO rescore_runs SELECT * FROM previous_runs")
-    for name, value in (("rescore_run_id", run_id), ("rescore_key_column", key), ("rescore_catalog", catalog)):
-        con.execute(f"SET VARIABLE {name} = ?", [value])
-    con.execute("SET VARIABLE rescore_started_at = ?::TIMESTAMPTZ", [started.isoformat()])
-    _sql(con, "start")
+    _set(con, "rescore_run_id", run_id)
+    _set(con, "rescore_key_column", key)
+    _set(con, "rescore_catalog", catalog)
+    _set(con, "rescore_started_at", started.isoformat(), "::TIMESTAMPTZ")
+    _run(con, "start")
     for choice in choices:
-        for name, value in (("rescore_model_id", choice.model_id), ("rescore_model_kind", choice.kind),
-                            ("rescore_bundle", str(choice.path))):
-            con.execute(f"SET VARIABLE {name} = ?", [value])
-        _sql(con, "model")
+        _set(con, "rescore_model_id", choice.model_id)
+        _set(con, "rescore_model_kind", choice.kind)
+        _set(con, "rescore_bundle", str(choice.path))
+        _run(con, "model")
     _register_parquet(con, "rescore_input", work / "plan" / "input")
     _register_parquet(con, "rescore_todo", work / "plan" / "todo")
-    _sql(con, "fingerprint")
+    _run(con, "fingerprint")
 
 
 def _score(spark: SparkSession, todo: DataFrame, choice, rows: int, run_id: str, device: str,
@@ -319,7 +317,7 @@ def _record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dic
         kind, n, distinct, nonfinite, expected = bad[0]
         raise RescoreError(f"rescore failed, nothing was published: the new {kind} scores have {n} rows "
                            f"({distinct} keys, {nonfinite} not finite) for {expected} catalog keys")
-    _sql(con, "record")
+    _run(con, "record")
     con.execute(f"COPY rescore_runs TO {quote_literal(work / RUNS_FILE)} (FORMAT parquet)")
     return con.sql("SELECT * EXCLUDE (catalog, key_column, run_id) FROM rescore_runs WHERE run_id = ? "
                    "ORDER BY model_kind", params=[run_id]).pl().to_dicts()

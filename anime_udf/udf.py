@@ -110,17 +110,23 @@ def register(
     with native bf16, else fp32), ``fp32`` or ``bf16``. Bundles are checked now and
     loaded on their function's first call. Returns {function name: scorer}.
     """
-    paths = {"baseline": baseline, "fusion": fusion}
-    if baseline is None and fusion is None:
-        paths = {kind: newest(kind, models) for kind in paths}
     registered = {}
-    for path in paths.values():
-        if path is not None:
-            scorer = LazyScorer(path, device, precision)
-            registered[register_scorer(con, scorer)] = scorer
-    if not registered:
+    for path in bundles_to_register(baseline, fusion, models):
+        scorer = LazyScorer(path, device, precision)
+        registered[register_scorer(con, scorer)] = scorer
+    return registered
+
+
+def bundles_to_register(baseline: Path | str | None, fusion: Path | str | None,
+                        models: Path | str | None) -> list[Path | str]:
+    """The bundles a ``register`` (DuckDB's or Spark's) registers: those given, or without
+    any, the newest of each kind in the models directory; none at all is an error."""
+    paths = [baseline, fusion] if baseline is not None or fusion is not None else [
+        newest(kind, models) for kind in FUNCTION_NAMES]
+    paths = [path for path in paths if path is not None]
+    if not paths:
         raise NoModelsError(
             f"no model bundles in {models_dir(models).resolve()}; train one with "
             f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
         )
-    return registered
+    return paths
