@@ -150,7 +150,6 @@ def resolve_models(specs: str | Sequence[str], directory: Path | str | None = No
 
 
 @lru_cache(maxsize=1)
-@lru_cache(maxsize=1)
 def sql_sections() -> dict[str, str]:
     """The sections of sql/rescore.sql, by name (``-- @section NAME`` lines); read once."""
     sections: dict[str, str] = {}

@@ -63,7 +63,8 @@ def report(label: str, n: int, seconds: float, metrics: dict) -> None:
 def ensemble_cost(bundle: Path, kind: str, data: Path, where: str | None) -> None:
     """Warm scoring with the whole seed ensemble against its first member alone."""
     con = duckdb.connect()
-    (scorer,) = register(con, **{kind: bundle}).values()
+    (registered,) = register(con, **{kind: bundle}).values()
+    scorer = registered.scorer()  # the loaded model, whose heads are swapped below
     con.register("catalog", read_catalog(data))
     df = con.sql(f"SELECT * FROM catalog {('WHERE ' + where) if where else ''}").pl()
     columns = [df[c].to_list() for c in INPUTS]
