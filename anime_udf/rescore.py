@@ -172,6 +172,23 @@ def _set(con: duckdb.DuckDBPyConnection, name: str, value: Any, cast: str = "") 
     con.execute(f"SET VARIABLE {name} = ?{cast}", [value])
 
 
+def _set_run(con: duckdb.DuckDBPyConnection, run_id: str, started: dt.datetime, key: str, catalog: str) -> None:
+    """The run's variables that sql/rescore.sql reads."""
+    _set(con, "rescore_run_id", run_id)
+    _set(con, "rescore_started_at", started.isoformat(), "::TIMESTAMPTZ")
+    _set(con, "rescore_key_column", key)
+    _set(con, "rescore_catalog", catalog)
+
+
+def _add_models(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice]) -> None:
+    """The chosen models into rescore_models (sql/rescore.sql's model section, once each)."""
+    for choice in choices:
+        _set(con, "rescore_model_id", choice.model_id)
+        _set(con, "rescore_model_kind", choice.kind)
+        _set(con, "rescore_bundle", str(choice.path))
+        _run(con, "model")
+
+
 # --- locking and opening the store --------------------------------------------------------
 
 
@@ -432,18 +449,11 @@ def rescore(
         con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {quote_ident(key)} AS key, "
                     f"{', '.join(INPUT_COLUMNS)} FROM rescore_catalog_df")
         _run(con, "macros")
-        _set(con, "rescore_run_id", run_id)
-        _set(con, "rescore_started_at", started.isoformat(), "::TIMESTAMPTZ")
-        _set(con, "rescore_key_column", key)
-        _set(con, "rescore_catalog", label)
+        _set_run(con, run_id, started, key, label)
         with nullcontext({}) if dry_run else store_lock(store, wait, run_id) as previous:
             with _store_for_planning(con, store, wait):
                 _run(con, "start")
-                for choice in choices:
-                    _set(con, "rescore_model_id", choice.model_id)
-                    _set(con, "rescore_model_kind", choice.kind)
-                    _set(con, "rescore_bundle", str(choice.path))
-                    _run(con, "model")
+                _add_models(con, choices)
                 _pause("plan")
                 _run(con, "plan")
                 _run(con, "fingerprint")

@@ -53,9 +53,9 @@ from pyspark.sql import functions as F
 
 from anime_udf.catalog import INPUT_COLUMNS, read_catalog
 from anime_udf.files import atomic_file
-from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _dry_run_report, _now,
-                               _pause, _refuse_shrink, _run, _set, resolve_models, run_report, sql_sections,
-                               store_lock)
+from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _add_models,
+                               _dry_run_report, _now, _pause, _refuse_shrink, _run, _set_run, resolve_models,
+                               run_report, sql_sections, store_lock)
 from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, spark_path
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
@@ -274,16 +274,9 @@ def _plan(con: duckdb.DuckDBPyConnection, choices, previous: Path | None, work: 
         _register_parquet(con, "rescore_scores", previous / "scores")
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
         con.execute("INSERT INTO rescore_runs SELECT * FROM previous_runs")
-    _set(con, "rescore_run_id", run_id)
-    _set(con, "rescore_key_column", key)
-    _set(con, "rescore_catalog", catalog)
-    _set(con, "rescore_started_at", started.isoformat(), "::TIMESTAMPTZ")
+    _set_run(con, run_id, started, key, catalog)
     _run(con, "start")
-    for choice in choices:
-        _set(con, "rescore_model_id", choice.model_id)
-        _set(con, "rescore_model_kind", choice.kind)
-        _set(con, "rescore_bundle", str(choice.path))
-        _run(con, "model")
+    _add_models(con, choices)
     _register_parquet(con, "rescore_input", work / "plan" / "input")
     _register_parquet(con, "rescore_todo", work / "plan" / "todo")
     _run(con, "fingerprint")
