@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 from anime_udf.errors import AnimeUdfError
@@ -38,8 +39,21 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+# oneDNN ISA limits (ONEDNN_MAX_CPU_ISA) that still include its bf16 kernels.
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "AVX10", "ALL")
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matrix multiplies run in hardware (else autocast is slower)."""
+    """AVX-512 BF16 or AMX in the CPU, and kernels allowed to use them: bf16 matrix multiplies
+    run in hardware (else autocast is slower). ``ATEN_CPU_CAPABILITY=avx2`` or
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` limit the kernels as on an older CPU, and then it is fp32."""
+    import torch
+
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return False
+    isa_limit = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not isa_limit.startswith(_ONEDNN_BF16_ISAS):
+        return False
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as fh:
             flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])

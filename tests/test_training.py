@@ -2,6 +2,7 @@
 
 import duckdb
 import numpy as np
+import polars as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -93,3 +94,50 @@ def test_cuda_without_a_gpu_is_a_one_line_error(monkeypatch, baseline_bundle, tm
     assert not (tmp_path / "b").exists()
     with pytest.raises(DeviceError):
         anime_udf.register(duckdb.connect(), baseline=baseline_bundle, device="cuda")
+
+
+def dated_catalog():
+    """The fixture catalog with a year column: 40 titles a year, 2011-2020."""
+    df = pl.read_csv(CATALOG)
+    return df.with_columns(year=pl.Series([2011 + i // 40 for i in range(df.height)]))
+
+
+def test_a_dated_catalog_validates_on_its_newest_years():
+    split = load_split(dated_catalog())
+    assert split.selection == {"how": "time", "where": '"year" >= 2019', "rows": 80}
+    assert split.valid["year"].min() == 2019 and split.fit["year"].max() == 2018
+    assert split.refit.height == 400  # the final model still trains on every row
+    # premiered ("Spring 2019") dates a title as well
+    premiered = dated_catalog().with_columns(premiered="Spring " + pl.col("year").cast(pl.String)).drop("year")
+    assert load_split(premiered).valid.height == 80
+
+
+def test_valid_where_chooses_the_validation_rows_and_the_manifest_says_so(tmp_path):
+    result = CliRunner().invoke(cli, ["train", "baseline", "--data", str(write_dated(tmp_path)), "--epochs", "4",
+                                      "--seeds", "1", "--valid-where", "year >= 2018 AND anime_id % 2 = 0",
+                                      "--out", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    training = read_manifest(tmp_path / "b")["training"]
+    assert training["validation"] == {"how": "where", "where": "year >= 2018 AND anime_id % 2 = 0", "rows": 60}
+    assert training["rows_valid"] == 60 and training["final_rows"] == 400
+    # an explicit random fraction still works on a dated catalog
+    split = load_split(dated_catalog(), valid_fraction=0.25)
+    assert split.selection["how"] == "random" and split.valid.height == 100
+
+
+@pytest.mark.parametrize("predicate, message", [
+    ("yeer >= 2018", "--valid-where 'yeer >= 2018': Binder Error: Referenced column \"yeer\" not found"),
+    ("year >= 2030", "--valid-where 'year >= 2030' selects 0 of"),
+    ("year > 0", "--valid-where 'year > 0' selects 400 of"),
+])
+def test_a_bad_valid_where_is_a_clear_error_before_training(tmp_path, predicate, message):
+    result = CliRunner().invoke(cli, ["train", "baseline", "--data", str(write_dated(tmp_path)),
+                                      "--valid-where", predicate, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1 and message in result.output, result.output
+    assert "Traceback" not in result.output and not (tmp_path / "b").exists()
+
+
+def write_dated(tmp_path):
+    path = tmp_path / "dated.csv"
+    dated_catalog().write_csv(path)
+    return path

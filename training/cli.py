@@ -49,10 +49,16 @@ def data_options(valid_fraction: float, seeds: int):
         f = click.option("--refit/--no-refit", default=True, show_default=True,
                          help="After choosing epochs on the validation rows, retrain on every row of --data.")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
-        f = click.option("--valid-fraction", default=valid_fraction, show_default=True,
-                         help="Fraction of --data the selection run holds out (when --valid is not given).")(f)
+        f = click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                         help=f"Validate on this random fraction of --data instead. Default when --data has "
+                              f"no year or premiered column: {valid_fraction}.")(f)
+        f = click.option("--valid-where", metavar="SQL_PREDICATE",
+                         help="Validate on the rows of --data where this SQL predicate holds, e.g. "
+                              "\"year >= 2014\" (any column of --data; none becomes a model input). Default "
+                              "when --data has a year (or premiered) column: the newest years holding at least "
+                              "15% of the rows, as the models score titles newer than any they trained on.")(f)
         f = click.option("--valid", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                         help="Explicit validation catalog (instead of a random split of --data).")(f)
+                         help="Explicit validation catalog (instead of rows of --data).")(f)
         f = click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                          help="Training catalog: CSV or Parquet with synopsis, genres, studio, episodes, score.")(f)
         f = click.option("--out", type=click.Path(file_okay=False, path_type=Path),
@@ -85,7 +91,7 @@ def train():
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
-def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, device, precision, epochs, batch_size, lr):
+def baseline(models, out, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, epochs, batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
     A selection run on a held-out part of --data chooses the number of epochs; then
@@ -95,7 +101,7 @@ def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, devic
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
 
-    split = load_split(data, valid, valid_fraction, seed)
+    split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=0.2)
     out = out or default_out(models, "baseline")
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
                                 device=device, precision=precision)
@@ -126,7 +132,7 @@ def baseline(models, out, data, valid, valid_fraction, seed, refit, seeds, devic
 @click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Fine-tuning batch size.")
 @click.option("--checkpoint-every", type=POSITIVE, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
-def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device, precision, backbone, pooling, max_length,
+def fusion(models, out, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, backbone, pooling, max_length,
            epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
     """Transformer text + genres, studio, episodes + the synopsis's words (the fusion model).
 
@@ -142,7 +148,7 @@ def fusion(models, out, data, valid, valid_fraction, seed, refit, seeds, device,
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
-    split = load_split(data, valid, valid_fraction, seed)
+    split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=0.1)
     out = out or default_out(models, "fusion")
     settings = FusionSettings(
         backbone=str(backbone.resolve()) if backbone else "", pooling=pooling, max_length=max_length,

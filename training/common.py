@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -30,30 +31,100 @@ def seed_everything(seed: int) -> None:
 class DataSplit:
     """The rows of a training run: the selection run fits on ``fit`` and is validated on
     ``valid`` (it chooses epochs); the final model is then refitted on ``refit``, every row of
-    the training catalog, with what was chosen."""
+    the training catalog, with what was chosen. ``selection`` says how ``valid`` was chosen
+    (recorded in the manifest)."""
 
     fit: pl.DataFrame
     valid: pl.DataFrame
     refit: pl.DataFrame
+    selection: dict = field(default_factory=dict)
 
 
-def load_split(data, valid=None, valid_fraction: float = 0.2, seed: int = 42) -> DataSplit:
-    """Training and validation rows: an explicit ``valid`` catalog, or a seeded random split of ``data``."""
-    train = read_catalog(data, require_score=True)
+# Catalog columns that date a title: when one is there, the selection run validates on the newest
+# titles, as the nightly job scores titles newer than any it trained on. They choose rows only:
+# no model reads them.
+TIME_COLUMNS = ("year", "premiered")
+TIME_VALID_SHARE = 0.15  # the newest years holding at least this share of the rows validate
+DEFAULT_VALID_FRACTION = 0.2  # a random split's share, for a catalog without dates
+
+
+def load_split(data, valid=None, valid_fraction: float | None = None, seed: int = 42,
+               valid_where: str | None = None, default_fraction: float = DEFAULT_VALID_FRACTION) -> DataSplit:
+    """Training and validation rows, chosen (first that applies) by: an explicit ``valid``
+    catalog; the SQL predicate ``valid_where`` over ``data``'s columns; ``valid_fraction``, a
+    seeded random share; time (the newest years, when ``data`` has a ``year`` or ``premiered``
+    column); a random ``default_fraction``."""
+    label = data if isinstance(data, (str, Path)) else "the training catalog"
+    train = read_catalog(data, require_score=True, name=str(label))
     if train.height < 2:
-        raise CatalogError(f"{data}: {train.height} rows; training needs at least 2")
+        raise CatalogError(f"{label}: {train.height} rows; training needs at least 2")
     if valid is not None:
         valid_rows = read_catalog(valid, require_score=True)
         if valid_rows.height == 0:
             raise CatalogError(f"{valid}: no rows to validate on")
-        return DataSplit(train, valid_rows, train)
+        return DataSplit(train, valid_rows, train, {"how": "catalog", "valid": str(valid)})
+    if valid_where is None and valid_fraction is None:
+        valid_where = newest_years(train)
+        how = "time"
+    else:
+        how = "where"
+    if valid_where is None:
+        return random_split(label, train, default_fraction if valid_fraction is None else valid_fraction, seed)
+    is_valid = rows_where(train, valid_where)
+    n_valid = int(is_valid.sum())
+    if n_valid == 0 or train.height - n_valid < 2:
+        raise CatalogError(f"--valid-where {valid_where!r} selects {n_valid} of {label}'s {train.height} rows; "
+                           f"it must leave at least 1 row to validate on and 2 to train on")
+    return DataSplit(train.filter(~is_valid), train.filter(is_valid), train,
+                     {"how": how, "where": valid_where, "rows": n_valid})
+
+
+def random_split(label, train: pl.DataFrame, valid_fraction: float, seed: int) -> DataSplit:
     if not 0.0 < valid_fraction < 1.0:
         raise CatalogError(f"--valid-fraction must be between 0 and 1, got {valid_fraction}")
     order = np.random.default_rng(seed).permutation(train.height)
     n_valid = max(1, round(train.height * valid_fraction))
     if train.height - n_valid < 2:
-        raise CatalogError(f"{data}: {train.height} rows are too few to split into training and validation")
-    return DataSplit(train[order[n_valid:]], train[order[:n_valid]], train)
+        raise CatalogError(f"{label}: {train.height} rows are too few to split into training and validation")
+    return DataSplit(train[order[n_valid:]], train[order[:n_valid]], train,
+                     {"how": "random", "fraction": valid_fraction, "seed": seed, "rows": int(n_valid)})
+
+
+def rows_where(train: pl.DataFrame, predicate: str) -> pl.Series:
+    """Which rows satisfy the SQL ``predicate`` (NULL counts as false), evaluated by DuckDB."""
+    import duckdb
+
+    con = duckdb.connect()
+    con.register("catalog", train.with_row_index("__row"))
+    try:
+        chosen = con.sql(f"SELECT __row FROM catalog WHERE ({predicate})").pl()["__row"]
+    except duckdb.Error as exc:
+        first_line = str(exc).strip().splitlines()[0]
+        raise CatalogError(f"--valid-where {predicate!r}: {first_line} (columns: {', '.join(train.columns)})") from None
+    finally:
+        con.close()
+    return pl.Series(np.isin(np.arange(train.height), chosen.to_numpy()))
+
+
+def newest_years(train: pl.DataFrame) -> str | None:
+    """A predicate selecting the newest years that hold at least ``TIME_VALID_SHARE`` of the rows,
+    or None when the catalog has no dates (or too few distinct years to split on)."""
+    from anime_udf.sqlutil import quote_ident
+
+    for column in TIME_COLUMNS:
+        if column not in train.columns:
+            continue
+        values = train[column].cast(pl.String).str.extract(r"(\d{4})").cast(pl.Int64)
+        years = values.drop_nulls().sort(descending=True)
+        if years.n_unique() < 2:
+            continue
+        cut = int(years[min(len(years), math.ceil(TIME_VALID_SHARE * train.height)) - 1])
+        if cut == years[-1]:  # the newest share reaches back to the oldest year: nothing left to fit on
+            continue
+        if column == "year" and train[column].dtype.is_numeric():
+            return f"{quote_ident(column)} >= {cut}"
+        return f"TRY_CAST(regexp_extract({quote_ident(column)}::VARCHAR, '(\\d{{4}})', 1) AS INTEGER) >= {cut}"
+    return None
 
 
 def embed_frozen(encoder: FrozenTextEncoder, frames: list[pl.DataFrame], progress: bool) -> list[np.ndarray]:
@@ -109,6 +180,7 @@ def training_record(split: DataSplit, settings: dict, **extra) -> dict:
         "rows_train": split.refit.height,
         "rows_selection_fit": split.fit.height,
         "rows_valid": split.valid.height,
+        "validation": split.selection,
         "settings": settings,
         **extra,
     }
