@@ -23,7 +23,9 @@ from anime_udf.errors import AnimeUdfError
 if TYPE_CHECKING:
     import torch
 
-FORMAT_VERSION = 2  # 2: seed ensembles, the lexical view, text_model.in_bundle
+# 2: seed ensembles, the lexical view, text_model.in_bundle; 3: the fusion head of BaselineNet's
+# shape (studio_dim 0 = one-hot studios)
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 KINDS = ("baseline", "fusion")
 POOLINGS = ("mean", "cls")  # how an encoder's token states become one text vector
@@ -209,7 +211,7 @@ _SCHEMA = {
     ("text_model", "pooling"): (lambda v: v in POOLINGS, " or ".join(map(repr, POOLINGS))),
     ("text_model", "max_length"): _number(1, 8192, integer=True),
     ("model", "text_dim"): _number(1, 8192, integer=True),
-    ("model", "studio_dim"): _number(1, 1024, integer=True),
+    ("model", "studio_dim"): _number(0, 1024, integer=True),  # 0: one-hot
     ("model", "dropout"): _number(0, 1),
     ("model", "seeds"): _number(1, 64, integer=True),
 }

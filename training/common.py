@@ -165,6 +165,10 @@ class Tabular:
                                       rows["episodes"].to_list(), min_studio_count)
         return cls(features, TargetScaler.fit(rows["score"].to_numpy()))
 
+    def shape(self) -> tuple[int, int]:
+        """(dense feature width, number of studio indices): what a network's tabular input needs."""
+        return self.features.n_tabular, self.features.n_studios
+
     def inputs(self, df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(dense features, studio index) of ``df``."""
         return self.features.encode(df["genres"].to_list(), df["studio"].to_list(), df["episodes"].to_list())

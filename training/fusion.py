@@ -80,8 +80,8 @@ class FusionSettings:
     # Dropout inside the encoder while fine-tuning a regressor shifts its activations
     # between training and inference; off by default (it also scored better).
     encoder_dropout: float = 0.0
-    studio_dim: int = 16
-    min_studio_count: int = 2
+    studio_dim: int = 0  # one-hot studios (as the baseline)
+    min_studio_count: int = 3
     seeds: int = 3
     refit: bool = True
     lexical_ngram_max: int = 2
@@ -319,9 +319,11 @@ def train_fusion(
         resume = False
 
     parts = {"fit": split.fit, "valid": split.valid, "refit": split.refit if settings.refit else split.fit}
-    tab = Tabular.fit(parts["refit"], settings.min_studio_count)
+    # The selection run knows only its own rows' studios and genres (as baseline.py).
+    sel_tab, tab = Tabular.fit(parts["fit"], settings.min_studio_count), Tabular.fit(parts["refit"], settings.min_studio_count)
+    tabs = {"fit": sel_tab, "valid": sel_tab, "refit": tab}
     texts = {k: [clean_text(t) for t in df["synopsis"].to_list()] for k, df in parts.items()}
-    y = {k: tab.target(df) for k, df in parts.items()}
+    y = {k: tabs[k].target(df) for k, df in parts.items()}
 
     lexical_settings = settings.lexical()
     log(f"lexical view: TF-IDF 1-{settings.lexical_ngram_max}-grams + ridge, "
@@ -334,18 +336,21 @@ def train_fusion(
         lex["refit"] = out_of_fold(texts["refit"], y["refit"], lexical_settings, settings.seed)
     else:
         lexical, lex["refit"] = lexical_fit, lex["fit"]
-    tabular = {k: (*tab.inputs(df), lex[k]) for k, df in parts.items()}  # (dense, studio, lexical)
+    tabular = {k: (*tabs[k].inputs(df), lex[k]) for k, df in parts.items()}  # (dense, studio, lexical)
     lexical_seconds = time.perf_counter() - started
 
     how = settings.head_training()
 
     def select_head(text_encoder: FrozenTextEncoder):
-        """Pooled features of every part, and the head's epochs chosen on them."""
+        """Pooled features of every part, and the head's epochs chosen on them; returns
+        the head's factory for a Tabular's vocabularies, the inputs and the selection."""
         embedded = dict(zip(parts, embed_frozen(text_encoder, list(parts.values()), progress)))
-        make_head = partial(FusionHead, embedded["fit"].shape[1], tab.features.n_tabular, tab.features.n_studios,
-                            settings.studio_dim, settings.dropout)
+
+        def make_head(t: Tabular):
+            return partial(FusionHead, embedded["fit"].shape[1], *t.shape(), settings.studio_dim, settings.dropout)
+
         x = {k: (embedded[k], *tabular[k]) for k in parts}
-        selection = select_epochs(make_head, x["fit"], y["fit"], x["valid"], y["valid"], how, settings.seed,
+        selection = select_epochs(make_head(sel_tab), x["fit"], y["fit"], x["valid"], y["valid"], how, settings.seed,
                                   device, progress)
         return make_head, x, selection
 
@@ -355,7 +360,7 @@ def train_fusion(
                                device=device, precision=settings.precision)
     make_head, x, selection = select_head(frozen)
     stage1_seconds = time.perf_counter() - started
-    best_rmse = min(h["valid_rmse_std"] for h in selection.history) * tab.scaler.std
+    best_rmse = min(h["valid_rmse_std"] for h in selection.history) * sel_tab.scaler.std
     log(f"stage 1 done: the head's best schedule is {selection.best_epochs} epochs, validation RMSE {best_rmse:.4f}")
 
     tokenizer = load_tokenizer(backbone)
@@ -365,12 +370,12 @@ def train_fusion(
         side = Path(side)
         if settings.epochs > 0:
             # One head, trained as chosen on the fit rows, to fine-tune the encoder with.
-            head = fit_ensemble(make_head, x["fit"], y["fit"], selection.best_epochs, replace(how, seeds=1),
+            head = fit_ensemble(make_head(sel_tab), x["fit"], y["fit"], selection.best_epochs, replace(how, seeds=1),
                                 settings.seed, device).members[0]
             net = FusionNet(encoder, head, settings.pooling).to(device)
             data = f"{fingerprint(split.fit)} {fingerprint(split.valid)}"
             fine_tuning = fine_tune(net, tokenizer, texts, {k: tabular[k] for k in ("fit", "valid")}, y, settings,
-                                    checkpoint, resume, data, device, tab.scaler.std, progress, log, on_step)
+                                    checkpoint, resume, data, device, sel_tab.scaler.std, progress, log, on_step)
             net.to("cpu")
         tuned = bool(fine_tuning and fine_tuning["best_epoch"] > 0)
         in_bundle = tuned or bool(settings.backbone)  # else: the packaged encoder, referenced by checksum
@@ -383,9 +388,9 @@ def train_fusion(
                                        pooling=settings.pooling, max_length=settings.max_length, cache=cache,
                                        device=device, precision=settings.precision)
             make_head, x, selection = select_head(frozen)
-        metrics = compute_metrics(split.valid["score"].to_numpy(), tab.scaler.unscale(selection.valid_predictions))
+        metrics = compute_metrics(split.valid["score"].to_numpy(), sel_tab.scaler.unscale(selection.valid_predictions))
         log(f"final head: {settings.seeds} seed(s) x {selection.best_epochs} epochs on {parts['refit'].height} rows")
-        ensemble = refit_ensemble(make_head, x["refit"], y["refit"], selection.best_epochs, how, settings.seed,
+        ensemble = refit_ensemble(make_head(tab), x["refit"], y["refit"], selection.best_epochs, how, settings.seed,
                                   device, progress)
 
         checksum = weights_checksum(str(side / "encoder")) if in_bundle else frozen.checksum
