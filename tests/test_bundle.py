@@ -1,11 +1,12 @@
 """A missing, truncated or inconsistent bundle gives one clear error naming the file."""
 
 import json
+import os
 import shutil
 
 import pytest
 
-from anime_udf.bundle import BundleError, read_manifest, write_bundle
+from anime_udf.bundle import BundleError, load_weights, read_manifest, write_bundle
 from anime_udf.scoring import load_scorer
 
 
@@ -142,3 +143,74 @@ def test_an_unreadable_weight_file_is_named(bundle, monkeypatch):
     monkeypatch.setattr(builtins, "open", no_permission)
     with pytest.raises(BundleError, match=r"model\.safetensors: cannot read it: Permission denied"):
         load_scorer(bundle)
+
+
+def test_write_bundle_checks_its_out_again_at_write_time(bundle, fusion_bundle, tmp_path):
+    weights = {"model.safetensors": load_weights(bundle, "model.safetensors")}
+    manifest = {k: v for k, v in read_manifest(bundle).items() if k not in ("files", "format_version", "created_at")}
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(BundleError, match="notes: already exists and is not a complete model bundle"):
+        write_bundle(tmp_path / "notes", manifest, weights, force=True)
+    fusion = shutil.copytree(fusion_bundle, tmp_path / "fusion")
+    with pytest.raises(BundleError, match="holds a fusion bundle, which a baseline bundle never replaces"):
+        write_bundle(fusion, manifest, weights, force=True)
+    with pytest.raises(BundleError, match="pass --force to replace it"):
+        write_bundle(bundle, manifest, weights)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert read_manifest(fusion)["kind"] == "fusion" and sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy", "fusion", "notes"]
+
+
+def test_a_bundle_is_shared_like_its_directory(bundle, tmp_path):
+    written = write_bundle(tmp_path / "new", {"kind": "baseline"}, {"model.safetensors": load_weights(bundle, "model.safetensors")})
+    assert {p.name: p.stat().st_mode & 0o777 for p in written.iterdir()} == {
+        "manifest.json": 0o644, "model.safetensors": 0o644}
+    assert written.stat().st_mode & 0o777 == 0o755
+
+
+# A replacing write killed after each of its steps: the bundle's own directory is either the
+# old bundle or the new one, as `anime-udf models` and resolution see it.
+KILLED_WRITE = """
+import os, pathlib, shutil, sys
+from anime_udf.bundle import load_weights, read_manifest, write_bundle
+out, step = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+manifest = {k: v for k, v in read_manifest(out).items() if k not in ("files", "format_version", "created_at")}
+weights = {"model.safetensors": load_weights(out, "model.safetensors")}
+manifest["name"] = "new"
+steps = []
+def dies_after(real):
+    def step_done(*args):
+        result = real(*args)
+        steps.append(1)
+        if len(steps) == step:
+            os._exit(9)
+        return result
+    return step_done
+pathlib.Path.rename = dies_after(pathlib.Path.rename)
+shutil.rmtree = dies_after(shutil.rmtree)
+write_bundle(out, manifest, weights, force=True)
+"""
+
+
+@pytest.mark.parametrize("step, survivor", [(1, "old"), (2, "new"), (3, "new")])
+def test_a_replacing_write_killed_at_any_step_leaves_a_complete_bundle(baseline_bundle, tmp_path, step, survivor):
+    import subprocess
+    import sys
+
+    from click.testing import CliRunner
+
+    from anime_udf.cli import cli
+    from anime_udf.registry import get_model
+    from tests.conftest import ROOT
+
+    models = tmp_path / "models"
+    shutil.copytree(baseline_bundle, models / "b")
+    _edit_manifest(models / "b", lambda m: m.__setitem__("name", "old"))
+    killed = subprocess.run([sys.executable, "-c", KILLED_WRITE, str(models / "b"), str(step)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
+    assert killed.returncode == 9, killed.stderr
+    listed = CliRunner().invoke(cli, ["models", "--json", "--models", str(models)])
+    assert [(b["name"], b["error"]) for b in json.loads(listed.output)] == [("b", None)]
+    assert read_manifest(get_model("b", models))["name"] == survivor
+    assert [p.name for p in models.iterdir()] == ["b"]  # nothing set aside or half-written is left
