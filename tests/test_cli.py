@@ -246,3 +246,11 @@ def test_train_force_replaces_a_bundle_of_its_kind(models):
     after = read_manifest(models / "baseline-fixture")
     assert after["model"]["seeds"] == 1 != before["model"]["seeds"]
     assert [p.name for p in models.iterdir()] == ["baseline-fixture"]  # nothing set aside is left
+
+
+def test_sql_without_bundles_runs_a_query_that_needs_none(tmp_path):
+    result = run("sql", "SELECT 42 AS answer")
+    assert result.exit_code == 0 and "42" in result.output, result.output
+    called = run("sql", "SELECT predict_score('A story.', 'Drama', NULL, 12)")
+    assert called.exit_code == 1
+    assert f"predict_score: no baseline bundle in {tmp_path / 'models'}" in called.output
