@@ -203,8 +203,9 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 @models_option
 @scoring_options
 def sql(query, tables, model_paths, out, limit, models, device, precision):
-    """Run QUERY with predict_score / predict_score_fusion and the macros of sql/metrics.sql and
-    sql/report.sql available.
+    """Run QUERY with predict_score / predict_score_fusion (each where the models directory has a
+    bundle of its kind; a query that scores nothing needs none) and the macros of sql/metrics.sql
+    and sql/report.sql available.
 
     \b
     anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
