@@ -318,10 +318,22 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:
+    """A bundle's weight file, refused if it holds NaN or infinite values (scores must be finite)."""
     from safetensors.torch import load_file
 
     path = Path(bundle) / name
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise BundleError(f"{path}: cannot load weights: {exc}") from exc
+    bad = nonfinite_tensor(state)
+    if bad:
+        raise BundleError(f"{path}: weights {bad!r} hold NaN or infinite values")
+    return state
+
+
+def nonfinite_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or ±inf, or None."""
+    import torch
+
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)

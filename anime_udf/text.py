@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from anime_udf.bundle import nonfinite_tensor  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
 from anime_udf.devices import resolve_device, resolve_precision  # noqa: E402
 from anime_udf.errors import AnimeUdfError  # noqa: E402
@@ -113,7 +114,12 @@ def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Mod
         for name, value in config.to_dict().items():
             if "dropout" in name and isinstance(value, float):
                 setattr(config, name, dropout)
-    return AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
+    bad = nonfinite_tensor(model.state_dict())
+    if bad:
+        files = ", ".join(f.name for f in sorted(Path(path).glob("*.safetensors")))
+        raise EncoderError(f"{path}: weights {bad!r} ({files}) hold NaN or infinite values")
+    return model
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -214,3 +214,73 @@ def test_a_replacing_write_killed_at_any_step_leaves_a_complete_bundle(baseline_
     assert [(b["name"], b["error"]) for b in json.loads(listed.output)] == [("b", None)]
     assert read_manifest(get_model("b", models))["name"] == survivor
     assert [p.name for p in models.iterdir()] == ["b"]  # nothing set aside or half-written is left
+
+
+def _rewrite_weights(bundle, name, edit) -> None:
+    """Change the tensors of a bundle's weight file and record its new checksum, as a tamperer would."""
+    from safetensors.torch import load_file, save_file
+
+    from anime_udf.bundle import file_sha256
+
+    state = load_file(str(bundle / name))
+    edit(state)
+    save_file(state, str(bundle / name))
+    _edit_manifest(bundle, lambda m: m["files"].__setitem__(name, file_sha256(bundle / name)))
+
+
+def _poison(tensor_name, value):
+    def edit(state):
+        state[tensor_name] = state[tensor_name].clone()
+        state[tensor_name].view(-1)[0] = value
+    return edit
+
+
+@pytest.mark.parametrize("kind, name, tensor, value", [
+    ("baseline", "model.safetensors", "members.0.mlp.0.weight", float("nan")),
+    ("fusion", "head.safetensors", "members.1.head.3.bias", float("inf")),
+    ("fusion", "lexical/weights.safetensors", "idf", float("nan")),
+    ("fusion", "lexical/weights.safetensors", "coef", float("-inf")),
+    ("fusion", "lexical/weights.safetensors", "intercept", float("nan")),
+])
+def test_weights_holding_nan_or_inf_are_refused_at_load(kind, name, tensor, value, request, tmp_path):
+    bundle = shutil.copytree(request.getfixturevalue(f"{kind}_bundle"), tmp_path / kind)
+    _rewrite_weights(bundle, name, _poison(tensor, value))
+    with pytest.raises(BundleError, match=rf"{kind}/{name}: weights '{tensor}' hold NaN or infinite values"):
+        load_scorer(bundle)
+
+
+@pytest.mark.parametrize("file, write, message", [
+    ("lexical/vocabulary.json", lambda b: (b / "lexical/vocabulary.json").write_text("[" * 100_000),
+     r"lexical/vocabulary\.json: not a JSON list of strings \(RecursionError\)"),
+    ("lexical/weights.safetensors",
+     lambda b: _rewrite_weights(b, "lexical/weights.safetensors", lambda s: s.__setitem__("intercept", s["intercept"][:0])),
+     r"lexical/weights\.safetensors: intercept has shape \(0,\); expected \(1,\)"),
+    ("lexical/weights.safetensors",
+     lambda b: _rewrite_weights(b, "lexical/weights.safetensors", lambda s: s.__setitem__("idf", s["idf"].reshape(1, -1))),
+     r"lexical/weights\.safetensors: idf has shape \(1, \d+\); expected \(\d+,\)"),
+    ("lexical/weights.safetensors",
+     lambda b: _rewrite_weights(b, "lexical/weights.safetensors", lambda s: s.pop("coef")),
+     r"lexical/weights\.safetensors: coef has shape None"),
+])
+def test_a_malformed_lexical_model_is_a_bundle_error_naming_the_file(fusion_bundle, tmp_path, file, write, message):
+    from anime_udf.bundle import file_sha256
+
+    bundle = shutil.copytree(fusion_bundle, tmp_path / "fusion")
+    write(bundle)
+    _edit_manifest(bundle, lambda m: m["files"].__setitem__(file, file_sha256(bundle / file)))
+    with pytest.raises(BundleError, match=message):
+        load_scorer(bundle)
+
+
+def test_encoder_weights_holding_nan_are_refused_naming_the_file(tiny_distilbert, tmp_path):
+    from anime_udf.text import EncoderError, FrozenTextEncoder
+
+    encoder = shutil.copytree(tiny_distilbert, tmp_path / "encoder")
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(encoder / "model.safetensors"))
+    _poison("transformer.layer.0.ffn.lin1.weight", float("nan"))(state)
+    save_file(state, str(encoder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(EncoderError, match=r"encoder: weights 'transformer\.layer\.0\.ffn\.lin1\.weight' "
+                                           r"\(model\.safetensors\) hold NaN or infinite values"):
+        FrozenTextEncoder(encoder, cache=None, device="cpu", precision="fp32").embed(["A story."])
