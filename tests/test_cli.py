@@ -95,7 +95,7 @@ def test_bad_input_errors_name_column_and_value(models, tmp_path):
 def test_unknown_model_and_missing_models_are_clear(models, tmp_path):
     result = run("eval", "--data", HOLDOUT, "--model", "nope")
     assert result.exit_code == 1 and "unknown model 'nope'" in result.output and "baseline-fixture" in result.output
-    result = run("sql", "SELECT 1", "--models", tmp_path / "empty")
+    result = run("score", "--data", HOLDOUT, "--out", "s.parquet", "--models", tmp_path / "empty")
     assert result.exit_code == 1 and "no model bundles" in result.output
 
 
