@@ -3,7 +3,8 @@
 Loading a bundle never runs code: weights are safetensors, everything else JSON or
 plain tokenizer files. Every file's sha256 is in the manifest, so a missing,
 truncated or swapped file gives one clear error naming it. Bundles are written to a
-temporary sibling directory and renamed into place, so a failed run leaves none.
+temporary sibling directory and renamed into place, so a failed run leaves none; a
+bundle is replaced only by one of its kind, when asked, and never anything else.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -52,13 +54,18 @@ def write_bundle(
     manifest: dict[str, Any],
     weights: dict[str, dict[str, torch.Tensor]],
     extra_dirs: dict[str, Path] | None = None,
+    *,
+    force: bool = False,
 ) -> Path:
     """Write ``out`` atomically. ``weights`` maps file names to state dicts;
-    ``extra_dirs`` maps bundle sub-directories to directories to copy (tokenizer files)."""
+    ``extra_dirs`` maps bundle sub-directories to directories to copy (tokenizer files).
+    An existing ``out`` is replaced only with ``force`` and only if it is a bundle of the same
+    kind (:func:`check_out`)."""
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be shared
+    recover_replaced(out.parent)
+    check_out(out, manifest["kind"], force=force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".partial", dir=out.parent))
     try:
         for sub, src in (extra_dirs or {}).items():
             shutil.copytree(src, tmp / sub)
@@ -70,11 +77,19 @@ def write_bundle(
         }
         full = {"format_version": FORMAT_VERSION, "created_at": now_iso(), **manifest, "files": files}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+        _share(tmp)
         _fsync_tree(tmp)
-        if out.exists():  # replace an older bundle of the same name, never leaving neither
+        if out.exists():
+            # Set the old bundle aside, move the new one in, then remove the old one. A write
+            # killed between the two renames leaves the old one aside: recover_replaced puts it
+            # back the next time the directory is listed, resolved or written.
             old = out.with_name(f".{out.name}.{os.getpid()}.old")
             out.rename(old)
-            tmp.rename(out)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                old.rename(out)
+                raise
             shutil.rmtree(old)
         else:
             tmp.rename(out)
@@ -82,6 +97,80 @@ def write_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def check_out(out: Path | str, kind: str, *, force: bool = False) -> None:
+    """Where a ``kind`` bundle may be written: a path that does not exist, or with ``force`` a
+    complete bundle of the same kind. A directory of other files (the models directory itself,
+    say) or a bundle of the other kind is never replaced. Cheap: call it before training."""
+    out = Path(out)
+    if not out.exists() and not out.is_symlink():
+        return
+    try:
+        existing = read_manifest(out)["kind"]
+    except BundleError as exc:
+        raise BundleError(f"{out}: already exists and is not a complete model bundle, so it is never replaced "
+                          f"({exc}); choose another --out") from None
+    if existing != kind:
+        raise BundleError(f"{out}: holds a {existing} bundle, which a {kind} bundle never replaces; "
+                          "choose another --out")
+    if not force:
+        raise BundleError(f"{out}: a {kind} bundle is already there; pass --force to replace it")
+
+
+# What a write killed mid-way leaves beside ``NAME`` (write_bundle): the old bundle set aside
+# while replacing it, and the new one being written; the number is the writer's process id.
+_SET_ASIDE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.old")
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.\w+\.partial")
+
+
+def recover_replaced(directory: Path | str) -> None:
+    """Finish what writes killed in ``directory`` left: an old bundle set aside whose replacement
+    never arrived is renamed back, one whose replacement did is removed, and half-written bundles
+    are removed. Writers still running are left alone; a read-only directory is left as it is."""
+    try:
+        entries = sorted(Path(directory).iterdir())
+    except OSError:  # no such directory, or not ours to list
+        return
+    for entry in entries:
+        aside, partial = _SET_ASIDE.fullmatch(entry.name), _PARTIAL.fullmatch(entry.name)
+        found = aside or partial
+        if not found or not entry.is_dir() or entry.is_symlink() or _running(int(found["pid"])):
+            continue
+        target = entry.with_name(found["name"])
+        try:
+            if aside and not target.exists():
+                entry.rename(target)
+            elif partial or _is_bundle(target):
+                shutil.rmtree(entry)
+        except OSError:
+            pass  # left for a run that may write here
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _is_bundle(path: Path) -> bool:
+    try:
+        read_manifest(path, verify=False)
+    except BundleError:
+        return False
+    return True
+
+
+def _share(root: Path) -> None:
+    """A bundle is meant to be shared: directories 0755, files 0644 (mkdtemp and safetensors
+    make them private)."""
+    root.chmod(0o755)
+    for p in root.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -231,10 +320,22 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
 
 
 def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:
+    """A bundle's weight file, refused if it holds NaN or infinite values (scores must be finite)."""
     from safetensors.torch import load_file
 
     path = Path(bundle) / name
     try:
-        return load_file(str(path))
+        state = load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise BundleError(f"{path}: cannot load weights: {exc}") from exc
+    bad = nonfinite_tensor(state)
+    if bad:
+        raise BundleError(f"{path}: weights {bad!r} hold NaN or infinite values")
+    return state
+
+
+def nonfinite_tensor(state: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor of ``state`` holding NaN or ±inf, or None."""
+    import torch
+
+    return next((name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)

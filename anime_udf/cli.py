@@ -119,16 +119,41 @@ def parse_table(value: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
-def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto",
-            precision: str = "auto") -> tuple[duckdb.DuckDBPyConnection, dict]:
-    """An in-process DuckDB with the scoring functions registered."""
+def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto", precision: str = "auto",
+            *, require_models: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict]:
+    """An in-process DuckDB with the scoring functions registered (none, where there is no
+    bundle and ``require_models`` is false)."""
     import duckdb
 
-    from anime_udf.udf import register
+    from anime_udf.udf import NoModelsError, register
 
     con = duckdb.connect()
-    scorers = register(con, models=models, device=device, precision=precision, **chosen_bundles(model_paths, models))
+    try:
+        scorers = register(con, models=models, device=device, precision=precision,
+                           **chosen_bundles(model_paths, models))
+    except NoModelsError:
+        if require_models:
+            raise
+        scorers = {}
     return con, scorers
+
+
+def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models: Path):
+    """``con.sql(query)``; a call of a scoring function with no bundle says which bundle is missing."""
+    import duckdb
+
+    from anime_udf.registry import models_dir
+    from anime_udf.udf import FUNCTION_NAMES
+
+    try:
+        return con.sql(query)
+    except duckdb.CatalogException as exc:
+        for kind, name in FUNCTION_NAMES.items():
+            if name not in scorers and f"name {name} does not exist" in str(exc):
+                raise click.ClickException(
+                    f"{name}: no {kind} bundle in {models_dir(models).resolve()} to register it; train one with "
+                    f"`anime-udf train {kind} --data CATALOG`, or pass --models DIR or --model BUNDLE") from None
+        raise
 
 
 def chosen_bundles(model_paths: tuple[str, ...], models: Path) -> dict[str, Path]:
@@ -178,8 +203,9 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 @models_option
 @scoring_options
 def sql(query, tables, model_paths, out, limit, models, device, precision):
-    """Run QUERY with predict_score / predict_score_fusion and the macros of sql/metrics.sql and
-    sql/report.sql available.
+    """Run QUERY with predict_score / predict_score_fusion (each where the models directory has a
+    bundle of its kind; a query that scores nothing needs none) and the macros of sql/metrics.sql
+    and sql/report.sql available.
 
     \b
     anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
@@ -196,11 +222,11 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
         raise click.BadParameter(f"view name(s) given more than once: {', '.join(repeated)}", param_hint="--table")
     if out:
         check_out_suffix(out)
-    con, _ = connect(models, model_paths, device, precision)
+    con, scorers = connect(models, model_paths, device, precision, require_models=False)
     load_report_macros(con)
     for name, path in views:
         add_catalog(con, name, path)
-    result = con.sql(query)
+    result = run_query(con, query, scorers, models)
     if result is None:
         return
     df = result.pl()

@@ -85,8 +85,20 @@ class LexicalModel:
 
     @classmethod
     def load(cls, bundle: Path, settings: dict, weights: dict[str, Any]) -> "LexicalModel":
-        vocabulary = json.loads((Path(bundle) / VOCABULARY_FILE).read_text(encoding="utf-8"))
+        """The model of a bundle's lexical files (``weights``: those of WEIGHTS_FILE). Raises
+        ValueError naming the file and what is wrong with it."""
+        path = Path(bundle) / VOCABULARY_FILE
+        try:
+            vocabulary = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise ValueError(f"{path}: not a JSON list of strings ({type(exc).__name__})") from None
         if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
-            raise ValueError(f"{VOCABULARY_FILE} must be a JSON list of strings")
+            raise ValueError(f"{path}: must be a JSON list of strings")
+        expected = {"idf": (len(vocabulary),), "coef": (len(vocabulary),), "intercept": (1,)}
+        for name, shape in expected.items():
+            found = tuple(weights[name].shape) if name in weights else None
+            if found != shape:
+                raise ValueError(f"{Path(bundle) / WEIGHTS_FILE}: {name} has shape {found}; expected {shape} "
+                                 f"({len(vocabulary)} terms in {VOCABULARY_FILE})")
         return cls(vocabulary, weights["idf"].numpy(), weights["coef"].numpy(),
                    float(weights["intercept"][0]), settings["ngram_max"])

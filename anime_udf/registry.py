@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from anime_udf.errors import AnimeUdfError
-from anime_udf.bundle import KINDS, BundleError, read_manifest
+from anime_udf.bundle import KINDS, BundleError, read_manifest, recover_replaced
 
 MODELS_ENV = "ANIME_UDF_MODELS"
 
@@ -42,6 +42,7 @@ def list_bundles(directory: Path | str | None = None, *, verify: bool = False) -
     root = models_dir(directory)
     if not root.is_dir():
         return []
+    recover_replaced(root)
     infos = []
     for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
         try:
@@ -59,6 +60,8 @@ def newest(kind: str, directory: Path | str | None = None) -> Path | None:
 def get_model(name: str, directory: Path | str | None = None) -> Path:
     """A bundle by path, by directory name in the models directory, or by kind (its newest)."""
     path = Path(name)
+    for parent in {path.parent, models_dir(directory)}:
+        recover_replaced(parent)
     if path.is_dir():
         return path
     candidate = models_dir(directory) / name

@@ -182,12 +182,17 @@ def _group_figure(groups: pl.DataFrame, column: str, colors: dict[str, str]):
         positions = np.arange(len(names)) + (j - (len(series) - 1) / 2) * bar
         ax.barh(positions, [mae[name] for name in names], height=bar, color=colors[model], label=model,
                 hatch="//" if colors[model] == REFERENCE_COLOR else None, edgecolor="white", linewidth=0.5)
-    ax.set_yticks(np.arange(len(names)), [f"{name} (n={counts[name]})" for name in names])
+    ax.set_yticks(np.arange(len(names)), [f"{_literal(name)} (n={counts[name]})" for name in names])
     ax.invert_yaxis()  # the first group (the most frequent) on top
     ax.set_xlabel("mean absolute error")
     ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(series))
     ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+def _literal(text: str) -> str:
+    """Catalog text as matplotlib draws it verbatim: an unescaped ``$`` would start math."""
+    return text.replace("$", r"\$")
 
 
 def _calibration_figure(calibration: pl.DataFrame, evaluation: Evaluation, colors: dict[str, str]):

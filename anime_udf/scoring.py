@@ -92,8 +92,10 @@ class FusionScorer(Scorer):
         super().__init__(bundle, manifest, cache, device, precision)
         try:
             self.lexical = LexicalModel.load(self.path, manifest["lexical"], load_weights(self.path, LEXICAL_WEIGHTS))
-        except (OSError, ValueError, KeyError) as exc:
+        except OSError as exc:
             raise BundleError(f"{self.path / 'lexical'}: cannot load the lexical model: {exc}") from exc
+        except ValueError as exc:
+            raise BundleError(str(exc)) from exc
 
     def _member(self, cfg):
         return FusionHead(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,

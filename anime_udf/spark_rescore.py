@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import secrets
 import shutil
 import time
@@ -76,12 +77,47 @@ SCORES_SCHEMA = ("key string, model_id string, model_kind string, input_hash str
 SCORES_COLUMNS = [column.split()[0] for column in SCORES_SCHEMA.split(", ")]
 # Rows a scoring task takes at most (more tasks than cores where the work is large).
 TASK_ROWS = 50_000
+# A snapshot's name in CURRENT: a run id (20261129T210000Z-a1b2c3), never a path.
+SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def current_snapshot(store: Path | str) -> Path | None:
-    """The published snapshot of a Spark store, or None before its first run."""
-    pointer = Path(store) / CURRENT
-    return Path(store) / SNAPSHOTS / pointer.read_text().strip() if pointer.is_file() else None
+    """The published snapshot of a Spark store, or None before its first run (no ``CURRENT``
+    and no complete snapshot). ``CURRENT`` must hold the plain name of a snapshot directory in
+    ``snapshots/``; anything else, or a missing ``CURRENT`` beside complete snapshots, is a
+    RescoreError that says how to recover: a pointer is never followed out of the store."""
+    store = Path(store)
+    pointer, snapshots = store / CURRENT, store / SNAPSHOTS
+    if not pointer.exists() and not pointer.is_symlink():
+        if _complete_snapshots(store):
+            raise RescoreError(f"{pointer} is missing, but {snapshots} holds complete snapshots; "
+                               f"{_recovery(store)}")
+        return None
+    try:
+        with open(pointer, "rb") as fh:
+            held: bytes | str = fh.read(200)
+    except OSError as exc:  # a directory, say
+        held = f"unreadable: {exc.strerror or exc}"
+    name = held.decode("ascii", errors="replace").strip() if isinstance(held, bytes) else ""
+    snapshot = snapshots / name
+    if not SNAPSHOT_NAME.fullmatch(name) or snapshot.is_symlink() or not snapshot.is_dir():
+        raise RescoreError(f"{pointer} does not name a snapshot directory in {snapshots} (it holds {held!r:.60}); "
+                           f"{_recovery(store)}")
+    return snapshot
+
+
+def _complete_snapshots(store: Path) -> list[str]:
+    """Names of the snapshots whose run got as far as its run records (a run killed earlier left
+    an incomplete one, never published), oldest first: run ids sort by time."""
+    return sorted(p.parent.name for p in (store / SNAPSHOTS).glob(f"*/{RUNS_FILE}") if not p.parent.is_symlink())
+
+
+def _recovery(store: Path) -> str:
+    complete = _complete_snapshots(store)
+    if not complete:
+        return f"remove {store / CURRENT} if this store was never published, or restore the store from a backup"
+    return (f"publish a snapshot by writing its name into {store / CURRENT} (the newest complete one: "
+            f"echo {complete[-1]} > {store / CURRENT}), or move {store} away to start a new store")
 
 
 # --- on the workers ------------------------------------------------------------------------------
@@ -141,6 +177,7 @@ def rescore_spark(
             raise RescoreError(f"{store}: cannot create the store directory: {exc.strerror or exc}") from exc
     work = (store.parent / f".{store.name}.dry-run-{run_id}") if dry_run else store / SNAPSHOTS / run_id
     con = duckdb.connect()
+    published = False
     try:
         with nullcontext() if dry_run else store_lock(store, wait, run_id):
             previous = current_snapshot(store)
@@ -182,6 +219,7 @@ def rescore_spark(
             _pause("commit")
             with atomic_file(store / CURRENT) as tmp:  # the switch: one rename
                 tmp.write_text(run_id + "\n")
+            published = True
             _prune(store, keep={run_id, previous.name if previous else run_id})
             return run_report(records, run_id, store, catalog, key, started, clock)
     except duckdb.Error as exc:
@@ -189,14 +227,19 @@ def rescore_spark(
         raise RescoreError(f"rescore failed, nothing was published: {message}") from exc
     finally:
         con.close()
-        if dry_run or current_snapshot(store) != work:
+        if not published:
             shutil.rmtree(work, ignore_errors=True)
 
 
 def _check_meta(snapshot: Path | None, key: str) -> None:
     if snapshot is None:
         return
-    meta = json.loads((snapshot / META_FILE).read_text())
+    try:
+        meta = json.loads((snapshot / META_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RescoreError(f"{snapshot / META_FILE}: cannot read it ({exc}); the published snapshot is damaged") \
+            from None
+    meta = meta if isinstance(meta, dict) else {}
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise RescoreError(f"{snapshot}: rescore schema version {meta.get('schema_version')}; this anime-udf "
                            f"writes version {SCHEMA_VERSION}")

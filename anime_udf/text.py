@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import threading
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Sequence
 
@@ -22,6 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+from anime_udf.bundle import nonfinite_tensor  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
 from anime_udf.devices import resolve_device, resolve_precision  # noqa: E402
 from anime_udf.errors import AnimeUdfError  # noqa: E402
@@ -50,6 +51,23 @@ def weights_checksum(path: str) -> str:
         with open(file, "rb") as fh:
             for block in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+# Files of an encoder or tokenizer directory that hold weights (hashed by weights_checksum or never read).
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".h5", ".msgpack", ".onnx", ".ot", ".pt", ".pth", ".ckpt")
+
+
+@lru_cache(maxsize=8)
+def setup_checksum(*paths: str) -> str:
+    """sha256 over the other files of encoder and tokenizer directories (config.json, tokenizer.json,
+    tokenizer_config.json, vocabularies, merges, sentencepiece models...), by name and content:
+    with the weights, what decides an encoder's embeddings."""
+    digest = hashlib.sha256()
+    for index, path in enumerate(paths):
+        for file in sorted(p for p in Path(path).iterdir() if p.is_file() and p.suffix not in WEIGHT_SUFFIXES):
+            content = file.read_bytes()
+            digest.update(f"{index}/{file.name}/{len(content)}/".encode() + content)
     return "sha256:" + digest.hexdigest()
 
 
@@ -113,7 +131,12 @@ def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Mod
         for name, value in config.to_dict().items():
             if "dropout" in name and isinstance(value, float):
                 setattr(config, name, dropout)
-    return AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
+    model = AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
+    bad = nonfinite_tensor(model.state_dict())
+    if bad:
+        files = ", ".join(f.name for f in sorted(Path(path).glob("*.safetensors")))
+        raise EncoderError(f"{path}: weights {bad!r} ({files}) hold NaN or infinite values")
+    return model
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
@@ -181,13 +204,26 @@ class FrozenTextEncoder:
         check_encoder_config(self.path)
         check_tokenizer_config(self.tokenizer_path)
         self.checksum = weights_checksum(str(self.path))
-        # The cache key: embeddings of one encoder's weights, pooling, length and precision are
-        # interchangeable, whichever model (baseline, frozen fusion) asked for them; fp32 and
-        # bf16 embeddings never mix.
-        self.encoder_id = f"{self.checksum}|{pooling}|{max_length}|{self.precision}"
+        # The cache key: embeddings of one encoder (weights, config, tokenizer files), pooling,
+        # length and precision are interchangeable, whichever model (baseline, frozen fusion)
+        # asked for them; fp32 and bf16 embeddings never mix (the precision is the key's last part).
+        setup = setup_checksum(*dict.fromkeys((str(self.path), str(self.tokenizer_path))))
+        self.encoder_id = f"{self.checksum}|{setup}|{pooling}|{max_length}|{self.precision}"
         self._model = None
         self._tokenizer = None
         self._lock = threading.Lock()  # tokenizers and lazy loading are not thread safe
+
+    @cached_property
+    def dim(self) -> int:
+        """The width of this encoder's embeddings: its config's hidden size (read from config.json,
+        which costs no transformers import)."""
+        config = _config_without_code(self.path / "config.json", required=True)
+        for key in ("hidden_size", "dim", "d_model", "n_embd"):  # BERT and most, DistilBERT, T5/BART, GPT-2
+            if isinstance(config.get(key), int) and not isinstance(config[key], bool):
+                return config[key]
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(str(self.path), trust_remote_code=False).hidden_size
 
     def _load(self) -> None:
         if self._model is None:
@@ -206,7 +242,7 @@ class FrozenTextEncoder:
         """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again."""
         texts = [clean_text(t) for t in texts]
         keys = [text_key(t) for t in texts]
-        known = self.cache.get(self.encoder_id, keys) if self.cache else {}
+        known = self.cache.get(self.encoder_id, keys, self.dim) if self.cache else {}
         todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in known))
         if todo:
             fresh = self._encode(todo, progress=progress)
@@ -222,7 +258,7 @@ class FrozenTextEncoder:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with self._lock, torch.inference_mode(), autocast:
             self._load()
-            out = np.zeros((len(texts), self._model.config.hidden_size), dtype=np.float32)
+            out = np.zeros((len(texts), self.dim), dtype=np.float32)
             bar = tqdm(total=len(texts), desc="encoding synopses", unit="text", disable=not progress)
             for rows, batch in length_sorted_batches(self._tokenizer, texts, self.max_length, self.batch_size):
                 batch = {k: v.to(self.device) for k, v in batch.items()}

@@ -7,6 +7,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
+from anime_udf.bundle import read_manifest
 from anime_udf.cli import cli
 from tests.conftest import CATALOG, HOLDOUT
 
@@ -94,7 +95,7 @@ def test_bad_input_errors_name_column_and_value(models, tmp_path):
 def test_unknown_model_and_missing_models_are_clear(models, tmp_path):
     result = run("eval", "--data", HOLDOUT, "--model", "nope")
     assert result.exit_code == 1 and "unknown model 'nope'" in result.output and "baseline-fixture" in result.output
-    result = run("sql", "SELECT 1", "--models", tmp_path / "empty")
+    result = run("score", "--data", HOLDOUT, "--out", "s.parquet", "--models", tmp_path / "empty")
     assert result.exit_code == 1 and "no model bundles" in result.output
 
 
@@ -213,3 +214,43 @@ def test_ctrl_c_before_fine_tuning_does_not_claim_a_checkpoint(tmp_path, monkeyp
     assert result.exit_code == 1
     assert "interrupted before fine-tuning began: nothing was saved" in result.output
     assert "--resume" not in result.output
+
+
+def test_train_out_never_replaces_what_is_not_a_bundle_of_its_kind(models, fusion_bundle, tmp_path, monkeypatch):
+    import training.baseline
+
+    monkeypatch.setattr(training.baseline, "FrozenTextEncoder", lambda *a, **k: pytest.fail("training started"))
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("years of work")
+    shutil.copytree(fusion_bundle, models / "fusion-x")
+    for out, force, message in [
+        (precious, "--force", "precious: already exists and is not a complete model bundle"),
+        (models, "--force", "models: already exists and is not a complete model bundle"),
+        (models / "fusion-x", "--force", "fusion-x: holds a fusion bundle, which a baseline bundle never replaces"),
+        (models / "baseline-fixture", "--seed=42", "baseline-fixture: a baseline bundle is already there; "
+                                                   "pass --force to replace it"),
+    ]:
+        result = run("train", "baseline", "--data", CATALOG, "--out", out, force)
+        assert result.exit_code == 1 and message in result.output, result.output
+    assert (precious / "thesis.txt").read_text() == "years of work"
+    assert sorted(p.name for p in models.iterdir()) == ["baseline-fixture", "fusion-x"]
+    assert read_manifest(models / "fusion-x")["kind"] == "fusion"
+
+
+def test_train_force_replaces_a_bundle_of_its_kind(models):
+    before = read_manifest(models / "baseline-fixture")
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "2", "--seeds", "1",
+                 "--out", models / "baseline-fixture", "--force")
+    assert result.exit_code == 0, result.output
+    after = read_manifest(models / "baseline-fixture")
+    assert after["model"]["seeds"] == 1 != before["model"]["seeds"]
+    assert [p.name for p in models.iterdir()] == ["baseline-fixture"]  # nothing set aside is left
+
+
+def test_sql_without_bundles_runs_a_query_that_needs_none(tmp_path):
+    result = run("sql", "SELECT 42 AS answer")
+    assert result.exit_code == 0 and "42" in result.output, result.output
+    called = run("sql", "SELECT predict_score('A story.', 'Drama', NULL, 12)")
+    assert called.exit_code == 1
+    assert f"predict_score: no baseline bundle in {tmp_path / 'models'}" in called.output

@@ -225,3 +225,22 @@ def test_readme_recipe_reproduces_the_report_in_plain_duckdb(two_model_report, b
         for row, again in zip(shown, reproduced.iter_rows(named=True)):
             assert [row[h] for h in headings if h != "MAE"] == [str(again[h]) for h in headings if h != "MAE"]
             assert float(row[shown_value]) == pytest.approx(again[value], abs=5e-5), query
+
+
+def test_dollar_signs_in_studios_and_genres_are_drawn_as_text(baseline_bundle, tmp_path):
+    import base64
+
+    holdout = pl.read_csv(HOLDOUT)
+    odd = holdout.with_columns(
+        studio=pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit(r"$\frac{1}{$")).otherwise(pl.col("studio")),
+        genres=pl.lit("$x$, ") + pl.col("genres"))
+    data = tmp_path / "dollars.csv"
+    odd.write_csv(data)
+    out = tmp_path / "report.html"
+    result = run("eval", "--data", data, "--model", baseline_bundle, "--report", out)
+    assert result.exit_code == 0, result.output
+    charts = [base64.b64decode(src).decode() for src in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"',
+                                                                     out.read_text())]
+    # a literal "$" is drawn as the font's dollar glyph; as math it is not drawn, and x is in italics
+    assert sum('id="DejaVuSans-7"' in svg for svg in charts) == 2  # the genre and the studio charts
+    assert not any("Oblique" in svg for svg in charts)

@@ -25,7 +25,7 @@ import anime_udf  # noqa: E402
 from anime_udf import spark as spark_udf  # noqa: E402
 from anime_udf.catalog import read_catalog  # noqa: E402
 from anime_udf.cli import cli  # noqa: E402
-from anime_udf.rescore import rescore  # noqa: E402
+from anime_udf.rescore import RescoreError, rescore  # noqa: E402
 from anime_udf.spark_rescore import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
 from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
 
@@ -277,3 +277,50 @@ def test_rescoring_refuses_bad_input_before_writing(spark, tmp_path, baseline_bu
     assert no_key.exit_code == 1 and "missing column(s) id" in no_key.output and "pass --key COLUMN" in no_key.output
     export = runner.invoke(cli, args + ["--export", "x.parquet"])
     assert export.exit_code == 2 and "a Spark store is Parquet already" in export.output
+
+
+def fake_store(tmp_path, *complete: str, incomplete: tuple[str, ...] = ()) -> Path:
+    """A store's snapshot directories (no Spark needed: CURRENT is checked before any work)."""
+    store = tmp_path / "store"
+    for name in (*complete, *incomplete):
+        (store / SNAPSHOTS / name / "scores").mkdir(parents=True)
+    for name in complete:
+        (store / SNAPSHOTS / name / "runs.parquet").write_bytes(b"PAR1")
+    return store
+
+
+OLD, NEW = "20261101T000000Z-aaaaaa", "20261102T000000Z-bbbbbb"
+
+
+@pytest.mark.parametrize("content", [b"../../elsewhere\n", b"/\n", b"\xff\xfe\x00junk", b"", b"..\n", b"gone\n",
+                                     b"linked\n"])
+def test_current_must_name_a_snapshot_in_the_store(tmp_path, content):
+    store = fake_store(tmp_path, OLD, NEW)
+    (tmp_path / "elsewhere").mkdir()
+    (store / SNAPSHOTS / "linked").symlink_to(tmp_path / "elsewhere")
+    (store / "CURRENT").write_bytes(content)
+    with pytest.raises(RescoreError, match=rf"CURRENT does not name a snapshot directory in .*snapshots \(it holds "
+                                           rf".*echo {NEW} > .*CURRENT"):
+        current_snapshot(store)
+    (store / "CURRENT").write_text(OLD + "\n")
+    assert current_snapshot(store) == store / SNAPSHOTS / OLD
+
+
+def test_a_store_without_current_is_new_only_if_no_run_completed(tmp_path):
+    store = fake_store(tmp_path, incomplete=(OLD,))  # a first run killed before its records
+    assert current_snapshot(store) is None
+    (store / SNAPSHOTS / OLD / "runs.parquet").write_bytes(b"PAR1")
+    with pytest.raises(RescoreError, match=rf"CURRENT is missing, but .* holds complete snapshots; .*echo {OLD} >"):
+        current_snapshot(store)
+
+
+@pytest.mark.parametrize("current", [None, b"../../elsewhere\n"])
+def test_a_run_on_a_store_with_a_bad_current_prunes_nothing(tmp_path, baseline_bundle, current):
+    store = fake_store(tmp_path, OLD, NEW)
+    (tmp_path / "elsewhere" / "scores").mkdir(parents=True)
+    if current is not None:
+        (store / "CURRENT").write_bytes(current)
+    with pytest.raises(RescoreError, match="CURRENT"):
+        rescore_spark(None, str(tmp_path / "catalog.parquet"), store, models=[str(baseline_bundle)])
+    assert sorted(p.name for p in (store / SNAPSHOTS).iterdir()) == [OLD, NEW]
+    assert (tmp_path / "elsewhere" / "scores").is_dir()

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 
-from anime_udf.bundle import write_bundle
+from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
 from anime_udf.metrics import compute_metrics
@@ -45,11 +45,14 @@ def train_baseline(
     settings: BaselineSettings | None = None,
     *,
     name: str | None = None,
+    force: bool = False,
     cache: EmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Choose epochs on ``split.valid``, refit on ``split.refit``, write a bundle to ``out``; return its manifest."""
+    """Choose epochs on ``split.valid``, refit on ``split.refit``, write a bundle to ``out``; return its manifest.
+    An existing ``out`` is refused before any work, unless ``force`` and it is a baseline bundle."""
+    check_out(out, "baseline", force=force)
     settings = settings or BaselineSettings()
     device = resolve_device(settings.device)
     seed_everything(settings.seed)
@@ -95,5 +98,5 @@ def train_baseline(
         # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
         "metrics": {"valid": metrics},
     }
-    write_bundle(out, manifest, {"model.safetensors": ensemble.state_dict()})
+    write_bundle(out, manifest, {"model.safetensors": ensemble.state_dict()}, force=force)
     return manifest

@@ -61,8 +61,12 @@ def data_options(valid_fraction: float, seeds: int):
                          help="Explicit validation catalog (instead of rows of --data).")(f)
         f = click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
                          help="Training catalog: CSV or Parquet with synopsis, genres, studio, episodes, score.")(f)
+        f = click.option("--force", is_flag=True,
+                         help="Replace the bundle at --out, if it is one of this kind (a directory that is not "
+                              "a bundle, or a bundle of the other kind, is never replaced).")(f)
         f = click.option("--out", type=click.Path(file_okay=False, path_type=Path),
-                         help="Bundle directory to write (default: MODELS/KIND-TIMESTAMP).")(f)
+                         help="Bundle directory to write (default: MODELS/KIND-TIMESTAMP); it must not exist "
+                              "yet, unless --force.")(f)
         return models_option(f)
 
     return decorate
@@ -91,7 +95,8 @@ def train():
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
-def baseline(models, out, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, epochs, batch_size, lr):
+def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, epochs,
+             batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
     A selection run on a held-out part of --data chooses the number of epochs; then
@@ -105,7 +110,7 @@ def baseline(models, out, data, valid, valid_where, valid_fraction, seed, refit,
     out = out or default_out(models, "baseline")
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
                                 device=device, precision=precision)
-    report(train_baseline(split, out, settings, progress=progress_bars(), log=click.echo), out)
+    report(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo), out)
 
 
 @train.command()
@@ -132,8 +137,8 @@ def baseline(models, out, data, valid, valid_where, valid_fraction, seed, refit,
 @click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Fine-tuning batch size.")
 @click.option("--checkpoint-every", type=POSITIVE, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
-def fusion(models, out, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, backbone, pooling, max_length,
-           epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
+def fusion(models, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, backbone,
+           pooling, max_length, epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
     """Transformer text + genres, studio, episodes + the synopsis's words (the fusion model).
 
     Three views fused by one head: the encoder's pooled synopsis, the tabular fields
@@ -156,7 +161,8 @@ def fusion(models, out, data, valid, valid_where, valid_fraction, seed, refit, s
         batch_size=batch_size, checkpoint_every=checkpoint_every, seeds=seeds, refit=refit, seed=seed,
         device=device, precision=precision)
     try:
-        manifest = train_fusion(split, out, settings, resume=resume, progress=progress_bars(), log=click.echo)
+        manifest = train_fusion(split, out, settings, resume=resume, force=force, progress=progress_bars(),
+                                log=click.echo)
     except ResumeError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:

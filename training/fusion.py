@@ -40,7 +40,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from anime_udf.bundle import POOLINGS, save_state, write_bundle
+from anime_udf.bundle import POOLINGS, check_out, save_state, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
@@ -298,12 +298,15 @@ def train_fusion(
     *,
     resume: bool = False,
     name: str | None = None,
+    force: bool = False,
     cache: EmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
 ) -> dict:
-    """Fit the fusion model and write its bundle to ``out``; return the manifest."""
+    """Fit the fusion model and write its bundle to ``out``; return the manifest. An existing
+    ``out`` is refused before any work, unless ``force`` and it is a fusion bundle."""
+    check_out(out, "fusion", force=force)
     settings = settings or FusionSettings()
     if settings.pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
@@ -420,6 +423,6 @@ def train_fusion(
                    LEXICAL_WEIGHTS: {k: torch.from_numpy(v) for k, v in lexical.state().items()}}
         extra = {"lexical": side / "lexical"} | (
             {"encoder": side / "encoder", "tokenizer": side / "tokenizer"} if in_bundle else {})
-        write_bundle(out, manifest, weights, extra_dirs=extra)
+        write_bundle(out, manifest, weights, extra_dirs=extra, force=force)
     checkpoint.remove()
     return manifest
