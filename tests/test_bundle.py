@@ -237,7 +237,7 @@ def _poison(tensor_name, value):
 
 @pytest.mark.parametrize("kind, name, tensor, value", [
     ("baseline", "model.safetensors", "members.0.mlp.0.weight", float("nan")),
-    ("fusion", "head.safetensors", "members.1.head.3.bias", float("inf")),
+    ("fusion", "head.safetensors", "members.1.mlp.5.bias", float("inf")),
     ("fusion", "lexical/weights.safetensors", "idf", float("nan")),
     ("fusion", "lexical/weights.safetensors", "coef", float("-inf")),
     ("fusion", "lexical/weights.safetensors", "intercept", float("nan")),
