@@ -21,7 +21,7 @@ from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, ref
 
 @dataclass
 class BaselineSettings:
-    epochs: int = 40  # the most; the selection run chooses how many the final model trains
+    epochs: int = 80  # the most; the selection run chooses how many (new titles gained to 80: README)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01

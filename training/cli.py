@@ -91,7 +91,7 @@ def train():
 
 @train.command()
 @data_options(valid_fraction=0.2, seeds=3)
-@click.option("--epochs", type=POSITIVE, default=40, show_default=True,
+@click.option("--epochs", type=POSITIVE, default=80, show_default=True,
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
@@ -124,7 +124,7 @@ def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed,
               help="Synopsis tokens kept.")
 @click.option("--epochs", type=click.IntRange(min=0), default=0, show_default=True,
               help="End-to-end fine-tuning epochs (0: the encoder stays frozen; fine-tuning did not pay on a CPU).")
-@click.option("--head-epochs", type=POSITIVE, default=40, show_default=True,
+@click.option("--head-epochs", type=POSITIVE, default=120, show_default=True,
               help="The longest schedule for the head on fixed encoder features; validation chooses among "
                    "a quarter, half, three quarters and all of it.")
 @click.option("--lr-encoder", type=LEARNING_RATE, callback=finite, default=1e-5, show_default=True,

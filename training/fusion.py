@@ -73,7 +73,7 @@ class FusionSettings:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.06
     grad_clip: float = 1.0
-    head_epochs: int = 40  # the most for the head on fixed features; validation chooses how many
+    head_epochs: int = 120  # the most for the head on fixed features; validation chooses how many
     head_lr: float = 1e-3
     head_batch_size: int = 64
     dropout: float = 0.5  # in the head
