@@ -44,7 +44,7 @@ def run_split(catalog: Path, split: str, work: Path) -> list[dict]:
     train = work / f"{split}-train.parquet"
     con = duckdb.connect()
     con.execute(f"COPY (SELECT * FROM read_csv_auto('{catalog}') WHERE {train_where}) TO '{train}' (FORMAT parquet)")
-    mean = con.sql(f"SELECT avg(score) FROM read_parquet('{train}')").fetchone()[0]
+    mean = con.execute(f"SELECT avg(score) FROM read_parquet('{train}')").fetchone()[0]
     rows = []
     bundles = []
     for kind in ("baseline", "fusion"):
@@ -58,7 +58,7 @@ def run_split(catalog: Path, split: str, work: Path) -> list[dict]:
     for _, out, _, _ in bundles:
         args += ["--model", str(out)]
     measured = {row["model"]: row for row in json.loads(anime_udf(*args))}
-    reference = con.sql(f"SELECT count(*), avg(abs(score - {mean})), sqrt(avg((score - {mean}) ^ 2)) "
+    reference = con.execute(f"SELECT count(*), avg(abs(score - {mean})), sqrt(avg((score - {mean}) ^ 2)) "
                         f"FROM read_csv_auto('{catalog}') WHERE {eval_where} AND score IS NOT NULL").fetchone()
     rows.append({"model": "training mean", "n": reference[0], "mae": reference[1], "rmse": reference[2],
                  "spearman": None, "minutes": None, "validation": ""})

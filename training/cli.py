@@ -99,8 +99,9 @@ def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed,
              batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
-    A selection run on a held-out part of --data chooses the number of epochs; then
-    --seeds heads are retrained on every row with it and averaged. Synopsis embeddings
+    A selection run on a held-out part of --data (by default its newest years, when it
+    has a year column) chooses the number of epochs; then --seeds heads are retrained
+    on every row with it and averaged. Synopsis embeddings
     are cached by content hash, so retraining on the same texts does not encode them again.
     """
     from training.baseline import BaselineSettings, train_baseline
