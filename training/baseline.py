@@ -67,7 +67,8 @@ def train_baseline(
     final_rows, emb_final = (split.refit, emb_refit) if settings.refit else (split.fit, emb_fit)
     # The selection run knows only its own rows' studios and genres, so a validation title from
     # a studio it never saw is scored as a new title's will be: as the unknown studio.
-    sel_tab, tab = Tabular.fit(split.fit, settings.min_studio_count), Tabular.fit(final_rows, settings.min_studio_count)
+    sel_tab = Tabular.fit(split.fit, settings.min_studio_count)
+    tab = Tabular.fit(final_rows, settings.min_studio_count)
     net = partial(BaselineNet, emb_fit.shape[1], studio_dim=settings.studio_dim, dropout=settings.dropout)
     how = settings.head_training()
     fit_started = time.perf_counter()

@@ -63,20 +63,21 @@ def load_split(data, valid=None, valid_fraction: float | None = None, seed: int 
         if valid_rows.height == 0:
             raise CatalogError(f"{valid}: no rows to validate on")
         return DataSplit(train, valid_rows, train, {"how": "catalog", "valid": str(valid)})
-    if valid_where is None and valid_fraction is None:
-        valid_where = newest_years(train)
-        how = "time"
-    else:
-        how = "where"
-    if valid_where is None:
-        return random_split(label, train, default_fraction if valid_fraction is None else valid_fraction, seed)
-    is_valid = rows_where(train, valid_where)
+    if valid_where is not None:
+        return where_split(label, train, valid_where, "where")
+    if valid_fraction is None and (by_time := newest_years(train)) is not None:
+        return where_split(label, train, by_time, "time")
+    return random_split(label, train, default_fraction if valid_fraction is None else valid_fraction, seed)
+
+
+def where_split(label, train: pl.DataFrame, predicate: str, how: str) -> DataSplit:
+    is_valid = rows_where(train, predicate)
     n_valid = int(is_valid.sum())
     if n_valid == 0 or train.height - n_valid < 2:
-        raise CatalogError(f"--valid-where {valid_where!r} selects {n_valid} of {label}'s {train.height} rows; "
+        raise CatalogError(f"--valid-where {predicate!r} selects {n_valid} of {label}'s {train.height} rows; "
                            f"it must leave at least 1 row to validate on and 2 to train on")
     return DataSplit(train.filter(~is_valid), train.filter(is_valid), train,
-                     {"how": how, "where": valid_where, "rows": n_valid})
+                     {"how": how, "where": predicate, "rows": n_valid})
 
 
 def random_split(label, train: pl.DataFrame, valid_fraction: float, seed: int) -> DataSplit:

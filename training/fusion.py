@@ -323,7 +323,8 @@ def train_fusion(
 
     parts = {"fit": split.fit, "valid": split.valid, "refit": split.refit if settings.refit else split.fit}
     # The selection run knows only its own rows' studios and genres (as baseline.py).
-    sel_tab, tab = Tabular.fit(parts["fit"], settings.min_studio_count), Tabular.fit(parts["refit"], settings.min_studio_count)
+    sel_tab = Tabular.fit(parts["fit"], settings.min_studio_count)
+    tab = Tabular.fit(parts["refit"], settings.min_studio_count)
     tabs = {"fit": sel_tab, "valid": sel_tab, "refit": tab}
     texts = {k: [clean_text(t) for t in df["synopsis"].to_list()] for k, df in parts.items()}
     y = {k: tabs[k].target(df) for k, df in parts.items()}
