@@ -1,4 +1,5 @@
-# Two entry points (see README): `make demo` runs the main job end to end, `make test` the tests.
+# Two entry points (see README): `make demo` runs the main job end to end (again: it replaces its own
+# demo bundles), `make test` the tests.
 # Both create .venv and install the project on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -22,8 +23,8 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/anime-udf train baseline --data fixtures/catalog.csv --out $(DEMO_MODELS)/baseline-fixture
-	$(BIN)/anime-udf train fusion --data fixtures/catalog.csv --out $(DEMO_MODELS)/fusion-fixture
+	$(BIN)/anime-udf train baseline --data fixtures/catalog.csv --out $(DEMO_MODELS)/baseline-fixture --force
+	$(BIN)/anime-udf train fusion --data fixtures/catalog.csv --out $(DEMO_MODELS)/fusion-fixture --force
 	$(BIN)/anime-udf sql --models $(DEMO_MODELS) --table anime=fixtures/holdout.csv \
 	  "WITH scored AS (SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS baseline, \
 	                          predict_score_fusion(synopsis, genres, studio, episodes) AS fusion FROM anime) \
