@@ -41,7 +41,15 @@ class BaselineNet(nn.Module):
         )
 
     def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([text, self.tabular(dense, studio)], dim=1)).squeeze(1)
+        return self.after_first_layer(self.first_layer(text, dense, studio))
+
+    def first_layer(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
+        """The first Dense layer's output: linear in each input (a studio's one-hot or embedding
+        row included), so explaining (anime_udf.explain) combines inputs here, cheaply."""
+        return self.mlp[0](torch.cat([text, self.tabular(dense, studio)], dim=1))
+
+    def after_first_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp[1:](hidden).squeeze(-1)
 
 
 class FusionHead(BaselineNet):
@@ -57,7 +65,11 @@ class FusionHead(BaselineNet):
 
     def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
                 lexical: torch.Tensor) -> torch.Tensor:
-        return super().forward(torch.cat([text, lexical.unsqueeze(1)], dim=1), dense, studio)
+        return self.after_first_layer(self.first_layer(text, dense, studio, lexical))
+
+    def first_layer(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
+                    lexical: torch.Tensor) -> torch.Tensor:
+        return super().first_layer(torch.cat([text, lexical.unsqueeze(1)], dim=1), dense, studio)
 
 
 class SeedEnsemble(nn.Module):
