@@ -23,6 +23,7 @@ torch is imported where tensors are made: registering the SQL functions (``field
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from math import factorial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
@@ -73,14 +74,23 @@ def reference_manifest(kind: str) -> dict[str, Any]:
     return {"reference": REFERENCE_FILE, "groups": list(GROUPS[kind])}
 
 
+@dataclass(frozen=True)
 class Reference:
-    """A bundle's reference inputs: each group's "absent" value."""
+    """Each group's "absent" value, as the head takes it: text embedding [text_dim], dense
+    features [n_dense], lexical score [1] (fusion); the studio's is the unknown studio."""
 
-    def __init__(self, bundle: Path | str, manifest: dict[str, Any], text_dim: int, n_dense: int):
+    text: torch.Tensor
+    dense: torch.Tensor
+    lexical: torch.Tensor | None = None
+
+    @classmethod
+    def load(cls, bundle: Path | str, manifest: dict[str, Any], text_dim: int, n_dense: int) -> "Reference":
+        """A bundle's references, checked against its model; a bundle trained before they were
+        stored is an error that says to retrain."""
         path = Path(bundle) / REFERENCE_FILE
         if "explain" not in manifest:
             raise BundleError(f"{bundle}: holds no explanation references (it was trained before anime-udf "
-                              f"could explain scores); retrain the model to explain it")
+                              f"could explain scores); retrain the model to explain its scores")
         state = load_weights(bundle, REFERENCE_FILE)
         expected = {"text": (text_dim,), "dense": (n_dense,)} | ({"lexical": (1,)} if manifest["kind"] == "fusion"
                                                                  else {})
@@ -88,8 +98,7 @@ class Reference:
             found = tuple(state[name].shape) if name in state else None
             if found != shape:
                 raise BundleError(f"{path}: {name} has shape {found}; expected {shape}")
-        self.text, self.dense = state["text"], state["dense"]
-        self.lexical = state.get("lexical")
+        return cls(state["text"], state["dense"], state.get("lexical"))
 
     def inputs(self, n: int) -> list[torch.Tensor]:
         """The head's inputs for ``n`` rows of references."""

@@ -59,7 +59,7 @@ class Scorer:
         if not len(synopsis):
             return np.zeros(0, dtype=np.float64)
         with self._lock, torch.inference_mode():
-            standardised = self.net(*self._inputs(synopsis, genres, studio, episodes)).numpy()
+            standardised = self.net(*self.head_inputs(synopsis, genres, studio, episodes)).numpy()
         scores = standardised.astype(np.float64) * self.target_std + self.target_mean
         return np.clip(scores, SCORE_MIN, SCORE_MAX)
 
@@ -68,17 +68,17 @@ class Scorer:
         """Exact Shapley values of the input groups (anime_udf.explain): {field: float64 [n]} for
         ``explain.fields(kind)``; base + parts = unclamped, and score is ``predict``'s."""
         if self._reference is None:
-            self._reference = Reference(self.path, self.manifest, int(self.manifest["model"]["text_dim"]),
-                                        self.features.n_tabular)
+            self._reference = Reference.load(self.path, self.manifest, int(self.manifest["model"]["text_dim"]),
+                                             self.features.n_tabular)
         groups = GROUPS[self.kind]
         if not len(synopsis):
             return {name: np.zeros(0) for name in fields(self.kind)}
         with self._lock, torch.inference_mode():
-            rows = self._inputs(synopsis, genres, studio, episodes)
+            rows = self.head_inputs(synopsis, genres, studio, episodes)
             values = coalition_values(self.net.members, rows, self._reference, groups)
         return explanation(values, groups, self.target_mean, self.target_std, (SCORE_MIN, SCORE_MAX))
 
-    def _inputs(self, synopsis, genres, studio, episodes) -> tuple[torch.Tensor, ...]:
+    def head_inputs(self, synopsis, genres, studio, episodes) -> tuple[torch.Tensor, ...]:
         """The head's inputs (text embedding, dense, studio index[, lexical]): the text encoded
         once, through the cache. Called holding the lock."""
         n = len(synopsis)
