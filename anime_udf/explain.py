@@ -74,6 +74,11 @@ def reference_manifest(kind: str) -> dict[str, Any]:
     return {"reference": REFERENCE_FILE, "groups": list(GROUPS[kind])}
 
 
+def has_references(manifest: dict[str, Any]) -> bool:
+    """Whether a bundle can explain its scores (bundles trained before references were stored cannot)."""
+    return "explain" in manifest
+
+
 @dataclass(frozen=True)
 class Reference:
     """Each group's "absent" value, as the head takes it: text embedding [text_dim], dense
@@ -88,7 +93,7 @@ class Reference:
         """A bundle's references, checked against its model; a bundle trained before they were
         stored is an error that says to retrain."""
         path = Path(bundle) / REFERENCE_FILE
-        if "explain" not in manifest:
+        if not has_references(manifest):
             raise BundleError(f"{bundle}: holds no explanation references (it was trained before anime-udf "
                               f"could explain scores); retrain the model to explain its scores")
         state = load_weights(bundle, REFERENCE_FILE)
