@@ -14,8 +14,9 @@ holds its reference, stored in the bundle at training time (``REFERENCE_FILE``):
 
 With 4 or 5 groups every coalition (16 or 32) is evaluated: the Shapley values are exact.
 Text is encoded once (by the scorer, through its embedding cache); the head's first layer is
-linear in each input, so it is run once per group and once for the reference, and a coalition's
-first-layer output is their sum. Only the layers after it run per coalition.
+linear, so each group's share of it is computed once (for the row and for the reference), and a
+coalition's first-layer output is the reference's plus the shares of its groups. Only the layers
+after it run per coalition.
 
 torch is imported where tensors are made: registering the SQL functions (``fields``,
 ``arrow_struct``) stays light, as ``anime_udf.udf`` promises.
@@ -143,12 +144,15 @@ def coalition_values(members: Sequence[torch.nn.Module], rows: Sequence[torch.Te
     n = len(rows[0])
     masks = torch.from_numpy(coalition_masks(len(groups))).float()
     values = np.zeros((n, len(masks)))
+    one = reference.inputs(1)
     for start in range(0, n, ROWS_PER_PASS):
         chunk = [x[start:start + ROWS_PER_PASS] for x in rows]
         base = reference.inputs(len(chunk[0]))
         for member in members:
-            hidden_reference = member.first_layer(*base)
-            deltas = torch.stack([member.first_layer(*with_group(base, chunk, g)) - hidden_reference
+            hidden_reference = member.first_layer(*one)
+            # A group changes one input: only that input's share of the first layer moves.
+            deltas = torch.stack([member.first_layer_share(GROUP_INPUTS[g][0], *with_group(base, chunk, g))
+                                  - member.first_layer_share(GROUP_INPUTS[g][0], *one)
                                   for g in groups])  # [k, rows, hidden]
             hidden = hidden_reference + torch.einsum("sk,knh->snh", masks, deltas)
             values[start:start + len(chunk[0])] += member.after_first_layer(hidden).T.double().numpy()
