@@ -13,6 +13,8 @@ at most 3x scoring; cold, at most 1.2x. Last, the mean |part| of each group over
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,15 +23,17 @@ import duckdb
 from anime_udf.catalog import read_catalog
 from anime_udf.explain import GROUPS
 from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, register
-from scoring_benchmark import empty_cache  # benchmarks/ is the script's directory: on sys.path
 
 
-def timed(bundle: Path, kind: str, data: Path, where: str | None, function: str) -> tuple[int, float, duckdb.DuckDBPyConnection]:
-    """Rows and seconds of ``function`` over the selected rows, in a fresh connection (bundle loaded first)."""
+def timed(bundle: Path, kind: str, data: Path, where: str | None, function: str,
+          cache: str) -> tuple[int, float, duckdb.DuckDBPyConnection]:
+    """Rows and seconds of ``function`` over the selected rows, in a fresh connection whose model
+    uses the embedding cache ``cache`` (the bundle is loaded before the clock starts)."""
+    os.environ["ANIME_UDF_CACHE"] = cache
     con = duckdb.connect()
     register(con, **{kind: bundle})
     con.register("catalog", read_catalog(data))
-    con.execute(f"SELECT {FUNCTION_NAMES[kind]}('', NULL, NULL, NULL)").fetchall()  # load the bundle, not timed
+    con.execute(f"SELECT {FUNCTION_NAMES[kind]}('', NULL, NULL, NULL)").fetchall()
     filter_sql = f"WHERE {where}" if where else ""
     start = time.perf_counter()
     con.execute(f"CREATE TEMP TABLE result AS SELECT {function}(synopsis, genres, studio, episodes) AS r "
@@ -47,17 +51,17 @@ def main() -> None:
     args = parser.parse_args()
     bundles = {kind: path for kind, path in (("baseline", args.baseline), ("fusion", args.fusion)) if path}
     for kind, bundle in bundles.items():
-        rates = {}
-        for cache in ("cold", "warm"):
-            for function in (FUNCTION_NAMES[kind], EXPLAIN_NAMES[kind]):
-                with empty_cache():
-                    if cache == "warm":
-                        timed(bundle, kind, args.data, args.where, FUNCTION_NAMES[kind])  # fills the cache
-                    n, seconds, con = timed(bundle, kind, args.data, args.where, function)
-                rates[cache, function] = n / seconds
-                print(f"{kind:8} {cache} cache  {function:22} {n:6d} rows {seconds:8.2f} s {n / seconds:9.1f} rows/s")
-            ratio = rates[cache, FUNCTION_NAMES[kind]] / rates[cache, EXPLAIN_NAMES[kind]]
-            print(f"{kind:8} {cache} cache  explaining costs {ratio:.2f}x scoring")
+        functions = (FUNCTION_NAMES[kind], EXPLAIN_NAMES[kind])
+        with tempfile.TemporaryDirectory() as root:
+            caches = {fn: tempfile.mkdtemp(dir=root) for fn in functions}  # each function its own, empty
+            rates = {}
+            for state in ("cold", "warm"):  # warm: the same cache again, filled by the cold run
+                for fn in functions:
+                    n, seconds, con = timed(bundle, kind, args.data, args.where, fn, caches[fn])
+                    rates[state, fn] = n / seconds
+                    print(f"{kind:8} {state} cache  {fn:22} {n:6d} rows {seconds:8.2f} s {n / seconds:9.1f} rows/s")
+                ratio = rates[state, functions[0]] / rates[state, functions[1]]
+                print(f"{kind:8} {state} cache  explaining costs {ratio:.2f}x scoring")
         means = con.execute("SELECT " + ", ".join(f"avg(abs(r.{g}))" for g in GROUPS[kind]) + " FROM result").fetchone()
         print(f"{kind:8} mean |part|: " + ", ".join(f"{g} {m:.3f}" for g, m in zip(GROUPS[kind], means)))
 

@@ -275,20 +275,12 @@ def test_report_shows_each_models_parts_as_explain_computes_them(two_model_repor
         assert value == pytest.approx(parts.filter(pl.col("model") == model)[group].abs().mean(), abs=5e-5)
 
 
-def test_report_with_a_bundle_that_cannot_explain_says_to_retrain(baseline_bundle, tmp_path):
-    import shutil
-
-    from anime_udf.explain import REFERENCE_FILE
-
-    old = shutil.copytree(baseline_bundle, tmp_path / "old-baseline")
-    (old / REFERENCE_FILE).unlink()
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["explain"], manifest["files"][REFERENCE_FILE]
-    (old / "manifest.json").write_text(json.dumps(manifest))
+def test_report_with_a_bundle_that_cannot_explain_says_to_retrain(unexplainable_baseline, tmp_path):
     out = tmp_path / "old.html"
-    result = run("eval", "--data", HOLDOUT, "--model", old, "--report", out)
+    result = run("eval", "--data", HOLDOUT, "--model", unexplainable_baseline, "--report", out)
     assert result.exit_code == 0, result.output
     page = out.read_text()
-    assert f"{manifest['name']} cannot explain its scores" in page and "retrain the model to explain it" in page
+    name = json.loads((unexplainable_baseline / "manifest.json").read_text())["name"]
+    assert f"{name} cannot explain its scores" in page and "retrain the model to explain it" in page
     assert page.count('<img class="chart"') == 6
     assert Tables(page).find("anime_id", "title", "actual")[0]["actual"]
