@@ -263,14 +263,21 @@ def test_a_bundle_without_references_says_to_retrain_and_still_scores(unexplaina
         con.execute("SELECT explain_score('A story.', 'Action', NULL, 12)").fetchone()
 
 
-def test_references_of_the_wrong_shape_name_the_file(baseline_bundle, tmp_path):
+@pytest.mark.parametrize("state, message", [
+    ({"text": torch.zeros(5), "dense": torch.zeros(2)}, r"text has shape \(5,\); expected \(384,\)"),
+    ({"text": torch.full((384,), math.nan), "dense": torch.zeros(2)}, "weights 'text' hold NaN or infinite values"),
+])
+def test_broken_references_name_the_file(baseline_bundle, tmp_path, state, message):
+    """References rewritten (checksum updated to match): refused at the first explanation, by name."""
     from safetensors.torch import save_file
 
     broken = tmp_path / "broken"
     shutil.copytree(baseline_bundle, broken)
-    save_file({"text": torch.zeros(5), "dense": torch.zeros(2)}, str(broken / REFERENCE_FILE))
+    save_file(state, str(broken / REFERENCE_FILE))
     manifest = json.loads((broken / MANIFEST).read_text())
     manifest["files"][REFERENCE_FILE] = file_sha256(broken / REFERENCE_FILE)
     (broken / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match=rf"{REFERENCE_FILE}: text has shape \(5,\); expected \(384,\)"):
-        load_scorer(broken).explain(["x"], [None], [None], [None])
+    scorer = load_scorer(broken)
+    assert 1 <= scorer.predict(["x"], [None], [None], [None])[0] <= 10  # scoring does not read them
+    with pytest.raises(BundleError, match=rf"{REFERENCE_FILE}: {message}"):
+        scorer.explain(["x"], [None], [None], [None])
