@@ -122,6 +122,14 @@ def test_explaining_functions_give_the_structs_duckdb_gives(spark, functions, an
     on_duckdb = duckdb_scores(baseline_bundle, fusion_bundle, query, anime).select("anime_id", *flat)
     assert_same(on_spark, on_duckdb, "anime_id", [c for c in on_spark.columns if c != "anime_id"])
     assert on_spark.height == on_duckdb.height > len(EDGE_ROWS)
+    # in the DataFrame API, by name (register returns the scoring functions)
+    from pyspark.sql import functions as F
+
+    df = spark.read.parquet(str(anime))
+    api = pl.from_arrow(df.select("anime_id", F.call_function("explain_score_fusion", *(
+        df[c] for c in ("synopsis", "genres", "studio", "episodes"))).alias("f")).toArrow())
+    api = api.select("anime_id", *(pl.col("f").struct.field(f).alias(f"f_{f}") for f in fields["f"]))
+    assert_same(api, on_spark.select(api.columns), "anime_id", api.columns[1:])
 
 
 def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functions, anime):
