@@ -1,4 +1,4 @@
-"""The anime-udf command line: train · score · eval · sql · models."""
+"""The anime-udf command line: train · score · eval · explain · sql · models."""
 
 from __future__ import annotations
 
@@ -296,7 +296,8 @@ def parse_where(where: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the models' metrics as JSON.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.html",
               help="Also write a self-contained HTML report: metrics, predicted vs actual, residuals, error by "
-                   "genre / episodes / studio, calibration and the largest misses (opens offline).")
+                   "genre / episodes / studio, calibration, what each model listens to (the mean part of each "
+                   "input group) and the largest misses with their parts (opens offline).")
 @models_option
 @scoring_options
 def evaluate(data, model_paths, where, as_json, report, models, device, precision):
@@ -317,7 +318,7 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
     con, scorers = connect(models, model_paths, device, precision)
     add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
-    evaluation = build_predictions(con, "catalog", condition, scorers)
+    evaluation = build_predictions(con, "catalog", condition, scorers, explain=report is not None)
     table = metrics_table(con, EVALUATED)
     skipped = f"skipped {evaluation.skipped_rows} selected row(s) without a score" if evaluation.skipped_rows else ""
     if as_json:
@@ -336,6 +337,58 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
 
         write_report(con, evaluation, report, catalog=data, where=where)
         click.echo(f"wrote the report to {report}", err=as_json)
+
+
+@cli.command(name="explain")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Catalog to explain (CSV or Parquet).")
+@click.option("--where", "where", help="One SQL expression choosing the rows, e.g. \"anime_id = 5114\".")
+@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
+              help="Bundle(s) to explain (default: the newest of each kind).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every row's parts to .parquet or .csv.")
+@click.option("--limit", default=20, show_default=True, help="Rows to print (without --out).")
+@models_option
+@scoring_options
+def explain(data, where, model_paths, out, limit, models, device, precision):
+    """Why each selected row scores what it does: the exact Shapley parts of each model's score
+    over its input groups (explain_score / explain_score_fusion in SQL).
+
+    One row per (model, catalog row): the row's number in the catalog, its anime_id and title,
+    base (the score with every group at its reference, the README says which), the parts
+    synopsis, genres, studio, episodes and, for fusion, lexical, then unclamped = base + parts
+    and score = unclamped clamped to [1, 10] (what predict_score returns).
+
+    \b
+      anime-udf explain --data catalog.parquet --where "title ILIKE '%mecha%'"
+      anime-udf explain --data catalog.parquet --model fusion --out parts.parquet
+    """
+    import polars as pl
+
+    from anime_udf.evaluation import explanations_sql
+
+    condition = parse_where(where) if where else "true"
+    if out:
+        check_out_suffix(out)
+    con, scorers = connect(models, model_paths, device, precision)
+    add_catalog(con, "catalog", data)
+    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
+    columns = [row[0] for row in con.execute("DESCRIBE catalog").fetchall()]
+    keep = [quote_ident(c) for c in ("row", DEFAULT_KEY, "title") if c == "row" or c in columns]
+    con.execute("CREATE TEMP TABLE selected AS SELECT * FROM "
+                f"(SELECT row_number() OVER () AS \"row\", * FROM catalog) WHERE {condition}")
+    df = con.sql(f"SELECT * FROM ({explanations_sql(scorers, 'selected', keep)}) ORDER BY \"row\", model").pl()
+    if df.is_empty():
+        raise click.ClickException("nothing to explain: the selection holds no catalog row (check --where)")
+    if out:
+        write_result(df, out)
+        click.echo(f"wrote the parts of {df.height} scores to {out}")
+        return
+    with pl.Config(tbl_rows=limit, tbl_cols=-1, float_precision=3, fmt_str_lengths=30, tbl_width_chars=250,
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        click.echo(df.head(limit))
+    click.echo("base + parts = unclamped; score = unclamped clamped to [1, 10]"
+               + (f"; {limit} of {df.height} rows shown (--limit, --out)" if df.height > limit else ""))
 
 
 @cli.command(name="models")

@@ -51,6 +51,11 @@ def log_episodes(value: Any) -> float | None:
     return min(math.log1p(x), MAX_LOG_EPISODES)
 
 
+# The dense features' columns: scaled log episodes and its missing flag, then one per genre.
+EPISODE_COLUMNS = slice(0, 2)
+GENRE_COLUMNS = slice(2, None)
+
+
 @dataclass(frozen=True)
 class TabularEncoder:
     """Genres multi-hot, studio index (0 = unknown), scaled episodes + missing flag."""
@@ -92,7 +97,7 @@ class TabularEncoder:
         """Return (dense float32 [n, 2 + n_genres], studio index int64 [n])."""
         n = len(genres)
         dense = np.zeros((n, self.n_tabular), dtype=np.float32)
-        genre_index = {g: i + 2 for i, g in enumerate(self.genres)}
+        genre_index = {g: i + GENRE_COLUMNS.start for i, g in enumerate(self.genres)}
         studio_index = {s: i + 1 for i, s in enumerate(self.studios)}
         studio = np.zeros(n, dtype=np.int64)
         for row in range(n):
