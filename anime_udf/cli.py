@@ -269,13 +269,14 @@ def sql(query, database, write, tables, model_paths, out, limit, models, device,
                                  param_hint="--write")
     con, scorers = connect(models, model_paths, device, precision, require_models=False, database=database,
                            read_only=not write)
-    load_report_macros(con)
-    for name, path in views:
-        add_catalog(con, name, path)
-    result = run_query(con, query, scorers, models)
-    if result is None:
+    with con:  # closed at the end: a --db database is free for the next process (or the next command)
+        load_report_macros(con)
+        for name, path in views:
+            add_catalog(con, name, path)
+        result = run_query(con, query, scorers, models)
+        df = result.pl() if result is not None else None
+    if df is None:
         return
-    df = result.pl()
     if out:
         write_result(df, out)
         click.echo(f"wrote {df.height} rows to {out}")
