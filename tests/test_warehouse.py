@@ -157,12 +157,8 @@ def test_store_inside_the_warehouse(warehouse, models, tmp_path):
                             f"WHERE s.run_id = '{second['run_id']}'") == [(5,)]
 
     # A database with tables of its own is a store only for a catalog of that database.
-    refused = run("rescore", "--catalog", CATALOG, "--store", tmp_path / "other.duckdb")
-    assert refused.exit_code == 0
-    other = tmp_path / "plain.duckdb"
-    shutil.copy(warehouse, other)
-    duckdb.connect(str(other)).execute("DROP TABLE rescore_scores; DROP TABLE rescore_runs; "
-                                       "DROP TABLE rescore_meta").close()
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).execute("CREATE TABLE t AS SELECT 1 AS x").close()
     refused = run("rescore", "--catalog", CATALOG, "--store", other)
     assert refused.exit_code == 1 and "it is not a rescore store" in refused.output
     assert "--catalog FILE.duckdb:TABLE --store FILE.duckdb" in refused.output
@@ -196,3 +192,8 @@ def test_kill_9_leaves_the_warehouse_and_its_store_consistent(warehouse, models,
     after = warehouse_state(warehouse)
     assert after["anime"] == before["anime"] and after["studios"] == before["studios"]
     assert len(after["runs"]) == 2 and len(after["scores"]) == 402
+
+
+def test_train_reads_a_table_too(warehouse, tmp_path):
+    result = run("train", "baseline", "--data", f"{warehouse}:studios", "--out", tmp_path / "b")
+    assert result.exit_code == 1 and f"{warehouse}:studios: missing column(s) synopsis" in result.output
