@@ -17,8 +17,10 @@ In ``profiles.yml`` (``pip install 'anime-udf[dbt]'``)::
 A model then says ``select anime_id, predict_score_fusion(synopsis, genres, studio, episodes)
 as score from {{ ref('anime') }}``. Beside the two functions every dbt connection has the
 input-hash macros of sql/rescore.sql (``rescore_input_hash(synopsis, genres, studio, episodes)``,
-what an incremental model compares to find new and changed rows) and the metric macros of
-sql/metrics.sql (``mae``, ``rmse``, ``r2``, ``regression_metrics``).
+what an incremental model compares to find new and changed rows), ``anime_udf_model_ids()``
+(the ids of the registered bundles, as ``anime-udf rescore`` computes them: a retrained
+bundle has a new one, so an incremental model can rescore its rows) and the metric macros
+of sql/metrics.sql (``mae``, ``rmse``, ``r2``, ``regression_metrics``).
 
 Registering checks the bundles and imports neither torch nor transformers: a model that
 scores nothing, or a ``dbt test``, never loads them. Relative paths are relative to the
@@ -34,7 +36,8 @@ from duckdb import DuckDBPyConnection
 
 from anime_udf.errors import AnimeUdfError
 from anime_udf.metrics import load_metric_macros
-from anime_udf.rescore import sql_sections
+from anime_udf.rescore import model_id, sql_sections
+from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import LazyScorer, bundles_to_register, register_scorer
 
 SETTINGS = ("models", "baseline", "fusion", "device", "precision")
@@ -55,6 +58,9 @@ class Plugin(BasePlugin):
         # its connection between steps, and each model loads once.
         self.scorers = [LazyScorer(path, config["device"] or "auto", config["precision"] or "auto")
                         for path in paths]
+        model_ids = ",".join(model_id(scorer.path, scorer.manifest) for scorer in self.scorers)
+        self.macros = (sql_sections()["macros"]
+                       + f"CREATE OR REPLACE TEMP MACRO anime_udf_model_ids() AS {quote_literal(model_ids)};\n")
 
     def configure_connection(self, conn: DuckDBPyConnection) -> None:
         for scorer in self.scorers:  # functions belong to the database: every cursor sees them
@@ -62,5 +68,5 @@ class Plugin(BasePlugin):
 
     def configure_cursor(self, cursor: DuckDBPyConnection) -> None:
         # Macros are TEMP, so per connection: each cursor dbt opens needs its own.
-        cursor.execute(sql_sections()["macros"])
+        cursor.execute(self.macros)
         load_metric_macros(cursor)

@@ -42,6 +42,7 @@ class Project:
     scored: pl.DataFrame  # `anime-udf score` of the catalog, before any dbt run
     first: Build
     second: Build
+    third: Build  # after the baseline bundle was replaced by another model
     dbt_test: subprocess.CompletedProcess
 
 
@@ -68,7 +69,7 @@ def read_build(project: Path, warehouse: Path) -> Build:
 def project(tmp_path_factory, session_cache, baseline_bundle, fusion_bundle) -> Project:
     """examples/dbt in a temporary directory over a warehouse holding the fixture catalog: scored
     by `anime-udf score`, built, edited (3 synopses changed, 2 rows added, 1 removed), built
-    again, and tested."""
+    again, built with a new baseline bundle (its scores 0.5 higher), and tested."""
     root = tmp_path_factory.mktemp("dbt")
     directory = shutil.copytree(ROOT / "examples" / "dbt", root / "project")
     models = root / "models"
@@ -100,7 +101,15 @@ def project(tmp_path_factory, session_cache, baseline_bundle, fusion_bundle) -> 
     assert built.returncode == 0, built.stdout + built.stderr
     second = read_build(directory, warehouse)
 
-    return Project(directory, warehouse, pl.read_parquet(out), first, second, dbt(directory, env, "test"))
+    manifest_path = models / baseline_bundle.name / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["target"]["mean"] += 0.5  # another model: a new model id, every score 0.5 higher
+    manifest_path.write_text(json.dumps(manifest))
+    built = dbt(directory, env, "build")
+    assert built.returncode == 0, built.stdout + built.stderr
+    third = read_build(directory, warehouse)
+
+    return Project(directory, warehouse, pl.read_parquet(out), first, second, third, dbt(directory, env, "test"))
 
 
 def catalog_keys(warehouse: Path) -> list[int]:
@@ -138,9 +147,21 @@ def test_second_build_scores_exactly_the_changed_and_new_rows(project):
     assert (edited.sort("anime_id")["fusion"] - before["fusion"]).abs().max() > 0  # new inputs, new scores
 
 
-def test_incremental_hashes_are_those_of_rescore(project):
-    """The incremental model compares the input hash of sql/rescore.sql: `anime-udf rescore`'s hashes."""
-    from anime_udf.rescore import sql_sections
+def test_a_new_bundle_rescores_every_row(project):
+    """The incremental model compares the bundles' model ids too: a retrained model rescores."""
+    second, third = project.second.incremental, project.third.incremental
+    assert third["scored_by_invocation"].unique().to_list() == [project.third.invocation_id]
+    assert third["anime_id"].to_list() == second["anime_id"].to_list() and third.height == 401
+    assert third["model_ids"].n_unique() == 1 and third["model_ids"][0] != second["model_ids"][0]
+    unclamped = second["baseline"] < 9.5
+    assert ((third["baseline"] - second["baseline"]).filter(unclamped) - 0.5).abs().max() <= 1e-6
+    assert (third["fusion"] - second["fusion"]).abs().max() <= 1e-6
+
+
+def test_incremental_hashes_and_model_ids_are_those_of_rescore(project, baseline_bundle, fusion_bundle):
+    """The incremental model compares the input hash of sql/rescore.sql and the model ids of
+    `anime-udf rescore`."""
+    from anime_udf.rescore import model_id, sql_sections
 
     con = duckdb.connect()
     con.execute(sql_sections()["macros"])
@@ -149,6 +170,8 @@ def test_incremental_hashes_are_those_of_rescore(project):
                                 "FROM w.anime").fetchall())
     con.close()
     assert dict(project.second.incremental.select("anime_id", "input_hash").iter_rows()) == expected
+    assert project.second.incremental["model_ids"].unique().to_list() == [
+        f"{model_id(baseline_bundle)},{model_id(fusion_bundle)}"]
 
 
 def test_dbt_test_passes(project):
