@@ -204,7 +204,8 @@ print(cursor.execute("SELECT predict_score('A story.', 'Action', NULL, 12)").fet
     assert result.returncode == 0, result.stderr
     before, after = (line.split() for line in result.stdout.splitlines()[-2:])
     assert before[1:] == ["1.5", str(((1 + 4) / 2) ** 0.5), "False", "False"]
-    assert 1 <= float(after[0]) <= 10 and after[1:] == ["True", "True"]
+    # The call loaded the model (torch); transformers too, unless the synopsis's embedding was cached.
+    assert 1 <= float(after[0]) <= 10 and after[1] == "True"
 
 
 def test_plugin_settings_are_checked():
