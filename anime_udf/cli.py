@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     import duckdb
     import polars as pl
 
+    from anime_udf.catalog import DatabaseTable
+
 # Each command imports what it needs: torch and transformers only to score or train
 # (anime_udf.udf), DuckDB and polars only to query; --help and `models` need neither and
 # start in a fraction of a second, and a nightly run with nothing to score skips torch.
@@ -89,9 +91,34 @@ def engine_options(f):
                         help="Run in an in-process DuckDB, or on Apache Spark (pip install 'anime-udf[spark]').")(f)
 
 
-def require_file(path: Path, option: str) -> None:
-    """The DuckDB engine reads one file; Spark also takes a directory or a glob."""
-    if not path.is_file():
+class CatalogParam(click.ParamType):
+    """A catalog option's value: a file, or a table of a DuckDB database as FILE.duckdb:TABLE
+    (parsed by anime_udf.catalog.catalog_source, the one parser of that syntax)."""
+
+    name = "catalog"
+
+    def convert(self, value, param, ctx):
+        from anime_udf.catalog import CatalogError, catalog_source
+
+        try:
+            return catalog_source(value)
+        except CatalogError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+CATALOG = CatalogParam()
+
+
+def require_file(path: Path | DatabaseTable, option: str, engine: str = "duckdb") -> None:
+    """The DuckDB engine reads one file or a database table; Spark also takes a directory or a
+    glob, but no database table."""
+    from anime_udf.catalog import DatabaseTable
+
+    if isinstance(path, DatabaseTable):
+        if engine == "spark":
+            raise click.BadParameter(f"{path}: a DuckDB table is read with --engine duckdb", param_hint=option)
+        path = path.database
+    if engine == "duckdb" and not path.is_file():
         raise click.BadParameter(f"{path}: no such file" + (" (a directory or glob needs --engine spark)"
                                                              if path.is_dir() or "*" in str(path) else ""),
                                  param_hint=option)
@@ -112,22 +139,25 @@ def cli(debug):
     """
 
 
-def parse_table(value: str) -> tuple[str, Path]:
+def parse_table(value: str) -> tuple[str, Path | DatabaseTable]:
+    from anime_udf.catalog import catalog_source
+
     name, sep, path = value.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise click.BadParameter(f"{value!r}: expected NAME=FILE, NAME a plain SQL identifier")
-    return name, Path(path)
+    return name, catalog_source(path)
 
 
 def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto", precision: str = "auto",
-            *, require_models: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict]:
-    """An in-process DuckDB with the scoring functions registered (none, where there is no
-    bundle and ``require_models`` is false)."""
+            *, require_models: bool = True, database: Path | None = None,
+            read_only: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict]:
+    """An in-process DuckDB (on ``database``, a DuckDB file, where given) with the scoring
+    functions registered (none, where there is no bundle and ``require_models`` is false)."""
     import duckdb
 
     from anime_udf.udf import NoModelsError, register
 
-    con = duckdb.connect()
+    con = duckdb.connect(str(database), read_only=read_only) if database else duckdb.connect()
     try:
         scorers = register(con, models=models, device=device, precision=precision,
                            **chosen_bundles(model_paths, models))
@@ -147,6 +177,10 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models:
 
     try:
         return con.sql(query)
+    except duckdb.InvalidInputException as exc:
+        if "read-only mode" in str(exc):
+            raise click.ClickException(f"{exc}; pass --write to change the --db database") from None
+        raise
     except duckdb.CatalogException as exc:
         for kind, name in FUNCTION_NAMES.items():
             if name not in scorers and f"name {name} does not exist" in str(exc):
@@ -165,7 +199,7 @@ def chosen_bundles(model_paths: tuple[str, ...], models: Path) -> dict[str, Path
     return chosen
 
 
-def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, **checks) -> int:
+def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path | DatabaseTable, **checks) -> int:
     """Read a catalog (validated; ``checks`` as for read_catalog) and expose it to SQL as ``name``."""
     from anime_udf.catalog import read_catalog
 
@@ -194,15 +228,18 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 
 @cli.command()
 @click.argument("query")
+@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.duckdb",
+              help="Run the query in this DuckDB database: its tables are the query's (read-only unless --write).")
+@click.option("--write", is_flag=True, help="Open --db for writing (created if missing): CREATE, INSERT, UPDATE...")
 @click.option("--table", "tables", multiple=True, metavar="NAME=FILE",
-              help="Expose a CSV/Parquet catalog to the query as a view NAME (repeatable).")
+              help="Expose a catalog (CSV, Parquet or FILE.duckdb:TABLE) to the query as a view NAME (repeatable).")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle to register (default: the newest of each kind).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result to .parquet or .csv.")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (without --out).")
 @models_option
 @scoring_options
-def sql(query, tables, model_paths, out, limit, models, device, precision):
+def sql(query, database, write, tables, model_paths, out, limit, models, device, precision):
     """Run QUERY with predict_score / predict_score_fusion (each where the models directory has a
     bundle of its kind; a query that scores nothing needs none) and the macros of sql/metrics.sql
     and sql/report.sql available.
@@ -210,6 +247,9 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
     \b
     anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
                    FROM anime ORDER BY p DESC LIMIT 5" --table anime=catalog.parquet
+    anime-udf sql --db warehouse.duckdb "SELECT title, predict_score_fusion(synopsis, genres,
+                   studio, episodes) AS p FROM anime ORDER BY p DESC LIMIT 5"
+    anime-udf sql --db warehouse.duckdb --write "CREATE TABLE anime AS FROM 'catalog.csv'"
     """
     import polars as pl
 
@@ -222,14 +262,21 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
         raise click.BadParameter(f"view name(s) given more than once: {', '.join(repeated)}", param_hint="--table")
     if out:
         check_out_suffix(out)
-    con, scorers = connect(models, model_paths, device, precision, require_models=False)
-    load_report_macros(con)
-    for name, path in views:
-        add_catalog(con, name, path)
-    result = run_query(con, query, scorers, models)
-    if result is None:
+    if database and not write and not database.is_file():
+        raise click.BadParameter(f"{database}: no such database file (--write creates one)", param_hint="--db")
+    if write and not database:
+        raise click.BadParameter("--write opens the --db database for writing: pass --db FILE.duckdb",
+                                 param_hint="--write")
+    con, scorers = connect(models, model_paths, device, precision, require_models=False, database=database,
+                           read_only=not write)
+    with con:  # closed at the end: a --db database is free for the next process (or the next command)
+        load_report_macros(con)
+        for name, path in views:
+            add_catalog(con, name, path)
+        result = run_query(con, query, scorers, models)
+        df = result.pl() if result is not None else None
+    if df is None:
         return
-    df = result.pl()
     if out:
         write_result(df, out)
         click.echo(f"wrote {df.height} rows to {out}")
@@ -239,8 +286,9 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
 
 
 @cli.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Catalog to score (CSV or Parquet; with --engine spark, a Parquet file, directory or glob).")
+@click.option("--data", required=True, type=CATALOG,
+              help="Catalog to score: CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE (with --engine spark, "
+                   "a Parquet file, directory or glob).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output .parquet or .csv: the catalog plus one score column per model "
                    "(with --engine spark, a directory of Parquet files).")
@@ -253,8 +301,10 @@ def score(data, out, model_paths, engine, master, models, device, precision):
 
     \b
       anime-udf score --data catalog.parquet --out scored.parquet
+      anime-udf score --data warehouse.duckdb:anime --out scored.parquet
       anime-udf score --engine spark --data 'catalog/*.parquet' --out scored/
     """
+    require_file(data, "--data", engine)
     if engine == "spark":
         from anime_udf.spark import owned_session, score_parquet
 
@@ -263,7 +313,6 @@ def score(data, out, model_paths, engine, master, models, device, precision):
                                          **chosen_bundles(model_paths, models))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return
-    require_file(data, "--data")
     check_out_suffix(out)
     con, scorers = connect(models, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
@@ -286,8 +335,9 @@ def parse_where(where: str) -> str:
 
 
 @cli.command(name="eval")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Catalog with a score column (CSV or Parquet); rows with a NULL score are skipped and counted.")
+@click.option("--data", required=True, type=CATALOG,
+              help="Catalog with a score column (CSV, Parquet or FILE.duckdb:TABLE); rows with a NULL score are "
+                   "skipped and counted.")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle(s) to evaluate (default: the newest of each kind, side by side).")
 @click.option("--where", "where",
@@ -312,6 +362,7 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
     from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions
     from anime_udf.metrics import metrics_table
 
+    require_file(data, "--data")
     condition = parse_where(where) if where else "true"
     if report and report.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report}: use an .html file name", param_hint="--report")
@@ -430,11 +481,12 @@ def list_models(as_json, models):
 
 
 @cli.command(name="rescore")
-@click.option("--catalog", required=True, type=click.Path(path_type=Path),
-              help="Catalog to rescore (CSV or Parquet; with --engine spark, a Parquet file, directory or glob), "
-                   "with a key column.")
+@click.option("--catalog", required=True, type=CATALOG,
+              help="Catalog to rescore (CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE; with --engine spark, "
+                   "a Parquet file, directory or glob), with a key column.")
 @click.option("--store", required=True, type=click.Path(path_type=Path),
-              help="DuckDB file keeping the scores and the run records (created on the first run); with "
+              help="DuckDB file keeping the scores and the run records (created on the first run), or the "
+                   "database of --catalog FILE.duckdb:TABLE (its rescore_* tables beside the others); with "
                    "--engine spark, a directory of Parquet snapshots.")
 @click.option("--model", "model_specs", multiple=True, default=("all",), show_default=True,
               metavar="baseline|fusion|all|NAME|DIR",
@@ -473,8 +525,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     if engine == "spark" and export is not None:
         raise click.BadParameter("a Spark store is Parquet already: read its current snapshot "
                                  "(anime_udf.spark_rescore.current_snapshot)", param_hint="--export")
-    if engine == "duckdb":
-        require_file(catalog, "--catalog")
+    require_file(catalog, "--catalog", engine)
     try:
         if engine == "spark":
             from anime_udf.spark import owned_session
