@@ -391,8 +391,7 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
 
 
 @cli.command(name="explain")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Catalog to explain (CSV or Parquet).")
+@click.option("--data", required=True, type=CATALOG, help="Catalog to explain (CSV, Parquet or FILE.duckdb:TABLE).")
 @click.option("--where", "where", help="One SQL expression choosing the rows, e.g. \"anime_id = 5114\".")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle(s) to explain (default: the newest of each kind).")
@@ -418,6 +417,7 @@ def explain(data, where, model_paths, out, limit, models, device, precision):
 
     from anime_udf.evaluation import explanations_sql
 
+    require_file(data, "--data")
     condition = parse_where(where) if where else "true"
     if out:
         check_out_suffix(out)

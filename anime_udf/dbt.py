@@ -1,4 +1,5 @@
-"""The dbt-duckdb plugin: predict_score / predict_score_fusion and the project's SQL macros in dbt models.
+"""The dbt-duckdb plugin: predict_score / predict_score_fusion (with explain_score / explain_score_fusion)
+and the project's SQL macros in dbt models.
 
 In ``profiles.yml`` (``pip install 'anime-udf[dbt]'``)::
 
@@ -65,6 +66,7 @@ class Plugin(BasePlugin):
     def configure_connection(self, conn: DuckDBPyConnection) -> None:
         for scorer in self.scorers:  # functions belong to the database: every cursor sees them
             register_scorer(conn, scorer)
+            register_scorer(conn, scorer, explain=True)
 
     def configure_cursor(self, cursor: DuckDBPyConnection) -> None:
         # Macros are TEMP, so per connection: each cursor dbt opens needs its own.

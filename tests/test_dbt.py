@@ -198,14 +198,16 @@ row = cursor.execute("SELECT rescore_input_hash('A story.', 'Action', NULL, 12),
 print(row[0][:8], row[1], row[2], *(m in sys.modules for m in ("torch", "transformers")))
 print(cursor.execute("SELECT predict_score('A story.', 'Action', NULL, 12)").fetchone()[0],
       *(m in sys.modules for m in ("torch", "transformers")))
+print(cursor.execute("SELECT explain_score('A story.', 'Action', NULL, 12).score").fetchone()[0])
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    before, after = (line.split() for line in result.stdout.splitlines()[-2:])
+    before, after, explained = (line.split() for line in result.stdout.splitlines()[-3:])
     assert before[1:] == ["1.5", str(((1 + 4) / 2) ** 0.5), "False", "False"]
     # The call loaded the model (torch); transformers too, unless the synopsis's embedding was cached.
     assert 1 <= float(after[0]) <= 10 and after[1] == "True"
+    assert float(explained[0]) == pytest.approx(float(after[0]), abs=1e-5)  # explain_score is there too
 
 
 def test_plugin_settings_are_checked():

@@ -112,6 +112,14 @@ def test_score_eval_and_sql_read_a_table_as_they_read_the_file(warehouse, models
     assert evaluated[0][0]["n"] == evaluated[1][0]["n"] == 200
     assert evaluated[0][0]["mae"] == pytest.approx(evaluated[1][0]["mae"], abs=1e-6)
 
+    parts = []
+    for data, out in ((CATALOG, tmp_path / "parts-file.csv"), (f"{warehouse}:anime", tmp_path / "parts-table.csv")):
+        result = run("explain", "--data", data, "--where", "anime_id < 20", "--out", out)
+        assert result.exit_code == 0, result.output
+        parts.append(pl.read_csv(out))
+    assert parts[0].height == parts[1].height == 19
+    assert (parts[0]["synopsis"] - parts[1]["synopsis"]).abs().max() <= 1e-6
+
     viewed = run("sql", "SELECT count(*) AS n FROM a", "--table", f"a={warehouse}:anime", "--out", tmp_path / "n.csv")
     assert viewed.exit_code == 0 and pl.read_csv(tmp_path / "n.csv")["n"][0] == 400
 
