@@ -153,7 +153,8 @@ def fusion(models, out, force, data, valid, valid_where, valid_fraction, seed, r
     epoch, Ctrl-C saves a checkpoint, and --resume continues.
     """
     from training.common import load_split
-    from training.fusion import Checkpoint, FusionSettings, ResumeError, train_fusion
+    from training.fine_tune import Checkpoint, ResumeError
+    from training.fusion import FusionSettings, train_fusion
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
