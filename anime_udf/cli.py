@@ -1,4 +1,4 @@
-"""The anime-udf command line: train · score · eval · explain · sql · models."""
+"""The anime-udf command line: train · score · eval · explain · sql · models · rescore."""
 
 from __future__ import annotations
 
@@ -159,7 +159,7 @@ def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto
 
     con = duckdb.connect(str(database), read_only=read_only) if database else duckdb.connect()
     try:
-        scorers = register(con, models=models, device=device, precision=precision,
+        scorers = register(con, models_dir=models, device=device, precision=precision,
                            **chosen_bundles(model_paths, models))
     except NoModelsError:
         if require_models:
@@ -172,7 +172,7 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models:
     """``con.sql(query)``; a call of a scoring function with no bundle says which bundle is missing."""
     import duckdb
 
-    from anime_udf.registry import models_dir
+    from anime_udf.registry import resolve_models_dir
     from anime_udf.udf import FUNCTION_NAMES
 
     try:
@@ -185,7 +185,7 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models:
         for kind, name in FUNCTION_NAMES.items():
             if name not in scorers and f"name {name} does not exist" in str(exc):
                 raise click.ClickException(
-                    f"{name}: no {kind} bundle in {models_dir(models).resolve()} to register it; train one with "
+                    f"{name}: no {kind} bundle in {resolve_models_dir(models).resolve()} to register it; train one with "
                     f"`anime-udf train {kind} --data CATALOG`, or pass --models DIR or --model BUNDLE") from None
         raise
 
@@ -309,7 +309,7 @@ def score(data, out, model_paths, engine, master, models, device, precision):
         from anime_udf.spark import owned_session, score_parquet
 
         with owned_session(master, progress=True) as spark:
-            n, functions = score_parquet(spark, str(data), out, models=models, device=device, precision=precision,
+            n, functions = score_parquet(spark, str(data), out, models_dir=models, device=device, precision=precision,
                                          **chosen_bundles(model_paths, models))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return

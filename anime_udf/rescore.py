@@ -61,8 +61,7 @@ from anime_udf.catalog import DatabaseTable, catalog_source, read_catalog
 from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice
 from anime_udf.files import atomic_file
-from anime_udf.registry import get_model, newest
-from anime_udf.registry import models_dir as resolve_models_dir
+from anime_udf.registry import get_model, newest, resolve_models_dir
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
 
 SQL_FILE = "rescore.sql"
