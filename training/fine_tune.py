@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 import torch
@@ -27,9 +27,6 @@ from tqdm.auto import tqdm
 from anime_udf.bundle import save_state
 from anime_udf.models import FusionNet
 from anime_udf.text import length_sorted_batches
-
-if TYPE_CHECKING:
-    from training.fusion import FusionSettings
 
 
 class ResumeError(ValueError):
@@ -140,11 +137,12 @@ def tuned_predictions(net: FusionNet, tokenizer, texts: list[str], dense: np.nda
 
 
 def fine_tune(net: FusionNet, tokenizer, texts: dict[str, list[str]], inputs: dict[str, tuple],
-              y: dict[str, np.ndarray], settings: FusionSettings, checkpoint: Checkpoint, resume: bool,
+              y: dict[str, np.ndarray], settings, checkpoint: Checkpoint, resume: bool,
               data_fingerprint: str, device: torch.device, std: float, progress: bool,
               log: Callable[[str], None], on_step: Callable[[int], None] | None) -> dict:
-    """Stage 2 on the fit rows. ``net`` ends holding the best state, stage 1's included
-    ("epoch 0"); returns the run's record (best epoch 0 = fine-tuning did not pay)."""
+    """Stage 2 on the fit rows, as ``settings`` (training.fusion's FusionSettings, recorded in the
+    checkpoint: a resumed run must have the same) say. ``net`` ends holding the best state, stage
+    1's included ("epoch 0"); returns the run's record (best epoch 0 = fine-tuning did not pay)."""
     encoder, head = net.encoder, net.head
     tr_dense, tr_studio, tr_lex = inputs["fit"]
     token_ids = tokenizer(texts["fit"], truncation=True, max_length=settings.max_length)["input_ids"]
