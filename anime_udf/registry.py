@@ -57,6 +57,17 @@ def newest(kind: str, directory: Path | str | None = None) -> Path | None:
     return usable[-1].path if usable else None
 
 
+def newest_of_each_kind(directory: Path | str | None = None) -> list[Path]:
+    """The newest bundle of each kind present, in the order of KINDS."""
+    return [path for path in (newest(kind, directory) for kind in KINDS) if path is not None]
+
+
+def no_bundle_message(directory: Path | str | None = None, kind: str | None = None) -> str:
+    """What to say where the models directory has no bundle (of ``kind``) to use, and how to make one."""
+    return (f"no {f'{kind} bundle' if kind else 'model bundles'} in {resolve_models_dir(directory).resolve()}; "
+            f"train one with `anime-udf train {kind or 'baseline'} --data CATALOG`, or pass --models DIR")
+
+
 def get_model(name: str, directory: Path | str | None = None) -> Path:
     """A bundle by path, by directory name in the models directory, or by kind (its newest)."""
     path = Path(name)

@@ -15,7 +15,7 @@ from anime_udf.bundle import read_manifest, text_encoder_dirs
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
-from anime_udf.registry import newest, resolve_models_dir
+from anime_udf.registry import newest_of_each_kind, no_bundle_message
 
 if TYPE_CHECKING:
     from anime_udf.scoring import Scorer
@@ -136,12 +136,9 @@ def bundles_to_register(baseline: Path | str | None, fusion: Path | str | None,
                         models_dir: Path | str | None) -> list[Path | str]:
     """The bundles a ``register`` (DuckDB's or Spark's) registers: those given, or without
     any, the newest of each kind in the models directory; none at all is an error."""
-    paths = [baseline, fusion] if baseline is not None or fusion is not None else [
-        newest(kind, models_dir) for kind in FUNCTION_NAMES]
-    paths = [path for path in paths if path is not None]
+    if baseline is not None or fusion is not None:
+        return [path for path in (baseline, fusion) if path is not None]
+    paths = newest_of_each_kind(models_dir)
     if not paths:
-        raise NoModelsError(
-            f"no model bundles in {resolve_models_dir(models_dir).resolve()}; train one with "
-            f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
-        )
+        raise NoModelsError(no_bundle_message(models_dir))
     return paths
