@@ -17,7 +17,8 @@ import os
 import sqlite3
 import warnings
 from pathlib import Path
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -53,6 +54,7 @@ class EmbeddingCache:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "embeddings.sqlite"
         self.usable = True
+        self._shared: dict[str, dict[str, np.ndarray]] | None = None  # see shared_reads
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _check_private(self.path)
@@ -80,45 +82,76 @@ class EmbeddingCache:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=120)
 
-    def get(self, encoder: str, keys: Iterable[str], dim: int) -> dict[str, np.ndarray]:
-        """The cached vectors of ``keys`` that are ``dim`` finite numbers; any other entry is
-        left out (to be computed again and rewritten), with a warning."""
-        if not self.usable:
-            return {}
+    def lookup(self, encoder: str, keys: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 [len(keys), dim], found bool [len(keys)]) for distinct ``keys``: a
+        cached entry that is not ``dim`` finite numbers is not found (to be computed again and
+        rewritten), with a warning. Vectorised: no Python per vector."""
+        vectors = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        if not self.usable or not keys:
+            return vectors, found
+        if self._shared is not None:
+            shared = self._shared.get(encoder, {})
+            for i, key in enumerate(keys):
+                vector = shared.get(key)
+                if vector is not None and vector.shape == (dim,):
+                    vectors[i], found[i] = vector, True
+            if found.all():
+                return vectors, found
         try:
-            found = self._get(encoder, keys)
+            rows = self._get(encoder, [k for k, f in zip(keys, found) if not f])
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
-            return {}
-        vectors = {k: np.frombuffer(blob, dtype=np.float32) for k, blob in found.items()
-                   if isinstance(blob, bytes) and len(blob) == 4 * dim}  # SQLite keeps any type in any column
-        good = {k: v for k, v in vectors.items() if np.isfinite(v).all()}
-        if len(good) < len(found):
-            warnings.warn(f"embedding cache {self.path}: {len(found) - len(good)} vector(s) not of {dim} finite "
-                          "numbers; computing them again", RuntimeWarning, stacklevel=2)
-        return good
+            return vectors, found
+        position = {k: i for i, k in enumerate(keys)}
+        # SQLite keeps any type in any column: only a blob of the right size can be a vector
+        good = [(position[k], blob) for k, blob in rows if isinstance(blob, bytes) and len(blob) == 4 * dim]
+        if good:
+            at = np.fromiter((i for i, _ in good), dtype=np.int64, count=len(good))
+            read = np.frombuffer(b"".join(blob for _, blob in good), dtype=np.float32).reshape(len(good), dim)
+            finite = np.isfinite(read).all(axis=1)
+            vectors[at[finite]] = read[finite]
+            found[at[finite]] = True
+        bad = len(rows) - (int(finite.sum()) if good else 0)
+        if bad:
+            warnings.warn(f"embedding cache {self.path}: {bad} vector(s) not of {dim} finite numbers; computing "
+                          "them again", RuntimeWarning, stacklevel=2)
+        if self._shared is not None:
+            self._shared.setdefault(encoder, {}).update((k, vectors[i]) for i, k in enumerate(keys) if found[i])
+        return vectors, found
 
     def put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
         if not self.usable:
             return
+        if self._shared is not None:
+            self._shared.setdefault(encoder, {}).update(vectors)
         try:
             self._put(encoder, vectors)
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
 
-    def _get(self, encoder: str, keys: Iterable[str]) -> dict[str, object]:
-        keys = list(dict.fromkeys(keys))
-        found: dict[str, object] = {}
+    @contextmanager
+    def shared_reads(self) -> Iterator[None]:
+        """Within the block, a vector read (or written) once is served from memory: models that
+        share an encoder and score the same rows one after the other (a rescore chunk) read
+        SQLite once. The memory is the block's rows' vectors, freed when it ends."""
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def _get(self, encoder: str, keys: Sequence[str]) -> list[tuple[str, object]]:
+        found: list[tuple[str, object]] = []
         con = self._connect()
         try:
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = con.execute(
+                found.extend(con.execute(
                     f"SELECT key, vector FROM embeddings WHERE encoder = ? AND key IN ({marks})",
                     [encoder, *chunk],
-                )
-                found.update(rows)
+                ))
         finally:
             con.close()
         return found

@@ -11,7 +11,7 @@ import torch
 
 from anime_udf.bundle import BundleError, load_weights, read_manifest, text_encoder_dirs
 from anime_udf.cache import EmbeddingCache
-from anime_udf.features import TabularEncoder, clean_text
+from anime_udf.features import TabularEncoder
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
@@ -60,10 +60,9 @@ class Scorer:
         if n == 0:
             return np.zeros(0, dtype=np.float64)
         dense, studio_index = self.features.encode(genres, studio, episodes)
-        texts = [clean_text(s) for s in synopsis]
         with self._lock, torch.inference_mode():
-            emb = sentence_embedding(self.text_encoder.embed(texts))
-            inputs = (emb, dense, studio_index, *self._extra_inputs(texts))
+            emb = sentence_embedding(self.text_encoder.embed(synopsis))  # cleans the texts (clean_text)
+            inputs = (emb, dense, studio_index, *self._extra_inputs(synopsis))
             standardised = self.net(*(torch.from_numpy(a) for a in inputs)).numpy()
         scores = standardised.astype(np.float64) * self.target_std + self.target_mean
         return np.clip(scores, SCORE_MIN, SCORE_MAX)
@@ -71,7 +70,7 @@ class Scorer:
     def _member(self, cfg: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
 
-    def _extra_inputs(self, texts: list[str]) -> tuple[np.ndarray, ...]:
+    def _extra_inputs(self, synopsis: Sequence[Any]) -> tuple[np.ndarray, ...]:
         return ()
 
 
@@ -101,8 +100,10 @@ class FusionScorer(Scorer):
         return FusionHead(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,
                           cfg["studio_dim"], cfg["dropout"])
 
-    def _extra_inputs(self, texts):
-        return (self.lexical.predict(texts),)
+    def _extra_inputs(self, synopsis):
+        # Cleaning whitespace changes no token (tokens are runs of word characters), so the raw
+        # synopsis (str or NULL) scores as its clean_text would.
+        return (self.lexical.predict(synopsis),)
 
 
 def sentence_embedding(pooled: np.ndarray) -> np.ndarray:

@@ -164,8 +164,9 @@ SELECT error('rescore: this store keys its rows by ' || value || ', not by '
              || getvariable('rescore_key_column') || '; use --key ' || value || ' or another store')
 FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_key_column');
 
+-- (keys and hashes only: the inputs stay in rescore_input, read again when scoring)
 CREATE OR REPLACE TEMP TABLE rescore_todo AS
-SELECT m.model_id, i.key, i.synopsis, i.genres, i.studio, i.episodes, i.input_hash, i.imputed
+SELECT m.model_id, i.key, i.input_hash, i.imputed
 FROM rescore_models m
 CROSS JOIN rescore_input i
 LEFT JOIN rescore_scores s ON s.model_id = m.model_id AND s.key = i.key
@@ -190,7 +191,8 @@ SET VARIABLE rescore_catalog_fingerprint = (
 -- @section score
 -- The slow step, and the only one outside SQL in the CLI (same scorer, chunked).
 INSERT INTO rescore_new
-SELECT model_id, key, rescore_predict(synopsis, genres, studio, episodes) FROM rescore_todo;
+SELECT t.model_id, t.key, rescore_predict(i.synopsis, i.genres, i.studio, i.episodes)
+FROM rescore_todo t JOIN rescore_input i USING (key);
 
 
 -- @section begin
