@@ -458,6 +458,8 @@ def rescore(
     work_dir = tempfile.TemporaryDirectory(prefix="anime-udf-rescore-")
     con = duckdb.connect(config={"temp_directory": work_dir.name, "memory_limit": WORK_MEMORY_LIMIT})
     try:
+        # No DuckDB progress bar: it would print to stdout (into --json) while the scoring streams.
+        con.execute("SET enable_progress_bar = false")
         _register_catalog(con, df, key)
         del df  # the plan copies what it needs; the catalog's text is not held twice
         _run(con, "macros")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -142,6 +143,8 @@ def main() -> int:
         results = []
         for engine in args.engines.split(","):
             store = work / (f"scores-{engine}" + (".duckdb" if engine == "duckdb" else ""))
+            for stale in work.glob(store.name + "*"):  # a store of an earlier run in --work: cold means empty
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
             options = ["--engine", engine] + (["--master", args.master] if engine == "spark" else [])
             for step, catalog in (("cold", plain), ("unchanged", plain), ("1% changed", changed)):
                 load = os.getloadavg()[0]
