@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 import warnings
-from pathlib import Path
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from anime_udf.errors import AnimeUdfError
 
 _CHUNK = 500  # SQLite's bound-parameter limit is 999 on old builds
 
@@ -31,6 +34,10 @@ def cache_dir() -> Path:
 
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class CacheError(AnimeUdfError):
+    """``anime-udf cache`` cannot do what it was asked."""
 
 
 class UnsafeCacheError(Exception):
@@ -66,9 +73,14 @@ class EmbeddingCache:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.execute(
                     "CREATE TABLE IF NOT EXISTS embeddings ("
-                    " encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL,"
+                    " encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL, written_at REAL,"
                     " PRIMARY KEY (encoder, key)) WITHOUT ROWID"
                 )
+                # A cache written before entries were dated: its entries keep a NULL date
+                # (older than any --older-than), new ones are dated.
+                columns = {row[1] for row in con.execute("PRAGMA table_info(embeddings)")}
+                if "written_at" not in columns:
+                    con.execute("ALTER TABLE embeddings ADD COLUMN written_at REAL")
             con.close()
         except (sqlite3.Error, OSError, UnsafeCacheError) as exc:
             self._give_up(exc)
@@ -157,7 +169,64 @@ class EmbeddingCache:
         return found
 
     def _put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
-        rows = [(encoder, k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()]
+        now = time.time()
+        rows = [(encoder, k, np.asarray(v, dtype=np.float32).tobytes(), now) for k, v in vectors.items()]
         with self._connect() as con:  # one transaction: all rows or none
-            con.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", rows)
+            con.executemany("INSERT OR REPLACE INTO embeddings (encoder, key, vector, written_at) "
+                            "VALUES (?, ?, ?, ?)", rows)
         con.close()
+
+    # --- bounding the file (anime-udf cache) ---------------------------------------------
+
+    def _require_usable(self) -> None:
+        if not self.usable:
+            raise CacheError(f"embedding cache {self.path} cannot be used (see the warning above)")
+
+    def size_bytes(self) -> int:
+        """The cache file with its write-ahead log."""
+        return sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
+                   if p.exists())
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One dict per encoder id: entries, bytes of vectors, oldest and newest write (unix
+        seconds; None for entries written before dates were kept), most entries first."""
+        self._require_usable()
+        con = self._connect()
+        try:
+            rows = con.execute(
+                "SELECT encoder, count(*), sum(length(vector)), min(written_at), max(written_at), "
+                "count(*) - count(written_at) FROM embeddings GROUP BY encoder ORDER BY count(*) DESC, encoder"
+            ).fetchall()
+        finally:
+            con.close()
+        return [{"encoder": e, "entries": n, "vector_bytes": b, "oldest": lo, "newest": hi, "undated": undated}
+                for e, n, b, lo, hi, undated in rows]
+
+    def prune(self, *, older_than: float | None = None, encoder: str | None = None,
+              dry_run: bool = False) -> dict[str, int]:
+        """Remove the entries written more than ``older_than`` seconds ago (undated ones
+        included) and/or those of encoder ids starting with ``encoder``; then compact the file.
+        Returns the entries removed (or, with ``dry_run``, that would be) per encoder id."""
+        self._require_usable()
+        if older_than is None and encoder is None:
+            raise CacheError("say what to prune: --older-than AGE and/or --encoder ID")
+        conditions, params = [], []
+        if older_than is not None:
+            conditions.append("(written_at IS NULL OR written_at < ?)")
+            params.append(time.time() - older_than)
+        if encoder is not None:
+            conditions.append("substr(encoder, 1, ?) = ?")
+            params.extend([len(encoder), encoder])
+        where = " AND ".join(conditions)
+        con = self._connect()
+        try:
+            removed = dict(con.execute(f"SELECT encoder, count(*) FROM embeddings WHERE {where} GROUP BY encoder",
+                                       params).fetchall())
+            if removed and not dry_run:
+                with con:  # one transaction
+                    con.execute(f"DELETE FROM embeddings WHERE {where}", params)
+                con.execute("VACUUM")  # give the space back: the file shrinks
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()
+        return removed

@@ -444,3 +444,96 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_summary(report))
+
+
+# --- the embedding cache ------------------------------------------------------------------------
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(value: str) -> float:
+    """'30d', '12h', '90m', '2w', '45s' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value or "")
+    if not match:
+        raise click.BadParameter(f"{value!r} is not an age such as 30d, 12h, 90m, 2w or 45s", param_hint="--older-than")
+    return float(match.group(1)) * AGE_UNITS[match.group(2)]
+
+
+def open_cache():
+    """The embedding cache the scoring commands use ($ANIME_UDF_CACHE); an unusable one is an error here."""
+    import warnings
+
+    from anime_udf.cache import CacheError, EmbeddingCache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = EmbeddingCache()
+    if not cache.usable:
+        raise CacheError(str(caught[0].message) if caught else f"embedding cache {cache.path} cannot be used")
+    return cache
+
+
+def _when(seconds: float | None) -> str:
+    import datetime as dt
+
+    return "-" if seconds is None else dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+@cli.group(name="cache", invoke_without_command=True)
+@click.pass_context
+def cache_group(ctx):
+    """The embedding cache: how big it is, and removing what is no longer needed.
+
+    Synopsis embeddings are cached by content hash in $ANIME_UDF_CACHE/embeddings.sqlite
+    (default ~/.cache/anime-udf), per encoder id (the encoder's checksums, pooling, length
+    and precision); an entry takes about 5 KB of the file (a 384-d vector is 1.5 KB).
+
+    \b
+      anime-udf cache                          size and entries per encoder
+      anime-udf cache prune --older-than 90d   entries not written for 90 days
+      anime-udf cache prune --encoder sha256:53aa51 --dry-run
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_info)
+
+
+@cache_group.command(name="info")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_info(as_json=False):
+    """The cache file's size and its entries per encoder id."""
+    cache = open_cache()
+    encoders = cache.stats()
+    if as_json:
+        click.echo(json.dumps({"path": str(cache.path), "bytes": cache.size_bytes(), "encoders": encoders}, indent=2))
+        return
+    total = sum(e["entries"] for e in encoders)
+    click.echo(f"{cache.path}: {cache.size_bytes() / 1e6:,.1f} MB, {total:,} entries, {len(encoders)} encoder(s)")
+    for e in encoders:
+        undated = f", {e['undated']:,} undated" if e["undated"] else ""
+        click.echo(f"  {e['entries']:>10,} entries {e['vector_bytes'] / 1e6:>9,.1f} MB  written "
+                   f"{_when(e['oldest'])} .. {_when(e['newest'])}{undated}  {e['encoder']}")
+
+
+@cache_group.command(name="prune")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Remove entries written longer ago than AGE (30d, 12h, 2w...); entries written before "
+                   "anime-udf dated them count as older.")
+@click.option("--encoder", metavar="ID",
+              help="Remove the entries of the encoder ids starting with ID (as `anime-udf cache` lists them).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_prune(older_than, encoder, dry_run):
+    """Remove cache entries (both options: entries matching both), then compact the file.
+
+    A removed entry is computed again, and cached again, when a synopsis needs it."""
+    age = parse_age(older_than) if older_than is not None else None
+    if age is None and not encoder:
+        raise click.UsageError("say what to prune: --older-than AGE and/or --encoder ID")
+    cache = open_cache()
+    before = cache.size_bytes()
+    removed = cache.prune(older_than=age, encoder=encoder or None, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {sum(removed.values()):,} entries" + (":" if removed else ""))
+    for enc, n in sorted(removed.items(), key=lambda item: -item[1]):
+        click.echo(f"  {n:>10,}  {enc}")
+    if not dry_run:
+        click.echo(f"{cache.path}: {before / 1e6:,.1f} MB -> {cache.size_bytes() / 1e6:,.1f} MB")
