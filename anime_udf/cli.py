@@ -82,6 +82,9 @@ def models_option(f):
 
 def engine_options(f):
     """--engine and --master: the same command on DuckDB (this process) or on Spark."""
+    f = click.option("--ship-bundles", "ship", is_flag=True,
+                     help="With --engine spark: send the bundles to every executor (SparkContext.addFile), "
+                          "for a cluster whose workers do not see the models directory.")(f)
     f = click.option("--master", default="local[*]", show_default=True, metavar="URL",
                      help="Spark master, with --engine spark (its workers need anime-udf installed: "
                           "see the README's \"Running on a cluster\").")(f)
@@ -248,7 +251,7 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
 @engine_options
 @models_option
 @scoring_options
-def score(data, out, model_paths, engine, master, models, device, precision):
+def score(data, out, model_paths, engine, master, ship, models, device, precision):
     """Score a whole catalog file with every registered model.
 
     \b
@@ -260,7 +263,7 @@ def score(data, out, model_paths, engine, master, models, device, precision):
 
         with owned_session(master, progress=True) as spark:
             n, functions = score_parquet(spark, str(data), out, models=models, device=device, precision=precision,
-                                         **chosen_bundles(model_paths, models))
+                                         ship=ship, **chosen_bundles(model_paths, models))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return
     require_file(data, "--data")
@@ -400,7 +403,7 @@ def list_models(as_json, models):
 @models_option
 @scoring_options
 def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, engine, master,
-            models, device, precision):
+            ship, models, device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -430,7 +433,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
             with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
                 report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models, key=key,
                                        dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
-                                       precision=precision)
+                                       precision=precision, ship=ship)
         else:
             from anime_udf.rescore import rescore as run_rescore
 
