@@ -146,6 +146,9 @@ def test_prune_older_than_removes_old_and_undated_entries_and_shrinks_the_file(t
     assert {e["encoder"]: e["entries"] for e in cache.stats()} == {real.encoder_id: 2}
     assert cache.size_bytes() < before / 2
     np.testing.assert_array_equal(real.embed(TEXTS), reference)
+    with sqlite3.connect(path) as con:  # rewritten in the layout without overflow pages
+        assert "WITHOUT ROWID" not in con.execute("SELECT sql FROM sqlite_master WHERE name = 'embeddings'").fetchone()[0]
+    con.close()
 
     assert cache_command(tmp_path, "prune").exit_code == 2  # nothing said: refused
     assert "is not an age" in cache_command(tmp_path, "prune", "--older-than", "soon").output
