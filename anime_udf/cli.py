@@ -489,7 +489,7 @@ def cache_group(ctx):
 
     Synopsis embeddings are cached by content hash in $ANIME_UDF_CACHE/embeddings.sqlite
     (default ~/.cache/anime-udf), per encoder id (the encoder's checksums, pooling, length
-    and precision); an entry takes about 5 KB of the file (a 384-d vector is 1.5 KB).
+    and precision); an entry takes about 2.3 KB of the file (a 384-d vector is 1.5 KB).
 
     \b
       anime-udf cache                          size and entries per encoder
