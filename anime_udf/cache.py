@@ -218,7 +218,7 @@ class EmbeddingCache:
     def prune(self, *, older_than: float | None = None, encoder: str | None = None,
               dry_run: bool = False) -> dict[str, int]:
         """Remove the entries written more than ``older_than`` seconds ago (undated ones
-        included) and/or those of encoder ids starting with ``encoder``; then compact the file.
+        included) and/or those of encoder ids starting with ``encoder``; then ``compact``.
         Returns the entries removed (or, with ``dry_run``, that would be) per encoder id."""
         self._require_usable()
         if older_than is None and encoder is None:
@@ -238,9 +238,21 @@ class EmbeddingCache:
             if removed and not dry_run:
                 with con:  # one transaction
                     con.execute(f"DELETE FROM embeddings WHERE {where}", params)
-                    _rewrite_without_overflow(con)
-                con.execute("VACUUM")  # give the space back: the file shrinks
-                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             con.close()
+        if removed and not dry_run:
+            self.compact()
         return removed
+
+    def compact(self) -> None:
+        """Rewrite the file: the current layout (an older cache's is converted) without the
+        space of removed entries."""
+        self._require_usable()
+        con = self._connect()
+        try:
+            with con:  # one transaction
+                _rewrite_without_overflow(con)
+            con.execute("VACUUM")  # give the space back: the file shrinks
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()

@@ -150,5 +150,7 @@ def test_prune_older_than_removes_old_and_undated_entries_and_shrinks_the_file(t
         assert "WITHOUT ROWID" not in con.execute("SELECT sql FROM sqlite_master WHERE name = 'embeddings'").fetchone()[0]
     con.close()
 
+    assert "MB ->" in cache_command(tmp_path, "compact").output
+    np.testing.assert_array_equal(real.embed(TEXTS), reference)
     assert cache_command(tmp_path, "prune").exit_code == 2  # nothing said: refused
     assert "is not an age" in cache_command(tmp_path, "prune", "--older-than", "soon").output
