@@ -88,10 +88,12 @@ def tree_rss_mb(root: int) -> float:
     return total / 1024
 
 
-def run_step(command: list[str]) -> tuple[float, float, dict]:
-    """Run ``command``; (seconds, peak MB of its process tree, its JSON report)."""
+def run_step(command: list[str], cwd: Path) -> tuple[float, float, dict]:
+    """Run ``command`` in ``cwd``; (seconds, peak MB of its process tree, its JSON report).
+    (``python -c`` puts its working directory first on sys.path: ``cwd`` must not hold a
+    checkout, so that PYTHONPATH or the installed package decides which anime_udf runs.)"""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
     peak = [0.0]
     done = threading.Event()
 
@@ -132,7 +134,8 @@ def main() -> int:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if not args.no_warm_up:
-            seconds, _, _ = run_step([*cli, "--catalog", str(args.source), "--store", str(work / "warm-up.duckdb")])
+            seconds, _, _ = run_step([*cli, "--catalog", str(args.source), "--store", str(work / "warm-up.duckdb")],
+                                     work)
             print(f"warm-up over {args.source.name}: {seconds:.1f} s", flush=True)
             for stale in work.glob("warm-up.duckdb*"):
                 stale.unlink()
@@ -148,7 +151,8 @@ def main() -> int:
             options = ["--engine", engine] + (["--master", args.master] if engine == "spark" else [])
             for step, catalog in (("cold", plain), ("unchanged", plain), ("1% changed", changed)):
                 load = os.getloadavg()[0]
-                seconds, peak, report = run_step([*cli, *options, "--catalog", str(catalog), "--store", str(store)])
+                seconds, peak, report = run_step([*cli, *options, "--catalog", str(catalog), "--store", str(store)],
+                                                 work)
                 scored = sum(m["rows_scored"] for m in report["models"])
                 results.append({"engine": engine, "step": step, "rows": report["rows_seen"], "scored": scored,
                                 "seconds": round(seconds, 2), "rows_per_s": round(report["rows_seen"] / seconds),
