@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_MODELS := models/demo
-# The tests run the Spark engine too (local mode, with the machine's Java); `make install EXTRAS=test` leaves it out.
-EXTRAS ?= test,spark
+# The tests run the Spark engine too (local mode, with the machine's Java) and dbt (examples/dbt);
+# `make install EXTRAS=test` leaves them out.
+EXTRAS ?= test,spark,dbt
 export HF_HUB_OFFLINE := 1
 
 .PHONY: install demo test fixtures clean

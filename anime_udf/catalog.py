@@ -1,14 +1,16 @@
 """Reading and validating catalogs: the one place where outside data enters.
 
-A catalog is CSV, Parquet, a Polars/Arrow table or a DuckDB relation with the model
-inputs ``synopsis, genres, studio, episodes`` and, for training or evaluation,
-``score``. Other columns are kept as they are (a key such as ``anime_id``).
+A catalog is CSV, Parquet, a table of a DuckDB database file (``FILE.duckdb:TABLE``),
+a Polars/Arrow table or a DuckDB relation with the model inputs ``synopsis, genres,
+studio, episodes`` and, for training or evaluation, ``score``. Other columns are kept
+as they are (a key such as ``anime_id``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,12 +19,73 @@ import pyarrow as pa
 
 from anime_udf.columns import INPUT_COLUMNS, SCORE_COLUMN
 from anime_udf.errors import AnimeUdfError
+from anime_udf.sqlutil import quote_ident
 
 SCORE_RANGE = (1.0, 10.0)
+# A catalog path with one of these suffixes is a DuckDB database: FILE.duckdb:TABLE names its table.
+DATABASE_SUFFIXES = (".duckdb", ".ddb", ".db")
 
 
 class CatalogError(AnimeUdfError, ValueError):
     """A catalog cannot be read or has a bad column or value."""
+
+
+@dataclass(frozen=True)
+class DatabaseTable:
+    """A table (or view) of a DuckDB database file, written ``FILE.duckdb:TABLE`` or
+    ``FILE.duckdb:SCHEMA.TABLE`` wherever a catalog goes."""
+
+    database: Path
+    table: str
+
+    def __str__(self) -> str:
+        return f"{self.database}:{self.table}"
+
+    @property
+    def name(self) -> str:
+        """The last part of the name, as Path.name (report titles)."""
+        return f"{self.database.name}:{self.table}"
+
+
+def catalog_source(value: str | Path | DatabaseTable) -> Path | DatabaseTable:
+    """A catalog argument as a file path or a database table: the one parser of ``FILE.duckdb:TABLE``.
+
+    The text after the last ``:`` names the table when the text before it ends in a DuckDB
+    suffix (.duckdb, .ddb, .db); anything else is a file path, colons included."""
+    if isinstance(value, DatabaseTable):
+        return value
+    text = str(value)
+    database, sep, table = text.rpartition(":")
+    if sep and Path(database).suffix.lower() in DATABASE_SUFFIXES:
+        if not table:
+            raise CatalogError(f"{text}: name the table after the colon, e.g. {database}:anime")
+        return DatabaseTable(Path(database), table)
+    return Path(text)
+
+
+def read_table(ref: DatabaseTable) -> pl.DataFrame:
+    """All rows of a database table, read through a read-only connection that is closed again."""
+    import duckdb
+
+    if not ref.database.is_file():
+        raise CatalogError(f"{ref.database}: no such database file")
+    try:
+        con = duckdb.connect(str(ref.database), read_only=True)
+    except duckdb.Error as exc:  # not a DuckDB file, or open for writing in another process
+        raise CatalogError(f"{ref.database}: cannot open the database: {exc}") from exc
+    try:
+        schema, _, name = ref.table.rpartition(".")
+        tables = con.execute(
+            "SELECT table_schema, table_name FROM information_schema.tables "
+            "WHERE table_catalog = current_database() ORDER BY ALL").fetchall()
+        found = [(s, n) for s, n in tables if n.lower() == name.lower() and (s.lower() == schema.lower()
+                                                                           if schema else s == "main")]
+        if not found:
+            names = ", ".join(n if s == "main" else f"{s}.{n}" for s, n in tables) or "none"
+            raise CatalogError(f"{ref}: the database has no table {ref.table!r} (its tables: {names})")
+        return con.sql(f"SELECT * FROM {quote_ident(found[0][0])}.{quote_ident(found[0][1])}").pl()
+    finally:
+        con.close()
 
 
 def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scores: bool = False,
@@ -34,7 +97,7 @@ def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scor
     ``require_score`` checks every score is in range; ``allow_missing_scores`` lets
     NULL scores through (evaluation skips and counts them).
     """
-    label = name or (str(source) if isinstance(source, (str, Path)) else type(source).__name__)
+    label = name or (str(source) if isinstance(source, (str, Path, DatabaseTable)) else type(source).__name__)
     df = _to_polars(source, label)
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
     if require_score and SCORE_COLUMN not in df.columns:
@@ -60,9 +123,13 @@ def _to_polars(source: Any, label: str) -> pl.DataFrame:
         return pl.from_arrow(source)
     if hasattr(source, "pl") and callable(source.pl):  # a DuckDB relation
         return source.pl()
-    if not isinstance(source, (str, Path)):
+    if not isinstance(source, (str, Path, DatabaseTable)):
         raise CatalogError(f"cannot read a catalog from {type(source).__name__}")
-    path = Path(source)
+    path = catalog_source(source)
+    if isinstance(path, DatabaseTable):
+        return read_table(path)
+    if path.suffix.lower() in DATABASE_SUFFIXES:
+        raise CatalogError(f"{label}: a DuckDB database; name its table: {path}:TABLE")
     if not path.exists():
         raise CatalogError(f"{label}: no such file")
     suffix = path.suffix.lower()

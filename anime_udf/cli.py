@@ -1,4 +1,4 @@
-"""The anime-udf command line: train · score · eval · sql · models."""
+"""The anime-udf command line: train · score · eval · explain · sql · models."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from anime_udf.sqlutil import quote_ident, quote_literal
 if TYPE_CHECKING:
     import duckdb
     import polars as pl
+
+    from anime_udf.catalog import DatabaseTable
 
 # Each command imports what it needs: torch and transformers only to score or train
 # (anime_udf.udf), DuckDB and polars only to query; --help and `models` need neither and
@@ -83,7 +85,7 @@ def models_option(f):
 def engine_options(f):
     """--engine and --master: the same command on DuckDB (this process) or on Spark."""
     f = click.option("--ship-bundles", "ship", is_flag=True,
-                     help="With --engine spark: send the bundles to every executor (SparkContext.addFile), "
+                     help="With --engine spark: send the bundles to every executor (as zip archives), "
                           "for a cluster whose workers do not see the models directory.")(f)
     f = click.option("--master", default="local[*]", show_default=True, metavar="URL",
                      help="Spark master, with --engine spark (its workers need anime-udf installed: "
@@ -92,9 +94,34 @@ def engine_options(f):
                         help="Run in an in-process DuckDB, or on Apache Spark (pip install 'anime-udf[spark]').")(f)
 
 
-def require_file(path: Path, option: str) -> None:
-    """The DuckDB engine reads one file; Spark also takes a directory or a glob."""
-    if not path.is_file():
+class CatalogParam(click.ParamType):
+    """A catalog option's value: a file, or a table of a DuckDB database as FILE.duckdb:TABLE
+    (parsed by anime_udf.catalog.catalog_source, the one parser of that syntax)."""
+
+    name = "catalog"
+
+    def convert(self, value, param, ctx):
+        from anime_udf.catalog import CatalogError, catalog_source
+
+        try:
+            return catalog_source(value)
+        except CatalogError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+CATALOG = CatalogParam()
+
+
+def require_file(path: Path | DatabaseTable, option: str, engine: str = "duckdb") -> None:
+    """The DuckDB engine reads one file or a database table; Spark also takes a directory or a
+    glob, but no database table."""
+    from anime_udf.catalog import DatabaseTable
+
+    if isinstance(path, DatabaseTable):
+        if engine == "spark":
+            raise click.BadParameter(f"{path}: a DuckDB table is read with --engine duckdb", param_hint=option)
+        path = path.database
+    if engine == "duckdb" and not path.is_file():
         raise click.BadParameter(f"{path}: no such file" + (" (a directory or glob needs --engine spark)"
                                                              if path.is_dir() or "*" in str(path) else ""),
                                  param_hint=option)
@@ -115,22 +142,25 @@ def cli(debug):
     """
 
 
-def parse_table(value: str) -> tuple[str, Path]:
+def parse_table(value: str) -> tuple[str, Path | DatabaseTable]:
+    from anime_udf.catalog import catalog_source
+
     name, sep, path = value.partition("=")
     if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise click.BadParameter(f"{value!r}: expected NAME=FILE, NAME a plain SQL identifier")
-    return name, Path(path)
+    return name, catalog_source(path)
 
 
 def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto", precision: str = "auto",
-            *, require_models: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict]:
-    """An in-process DuckDB with the scoring functions registered (none, where there is no
-    bundle and ``require_models`` is false)."""
+            *, require_models: bool = True, database: Path | None = None,
+            read_only: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict]:
+    """An in-process DuckDB (on ``database``, a DuckDB file, where given) with the scoring
+    functions registered (none, where there is no bundle and ``require_models`` is false)."""
     import duckdb
 
     from anime_udf.udf import NoModelsError, register
 
-    con = duckdb.connect()
+    con = duckdb.connect(str(database), read_only=read_only) if database else duckdb.connect()
     try:
         scorers = register(con, models=models, device=device, precision=precision,
                            **chosen_bundles(model_paths, models))
@@ -150,6 +180,10 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models:
 
     try:
         return con.sql(query)
+    except duckdb.InvalidInputException as exc:
+        if "read-only mode" in str(exc):
+            raise click.ClickException(f"{exc}; pass --write to change the --db database") from None
+        raise
     except duckdb.CatalogException as exc:
         for kind, name in FUNCTION_NAMES.items():
             if name not in scorers and f"name {name} does not exist" in str(exc):
@@ -168,7 +202,7 @@ def chosen_bundles(model_paths: tuple[str, ...], models: Path) -> dict[str, Path
     return chosen
 
 
-def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path, **checks) -> int:
+def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path | DatabaseTable, **checks) -> int:
     """Read a catalog (validated; ``checks`` as for read_catalog) and expose it to SQL as ``name``."""
     from anime_udf.catalog import read_catalog
 
@@ -197,15 +231,18 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 
 @cli.command()
 @click.argument("query")
+@click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.duckdb",
+              help="Run the query in this DuckDB database: its tables are the query's (read-only unless --write).")
+@click.option("--write", is_flag=True, help="Open --db for writing (created if missing): CREATE, INSERT, UPDATE...")
 @click.option("--table", "tables", multiple=True, metavar="NAME=FILE",
-              help="Expose a CSV/Parquet catalog to the query as a view NAME (repeatable).")
+              help="Expose a catalog (CSV, Parquet or FILE.duckdb:TABLE) to the query as a view NAME (repeatable).")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle to register (default: the newest of each kind).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result to .parquet or .csv.")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (without --out).")
 @models_option
 @scoring_options
-def sql(query, tables, model_paths, out, limit, models, device, precision):
+def sql(query, database, write, tables, model_paths, out, limit, models, device, precision):
     """Run QUERY with predict_score / predict_score_fusion (each where the models directory has a
     bundle of its kind; a query that scores nothing needs none) and the macros of sql/metrics.sql
     and sql/report.sql available.
@@ -213,6 +250,9 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
     \b
     anime-udf sql "SELECT title, predict_score(synopsis, genres, studio, episodes) AS p
                    FROM anime ORDER BY p DESC LIMIT 5" --table anime=catalog.parquet
+    anime-udf sql --db warehouse.duckdb "SELECT title, predict_score_fusion(synopsis, genres,
+                   studio, episodes) AS p FROM anime ORDER BY p DESC LIMIT 5"
+    anime-udf sql --db warehouse.duckdb --write "CREATE TABLE anime AS FROM 'catalog.csv'"
     """
     import polars as pl
 
@@ -225,14 +265,21 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
         raise click.BadParameter(f"view name(s) given more than once: {', '.join(repeated)}", param_hint="--table")
     if out:
         check_out_suffix(out)
-    con, scorers = connect(models, model_paths, device, precision, require_models=False)
-    load_report_macros(con)
-    for name, path in views:
-        add_catalog(con, name, path)
-    result = run_query(con, query, scorers, models)
-    if result is None:
+    if database and not write and not database.is_file():
+        raise click.BadParameter(f"{database}: no such database file (--write creates one)", param_hint="--db")
+    if write and not database:
+        raise click.BadParameter("--write opens the --db database for writing: pass --db FILE.duckdb",
+                                 param_hint="--write")
+    con, scorers = connect(models, model_paths, device, precision, require_models=False, database=database,
+                           read_only=not write)
+    with con:  # closed at the end: a --db database is free for the next process (or the next command)
+        load_report_macros(con)
+        for name, path in views:
+            add_catalog(con, name, path)
+        result = run_query(con, query, scorers, models)
+        df = result.pl() if result is not None else None
+    if df is None:
         return
-    df = result.pl()
     if out:
         write_result(df, out)
         click.echo(f"wrote {df.height} rows to {out}")
@@ -242,8 +289,9 @@ def sql(query, tables, model_paths, out, limit, models, device, precision):
 
 
 @cli.command()
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help="Catalog to score (CSV or Parquet; with --engine spark, a Parquet file, directory or glob).")
+@click.option("--data", required=True, type=CATALOG,
+              help="Catalog to score: CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE (with --engine spark, "
+                   "a Parquet file, directory or glob).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Output .parquet or .csv: the catalog plus one score column per model "
                    "(with --engine spark, a directory of Parquet files).")
@@ -256,8 +304,10 @@ def score(data, out, model_paths, engine, master, ship, models, device, precisio
 
     \b
       anime-udf score --data catalog.parquet --out scored.parquet
+      anime-udf score --data warehouse.duckdb:anime --out scored.parquet
       anime-udf score --engine spark --data 'catalog/*.parquet' --out scored/
     """
+    require_file(data, "--data", engine)
     if engine == "spark":
         from anime_udf.spark import owned_session, score_parquet
 
@@ -266,7 +316,6 @@ def score(data, out, model_paths, engine, master, ship, models, device, precisio
                                          ship=ship, **chosen_bundles(model_paths, models))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return
-    require_file(data, "--data")
     check_out_suffix(out)
     con, scorers = connect(models, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
@@ -289,8 +338,9 @@ def parse_where(where: str) -> str:
 
 
 @cli.command(name="eval")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Catalog with a score column (CSV or Parquet); rows with a NULL score are skipped and counted.")
+@click.option("--data", required=True, type=CATALOG,
+              help="Catalog with a score column (CSV, Parquet or FILE.duckdb:TABLE); rows with a NULL score are "
+                   "skipped and counted.")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
               help="Bundle(s) to evaluate (default: the newest of each kind, side by side).")
 @click.option("--where", "where",
@@ -299,7 +349,8 @@ def parse_where(where: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the models' metrics as JSON.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.html",
               help="Also write a self-contained HTML report: metrics, predicted vs actual, residuals, error by "
-                   "genre / episodes / studio, calibration and the largest misses (opens offline).")
+                   "genre / episodes / studio, calibration, what each model listens to (the mean part of each "
+                   "input group) and the largest misses with their parts (opens offline).")
 @models_option
 @scoring_options
 def evaluate(data, model_paths, where, as_json, report, models, device, precision):
@@ -314,13 +365,14 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
     from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions
     from anime_udf.metrics import metrics_table
 
+    require_file(data, "--data")
     condition = parse_where(where) if where else "true"
     if report and report.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report}: use an .html file name", param_hint="--report")
     con, scorers = connect(models, model_paths, device, precision)
     add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
-    evaluation = build_predictions(con, "catalog", condition, scorers)
+    evaluation = build_predictions(con, "catalog", condition, scorers, explain=report is not None)
     table = metrics_table(con, EVALUATED)
     skipped = f"skipped {evaluation.skipped_rows} selected row(s) without a score" if evaluation.skipped_rows else ""
     if as_json:
@@ -339,6 +391,58 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
 
         write_report(con, evaluation, report, catalog=data, where=where)
         click.echo(f"wrote the report to {report}", err=as_json)
+
+
+@cli.command(name="explain")
+@click.option("--data", required=True, type=CATALOG, help="Catalog to explain (CSV, Parquet or FILE.duckdb:TABLE).")
+@click.option("--where", "where", help="One SQL expression choosing the rows, e.g. \"anime_id = 5114\".")
+@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
+              help="Bundle(s) to explain (default: the newest of each kind).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every row's parts to .parquet or .csv.")
+@click.option("--limit", default=20, show_default=True, help="Rows to print (without --out).")
+@models_option
+@scoring_options
+def explain(data, where, model_paths, out, limit, models, device, precision):
+    """Why each selected row scores what it does: the exact Shapley parts of each model's score
+    over its input groups (explain_score / explain_score_fusion in SQL).
+
+    One row per (model, catalog row): the row's number in the catalog, its anime_id and title,
+    base (the score with every group at its reference, the README says which), the parts
+    synopsis, genres, studio, episodes and, for fusion, lexical, then unclamped = base + parts
+    and score = unclamped clamped to [1, 10] (what predict_score returns).
+
+    \b
+      anime-udf explain --data catalog.parquet --where "title ILIKE '%mecha%'"
+      anime-udf explain --data catalog.parquet --model fusion --out parts.parquet
+    """
+    import polars as pl
+
+    from anime_udf.evaluation import explanations_sql
+
+    require_file(data, "--data")
+    condition = parse_where(where) if where else "true"
+    if out:
+        check_out_suffix(out)
+    con, scorers = connect(models, model_paths, device, precision)
+    add_catalog(con, "catalog", data)
+    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
+    columns = [row[0] for row in con.execute("DESCRIBE catalog").fetchall()]
+    keep = [quote_ident(c) for c in ("row", DEFAULT_KEY, "title") if c == "row" or c in columns]
+    con.execute("CREATE TEMP TABLE selected AS SELECT * FROM "
+                f"(SELECT row_number() OVER () AS \"row\", * FROM catalog) WHERE {condition}")
+    df = con.sql(f"SELECT * FROM ({explanations_sql(scorers, 'selected', keep)}) ORDER BY \"row\", model").pl()
+    if df.is_empty():
+        raise click.ClickException("nothing to explain: the selection holds no catalog row (check --where)")
+    if out:
+        write_result(df, out)
+        click.echo(f"wrote the parts of {df.height} scores to {out}")
+        return
+    with pl.Config(tbl_rows=limit, tbl_cols=-1, float_precision=3, fmt_str_lengths=30, tbl_width_chars=250,
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        click.echo(df.head(limit))
+    click.echo("base + parts = unclamped; score = unclamped clamped to [1, 10]"
+               + (f"; {limit} of {df.height} rows shown (--limit, --out)" if df.height > limit else ""))
 
 
 @cli.command(name="models")
@@ -380,11 +484,12 @@ def list_models(as_json, models):
 
 
 @cli.command(name="rescore")
-@click.option("--catalog", required=True, type=click.Path(path_type=Path),
-              help="Catalog to rescore (CSV or Parquet; with --engine spark, a Parquet file, directory or glob), "
-                   "with a key column.")
+@click.option("--catalog", required=True, type=CATALOG,
+              help="Catalog to rescore (CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE; with --engine spark, "
+                   "a Parquet file, directory or glob), with a key column.")
 @click.option("--store", required=True, type=click.Path(path_type=Path),
-              help="DuckDB file keeping the scores and the run records (created on the first run); with "
+              help="DuckDB file keeping the scores and the run records (created on the first run), or the "
+                   "database of --catalog FILE.duckdb:TABLE (its rescore_* tables beside the others); with "
                    "--engine spark, a directory of Parquet snapshots.")
 @click.option("--model", "model_specs", multiple=True, default=("all",), show_default=True,
               metavar="baseline|fusion|all|NAME|DIR",
@@ -423,8 +528,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     if engine == "spark" and export is not None:
         raise click.BadParameter("a Spark store is Parquet already: read its current snapshot "
                                  "(anime_udf.spark_rescore.current_snapshot)", param_hint="--export")
-    if engine == "duckdb":
-        require_file(catalog, "--catalog")
+    require_file(catalog, "--catalog", engine)
     try:
         if engine == "spark":
             from anime_udf.spark import owned_session

@@ -14,11 +14,14 @@ import duckdb
 
 from anime_udf.columns import DEFAULT_KEY
 from anime_udf.errors import AnimeUdfError
+from anime_udf.explain import fields, has_references
 from anime_udf.metrics import load_metric_macros
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
+from anime_udf.udf import EXPLAIN_NAMES
 
 PREDICTIONS = "predictions"
 EVALUATED = "evaluated"
+EXPLANATIONS = "explanations"
 REFERENCE = "training mean"
 
 
@@ -36,6 +39,9 @@ class Evaluation:
     skipped_rows: int  # selected rows without a score: left out of every figure
     key: str  # what the key column holds: the catalog's anime_id, or the row number
     statements: tuple[str, ...]  # the SQL that built `predictions` and `evaluated`, shown in the report
+    # Bundles that cannot explain their scores (trained before references were stored): with none,
+    # `explanations` holds each model's parts of every evaluated row (when asked for).
+    unexplained: tuple[str, ...] = ()
 
 
 def load_report_macros(con: duckdb.DuckDBPyConnection) -> None:
@@ -44,10 +50,25 @@ def load_report_macros(con: duckdb.DuckDBPyConnection) -> None:
     con.execute(sql_path("report.sql").read_text())
 
 
+def explanations_sql(scorers: dict[str, Any], source: str, keep: list[str]) -> str:
+    """A query of the parts of each of ``scorers``' ({SQL function name: scorer}) scores for the
+    rows of ``source``: one row per (model, row), the columns ``keep`` of ``source`` and the
+    fields of the explaining functions (``lexical`` NULL for a baseline, when a fusion is there)."""
+    kinds = [scorer.kind for scorer in scorers.values()]
+    columns = fields("fusion" if "fusion" in kinds else "baseline")
+    kept = ", ".join(keep)
+    return "\nUNION ALL\n".join(
+        f"SELECT {quote_literal(kind)} AS model, {kept}, "
+        + ", ".join(f"e.{c}" if c in fields(kind) else f"NULL::DOUBLE AS {c}" for c in columns)
+        + f"\nFROM (SELECT {kept}, {EXPLAIN_NAMES[kind]}(synopsis, genres, studio, episodes) AS e FROM {source})"
+        for kind in kinds)
+
+
 def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: str,
-                      scorers: dict[str, Any]) -> Evaluation:
+                      scorers: dict[str, Any], explain: bool = False) -> Evaluation:
     """Score the rows of view ``catalog`` that satisfy SQL ``condition`` and have a score, with each
-    of ``scorers`` ({SQL function name: scorer}), into ``predictions``; create ``evaluated``.
+    of ``scorers`` ({SQL function name: scorer}), into ``predictions``; create ``evaluated`` and,
+    with ``explain`` (and bundles that can), ``explanations``.
     An empty selection, or one without scores, is an error rather than a table of NULLs."""
     source = quote_ident(catalog)
     columns = [row[0] for row in con.execute(f"DESCRIBE {source}").fetchall()]
@@ -84,10 +105,14 @@ def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: s
         f"\nUNION ALL\nSELECT {quote_literal(label)}, row_id, key, title, genres, studio, episodes, y, "
         f"{mean!r}::DOUBLE FROM {PREDICTIONS} WHERE model = {first}"
         for label, mean in references.items()))
+    unexplained = tuple(scorer.name for scorer in scorers.values() if not has_references(scorer.manifest))
+    if explain and not unexplained:
+        statements.append(f"CREATE OR REPLACE TEMP TABLE {EXPLANATIONS} AS\n"
+                          + explanations_sql(scorers, "scored_rows", ["row_id", "key", "title"]))
     for statement in statements:
         con.execute(statement)
     return Evaluation(
         models=tuple(labels.values()), references=references,
         bundles={scorer.kind: scorer.name for scorer in scorers.values()},
         catalog_rows=catalog_rows, selected_rows=selected_rows, skipped_rows=selected_rows - scored_rows,
-        key=DEFAULT_KEY if has_key else "row", statements=tuple(statements))
+        key=DEFAULT_KEY if has_key else "row", statements=tuple(statements), unexplained=unexplained)

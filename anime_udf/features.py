@@ -58,6 +58,11 @@ def distinct_values(values: Sequence[Any]) -> tuple[list[Any], np.ndarray]:
     return list(index), rows
 
 
+# The dense features' columns: scaled log episodes and its missing flag, then one per genre.
+EPISODE_COLUMNS = slice(0, 2)
+GENRE_COLUMNS = slice(2, None)
+
+
 @dataclass(frozen=True)
 class TabularEncoder:
     """Genres multi-hot, studio index (0 = unknown), scaled episodes + missing flag."""
@@ -99,7 +104,7 @@ class TabularEncoder:
         """Return (dense float32 [n, 2 + n_genres], studio index int64 [n])."""
         n = len(genres)
         dense = np.zeros((n, self.n_tabular), dtype=np.float32)
-        genre_index = {g: i + 2 for i, g in enumerate(self.genres)}
+        genre_index = {g: i + GENRE_COLUMNS.start for i, g in enumerate(self.genres)}
         studio_index = {s: i + 1 for i, s in enumerate(self.studios)}
         # Catalog columns repeat a few hundred values: each distinct value is parsed once.
         values, rows = distinct_values(episodes)
@@ -114,7 +119,7 @@ class TabularEncoder:
                 col = genre_index.get(g)
                 if col is not None:
                     multi_hot[i, col] = 1.0
-        dense[:, 2:] = multi_hot[rows, 2:]
+        dense[:, GENRE_COLUMNS] = multi_hot[rows, GENRE_COLUMNS]
         values, rows = distinct_values(studios)
         studio = np.array([studio_index.get(studio_key(v), 0) for v in values], dtype=np.int64)[rows]
         return dense, studio.reshape(n)

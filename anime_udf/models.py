@@ -19,10 +19,11 @@ class TabularInput(nn.Module):
         self.studio = nn.Embedding(n_studios, studio_dim) if studio_dim else None
         self.width = n_dense + (studio_dim or n_studios)
 
-    def forward(self, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
+    def studio_features(self, studio: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The studio index as the network reads it: its one-hot or its embedding."""
         if self.studio is None:
-            return torch.cat([dense, nn.functional.one_hot(studio, self.n_studios).to(dense.dtype)], dim=1)
-        return torch.cat([dense, self.studio(studio)], dim=1)
+            return nn.functional.one_hot(studio, self.n_studios).to(dtype)
+        return self.studio(studio)
 
 
 class BaselineNet(nn.Module):
@@ -40,12 +41,34 @@ class BaselineNet(nn.Module):
             nn.Linear(128, 1),
         )
 
+    # The first layer reads one block per input (text, dense, studio[, lexical]), in this order of them.
+    block_order: tuple[int, ...] = (0, 1, 2)
+
     def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([text, self.tabular(dense, studio)], dim=1)).squeeze(1)
+        return self.after_first_layer(self.first_layer(text, dense, studio))
+
+    def input_blocks(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> list[torch.Tensor]:
+        """The first layer's input, one 2-D block per input, in the inputs' order."""
+        return [text, dense, self.tabular.studio_features(studio, dense.dtype)]
+
+    def first_layer(self, *inputs: torch.Tensor) -> torch.Tensor:
+        blocks = self.input_blocks(*inputs)
+        return self.mlp[0](torch.cat([blocks[i] for i in self.block_order], dim=1))
+
+    def first_layer_share(self, index: int, *inputs: torch.Tensor) -> torch.Tensor:
+        """Input ``index``'s share of the first layer's output: the layer is linear, so its output
+        is the bias plus every input's share. Explaining (anime_udf.explain) recomputes only the
+        share of the input it changes."""
+        blocks = self.input_blocks(*inputs)
+        weights = self.mlp[0].weight.split([blocks[i].shape[1] for i in self.block_order], dim=1)
+        return blocks[index] @ weights[self.block_order.index(index)].T
+
+    def after_first_layer(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.mlp[1:](hidden).squeeze(-1)
 
 
 class FusionHead(BaselineNet):
-    """Three views fused by the baseline's network: concat(text, tabular, lexical score) -> Dense 256
+    """Three views fused by the baseline's network: concat(text, lexical score, tabular) -> Dense 256
     ReLU -> Dropout -> Dense 128 ReLU -> Dense 1.
 
     The lexical input is the TF-IDF ridge score of the synopsis (anime_udf.lexical), one number
@@ -55,9 +78,15 @@ class FusionHead(BaselineNet):
     def __init__(self, text_dim: int, n_dense: int, n_studios: int, studio_dim: int = 0, dropout: float = 0.5):
         super().__init__(text_dim + 1, n_dense, n_studios, studio_dim, dropout)
 
+    block_order = (0, 3, 1, 2)  # text, lexical, dense, studio
+
     def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
                 lexical: torch.Tensor) -> torch.Tensor:
-        return super().forward(torch.cat([text, lexical.unsqueeze(1)], dim=1), dense, studio)
+        return self.after_first_layer(self.first_layer(text, dense, studio, lexical))
+
+    def input_blocks(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
+                     lexical: torch.Tensor) -> list[torch.Tensor]:
+        return [*super().input_blocks(text, dense, studio), lexical.unsqueeze(1)]
 
 
 class SeedEnsemble(nn.Module):

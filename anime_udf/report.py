@@ -18,7 +18,7 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from anime_udf.evaluation import EVALUATED, PREDICTIONS, Evaluation, load_report_macros
+from anime_udf.evaluation import EVALUATED, EXPLANATIONS, PREDICTIONS, Evaluation, load_report_macros
 from anime_udf.files import atomic_file
 
 TOP_GROUPS = 12  # genres and studios shown
@@ -36,7 +36,7 @@ body { font: 15px/1.45 system-ui, sans-serif; color: #222; max-width: 1180px; ma
 h1 { font-size: 1.6em; margin-bottom: .2em; } h2 { margin-top: 2em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: .6em 0; } th, td { padding: .25em .7em; border-bottom: 1px solid #e4e4e4; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } th { text-align: left; background: #f5f5f5; }
-td.best { font-weight: 700; background: #e3f2e1; } tr.reference td { color: #666; font-style: italic; }
+td.best { font-weight: 700; background: #e3f2e1; } td.raised { color: #1b6e1b; } td.lowered { color: #b22222; } tr.reference td { color: #666; font-style: italic; }
 dl.about { display: grid; grid-template-columns: max-content auto; gap: .1em 1em; } dl.about dt { color: #666; }
 img.chart { display: block; max-width: 100%; height: auto; margin: .6em 0; }
 pre { background: #f7f7f7; padding: .6em .8em; overflow-x: auto; font-size: 13px; }
@@ -70,6 +70,10 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
         "calibration": f"SELECT * FROM calibration('{PREDICTIONS}', {CALIBRATION_BINS})",
         "misses": f"SELECT * FROM largest_misses('{PREDICTIONS}', {LARGEST_MISSES})",
     }
+    explained = not evaluation.unexplained
+    if explained:
+        queries["parts"] = f"SELECT * FROM mean_abs_parts('{EXPLANATIONS}')"
+        queries["miss_parts"] = f"SELECT * FROM largest_miss_parts('{PREDICTIONS}', '{EXPLANATIONS}', {LARGEST_MISSES})"
     data = {name: con.sql(sql).pl() for name, sql in queries.items()}
     density = (f" Above {HEXBIN_ABOVE} rows a model's chart is a density: hexagons shaded by their number of rows."
                if scored > HEXBIN_ABOVE else "")
@@ -103,11 +107,29 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
                     "calibration: mean actual per bin of prediction") + _details(data["calibration"]),
              f"Each model's rows cut into {CALIBRATION_BINS} equal bins by prediction: the mean actual score "
              "against the mean prediction of each. Below the diagonal, titles predicted that high score lower."),
-            ("Largest misses", "misses", _misses_table(data["misses"], evaluation),
-             f"The {LARGEST_MISSES} rows that any model missed most."),
         ]
+        if explained:
+            sections.append(("What each model listens to", "parts",
+                             _chart(_parts_figure(data["parts"], colors), "mean absolute part per input group")
+                             + _details(data["parts"]), PARTS_NOTE))
+            misses = _misses_table(data["misses"], evaluation) + _miss_parts_table(data["miss_parts"], evaluation)
+            queries["misses"] += f";\n{queries['miss_parts']}"
+        else:
+            sections.append(("What each model listens to", "parts", "", "Not shown: "
+                             + ", ".join(evaluation.unexplained) + " cannot explain its scores (trained before "
+                             "explanations were stored in bundles); retrain the model to explain it."))
+            queries["parts"], misses = "", _misses_table(data["misses"], evaluation)
+        sections.append(("Largest misses", "misses", misses,
+                         f"The {LARGEST_MISSES} rows that any model missed most"
+                         + (", then why: each model's parts of its prediction (green raised it, red lowered it)."
+                            if explained else ".")))
     return _page(evaluation, catalog, where, scored,
                  [_section(title, body, queries[name], note) for title, name, body, note in sections])
+
+
+PARTS_NOTE = ("Each prediction is the model's base score (every input at its reference: the README says which) "
+              "plus one part per input group, their exact Shapley values (explain_score, explain_score_fusion). "
+              "Bars: the mean absolute part over the evaluated rows, how far each group moves a model's predictions.")
 
 
 def _colors(evaluation: Evaluation) -> dict[str, str]:
@@ -190,6 +212,24 @@ def _group_figure(groups: pl.DataFrame, column: str, colors: dict[str, str]):
     return fig
 
 
+def _parts_figure(parts: pl.DataFrame, colors: dict[str, str]):
+    models = parts["model"].unique(maintain_order=True).sort().to_list()
+    groups = parts["group"].unique(maintain_order=True).to_list()
+    bar = 0.8 / len(models)
+    fig = _figure(9, 0.9 + len(groups) * (0.22 + 0.14 * len(models)))
+    ax = fig.subplots()
+    for j, model in enumerate(models):
+        rows = dict(parts.filter(pl.col("model") == model).select("group", "mean_abs_part").iter_rows())
+        positions = np.arange(len(groups)) + (j - (len(models) - 1) / 2) * bar
+        ax.barh(positions, [rows.get(g, 0.0) for g in groups], height=bar, color=colors[model], label=model)
+    ax.set_yticks(np.arange(len(groups)), groups)
+    ax.invert_yaxis()
+    ax.set_xlabel("mean |part| (score points)")
+    ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(models))
+    ax.grid(axis="x", alpha=0.3)
+    return fig
+
+
 def _literal(text: str) -> str:
     """Catalog text as matplotlib draws it verbatim: an unescaped ``$`` would start math."""
     return text.replace("$", r"\$")
@@ -264,9 +304,30 @@ def _misses_table(misses: pl.DataFrame, evaluation: Evaluation) -> str:
     return _table(headings, rows, table_id="misses")
 
 
+def _miss_parts_table(parts: pl.DataFrame, evaluation: Evaluation) -> str:
+    """One row per (miss, model): actual, predicted, base and the parts, each part's sign shaded."""
+    groups = [c for c in parts.columns if c not in ("row_id", "key", "title", "actual", "model", "predicted",
+                                                     "base", "unclamped", "score")]
+    groups = [g for g in groups if parts[g].is_not_null().any()]
+    has_title = parts["title"].is_not_null().any()
+    headings = [evaluation.key, *(["title"] if has_title else []), "model", "actual", "predicted", "base", *groups]
+
+    def part(value) -> tuple[str, str]:
+        if value is None:
+            return "", ""
+        shown = f"{value:+.2f}"
+        return shown, "num" + ("" if float(shown) == 0 else " raised" if value > 0 else " lowered")
+
+    rows = [[(str(row["key"]), ""), *([(row["title"] or "", "")] if has_title else []), (row["model"], ""),
+             (_number(row["actual"], 2), "num"), (_number(row["predicted"], 2), "num"),
+             (_number(row["base"], 2), "num"), *(part(row[g]) for g in groups)]
+            for row in parts.iter_rows(named=True)]
+    return _table(headings, rows, table_id="miss-parts")
+
+
 def _section(title: str, body: str, sql: str, note: str) -> str:
-    return (f"<section><h2>{html.escape(title)}</h2><p class=\"note\">{html.escape(note)}</p>{body}"
-            f"<details><summary>SQL</summary><pre>{html.escape(sql)};</pre></details></section>")
+    shown = f"<details><summary>SQL</summary><pre>{html.escape(sql)};</pre></details>" if sql else ""
+    return f"<section><h2>{html.escape(title)}</h2><p class=\"note\">{html.escape(note)}</p>{body}{shown}</section>"
 
 
 def _page(evaluation: Evaluation, catalog: Path, where: str | None, scored: int, sections: list[str]) -> str:

@@ -62,7 +62,7 @@ import pyarrow.parquet as pq
 
 from anime_udf.errors import AnimeUdfError
 from anime_udf.bundle import KINDS, read_manifest
-from anime_udf.catalog import read_catalog
+from anime_udf.catalog import DatabaseTable, catalog_source, read_catalog
 from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice
 from anime_udf.files import atomic_file
@@ -275,7 +275,10 @@ def _note_unfinished(store: Path, run_id: str, work: dict[str, Any]) -> None:
 def _refuse_overlaps(catalog: Any, store: Path, export: Path | None) -> None:
     """Two of catalog, store and export that are one file would lose data with exit 0
     (the export written over the catalog or the store): refuse before anything is read.
-    The store's lock file and DuckDB's write-ahead log count as the store."""
+    The store's lock file and DuckDB's write-ahead log count as the store. A catalog that
+    is a table of the store's database is not an overlap: the store's tables join it there."""
+    if isinstance(catalog, DatabaseTable):
+        catalog = None if in_store(catalog, store) else catalog.database
     files = [("--catalog", catalog, ""), ("--store", store, ""),
              ("--store", lock_path(store), " (the store's lock file)"),
              ("--store", store.with_name(store.name + ".wal"), " (the store's write-ahead log)"),
@@ -321,12 +324,21 @@ def _detach(con: duckdb.DuckDBPyConnection) -> None:
     con.execute("DETACH store")
 
 
-def _has_tables(con: duckdb.DuckDBPyConnection) -> bool:
+def in_store(catalog: Any, store: Path) -> bool:
+    """Whether the catalog is a table of the store's own database (a warehouse file holding both)."""
+    return isinstance(catalog, DatabaseTable) and catalog.database.resolve() == store.resolve()
+
+
+def _has_tables(con: duckdb.DuckDBPyConnection, shared: bool) -> bool:
+    """Whether the attached store has its tables; other tables are allowed only in a ``shared``
+    store (the catalog's own database), so that a run never writes into an unrelated database."""
     names = {r[0] for r in con.execute(
         "SELECT table_name FROM duckdb_tables() WHERE database_name = 'store'").fetchall()}
     if "rescore_scores" not in names:
-        if names:
-            raise RescoreError("the store has tables but no rescore_scores: it is not a rescore store")
+        if names and not shared:
+            raise RescoreError("the store has tables but no rescore_scores: it is not a rescore store (a "
+                               "database's own tables may share it with the store only when the catalog is "
+                               "one of them: --catalog FILE.duckdb:TABLE --store FILE.duckdb)")
         return False
     row = con.execute("SELECT value FROM store.rescore_meta WHERE name = 'schema_version'").fetchone()
     if row and row[0] != SCHEMA_VERSION:
@@ -336,14 +348,16 @@ def _has_tables(con: duckdb.DuckDBPyConnection) -> bool:
 
 
 @contextmanager
-def _store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float) -> Iterator[bool]:
+def _store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float,
+                        shared: bool = False) -> Iterator[bool]:
     """The store read-only, or an empty in-memory one where it has no tables yet (a
-    first run, or a first run killed before its COMMIT). Yields whether it exists."""
+    first run, or a first run killed before its COMMIT). Yields whether it exists.
+    ``shared``: the store is the catalog's database, which has tables of its own."""
     exists = False
     if store.exists():
         _attach(con, store, read_only=True, wait=wait)
         try:
-            exists = _has_tables(con)
+            exists = _has_tables(con, shared)
         except RescoreError as exc:
             _detach(con)
             raise RescoreError(f"{store}: {exc}") from exc
@@ -417,7 +431,9 @@ def rescore(
     device: str = "auto",
     precision: str = "auto",
 ) -> RunReport:
-    """Rescore ``catalog`` (a path or anything ``read_catalog`` takes) into ``store``.
+    """Rescore ``catalog`` (a path, ``FILE.duckdb:TABLE`` or anything ``read_catalog`` takes)
+    into ``store``, a DuckDB file: its own, or the catalog's database (its rescore_* tables
+    then sit beside the warehouse's, changed by the same one transaction a run).
 
     ``models``: ``all``, ``baseline``, ``fusion`` or bundle names/paths. ``wait``:
     seconds to wait for a concurrent run (or another process holding the store) before
@@ -432,6 +448,8 @@ def rescore(
     started = _now()
     clock = time.perf_counter()
     store = Path(store)
+    if isinstance(catalog, (str, Path)):
+        catalog = catalog_source(catalog)  # a file, or a table of a DuckDB database
     export = Path(export) if export is not None else None
     _refuse_overlaps(catalog, store, export)
     if export is not None and export.suffix.lower() not in (".parquet", ".pq"):
@@ -443,7 +461,7 @@ def rescore(
     check_choice("device", device, DEVICES)
     check_choice("precision", precision, PRECISIONS)
     choices = resolve_models(models, models_dir)
-    label = str(catalog) if isinstance(catalog, (str, Path)) else type(catalog).__name__
+    label = str(catalog) if isinstance(catalog, (str, Path, DatabaseTable)) else type(catalog).__name__
     df = read_catalog(catalog, name=label)
     if key not in df.columns:
         raise RescoreError(f"{label}: no key column {key!r} (it has: {', '.join(df.columns)}); pass --key COLUMN")
@@ -465,7 +483,7 @@ def rescore(
         _run(con, "macros")
         _set_run(con, run_id, started, key, label)
         with nullcontext({}) if dry_run else store_lock(store, wait, run_id) as previous:
-            with _store_for_planning(con, store, wait):
+            with _store_for_planning(con, store, wait, shared=in_store(catalog, store)):
                 _run(con, "start")
                 _add_models(con, choices)
                 _pause("plan")

@@ -11,6 +11,7 @@ import torch
 
 from anime_udf.bundle import BundleError, load_weights, read_manifest, text_encoder_dirs
 from anime_udf.cache import EmbeddingCache
+from anime_udf.explain import GROUPS, Reference, coalition_values, explanation, fields
 from anime_udf.features import TabularEncoder
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
@@ -46,6 +47,7 @@ class Scorer:
         # DuckDB calls UDFs from several threads; one forward pass at a time keeps
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
         self._lock = threading.Lock()
+        self._reference: Reference | None = None  # loaded by the first explain()
 
     def predict(
         self,
@@ -54,18 +56,37 @@ class Scorer:
         studio: Sequence[Any],
         episodes: Sequence[Any],
     ) -> np.ndarray:
+        if not len(synopsis):
+            return np.zeros(0, dtype=np.float64)
+        with self._lock, torch.inference_mode():
+            standardised = self.net(*self.head_inputs(synopsis, genres, studio, episodes)).numpy()
+        scores = standardised.astype(np.float64) * self.target_std + self.target_mean
+        return np.clip(scores, SCORE_MIN, SCORE_MAX)
+
+    def explain(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                episodes: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Exact Shapley values of the input groups (anime_udf.explain): {field: float64 [n]} for
+        ``explain.fields(kind)``; base + parts = unclamped, and score is ``predict``'s."""
+        if self._reference is None:
+            self._reference = Reference.load(self.path, self.manifest, int(self.manifest["model"]["text_dim"]),
+                                             self.features.n_tabular)
+        groups = GROUPS[self.kind]
+        if not len(synopsis):
+            return {name: np.zeros(0) for name in fields(self.kind)}
+        with self._lock, torch.inference_mode():
+            rows = self.head_inputs(synopsis, genres, studio, episodes)
+            values = coalition_values(self.net.members, rows, self._reference, groups)
+        return explanation(values, groups, self.target_mean, self.target_std, (SCORE_MIN, SCORE_MAX))
+
+    def head_inputs(self, synopsis, genres, studio, episodes) -> tuple[torch.Tensor, ...]:
+        """The head's inputs (text embedding, dense, studio index[, lexical]): the text encoded
+        once, through the cache. Called holding the lock."""
         n = len(synopsis)
         if not (len(genres) == len(studio) == len(episodes) == n):
             raise ValueError("synopsis, genres, studio and episodes must have the same length")
-        if n == 0:
-            return np.zeros(0, dtype=np.float64)
         dense, studio_index = self.features.encode(genres, studio, episodes)
-        with self._lock, torch.inference_mode():
-            emb = sentence_embedding(self.text_encoder.embed(synopsis))  # cleans the texts (clean_text)
-            inputs = (emb, dense, studio_index, *self._extra_inputs(synopsis))
-            standardised = self.net(*(torch.from_numpy(a) for a in inputs)).numpy()
-        scores = standardised.astype(np.float64) * self.target_std + self.target_mean
-        return np.clip(scores, SCORE_MIN, SCORE_MAX)
+        emb = sentence_embedding(self.text_encoder.embed(synopsis))  # cleans the texts (clean_text)
+        return tuple(torch.from_numpy(a) for a in (emb, dense, studio_index, *self._extra_inputs(synopsis)))
 
     def _member(self, cfg: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError

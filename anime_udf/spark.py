@@ -40,9 +40,10 @@ from pyspark.sql.udf import UserDefinedFunction
 from anime_udf.bundle import read_manifest
 from anime_udf.catalog import INPUT_COLUMNS, CatalogError, read_catalog
 from anime_udf.errors import AnimeUdfError
-from anime_udf.udf import FUNCTION_NAMES, bundles_to_register
+from anime_udf.explain import arrow_struct, fields
+from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, bundles_to_register
 
-SIGNATURE = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE) -> DOUBLE"
+ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
 TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
 NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
@@ -124,7 +125,8 @@ def arguments(name: str, columns: tuple[pa.Array, ...]) -> list[list]:
         if not any(check(array.type) for check in allowed):
             expected = "a number" if column == "episodes" else "text"
             raise TypeError(f"{name}: argument {column} has type {array.type}, expected {expected}; "
-                            f"the signature is {name}{SIGNATURE}")
+                            f"the signature is {name}{ARGUMENTS} -> "
+                            f"{'STRUCT' if name in EXPLAIN_NAMES.values() else 'DOUBLE'}")
         if column == "episodes":
             array = pc.cast(array, pa.float64())
         values.append(array.to_pylist())
@@ -132,8 +134,9 @@ def arguments(name: str, columns: tuple[pa.Array, ...]) -> list[list]:
 
 
 def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: str = "auto",
-                shipped: bool = False) -> UserDefinedFunction:
-    """An iterator Arrow UDF ``name(synopsis, genres, studio, episodes) -> DOUBLE`` scoring with ``bundle``."""
+                shipped: bool = False, explain_kind: str | None = None) -> UserDefinedFunction:
+    """An iterator Arrow UDF ``name(synopsis, genres, studio, episodes) -> DOUBLE`` scoring with ``bundle``;
+    with ``explain_kind`` (the bundle's kind), returning the STRUCT of the score's parts instead."""
     bundle = str(bundle)
 
     def predict(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
@@ -142,10 +145,14 @@ def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: 
             columns = arguments(name, batch)
             if scorer is None:
                 scorer = worker_scorer(_bundle_on_worker(bundle, shipped), device, precision)
-            yield pa.array(scorer.predict(*columns), type=pa.float64())
+            if explain_kind:
+                yield arrow_struct(scorer.explain(*columns))
+            else:
+                yield pa.array(scorer.predict(*columns), type=pa.float64())
 
     predict.__name__ = name
-    return F.arrow_udf(predict, "double")
+    returns = f"struct<{', '.join(f'{f} double' for f in fields(explain_kind))}>" if explain_kind else "double"
+    return F.arrow_udf(predict, returns)
 
 
 def ship_bundle(spark: SparkSession, bundle: Path) -> Path:
@@ -180,8 +187,10 @@ def register(
     ship: bool = False,
 ) -> dict[str, UserDefinedFunction]:
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` as Spark SQL
-    functions, like ``anime_udf.register`` does on DuckDB: the given bundles, or the
-    newest of each kind in the models directory. Returns {function name: column function}.
+    functions, each with its ``explain_score`` / ``explain_score_fusion``, like
+    ``anime_udf.register`` does on DuckDB: the given bundles, or the newest of each kind in
+    the models directory. Returns {scoring function name: column function} (the explaining
+    functions: ``F.call_function("explain_score", ...)``).
 
     Bundles are checked here, on the driver. The workers read them from the same path
     (a local or shared directory), or, with ``ship=True``, from a copy that
@@ -191,9 +200,11 @@ def register(
     registered = {}
     for path in bundles_to_register(baseline, fusion, models):
         path = Path(path).resolve()
-        name = FUNCTION_NAMES[read_manifest(path)["kind"]]  # verifies every file's checksum
-        registered[name] = spark.udf.register(name, scoring_udf(name, ship_bundle(spark, path) if ship else path,
-                                                                device, precision, ship))
+        kind = read_manifest(path)["kind"]  # verifies every file's checksum
+        name = FUNCTION_NAMES[kind]
+        bundle = ship_bundle(spark, path) if ship else path
+        registered[name] = spark.udf.register(name, scoring_udf(name, bundle, device, precision, ship))
+        spark.udf.register(EXPLAIN_NAMES[kind], scoring_udf(EXPLAIN_NAMES[kind], bundle, device, precision, ship, kind))
     return registered
 
 

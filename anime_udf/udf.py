@@ -14,12 +14,15 @@ from duckdb.sqltypes import DOUBLE, VARCHAR
 from anime_udf.bundle import read_manifest, text_encoder_dirs
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
+from anime_udf.explain import arrow_struct, fields
 from anime_udf.registry import models_dir, newest
 
 if TYPE_CHECKING:
     from anime_udf.scoring import Scorer
 
 FUNCTION_NAMES = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
+# Registered beside each scoring function: its score's exact Shapley parts (anime_udf.explain).
+EXPLAIN_NAMES = {"baseline": "explain_score", "fusion": "explain_score_fusion"}
 
 
 class NoModelsError(AnimeUdfError, LookupError):
@@ -62,30 +65,40 @@ class LazyScorer:
                 episodes: Sequence[Any]) -> np.ndarray:
         return self.scorer().predict(synopsis, genres, studio, episodes)
 
+    def explain(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                episodes: Sequence[Any]) -> dict[str, np.ndarray]:
+        return self.scorer().explain(synopsis, genres, studio, episodes)
 
-def arrow_udf(scorer: Scorer | LazyScorer):
-    """A DuckDB Arrow UDF (synopsis, genres, studio, episodes) -> DOUBLE for ``scorer``."""
+
+def arrow_udf(scorer: Scorer | LazyScorer, explain: bool = False):
+    """A DuckDB Arrow UDF (synopsis, genres, studio, episodes) -> DOUBLE for ``scorer``, or with
+    ``explain`` -> the STRUCT of its score's parts."""
 
     def predict(synopsis, genres, studio, episodes) -> pa.Array:
         # DuckDB flattens a constant argument beside varying ones; when all four are
         # constant it calls once with one row and repeats the result for every row.
         columns = [c.to_pylist() for c in (synopsis, genres, studio, episodes)]
+        if explain:
+            return arrow_struct(scorer.explain(*columns))
         return pa.array(scorer.predict(*columns), type=pa.float64())
 
     return predict
 
 
-def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None) -> str:
-    name = name or FUNCTION_NAMES[scorer.kind]
+def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None,
+                    explain: bool = False) -> str:
+    """Register ``scorer``'s scoring function (or with ``explain``, its explaining function)."""
+    name = name or (EXPLAIN_NAMES if explain else FUNCTION_NAMES)[scorer.kind]
+    returns = duckdb.struct_type({field: DOUBLE for field in fields(scorer.kind)}) if explain else DOUBLE
     try:
         con.remove_function(name)
     except duckdb.Error:
         pass  # nothing registered under that name yet
     con.create_function(
         name,
-        arrow_udf(scorer),
+        arrow_udf(scorer, explain),
         [VARCHAR, VARCHAR, VARCHAR, DOUBLE],
-        DOUBLE,
+        returns,
         type="arrow",
         null_handling="special",  # NULL inputs are missing values, scored per the NULL policy
         side_effects=False,
@@ -101,19 +114,21 @@ def register(
     device: str = "auto",
     precision: str = "auto",
 ) -> dict[str, LazyScorer]:
-    """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``.
+    """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``, each with its
+    ``explain_score`` / ``explain_score_fusion`` (the score's parts, anime_udf.explain).
 
     Without explicit bundle paths, the newest bundle of each kind in the models
     directory (``models``, ``$ANIME_UDF_MODELS`` or ``./models``) is used. ``device``
     runs the text encoder: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``
     or ``cuda``. ``precision`` is the text encoder's: ``auto`` (bf16 on CUDA and on CPUs
     with native bf16, else fp32), ``fp32`` or ``bf16``. Bundles are checked now and
-    loaded on their function's first call. Returns {function name: scorer}.
+    loaded on their function's first call. Returns {scoring function name: scorer}.
     """
     registered = {}
     for path in bundles_to_register(baseline, fusion, models):
         scorer = LazyScorer(path, device, precision)
         registered[register_scorer(con, scorer)] = scorer
+        register_scorer(con, scorer, explain=True)
     return registered
 
 

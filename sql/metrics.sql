@@ -5,17 +5,19 @@
 --   SELECT mae(score, p), rmse(score, p), r2(score, p) FROM (SELECT score, predict_score(...) AS p FROM anime);
 -- All four metrics per model, from a table or view with columns model, y, yhat:
 --   SELECT * FROM regression_metrics('predictions');
+-- TEMP macros: they belong to the connection, so loading them writes nothing into a
+-- database file (and works on one opened read-only).
 
-CREATE OR REPLACE MACRO mae(y, yhat) AS avg(abs(y - yhat));
+CREATE OR REPLACE TEMP MACRO mae(y, yhat) AS avg(abs(y - yhat));
 
-CREATE OR REPLACE MACRO rmse(y, yhat) AS sqrt(avg((y - yhat) ^ 2));
+CREATE OR REPLACE TEMP MACRO rmse(y, yhat) AS sqrt(avg((y - yhat) ^ 2));
 
 -- R² = 1 - SSE/SST (regr_r2 would be the squared Pearson correlation, a different thing).
-CREATE OR REPLACE MACRO r2(y, yhat) AS 1 - sum((y - yhat) ^ 2) / (var_pop(y) * count(y));
+CREATE OR REPLACE TEMP MACRO r2(y, yhat) AS 1 - sum((y - yhat) ^ 2) / (var_pop(y) * count(y));
 
 -- Average rank of a value among ties: rank() gives the lowest rank of a tie group,
 -- so add half of the group's size minus one. Spearman = corr of average ranks.
-CREATE OR REPLACE MACRO regression_metrics(tbl) AS TABLE
+CREATE OR REPLACE TEMP MACRO regression_metrics(tbl) AS TABLE
 WITH pairs AS (
     SELECT model, y::DOUBLE AS y, yhat::DOUBLE AS yhat
     FROM query_table(tbl)

@@ -64,6 +64,22 @@ def fusion_bundle(tmp_path_factory, session_cache) -> Path:
     return out
 
 
+@pytest.fixture
+def unexplainable_baseline(baseline_bundle, tmp_path) -> Path:
+    """The fixture baseline as a bundle trained before explanation references were stored."""
+    import json
+    import shutil
+
+    from anime_udf.explain import REFERENCE_FILE
+
+    old = shutil.copytree(baseline_bundle, tmp_path / "old-baseline")
+    (old / REFERENCE_FILE).unlink()
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["explain"], manifest["files"][REFERENCE_FILE]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    return old
+
+
 @pytest.fixture(scope="session")
 def tiny_distilbert(tmp_path_factory) -> Path:
     """A tiny randomly initialised DistilBERT encoder + tokenizer saved like a local HF checkout."""

@@ -78,6 +78,30 @@ def test_score_command_adds_a_column(models, tmp_path):
     assert df.columns[-1] == "predict_score" and df.height == 120
 
 
+def test_explain_prints_and_writes_the_parts_of_the_selected_rows(models, tmp_path):
+    printed = run("explain", "--data", HOLDOUT, "--where", "anime_id IN (10002, 10005)")
+    assert printed.exit_code == 0, printed.output
+    header = next(line for line in printed.output.splitlines() if "synopsis" in line)
+    assert [c.strip() for c in header.strip("│").split("┆")] == [
+        "model", "row", "anime_id", "title", "base", "synopsis", "genres", "studio", "episodes", "unclamped", "score"]
+    assert "10002" in printed.output and "10005" in printed.output and "10001" not in printed.output
+    assert "base + parts = unclamped" in printed.output
+    out = tmp_path / "parts.csv"
+    written = run("explain", "--data", HOLDOUT, "--out", out)
+    assert written.exit_code == 0 and "wrote the parts of 120 scores" in written.output
+    parts = pl.read_csv(out)
+    total = parts["base"] + parts["synopsis"] + parts["genres"] + parts["studio"] + parts["episodes"]
+    assert (total - parts["unclamped"]).abs().max() <= 1e-5
+    scored = run("score", "--data", HOLDOUT, "--out", tmp_path / "s.parquet")
+    assert scored.exit_code == 0, scored.output
+    scores = pl.read_parquet(tmp_path / "s.parquet")["predict_score"].to_numpy()
+    assert abs(parts.sort("row")["score"].to_numpy() - scores).max() <= 1e-5
+    empty = run("explain", "--data", HOLDOUT, "--where", "anime_id < 0")
+    assert empty.exit_code == 1 and "nothing to explain" in empty.output
+    bad = run("explain", "--data", HOLDOUT, "--out", tmp_path / "parts.txt")
+    assert bad.exit_code == 2 and "use a .parquet or .csv file name" in bad.output
+
+
 def test_bad_input_errors_name_column_and_value(models, tmp_path):
     bad = tmp_path / "bad.csv"
     bad.write_text("synopsis,genres,studio,episodes,score\nA tale,Drama,X,twelve,7.1\n")
@@ -100,7 +124,8 @@ def test_unknown_model_and_missing_models_are_clear(models, tmp_path):
 
 
 def test_help_explains_every_command():
-    for args in ([], ["train"], ["train", "baseline"], ["train", "fusion"], ["sql"], ["eval"], ["models"]):
+    for args in ([], ["train"], ["train", "baseline"], ["train", "fusion"], ["sql"], ["eval"], ["explain"],
+                 ["models"]):
         result = run(*args, "--help")
         assert result.exit_code == 0 and "Usage:" in result.output
 

@@ -147,7 +147,7 @@ def test_report_renders_offline_in_a_browser_with_every_chart_drawn(two_model_re
     assert [box["label"] for box in page.boxes] == [
         "predicted vs actual score per model", "histogram of the residuals per model", "mean absolute error by genre",
         "mean absolute error by episodes", "mean absolute error by studio",
-        "calibration: mean actual per bin of prediction"]
+        "calibration: mean actual per bin of prediction", "mean absolute part per input group"]
     shot = Image.open(io.BytesIO(page.screenshot)).convert("RGB")
     for box in page.boxes:
         chart = np.asarray(shot.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]),
@@ -177,7 +177,7 @@ def test_report_of_one_model_with_null_scores_skips_and_counts_them(baseline_bun
                                                                                   "training mean": 114}
     assert tables.find("anime_id", "title", "actual")[0].keys() == {
         "anime_id", "title", "actual", "baseline predicted", "largest error"}
-    assert page.count('<img class="chart"') == 6
+    assert page.count('<img class="chart"') == 7
     # the figures agree with eval on the same rows
     [row] = json.loads(run("eval", "--data", data, "--model", baseline_bundle, "--json").stdout)
     assert row["n"] == 114
@@ -244,3 +244,43 @@ def test_dollar_signs_in_studios_and_genres_are_drawn_as_text(baseline_bundle, t
     # a literal "$" is drawn as the font's dollar glyph; as math it is not drawn, and x is in italics
     assert sum('id="DejaVuSans-7"' in svg for svg in charts) == 2  # the genre and the studio charts
     assert not any("Oblique" in svg for svg in charts)
+
+
+def test_report_shows_each_models_parts_as_explain_computes_them(two_model_report, baseline_bundle, fusion_bundle):
+    """The largest misses' parts and the mean |part| chart's numbers are those of explain_score /
+    explain_score_fusion (through `anime-udf explain`), and the parts add up to the prediction."""
+    out, _ = two_model_report
+    tables = Tables(out.read_text())
+    explained = run("explain", "--data", HOLDOUT, "--model", baseline_bundle, "--model", fusion_bundle,
+                    "--out", "parts.parquet")
+    assert explained.exit_code == 0, explained.output
+    parts = pl.read_parquet("parts.parquet")
+    groups = {"baseline": ["synopsis", "genres", "studio", "episodes"],
+              "fusion": ["synopsis", "genres", "studio", "episodes", "lexical"]}
+    shown = tables.find("anime_id", "title", "model", "actual", "predicted")
+    assert len(shown) == 40 and [r["model"] for r in shown[:2]] == ["baseline", "fusion"]
+    for row in shown:
+        [expected] = parts.filter((pl.col("anime_id") == int(row["anime_id"])) & (pl.col("model") == row["model"])
+                                  ).to_dicts()
+        for group in groups[row["model"]]:
+            assert float(row[group]) == pytest.approx(expected[group], abs=0.006), group
+            assert ("raised" in row[group].classes) == (float(row[group]) > 0)
+        assert float(row["predicted"]) == pytest.approx(expected["score"], abs=0.006)
+        total = float(row["base"]) + sum(float(row[g]) for g in groups[row["model"]])
+        assert total == pytest.approx(float(row["predicted"]), abs=0.005 * (len(groups[row["model"]]) + 2))
+    assert all(row["lexical"] == "" for row in shown if row["model"] == "baseline")
+    mean_abs = {(r["model"], r["group"]): float(r["mean_abs_part"]) for r in tables.find("model", "group", "n")}
+    assert set(mean_abs) == {(m, g) for m, gs in groups.items() for g in gs}
+    for (model, group), value in mean_abs.items():
+        assert value == pytest.approx(parts.filter(pl.col("model") == model)[group].abs().mean(), abs=5e-5)
+
+
+def test_report_with_a_bundle_that_cannot_explain_says_to_retrain(unexplainable_baseline, tmp_path):
+    out = tmp_path / "old.html"
+    result = run("eval", "--data", HOLDOUT, "--model", unexplainable_baseline, "--report", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    name = json.loads((unexplainable_baseline / "manifest.json").read_text())["name"]
+    assert f"{name} cannot explain its scores" in page and "retrain the model to explain it" in page
+    assert page.count('<img class="chart"') == 6
+    assert Tables(page).find("anime_id", "title", "actual")[0]["actual"]

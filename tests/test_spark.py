@@ -25,6 +25,7 @@ import anime_udf  # noqa: E402
 from anime_udf import spark as spark_udf  # noqa: E402
 from anime_udf.catalog import read_catalog  # noqa: E402
 from anime_udf.cli import cli  # noqa: E402
+from anime_udf.explain import fields as fields_of  # noqa: E402
 from anime_udf.rescore import RescoreError, rescore  # noqa: E402
 from anime_udf.spark_rescore import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
 from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
@@ -108,6 +109,27 @@ def test_constant_arguments_are_scored_per_row_as_on_duckdb(spark, functions, an
                 ["constant", "mixed"])
     # one value for the constant call (up to float noise between batches); the varying column still varies
     assert on_spark["constant"].max() - on_spark["constant"].min() <= 1e-6 and on_spark["mixed"].n_unique() > 1
+
+
+def test_explaining_functions_give_the_structs_duckdb_gives(spark, functions, anime, baseline_bundle, fusion_bundle):
+    """explain_score / explain_score_fusion, registered beside the scoring functions: the same
+    parts on both engines, edge rows included."""
+    fields = {"b": fields_of("baseline"), "f": fields_of("fusion")}
+    query = ("SELECT anime_id, explain_score(synopsis, genres, studio, episodes) AS b, "
+             "explain_score_fusion(synopsis, genres, studio, episodes) AS f FROM anime")
+    flat = [pl.col(c).struct.field(f).alias(f"{c}_{f}") for c, names in fields.items() for f in names]
+    on_spark = spark_sql(spark, query, anime).select("anime_id", *flat)
+    on_duckdb = duckdb_scores(baseline_bundle, fusion_bundle, query, anime).select("anime_id", *flat)
+    assert_same(on_spark, on_duckdb, "anime_id", [c for c in on_spark.columns if c != "anime_id"])
+    assert on_spark.height == on_duckdb.height > len(EDGE_ROWS)
+    # in the DataFrame API, by name (register returns the scoring functions)
+    from pyspark.sql import functions as F
+
+    df = spark.read.parquet(str(anime))
+    api = pl.from_arrow(df.select("anime_id", F.call_function("explain_score_fusion", *(
+        df[c] for c in ("synopsis", "genres", "studio", "episodes"))).alias("f")).toArrow())
+    api = api.select("anime_id", *(pl.col("f").struct.field(f).alias(f"f_{f}") for f in fields["f"]))
+    assert_same(api, on_spark.select(api.columns), "anime_id", api.columns[1:])
 
 
 def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functions, anime):

@@ -12,6 +12,7 @@ from typing import Callable
 from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
+from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import BaselineNet
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
@@ -80,8 +81,9 @@ def train_baseline(
     metrics = compute_metrics(split.valid["score"].to_numpy(), sel_tab.scaler.unscale(selection.valid_predictions))
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")
-    ensemble = refit_ensemble(partial(net, *tab.shape()), (emb_final, *tab.inputs(final_rows)),
-                              tab.target(final_rows), selection.best_epochs, how, settings.seed, device, progress)
+    final_inputs = (emb_final, *tab.inputs(final_rows))
+    ensemble = refit_ensemble(partial(net, *tab.shape()), final_inputs, tab.target(final_rows), selection.best_epochs,
+                              how, settings.seed, device, progress)
 
     manifest = {
         "kind": "baseline",
@@ -98,6 +100,8 @@ def train_baseline(
             fit_seconds=round(time.perf_counter() - fit_started, 1), history=selection.history),
         # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
         "metrics": {"valid": metrics},
+        "explain": reference_manifest("baseline"),
     }
-    write_bundle(out, manifest, {"model.safetensors": ensemble.state_dict()}, force=force)
+    write_bundle(out, manifest, {"model.safetensors": ensemble.state_dict(),
+                                 REFERENCE_FILE: reference_state(final_inputs)}, force=force)
     return manifest

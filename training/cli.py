@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from anime_udf.cli import models_option
+from anime_udf.cli import CATALOG, models_option
 from anime_udf.devices import DEVICES, PRECISIONS
 
 
@@ -59,10 +59,11 @@ def data_options(valid_fraction: float, seeds: int):
                               "\"year >= 2014\" (any column of --data; none becomes a model input). Default "
                               "when --data has a year (or premiered) column: the newest years holding at least "
                               "15% of the rows, as the models score titles newer than any they trained on.")(f)
-        f = click.option("--valid", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+        f = click.option("--valid", type=CATALOG,
                          help="Explicit validation catalog (instead of rows of --data).")(f)
-        f = click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                         help="Training catalog: CSV or Parquet with synopsis, genres, studio, episodes, score.")(f)
+        f = click.option("--data", required=True, type=CATALOG,
+                         help="Training catalog: CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE, with "
+                              "synopsis, genres, studio, episodes, score.")(f)
         f = click.option("--force", is_flag=True,
                          help="Replace the bundle at --out, if it is one of this kind (a directory that is not "
                               "a bundle, or a bundle of the other kind, is never replaced).")(f)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from anime_udf.catalog import CatalogError, fingerprint, read_catalog
+from anime_udf.catalog import CatalogError, DatabaseTable, fingerprint, read_catalog
 from anime_udf.features import TabularEncoder
 from anime_udf.models import SeedEnsemble
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN, sentence_embedding
@@ -54,7 +54,7 @@ def load_split(data, valid=None, valid_fraction: float | None = None, seed: int 
     catalog; the SQL predicate ``valid_where`` over ``data``'s columns; ``valid_fraction``, a
     seeded random share; time (the newest years, when ``data`` has a ``year`` or ``premiered``
     column); a random ``default_fraction``."""
-    label = data if isinstance(data, (str, Path)) else "the training catalog"
+    label = data if isinstance(data, (str, Path, DatabaseTable)) else "the training catalog"
     train = read_catalog(data, require_score=True, name=str(label))
     if train.height < 2:
         raise CatalogError(f"{label}: {train.height} rows; training needs at least 2")

@@ -44,6 +44,7 @@ from anime_udf.bundle import POOLINGS, check_out, save_state, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
+from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
 from anime_udf.features import clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalSettings
@@ -418,9 +419,10 @@ def train_fusion(
                 fine_tuning=fine_tuning, seconds=round(time.perf_counter() - started, 1), history=selection.history),
             # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
             "metrics": {"valid": metrics},
+            "explain": reference_manifest("fusion"),
         }
         lexical.save(side)
-        weights = {"head.safetensors": ensemble.state_dict(),
+        weights = {"head.safetensors": ensemble.state_dict(), REFERENCE_FILE: reference_state(x["refit"]),
                    LEXICAL_WEIGHTS: {k: torch.from_numpy(v) for k, v in lexical.state().items()}}
         extra = {"lexical": side / "lexical"} | (
             {"encoder": side / "encoder", "tokenizer": side / "tokenizer"} if in_bundle else {})

@@ -1,0 +1,207 @@
+"""A DuckDB database file as the catalog and the store: `sql --db`, `FILE.duckdb:TABLE` wherever a
+catalog goes (score, eval, rescore, sql --table), and rescore's store inside the warehouse."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+from anime_udf.catalog import CatalogError, DatabaseTable, catalog_source, read_catalog
+from anime_udf.cli import cli
+from anime_udf.rescore import RescoreError, rescore
+from anime_udf.sqlutil import quote_literal
+from tests.conftest import CATALOG
+from tests.test_rescore import SCORE_COLUMNS, cli_subprocess, snapshot, wait_for
+
+CHANGED = (1, 2, 3)
+ADDED = (100001, 100002)
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def models(tmp_path, baseline_bundle) -> Path:
+    directory = tmp_path / "models"
+    shutil.copytree(baseline_bundle, directory / baseline_bundle.name)
+    return directory
+
+
+@pytest.fixture
+def warehouse(tmp_path) -> Path:
+    """A warehouse file with the fixture catalog as table `anime` (DuckDB's own column types) and
+    another table of its own."""
+    path = tmp_path / "warehouse.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute(f"CREATE TABLE anime AS SELECT * FROM read_csv({quote_literal(CATALOG)})")
+    con.execute("CREATE TABLE studios AS SELECT DISTINCT studio FROM anime")
+    con.close()
+    return path
+
+
+def query(database: Path, sql: str) -> list[tuple]:
+    con = duckdb.connect(str(database), read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def edit(warehouse: Path) -> None:
+    """3 synopses changed and 2 rows added, in the warehouse's own table."""
+    con = duckdb.connect(str(warehouse))
+    con.execute(f"UPDATE anime SET synopsis = synopsis || ' Then the sea rises.' WHERE anime_id IN {CHANGED}")
+    con.execute("INSERT INTO anime SELECT anime_id + 100000, title, 'A show first aired tonight.', genres, studio, "
+                f"episodes, score FROM anime WHERE anime_id IN {tuple(a - 100000 for a in ADDED)}")
+    con.close()
+
+
+def test_one_syntax_for_database_tables():
+    assert catalog_source("w.duckdb:anime") == DatabaseTable(Path("w.duckdb"), "anime")
+    assert catalog_source("dir/w.db:raw.anime") == DatabaseTable(Path("dir/w.db"), "raw.anime")
+    assert catalog_source("a:b.csv") == Path("a:b.csv")  # a colon in a file name is a file name
+    assert catalog_source("catalog.parquet") == Path("catalog.parquet")
+    with pytest.raises(CatalogError, match="name the table after the colon"):
+        catalog_source("w.duckdb:")
+
+
+def test_sql_db_reads_and_writes_only_with_write(warehouse, tmp_path):
+    out = tmp_path / "count.csv"
+    result = run("sql", "--db", warehouse, "SELECT count(*) AS n, round(mae(score, 7), 6) AS m FROM anime",
+                 "--out", out)
+    assert result.exit_code == 0, result.output
+    expected_mae = (pl.read_csv(CATALOG)["score"] - 7).abs().mean()
+    assert pl.read_csv(out).row(0) == (400, round(expected_mae, 6))
+
+    refused = run("sql", "--db", warehouse, "DELETE FROM anime")
+    assert refused.exit_code == 1 and "read-only" in refused.output and "--write" in refused.output
+    assert query(warehouse, "SELECT count(*) FROM anime") == [(400,)]
+
+    written = run("sql", "--db", warehouse, "--write", "CREATE TABLE top AS SELECT * FROM anime WHERE score > 7")
+    assert written.exit_code == 0, written.output
+    assert query(warehouse, "SELECT count(*) FROM top")[0][0] == pl.read_csv(CATALOG).filter(pl.col("score") > 7).height
+    # The macros are TEMP: loading them writes nothing into the database.
+    assert query(warehouse, "SELECT count(*) FROM duckdb_functions() WHERE function_name = 'mae' "
+                            "AND database_name = 'warehouse'") == [(0,)]
+
+    missing = run("sql", "--db", tmp_path / "none.duckdb", "SELECT 1")
+    assert missing.exit_code == 2 and "no such database file (--write creates one)" in missing.output
+    assert not (tmp_path / "none.duckdb").exists()
+
+
+def test_score_eval_and_sql_read_a_table_as_they_read_the_file(warehouse, models, tmp_path):
+    from_file, from_table = tmp_path / "file.parquet", tmp_path / "table.parquet"
+    assert run("score", "--data", CATALOG, "--out", from_file).exit_code == 0
+    result = run("score", "--data", f"{warehouse}:anime", "--out", from_table)
+    assert result.exit_code == 0, result.output
+    by_file, by_table = pl.read_parquet(from_file), pl.read_parquet(from_table)
+    assert by_table["anime_id"].to_list() == by_file["anime_id"].to_list()
+    assert (by_table["predict_score"] - by_file["predict_score"]).abs().max() <= 1e-6
+
+    evaluated = [json.loads(run("eval", "--data", data, "--where", "anime_id % 2 = 0", "--json").output)
+                 for data in (CATALOG, f"{warehouse}:anime")]
+    assert evaluated[0][0]["n"] == evaluated[1][0]["n"] == 200
+    assert evaluated[0][0]["mae"] == pytest.approx(evaluated[1][0]["mae"], abs=1e-6)
+
+    parts = []
+    for data, out in ((CATALOG, tmp_path / "parts-file.csv"), (f"{warehouse}:anime", tmp_path / "parts-table.csv")):
+        result = run("explain", "--data", data, "--where", "anime_id < 20", "--out", out)
+        assert result.exit_code == 0, result.output
+        parts.append(pl.read_csv(out))
+    assert parts[0].height == parts[1].height == 19
+    assert (parts[0]["synopsis"] - parts[1]["synopsis"]).abs().max() <= 1e-6
+
+    viewed = run("sql", "SELECT count(*) AS n FROM a", "--table", f"a={warehouse}:anime", "--out", tmp_path / "n.csv")
+    assert viewed.exit_code == 0 and pl.read_csv(tmp_path / "n.csv")["n"][0] == 400
+
+
+def test_missing_table_or_column_is_named(warehouse, models, tmp_path):
+    no_table = run("score", "--data", f"{warehouse}:anmie", "--out", tmp_path / "s.parquet")
+    assert no_table.exit_code == 1
+    assert f"{warehouse}:anmie: the database has no table 'anmie' (its tables: anime, studios)" in no_table.output
+    no_column = run("eval", "--data", f"{warehouse}:studios")
+    assert no_column.exit_code == 1 and "missing column(s) synopsis, genres, episodes, score" in no_column.output
+    with pytest.raises(CatalogError, match="a DuckDB database; name its table: .*warehouse.duckdb:TABLE"):
+        read_catalog(warehouse)
+    with pytest.raises(CatalogError, match="no such database file"):
+        read_catalog(f"{tmp_path / 'none.duckdb'}:anime")
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_rescore_from_a_table_matches_the_file(warehouse, models, tmp_path):
+    rescore(CATALOG, tmp_path / "by_file.duckdb")
+    report = rescore(f"{warehouse}:anime", tmp_path / "by_table.duckdb")
+    assert report.catalog == f"{warehouse}:anime" and report.models[0]["rows_scored"] == 400
+    columns = SCORE_COLUMNS.replace(", run_id, scored_at", "")
+    by_file, by_table = (query(tmp_path / name, f"SELECT {columns} FROM rescore_scores ORDER BY key")
+                         for name in ("by_file.duckdb", "by_table.duckdb"))
+    assert [r[:4] + r[5:] for r in by_table] == [r[:4] + r[5:] for r in by_file]  # keys, hashes, flags
+    assert max(abs(a[4] - b[4]) for a, b in zip(by_table, by_file)) <= 1e-6
+
+
+def test_store_inside_the_warehouse(warehouse, models, tmp_path):
+    """`--store` the catalog's own database: the rescore tables join the warehouse's, and a later
+    run scores only what changed there."""
+    args = ["rescore", "--catalog", f"{warehouse}:anime", "--store", warehouse, "--json"]
+    first = run(*args)
+    assert first.exit_code == 0, first.output
+    assert json.loads(first.output)["models"][0]["rows_scored"] == 400
+    tables = {r[0] for r in query(warehouse, "SELECT table_name FROM duckdb_tables()")}
+    assert tables == {"anime", "studios", "rescore_scores", "rescore_runs", "rescore_meta"}
+
+    edit(warehouse)
+    second = json.loads(run(*args).output)
+    assert (second["models"][0]["rows_scored"], second["models"][0]["rows_reused"]) == (5, 397)
+    assert query(warehouse, "SELECT count(*) FROM rescore_scores s JOIN anime a ON s.key = a.anime_id::VARCHAR "
+                            f"WHERE s.run_id = '{second['run_id']}'") == [(5,)]
+
+    # A database with tables of its own is a store only for a catalog of that database.
+    other = tmp_path / "other.duckdb"
+    duckdb.connect(str(other)).execute("CREATE TABLE t AS SELECT 1 AS x").close()
+    refused = run("rescore", "--catalog", CATALOG, "--store", other)
+    assert refused.exit_code == 1 and "it is not a rescore store" in refused.output
+    assert "--catalog FILE.duckdb:TABLE --store FILE.duckdb" in refused.output
+    with pytest.raises(RescoreError, match="--catalog and --export are the same file"):
+        rescore(f"{warehouse}:anime", tmp_path / "s.duckdb", export=warehouse)
+
+
+def warehouse_state(warehouse: Path) -> dict:
+    """The warehouse's own tables, and the store inside it."""
+    return {"anime": query(warehouse, "SELECT * FROM anime ORDER BY anime_id"),
+            "studios": query(warehouse, "SELECT * FROM studios ORDER BY studio"),
+            **snapshot(warehouse)}
+
+
+@pytest.mark.parametrize("phase", ["score", "commit"])
+def test_kill_9_leaves_the_warehouse_and_its_store_consistent(warehouse, models, tmp_path, phase):
+    rescore(f"{warehouse}:anime", warehouse)
+    edit(warehouse)
+    before = warehouse_state(warehouse)
+
+    err = tmp_path / "stderr.txt"
+    proc = cli_subprocess(["--catalog", f"{warehouse}:anime", "--store", str(warehouse)], err,
+                          ANIME_UDF_RESCORE_PAUSE_AT=phase)
+    wait_for(proc, err, f"paused at {phase}")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+    assert warehouse_state(warehouse) == before  # its tables, scores and run records as before the run
+    report = rescore(f"{warehouse}:anime", warehouse)  # the next run completes the work
+    assert report.models[0]["rows_scored"] == 5
+    after = warehouse_state(warehouse)
+    assert after["anime"] == before["anime"] and after["studios"] == before["studios"]
+    assert len(after["runs"]) == 2 and len(after["scores"]) == 402
+
+
+def test_train_reads_a_table_too(warehouse, tmp_path):
+    result = run("train", "baseline", "--data", f"{warehouse}:studios", "--out", tmp_path / "b")
+    assert result.exit_code == 1 and f"{warehouse}:studios: missing column(s) synopsis" in result.output
