@@ -193,8 +193,8 @@ def register(
     functions: ``F.call_function("explain_score", ...)``).
 
     Bundles are checked here, on the driver. The workers read them from the same path
-    (a local or shared directory), or, with ``ship=True``, from a copy that
-    ``SparkContext.addFile`` sends to every executor. ``device`` is where the workers
+    (a local or shared directory), or, with ``ship=True``, from a copy that ``ship_bundle``
+    sends to every executor. ``device`` is where the workers
     run the text encoder (``auto``: a CUDA GPU when the executor has one), ``precision`` how
     (``auto``: bf16 where the executor's hardware has it), as for ``anime_udf.register``."""
     registered = {}
