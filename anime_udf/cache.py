@@ -15,13 +15,23 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from anime_udf.errors import AnimeUdfError
+
 _CHUNK = 500  # SQLite's bound-parameter limit is 999 on old builds
+# A rowid table with the key in its own index: a 1.5 KB vector fits in a 4 KB table page. (A
+# WITHOUT ROWID table, the layout of caches before dated entries, keeps at most ~1 KB of a
+# row in its page: every vector spilled to an overflow page, 4.7 KB an entry and 3x slower
+# look-ups; `prune` rewrites such a cache in this layout.)
+_TABLE = ("(encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL, written_at REAL,"
+          " PRIMARY KEY (encoder, key))")
 
 
 def cache_dir() -> Path:
@@ -30,6 +40,21 @@ def cache_dir() -> Path:
 
 def text_key(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _rewrite_without_overflow(con: sqlite3.Connection) -> None:
+    """Rewrite a cache table of the old WITHOUT ROWID layout as _TABLE (inside the caller's transaction)."""
+    sql = con.execute("SELECT sql FROM sqlite_master WHERE name = 'embeddings'").fetchone()[0]
+    if "WITHOUT ROWID" in sql.upper():
+        con.execute(f"CREATE TABLE embeddings_new {_TABLE}")
+        con.execute("INSERT INTO embeddings_new (encoder, key, vector, written_at) "
+                    "SELECT encoder, key, vector, written_at FROM embeddings")
+        con.execute("DROP TABLE embeddings")
+        con.execute("ALTER TABLE embeddings_new RENAME TO embeddings")
+
+
+class CacheError(AnimeUdfError):
+    """``anime-udf cache`` cannot do what it was asked."""
 
 
 class UnsafeCacheError(Exception):
@@ -53,6 +78,7 @@ class EmbeddingCache:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "embeddings.sqlite"
         self.usable = True
+        self._shared: dict[str, dict[str, np.ndarray]] | None = None  # see shared_reads
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _check_private(self.path)
@@ -62,11 +88,12 @@ class EmbeddingCache:
                 pass
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
-                con.execute(
-                    "CREATE TABLE IF NOT EXISTS embeddings ("
-                    " encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL,"
-                    " PRIMARY KEY (encoder, key)) WITHOUT ROWID"
-                )
+                con.execute(f"CREATE TABLE IF NOT EXISTS embeddings {_TABLE}")
+                # A cache written before entries were dated: its entries keep a NULL date
+                # (older than any --older-than), new ones are dated.
+                columns = {row[1] for row in con.execute("PRAGMA table_info(embeddings)")}
+                if "written_at" not in columns:
+                    con.execute("ALTER TABLE embeddings ADD COLUMN written_at REAL")
             con.close()
         except (sqlite3.Error, OSError, UnsafeCacheError) as exc:
             self._give_up(exc)
@@ -80,51 +107,152 @@ class EmbeddingCache:
     def _connect(self) -> sqlite3.Connection:
         return sqlite3.connect(self.path, timeout=120)
 
-    def get(self, encoder: str, keys: Iterable[str], dim: int) -> dict[str, np.ndarray]:
-        """The cached vectors of ``keys`` that are ``dim`` finite numbers; any other entry is
-        left out (to be computed again and rewritten), with a warning."""
-        if not self.usable:
-            return {}
+    def lookup(self, encoder: str, keys: Sequence[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """(vectors float32 [len(keys), dim], found bool [len(keys)]) for distinct ``keys``: a
+        cached entry that is not ``dim`` finite numbers is not found (to be computed again and
+        rewritten), with a warning. Vectorised: no Python per vector."""
+        vectors = np.zeros((len(keys), dim), dtype=np.float32)
+        found = np.zeros(len(keys), dtype=bool)
+        if not self.usable or not keys:
+            return vectors, found
+        if self._shared is not None:
+            shared = self._shared.get(encoder, {})
+            for i, key in enumerate(keys):
+                vector = shared.get(key)
+                if vector is not None and vector.shape == (dim,):
+                    vectors[i], found[i] = vector, True
+            if found.all():
+                return vectors, found
         try:
-            found = self._get(encoder, keys)
+            rows = self._get(encoder, [k for k, f in zip(keys, found) if not f])
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
-            return {}
-        vectors = {k: np.frombuffer(blob, dtype=np.float32) for k, blob in found.items()
-                   if isinstance(blob, bytes) and len(blob) == 4 * dim}  # SQLite keeps any type in any column
-        good = {k: v for k, v in vectors.items() if np.isfinite(v).all()}
-        if len(good) < len(found):
-            warnings.warn(f"embedding cache {self.path}: {len(found) - len(good)} vector(s) not of {dim} finite "
-                          "numbers; computing them again", RuntimeWarning, stacklevel=2)
-        return good
+            return vectors, found
+        position = {k: i for i, k in enumerate(keys)}
+        # SQLite keeps any type in any column: only a blob of the right size can be a vector
+        good = [(position[k], blob) for k, blob in rows if isinstance(blob, bytes) and len(blob) == 4 * dim]
+        if good:
+            at = np.fromiter((i for i, _ in good), dtype=np.int64, count=len(good))
+            read = np.frombuffer(b"".join(blob for _, blob in good), dtype=np.float32).reshape(len(good), dim)
+            finite = np.isfinite(read).all(axis=1)
+            vectors[at[finite]] = read[finite]
+            found[at[finite]] = True
+        bad = len(rows) - (int(finite.sum()) if good else 0)
+        if bad:
+            warnings.warn(f"embedding cache {self.path}: {bad} vector(s) not of {dim} finite numbers; computing "
+                          "them again", RuntimeWarning, stacklevel=2)
+        if self._shared is not None:
+            self._shared.setdefault(encoder, {}).update((k, vectors[i]) for i, k in enumerate(keys) if found[i])
+        return vectors, found
 
     def put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
         if not self.usable:
             return
+        if self._shared is not None:
+            self._shared.setdefault(encoder, {}).update(vectors)
         try:
             self._put(encoder, vectors)
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
 
-    def _get(self, encoder: str, keys: Iterable[str]) -> dict[str, object]:
-        keys = list(dict.fromkeys(keys))
-        found: dict[str, object] = {}
+    @contextmanager
+    def shared_reads(self) -> Iterator[None]:
+        """Within the block, a vector read (or written) once is served from memory: models that
+        share an encoder and score the same rows one after the other (a rescore chunk) read
+        SQLite once. The memory is the block's rows' vectors, freed when it ends."""
+        self._shared = {}
+        try:
+            yield
+        finally:
+            self._shared = None
+
+    def _get(self, encoder: str, keys: Sequence[str]) -> list[tuple[str, object]]:
+        found: list[tuple[str, object]] = []
         con = self._connect()
         try:
             for start in range(0, len(keys), _CHUNK):
                 chunk = keys[start : start + _CHUNK]
                 marks = ",".join("?" * len(chunk))
-                rows = con.execute(
+                found.extend(con.execute(
                     f"SELECT key, vector FROM embeddings WHERE encoder = ? AND key IN ({marks})",
                     [encoder, *chunk],
-                )
-                found.update(rows)
+                ))
         finally:
             con.close()
         return found
 
     def _put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
-        rows = [(encoder, k, np.asarray(v, dtype=np.float32).tobytes()) for k, v in vectors.items()]
+        now = time.time()
+        rows = [(encoder, k, np.asarray(v, dtype=np.float32).tobytes(), now) for k, v in vectors.items()]
         with self._connect() as con:  # one transaction: all rows or none
-            con.executemany("INSERT OR REPLACE INTO embeddings VALUES (?, ?, ?)", rows)
+            con.executemany("INSERT OR REPLACE INTO embeddings (encoder, key, vector, written_at) "
+                            "VALUES (?, ?, ?, ?)", rows)
         con.close()
+
+    # --- bounding the file (anime-udf cache) ---------------------------------------------
+
+    def _require_usable(self) -> None:
+        if not self.usable:
+            raise CacheError(f"embedding cache {self.path} cannot be used (see the warning above)")
+
+    def size_bytes(self) -> int:
+        """The cache file with its write-ahead log."""
+        return sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
+                   if p.exists())
+
+    def stats(self) -> list[dict[str, Any]]:
+        """One dict per encoder id: entries, bytes of vectors, oldest and newest write (unix
+        seconds; None for entries written before dates were kept), most entries first."""
+        self._require_usable()
+        con = self._connect()
+        try:
+            rows = con.execute(
+                "SELECT encoder, count(*), sum(length(vector)), min(written_at), max(written_at), "
+                "count(*) - count(written_at) FROM embeddings GROUP BY encoder ORDER BY count(*) DESC, encoder"
+            ).fetchall()
+        finally:
+            con.close()
+        return [{"encoder": e, "entries": n, "vector_bytes": b, "oldest": lo, "newest": hi, "undated": undated}
+                for e, n, b, lo, hi, undated in rows]
+
+    def prune(self, *, older_than: float | None = None, encoder: str | None = None,
+              dry_run: bool = False) -> dict[str, int]:
+        """Remove the entries written more than ``older_than`` seconds ago (undated ones
+        included) and/or those of encoder ids starting with ``encoder``; then ``compact``.
+        Returns the entries removed (or, with ``dry_run``, that would be) per encoder id."""
+        self._require_usable()
+        if older_than is None and encoder is None:
+            raise CacheError("say what to prune: --older-than AGE and/or --encoder ID")
+        conditions, params = [], []
+        if older_than is not None:
+            conditions.append("(written_at IS NULL OR written_at < ?)")
+            params.append(time.time() - older_than)
+        if encoder is not None:
+            conditions.append("substr(encoder, 1, ?) = ?")
+            params.extend([len(encoder), encoder])
+        where = " AND ".join(conditions)
+        con = self._connect()
+        try:
+            removed = dict(con.execute(f"SELECT encoder, count(*) FROM embeddings WHERE {where} GROUP BY encoder",
+                                       params).fetchall())
+            if removed and not dry_run:
+                with con:  # one transaction
+                    con.execute(f"DELETE FROM embeddings WHERE {where}", params)
+        finally:
+            con.close()
+        if removed and not dry_run:
+            self.compact()
+        return removed
+
+    def compact(self) -> None:
+        """Rewrite the file: the current layout (an older cache's is converted) without the
+        space of removed entries."""
+        self._require_usable()
+        con = self._connect()
+        try:
+            with con:  # one transaction
+                _rewrite_without_overflow(con)
+            con.execute("VACUUM")  # give the space back: the file shrinks
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        finally:
+            con.close()

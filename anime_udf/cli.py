@@ -84,6 +84,9 @@ def models_option(f):
 
 def engine_options(f):
     """--engine and --master: the same command on DuckDB (this process) or on Spark."""
+    f = click.option("--ship-bundles", "ship", is_flag=True,
+                     help="With --engine spark: send the bundles to every executor (as zip archives), "
+                          "for a cluster whose workers do not see the models directory.")(f)
     f = click.option("--master", default="local[*]", show_default=True, metavar="URL",
                      help="Spark master, with --engine spark (its workers need anime-udf installed: "
                           "see the README's \"Running on a cluster\").")(f)
@@ -296,7 +299,7 @@ def sql(query, database, write, tables, model_paths, out, limit, models, device,
 @engine_options
 @models_option
 @scoring_options
-def score(data, out, model_paths, engine, master, models, device, precision):
+def score(data, out, model_paths, engine, master, ship, models, device, precision):
     """Score a whole catalog file with every registered model.
 
     \b
@@ -310,7 +313,7 @@ def score(data, out, model_paths, engine, master, models, device, precision):
 
         with owned_session(master, progress=True) as spark:
             n, functions = score_parquet(spark, str(data), out, models_dir=models, device=device, precision=precision,
-                                         **chosen_bundles(model_paths, models))
+                                         ship=ship, **chosen_bundles(model_paths, models))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return
     check_out_suffix(out)
@@ -505,7 +508,7 @@ def list_models(as_json, models):
 @models_option
 @scoring_options
 def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, engine, master,
-            models, device, precision):
+            ship, models, device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -534,7 +537,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
             with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
                 report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models, key=key,
                                        dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
-                                       precision=precision)
+                                       precision=precision, ship=ship)
         else:
             from anime_udf.rescore import rescore as run_rescore
 
@@ -548,3 +551,109 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
         raise click.ClickException(str(exc)) from exc
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_summary(report))
+
+
+# --- the embedding cache ------------------------------------------------------------------------
+
+AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(value: str) -> float:
+    """'30d', '12h', '90m', '2w', '45s' -> seconds."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", value or "")
+    if not match:
+        raise click.BadParameter(f"{value!r} is not an age such as 30d, 12h, 90m, 2w or 45s", param_hint="--older-than")
+    return float(match.group(1)) * AGE_UNITS[match.group(2)]
+
+
+def open_cache():
+    """The embedding cache the scoring commands use ($ANIME_UDF_CACHE); an unusable one is an error here."""
+    import warnings
+
+    from anime_udf.cache import CacheError, EmbeddingCache
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cache = EmbeddingCache()
+    if not cache.usable:
+        raise CacheError(str(caught[0].message) if caught else f"embedding cache {cache.path} cannot be used")
+    return cache
+
+
+def _when(seconds: float | None) -> str:
+    import datetime as dt
+
+    return "-" if seconds is None else dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+@cli.group(name="cache", invoke_without_command=True)
+@click.pass_context
+def cache_group(ctx):
+    """The embedding cache: how big it is, and removing what is no longer needed.
+
+    Synopsis embeddings are cached by content hash in $ANIME_UDF_CACHE/embeddings.sqlite
+    (default ~/.cache/anime-udf), per encoder id (the encoder's checksums, pooling, length
+    and precision); an entry takes about 2.3 KB of the file (a 384-d vector is 1.5 KB).
+
+    \b
+      anime-udf cache                          size and entries per encoder
+      anime-udf cache prune --older-than 90d   entries not written for 90 days
+      anime-udf cache prune --encoder sha256:53aa51 --dry-run
+      anime-udf cache compact                  rewrite the file (an older cache's layout)
+    """
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(cache_info)
+
+
+@cache_group.command(name="info")
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as JSON.")
+def cache_info(as_json=False):
+    """The cache file's size and its entries per encoder id."""
+    cache = open_cache()
+    encoders = cache.stats()
+    if as_json:
+        click.echo(json.dumps({"path": str(cache.path), "bytes": cache.size_bytes(), "encoders": encoders}, indent=2))
+        return
+    total = sum(e["entries"] for e in encoders)
+    click.echo(f"{cache.path}: {cache.size_bytes() / 1e6:,.1f} MB, {total:,} entries, {len(encoders)} encoder(s)")
+    for e in encoders:
+        undated = f", {e['undated']:,} undated" if e["undated"] else ""
+        click.echo(f"  {e['entries']:>10,} entries {e['vector_bytes'] / 1e6:>9,.1f} MB  written "
+                   f"{_when(e['oldest'])} .. {_when(e['newest'])}{undated}  {e['encoder']}")
+
+
+@cache_group.command(name="prune")
+@click.option("--older-than", "older_than", metavar="AGE",
+              help="Remove entries written longer ago than AGE (30d, 12h, 2w...); entries written before "
+                   "anime-udf dated them count as older.")
+@click.option("--encoder", metavar="ID",
+              help="Remove the entries of the encoder ids starting with ID (as `anime-udf cache` lists them).")
+@click.option("--dry-run", is_flag=True, help="Say what would be removed; remove nothing.")
+def cache_prune(older_than, encoder, dry_run):
+    """Remove cache entries (both options: entries matching both), then compact the file.
+
+    A removed entry is computed again, and cached again, when a synopsis needs it."""
+    age = parse_age(older_than) if older_than is not None else None
+    if age is None and not encoder:
+        raise click.UsageError("say what to prune: --older-than AGE and/or --encoder ID")
+    cache = open_cache()
+    before = cache.size_bytes()
+    removed = cache.prune(older_than=age, encoder=encoder or None, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    click.echo(f"{verb} {sum(removed.values()):,} entries" + (":" if removed else ""))
+    for enc, n in sorted(removed.items(), key=lambda item: -item[1]):
+        click.echo(f"  {n:>10,}  {enc}")
+    if not dry_run:
+        click.echo(f"{cache.path}: {before / 1e6:,.1f} MB -> {cache.size_bytes() / 1e6:,.1f} MB")
+
+
+@cache_group.command(name="compact")
+def cache_compact():
+    """Rewrite the cache file in the current layout, without the space of removed entries.
+
+    A cache created before anime-udf dated its entries keeps every vector in an overflow
+    page (about twice the file and 3x slower look-ups) until it is compacted (or pruned)."""
+    cache = open_cache()
+    before = cache.size_bytes()
+    cache.compact()
+    click.echo(f"{cache.path}: {before / 1e6:,.1f} MB -> {cache.size_bytes() / 1e6:,.1f} MB")

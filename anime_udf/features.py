@@ -51,6 +51,13 @@ def log_episodes(value: Any) -> float | None:
     return min(math.log1p(x), MAX_LOG_EPISODES)
 
 
+def distinct_values(values: Sequence[Any]) -> tuple[list[Any], np.ndarray]:
+    """(the distinct values in order of first occurrence, each row's index into them)."""
+    index: dict[Any, int] = {}
+    rows = np.fromiter((index.setdefault(v, len(index)) for v in values), dtype=np.int64, count=len(values))
+    return list(index), rows
+
+
 # The dense features' columns: scaled log episodes and its missing flag, then one per genre.
 EPISODE_COLUMNS = slice(0, 2)
 GENRE_COLUMNS = slice(2, None)
@@ -99,19 +106,23 @@ class TabularEncoder:
         dense = np.zeros((n, self.n_tabular), dtype=np.float32)
         genre_index = {g: i + GENRE_COLUMNS.start for i, g in enumerate(self.genres)}
         studio_index = {s: i + 1 for i, s in enumerate(self.studios)}
-        studio = np.zeros(n, dtype=np.int64)
-        for row in range(n):
-            x = log_episodes(episodes[row])
-            if x is None:
-                dense[row, 1] = 1.0  # missing flag; the scaled value stays at the mean (0)
-            else:
-                dense[row, 0] = (x - self.episodes_mean) / self.episodes_std
-            for g in parse_genres(genres[row]):
+        # Catalog columns repeat a few hundred values: each distinct value is parsed once.
+        values, rows = distinct_values(episodes)
+        logs = np.array([np.nan if x is None else x for x in map(log_episodes, values)], dtype=np.float64)
+        missing = np.isnan(logs)[rows]
+        dense[:, 0] = np.where(missing, 0.0, (logs[rows] - self.episodes_mean) / self.episodes_std)
+        dense[:, 1] = missing  # the missing flag; the scaled value stays at the mean (0)
+        values, rows = distinct_values(genres)
+        multi_hot = np.zeros((len(values), self.n_tabular), dtype=np.float32)
+        for i, value in enumerate(values):
+            for g in parse_genres(value):
                 col = genre_index.get(g)
                 if col is not None:
-                    dense[row, col] = 1.0
-            studio[row] = studio_index.get(studio_key(studios[row]), 0)
-        return dense, studio
+                    multi_hot[i, col] = 1.0
+        dense[:, GENRE_COLUMNS] = multi_hot[rows, GENRE_COLUMNS]
+        values, rows = distinct_values(studios)
+        studio = np.array([studio_index.get(studio_key(v), 0) for v in values], dtype=np.int64)[rows]
+        return dense, studio.reshape(n)
 
     def to_manifest(self) -> dict:
         return {

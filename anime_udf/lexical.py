@@ -1,7 +1,7 @@
 """The lexical view of a synopsis: TF-IDF word n-grams -> a ridge score.
 
 Training fits it with scikit-learn (training/lexical.py); scoring needs only this
-module and numpy. The transform re-implements scikit-learn's ``TfidfVectorizer``
+module, numpy and polars. The transform re-implements scikit-learn's ``TfidfVectorizer``
 (lowercase, token pattern, n-grams, sublinear tf, smoothed idf, L2 norm) so that a
 bundle holds no pickle: settings in the manifest, the vocabulary as a JSON list,
 idf and ridge weights in safetensors. A test checks it against scikit-learn.
@@ -10,19 +10,21 @@ idf and ridge weights in safetensors. A test checks it against scikit-learn.
 from __future__ import annotations
 
 import json
-import math
-import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import polars as pl
 
 
 VOCABULARY_FILE = "lexical/vocabulary.json"
 WEIGHTS_FILE = "lexical/weights.safetensors"
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more characters
+# The same tokens (maximal runs of two or more word characters), as polars' Rust regex reads
+# them: Python's \w is exactly [\p{L}\p{N}_] on every character its Unicode database assigns
+# (tests/test_lexical.py checks them all), and polars lower-cases as str.lower does.
+WORD_RUNS = r"[\p{L}\p{N}_]{2,}"
 
 
 @dataclass(frozen=True)
@@ -33,18 +35,18 @@ class LexicalSettings:
     folds: int = 5  # out-of-fold scores for the rows the fusion head trains on
 
 
-def word_ngrams(text: str, ngram_max: int) -> list[str]:
-    """Lower-cased word 1..ngram_max-grams, as scikit-learn's analyzer='word' builds them
-    (whitespace does not matter: tokens are runs of word characters)."""
-    tokens = re.findall(TOKEN_PATTERN, text.lower())
-    grams = list(tokens)
-    for n in range(2, ngram_max + 1):
-        grams.extend(" ".join(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
-    return grams
+def lower_tokens(texts: Sequence[Any]) -> pl.Series:
+    """Each text's tokens, as ``re.findall(TOKEN_PATTERN, text.lower())`` finds them (a list
+    per text; NULL for a NULL text)."""
+    return pl.Series(texts, dtype=pl.String).str.to_lowercase().str.extract_all(WORD_RUNS)
 
 
 class LexicalModel:
-    """TF-IDF (sublinear tf, smoothed idf, L2-normalised) of the synopsis, then a ridge regression."""
+    """TF-IDF (sublinear tf, smoothed idf, L2-normalised) of the synopsis, then a ridge regression.
+
+    The transform is vectorised over a batch (polars and numpy, no Python per token): the
+    tokens of every text at once, then each n-gram is looked up by the code of its words
+    (word ids in base ``len(words) + 1``), so no n-gram string is ever built."""
 
     def __init__(self, vocabulary: Sequence[str], idf: np.ndarray, coef: np.ndarray, intercept: float,
                  ngram_max: int):
@@ -55,6 +57,26 @@ class LexicalModel:
         self.coef = np.asarray(coef, dtype=np.float64)
         self.intercept = float(intercept)
         self.ngram_max = int(ngram_max)
+        # A term is its words joined by single spaces (tokens hold no spaces): every word of
+        # every term gets an id, so an n-gram whose words are known has a code to look up.
+        terms = {term: term.split(" ") for term in self.index}
+        self.word_ids = {w: i for i, w in enumerate(dict.fromkeys(w for words in terms.values() for w in words))}
+        self.base = len(self.word_ids) + 1
+        if self.base ** max(self.ngram_max, 1) >= 2**63:
+            raise ValueError(f"{len(self.word_ids)} words and {self.ngram_max}-grams: n-gram codes overflow int64")
+        self.words = pl.Series(list(self.word_ids), dtype=pl.String)
+        # n -> (codes, term index): a term of n words, by the code of its word ids
+        self.codes: dict[int, tuple[pl.Series, pl.Series]] = {}
+        for n in range(1, self.ngram_max + 1):
+            found = {self._code([self.word_ids[w] for w in words]): self.index[term]
+                     for term, words in terms.items() if len(words) == n}
+            self.codes[n] = (pl.Series(list(found), dtype=pl.Int64), pl.Series(list(found.values()), dtype=pl.Int64))
+
+    def _code(self, ids: Sequence[int]) -> int:
+        code = 0
+        for i in ids:
+            code = code * self.base + i
+        return code
 
     @property
     def vocabulary(self) -> list[str]:
@@ -62,17 +84,48 @@ class LexicalModel:
 
     def predict(self, texts: Sequence[Any]) -> np.ndarray:
         """Ridge scores (standardised units), float32 [n]. NULL or empty text scores the intercept."""
-        out = np.full(len(texts), self.intercept, dtype=np.float64)
-        for row, text in enumerate(texts):
-            counts = Counter(j for j in map(self.index.get, word_ngrams(text or "", self.ngram_max))
-                             if j is not None)
-            if not counts:
-                continue
-            cols = np.fromiter(counts, dtype=np.int64, count=len(counts))
-            tf = 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float64, count=len(counts)))
-            weights = tf * self.idf[cols]
-            out[row] += float(weights @ self.coef[cols]) / math.sqrt(float(weights @ weights))
+        n = len(texts)
+        rows, terms = self._term_hits(texts)
+        out = np.full(n, self.intercept, dtype=np.float64)
+        if len(terms):
+            # Count each (row, term) once: tf = 1 + log(count), as TfidfVectorizer(sublinear_tf=True).
+            # (the pairs come in runs sorted by row, which a stable sort merges fast)
+            pairs = np.sort(rows * len(self.idf) + terms, kind="stable")
+            first = np.flatnonzero(np.diff(pairs, prepend=-1))
+            counts = np.diff(np.append(first, len(pairs)))
+            rows, terms = np.divmod(pairs[first], len(self.idf))
+            weights = (1.0 + np.log(counts)) * self.idf[terms]
+            dot = np.bincount(rows, weights * self.coef[terms], minlength=n)
+            norm = np.sqrt(np.bincount(rows, weights * weights, minlength=n))
+            hit = norm > 0
+            out[hit] += dot[hit] / norm[hit]
         return out.astype(np.float32)
+
+    def _term_hits(self, texts: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(row, term index) of every word n-gram of ``texts`` that is in the vocabulary, as
+        scikit-learn's analyzer='word' builds them: lower-cased tokens of TOKEN_PATTERN, then
+        1..ngram_max-grams (whitespace does not matter: tokens are runs of word characters)."""
+        tokens = (pl.DataFrame({"word": lower_tokens(texts)}).with_row_index("row")
+                  .explode("word").drop_nulls("word"))
+        row = tokens["row"].cast(pl.Int64).to_numpy()
+        ids = tokens["word"].replace_strict(self.words, np.arange(len(self.words)), default=-1,
+                                            return_dtype=pl.Int64).to_numpy()
+        starts = np.flatnonzero(np.diff(row, prepend=-1))  # each row's first token
+        lengths = np.diff(np.append(starts, len(row)))
+        left = np.repeat(lengths, lengths) - (np.arange(len(row)) - np.repeat(starts, lengths))
+        found_rows, found_terms = [], []
+        for n, (codes, terms) in self.codes.items():
+            at = np.flatnonzero(left >= n)  # tokens with n - 1 more after them in their row
+            code = np.zeros(len(at), dtype=np.int64)
+            known = np.ones(len(at), dtype=bool)
+            for k in range(n):
+                word = ids[at + k]
+                known &= word >= 0
+                code = code * self.base + word
+            term = pl.Series(code[known]).replace_strict(codes, terms, default=-1, return_dtype=pl.Int64).to_numpy()
+            found_rows.append(row[at[known]][term >= 0])
+            found_terms.append(term[term >= 0])
+        return np.concatenate(found_rows), np.concatenate(found_terms)
 
     def state(self) -> dict[str, np.ndarray]:
         return {"idf": self.idf, "coef": self.coef, "intercept": np.array([self.intercept])}

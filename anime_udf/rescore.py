@@ -14,8 +14,10 @@ A run, in order:
 2. *plan*: open the store read-only, hash the catalog's inputs in SQL, list the rows
    each model must score, then close the store again, so that readers can open it
    while the slow scoring runs;
-3. *score* those rows into a temporary table (the embedding cache keeps each encoded
-   synopsis, so a killed run's work is not lost);
+3. *score* those rows, streamed in chunks (so memory does not grow with the catalog),
+   into a temporary table (the embedding cache keeps each encoded synopsis, so a killed
+   run's work is not lost); the run's DuckDB spills to a temporary directory beyond
+   ``WORK_MEMORY_LIMIT``;
 4. *apply*: open the store read-write and, in one transaction, delete keys gone from
    the catalog (their rows of every kind) and rows of superseded bundles, upsert the
    new scores, append the run record; COMMIT;
@@ -44,6 +46,7 @@ import os
 import re
 import secrets
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
@@ -54,6 +57,8 @@ from typing import Any
 
 import duckdb
 import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from anime_udf.errors import AnimeUdfError
 from anime_udf.bundle import KINDS, read_manifest
@@ -69,7 +74,12 @@ PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
 PAUSE_SECONDS_ENV = "ANIME_UDF_RESCORE_PAUSE_SECONDS"
 PHASES = ("plan", "score", "commit", "export")
 SCHEMA_VERSION = "1"
-CHUNK_ROWS = 256
+# Rows scored at a time: large enough that the vectorised steps (lexical view, tabular
+# features, cache look-ups, the heads) run at full speed, small enough to bound memory.
+CHUNK_ROWS = 4096
+# What the run's own DuckDB (the catalog's hashes, the plan, the new scores) may hold in
+# memory; beyond it, its temporary tables spill to a temporary directory.
+WORK_MEMORY_LIMIT = "1GB"
 # Once the rows are scored, opening the store to apply them waits at least this long
 # for a reader to close it: failing there would throw the scoring away.
 APPLY_WAIT_SECONDS = 60.0
@@ -81,6 +91,8 @@ QUANTILES = ("p05", "p25", "p50", "p75", "p95")
 # removed key loses every kind's rows) without --allow-shrink: a truncated or
 # header-only catalog is far likelier than a catalog that really lost most of its rows.
 SHRINK_LIMIT = 0.5
+# A chunk of scores, as _score writes them to its work directory.
+SCORED_SCHEMA = pa.schema([("model_id", pa.string()), ("key", pa.string()), ("score", pa.float64())])
 # Columns of rescore_runs that are the same for every model of a run: reported once.
 RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
 
@@ -460,11 +472,13 @@ def rescore(
             raise RescoreError(f"{store.parent}: cannot create the store's directory: {reason}") from exc
     run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
-    con = duckdb.connect()
+    work_dir = tempfile.TemporaryDirectory(prefix="anime-udf-rescore-")
+    con = duckdb.connect(config={"temp_directory": work_dir.name, "memory_limit": WORK_MEMORY_LIMIT})
     try:
-        con.register("rescore_catalog_df", df)
-        con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {quote_ident(key)} AS key, "
-                    f"{', '.join(INPUT_COLUMNS)} FROM rescore_catalog_df")
+        # No DuckDB progress bar: it would print to stdout (into --json) while the scoring streams.
+        con.execute("SET enable_progress_bar = false")
+        _register_catalog(con, df, key)
+        del df  # the plan copies what it needs; the catalog's text is not held twice
         _run(con, "macros")
         _set_run(con, run_id, started, key, label)
         with nullcontext({}) if dry_run else store_lock(store, wait, run_id) as previous:
@@ -473,6 +487,7 @@ def rescore(
                 _add_models(con, choices)
                 _pause("plan")
                 _run(con, "plan")
+                _release_catalog(con)
                 _run(con, "fingerprint")
                 if export is not None:
                     _refuse_key_collision(con, key)
@@ -486,7 +501,7 @@ def rescore(
             if previous.get("unfinished") == work:  # a retry: the run is recorded once, under its first id
                 run_id = previous["run_id"]
                 _set(con, "rescore_run_id", run_id)
-            _score(con, choices, progress, chunk_rows, device, precision)
+            _score(con, choices, progress, chunk_rows, device, precision, Path(work_dir.name))
             _attach(con, store, read_only=False, wait=max(wait, APPLY_WAIT_SECONDS))
             _apply(con)
             # From COMMIT on, a failure may leave the run applied: say what is known, and note
@@ -522,6 +537,20 @@ def rescore(
         raise RescoreError(f"rescore failed, the store is unchanged: {message}") from exc
     finally:
         con.close()
+        work_dir.cleanup()
+
+
+def _register_catalog(con: duckdb.DuckDBPyConnection, df: pl.DataFrame, key: str) -> None:
+    """The catalog as sql/rescore.sql's ``rescore_catalog`` view: the key and the four inputs."""
+    con.register("rescore_catalog_df", df)
+    con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {quote_ident(key)} AS key, "
+                f"{', '.join(INPUT_COLUMNS)} FROM rescore_catalog_df")
+
+
+def _release_catalog(con: duckdb.DuckDBPyConnection) -> None:
+    """Drop the catalog once the plan has copied it (rescore_input): its memory is freed."""
+    con.execute("DROP VIEW rescore_catalog")
+    con.unregister("rescore_catalog_df")
 
 
 def run_report(records: list[dict[str, Any]], run_id: str, store: Path, label: str, key: str,
@@ -582,40 +611,51 @@ def _refuse_shrink(con: duckdb.DuckDBPyConnection, label: str, store: Path) -> N
 
 
 def _score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int,
-           device: str, precision: str) -> None:
-    """Score every row of rescore_todo into rescore_new, shortest synopses first (so a
-    chunk's padding is small), in chunks with a progress bar."""
+           device: str, precision: str, work_dir: Path) -> None:
+    """Score every row of rescore_todo into rescore_new, streaming: ``chunk_rows`` keys at a
+    time are read, scored by each model that must score them, and appended to a Parquet
+    file in ``work_dir``, which then fills rescore_new. Memory stays that of a chunk,
+    whatever the catalog's size, and the models of a chunk share its cache reads."""
     todo_counts = dict(con.execute("SELECT model_id, count(*) FROM rescore_todo GROUP BY model_id").fetchall())
-    total = sum(todo_counts.values())
-    if total == 0:
+    choices = [c for c in choices if todo_counts.get(c.model_id)]
+    if not choices:
         return
     from tqdm.auto import tqdm
 
+    from anime_udf.cache import EmbeddingCache
     from anime_udf.scoring import load_scorer  # torch and transformers: only when there is work
-    bar = tqdm(total=total, unit="row", desc="rescoring", disable=None if progress is None else not progress,
-               file=sys.stderr)
+
+    cache = EmbeddingCache()
+    scorers = [load_scorer(c.path, cache=cache, device=device, precision=precision) for c in choices]
+    # One query streams the rows (the connection runs nothing else until it is read), so the
+    # scores go to a file and enter rescore_new afterwards. todo_<i>: model i must score the key.
+    todo_flags = ", ".join(f"bool_or(model_id = ?) AS todo_{i}" for i in range(len(choices)))
+    rows = con.sql(
+        f"SELECT t.*, i.synopsis, i.genres, i.studio, i.episodes FROM (SELECT key, {todo_flags} FROM "
+        "rescore_todo GROUP BY key) t JOIN rescore_input i USING (key)", params=[c.model_id for c in choices]
+    ).to_arrow_reader(chunk_rows)
+    scored = work_dir / "scored.parquet"
+    bar = tqdm(total=sum(todo_counts[c.model_id] for c in choices), unit="row",
+               desc=f"scoring ({', '.join(c.kind for c in choices)})",
+               disable=None if progress is None else not progress, file=sys.stderr)
     first = True
     try:
-        for choice in choices:
-            if not todo_counts.get(choice.model_id):
-                continue
-            bar.set_description(f"scoring ({choice.kind})")
-            scorer = load_scorer(choice.path, device=device, precision=precision)  # only when there is work for it
-            todo = con.sql(
-                "SELECT key, synopsis, genres, studio, episodes FROM rescore_todo WHERE model_id = ? "
-                "ORDER BY strlen(coalesce(synopsis, '')), key", params=[choice.model_id]).pl()
-            for start in range(0, todo.height, chunk_rows):
-                part = todo.slice(start, chunk_rows)
-                scores = scorer.predict(*(part[c].to_list() for c in INPUT_COLUMNS))
-                chunk = pl.DataFrame({"key": part["key"], "score": scores}).with_columns(
-                    model_id=pl.lit(choice.model_id))
-                con.register("rescore_chunk", chunk)
-                con.execute("INSERT INTO rescore_new SELECT model_id, key, score FROM rescore_chunk")
-                con.unregister("rescore_chunk")
-                bar.update(part.height)
+        with pq.ParquetWriter(scored, SCORED_SCHEMA) as writer:
+            for batch in rows:
+                with cache.shared_reads():
+                    for i, (choice, scorer) in enumerate(zip(choices, scorers)):
+                        part = batch.filter(batch.column(f"todo_{i}"))
+                        if part.num_rows == 0:
+                            continue
+                        scores = scorer.predict(*(part.column(c).to_pylist() for c in INPUT_COLUMNS))
+                        writer.write_table(pa.table({"model_id": pa.repeat(choice.model_id, part.num_rows),
+                                                     "key": part.column("key"), "score": scores},
+                                                    schema=SCORED_SCHEMA))
+                        bar.update(part.num_rows)
                 if first:
                     first = False
                     _pause("score")
+        con.execute("INSERT INTO rescore_new SELECT model_id, key, score FROM read_parquet(?)", [str(scored)])
     finally:
         bar.close()
 

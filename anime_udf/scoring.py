@@ -12,7 +12,7 @@ import torch
 from anime_udf.bundle import BundleError, load_weights, read_manifest, text_encoder_dirs
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, coalition_values, explanation, fields
-from anime_udf.features import TabularEncoder, clean_text
+from anime_udf.features import TabularEncoder
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
@@ -85,14 +85,13 @@ class Scorer:
         if not (len(genres) == len(studio) == len(episodes) == n):
             raise ValueError("synopsis, genres, studio and episodes must have the same length")
         dense, studio_index = self.features.encode(genres, studio, episodes)
-        texts = [clean_text(s) for s in synopsis]
-        emb = sentence_embedding(self.text_encoder.embed(texts))
-        return tuple(torch.from_numpy(a) for a in (emb, dense, studio_index, *self._extra_inputs(texts)))
+        emb = sentence_embedding(self.text_encoder.embed(synopsis))  # cleans the texts (clean_text)
+        return tuple(torch.from_numpy(a) for a in (emb, dense, studio_index, *self._extra_inputs(synopsis)))
 
     def _member(self, cfg: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError
 
-    def _extra_inputs(self, texts: list[str]) -> tuple[np.ndarray, ...]:
+    def _extra_inputs(self, synopsis: Sequence[Any]) -> tuple[np.ndarray, ...]:
         return ()
 
 
@@ -122,8 +121,10 @@ class FusionScorer(Scorer):
         return FusionHead(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,
                           cfg["studio_dim"], cfg["dropout"])
 
-    def _extra_inputs(self, texts):
-        return (self.lexical.predict(texts),)
+    def _extra_inputs(self, synopsis):
+        # Cleaning whitespace changes no token (tokens are runs of word characters), so the raw
+        # synopsis (str or NULL) scores as its clean_text would.
+        return (self.lexical.predict(synopsis),)
 
 
 def sentence_embedding(pooled: np.ndarray) -> np.ndarray:

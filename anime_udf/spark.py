@@ -17,11 +17,13 @@ This module imports pyspark (the ``spark`` extra); ``import anime_udf`` never do
 
 from __future__ import annotations
 
+import atexit
 import os
 import re
 import secrets
 import shutil
 import sys
+import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -110,7 +112,11 @@ def _bundle_on_worker(bundle: str, shipped: bool) -> str:
         return bundle
     from pyspark import SparkFiles
 
-    return SparkFiles.get(Path(bundle).name)
+    return SparkFiles.get(shipped_name(bundle))  # the archive, unpacked into a directory of its name
+
+
+def shipped_name(bundle: Path | str) -> str:
+    return f"{Path(bundle).name}.zip"
 
 
 def arguments(name: str, columns: tuple[pa.Array, ...]) -> list[list]:
@@ -151,6 +157,28 @@ def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: 
     return F.arrow_udf(predict, returns)
 
 
+def ship_bundle(spark: SparkSession, bundle: Path) -> Path:
+    """Send ``bundle`` to every executor, once per context, as a zip archive that Spark
+    unpacks there (``SparkContext.addArchive``: a cluster master refuses a directory in
+    ``addFile``). The UDFs of ``scoring_udf(..., shipped=True)`` load it from
+    ``SparkFiles.get(shipped_name(bundle))`` and verify every file's checksum as usual."""
+    name = shipped_name(bundle)
+    if not any(Path(a).name == name for a in spark.sparkContext.listArchives):
+        archive = Path(_ship_dir()) / name
+        shutil.make_archive(str(archive.with_suffix("")), "zip", root_dir=bundle)
+        spark.sparkContext.addArchive(str(archive))
+    return bundle
+
+
+@lru_cache(maxsize=1)
+def _ship_dir() -> str:
+    """Where the driver keeps the archives it ships (executors fetch them while jobs run),
+    removed when the driver's process exits."""
+    path = tempfile.mkdtemp(prefix="anime-udf-ship-")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def register(
     spark: SparkSession,
     baseline: Path | str | None = None,
@@ -167,8 +195,8 @@ def register(
     functions: ``F.call_function("explain_score", ...)``).
 
     Bundles are checked here, on the driver. The workers read them from the same path
-    (a local or shared directory), or, with ``ship=True``, from a copy that
-    ``SparkContext.addFile`` sends to every executor. ``device`` is where the workers
+    (a local or shared directory), or, with ``ship=True``, from a copy that ``ship_bundle``
+    sends to every executor. ``device`` is where the workers
     run the text encoder (``auto``: a CUDA GPU when the executor has one), ``precision`` how
     (``auto``: bf16 where the executor's hardware has it), as for ``anime_udf.register``."""
     registered = {}
@@ -176,10 +204,9 @@ def register(
         path = Path(path).resolve()
         kind = read_manifest(path)["kind"]  # verifies every file's checksum
         name = FUNCTION_NAMES[kind]
-        if ship:
-            spark.sparkContext.addFile(str(path), recursive=True)
-        registered[name] = spark.udf.register(name, scoring_udf(name, path, device, precision, ship))
-        spark.udf.register(EXPLAIN_NAMES[kind], scoring_udf(EXPLAIN_NAMES[kind], path, device, precision, ship, kind))
+        bundle = ship_bundle(spark, path) if ship else path
+        registered[name] = spark.udf.register(name, scoring_udf(name, bundle, device, precision, ship))
+        spark.udf.register(EXPLAIN_NAMES[kind], scoring_udf(EXPLAIN_NAMES[kind], bundle, device, precision, ship, kind))
     return registered
 
 
@@ -262,11 +289,12 @@ def spark_path(path: str | Path) -> str:
 
 
 def score_parquet(spark: SparkSession, data: str, out: Path, *, models_dir: Path | str | None = None,
-                  device: str = "auto", precision: str = "auto", **bundles: Path | str) -> tuple[int, list[str]]:
+                  device: str = "auto", precision: str = "auto", ship: bool = False,
+                  **bundles: Path | str) -> tuple[int, list[str]]:
     """The catalog ``data`` plus one score column per model (named after its function),
-    written to the Parquet directory ``out``. ``bundles`` and ``models_dir`` choose the models
-    as in ``register``. Returns (rows, function names)."""
-    functions = register(spark, **bundles, models_dir=models_dir, device=device, precision=precision)
+    written to the Parquet directory ``out``. ``bundles``, ``models_dir`` and ``ship`` choose the
+    models and how executors read them, as in ``register``. Returns (rows, function names)."""
+    functions = register(spark, **bundles, models_dir=models_dir, device=device, precision=precision, ship=ship)
     df = read_catalog_parquet(spark, data)
     scored = df.select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)

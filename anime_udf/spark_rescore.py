@@ -8,10 +8,12 @@ work runs on Spark; the definitions are those of ``sql/rescore.sql``:
 - the input hash is computed on the workers by DuckDB with that file's ``macros``
   section, over the inputs as ``read_catalog`` makes them: a row hashes the same on
   both engines;
-- the fingerprint, the counts and the run record (score distribution and its shift
-  against the previous run) are that file's ``fingerprint``, ``counts`` and ``record``
-  sections, run by DuckDB on the driver over the Parquet files Spark wrote (keys, input
-  hashes and scores only: no synopsis reaches the driver).
+- the catalog fingerprint is that file's order-independent aggregate, summed on the
+  executors: the driver receives one row;
+- the counts and the run record (score distribution and its shift against the previous
+  run) are that file's ``counts`` and ``record`` sections, run by DuckDB on the driver
+  over the Parquet files Spark wrote (keys, input hashes and scores only: no synopsis
+  reaches the driver).
 
 The store is a directory::
 
@@ -57,7 +59,7 @@ from anime_udf.files import atomic_file
 from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _add_models,
                                _dry_run_report, _now, _pause, _refuse_shrink, _run, _set_run, resolve_models,
                                run_report, sql_sections, store_lock)
-from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, spark_path
+from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, ship_bundle, spark_path
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
 
@@ -66,8 +68,10 @@ SNAPSHOTS = "snapshots"
 META_FILE = "meta.json"
 RUNS_FILE = "runs.parquet"
 # The hashed catalog, one struct a row: the key as text (as CAST(key AS VARCHAR) in DuckDB),
-# the canonical inputs, their hash and whether one was imputed.
-INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_()}
+# the canonical inputs, their hash, whether one was imputed, and the row's share of the
+# catalog fingerprint (sql/rescore.sql's rescore_row_digest).
+INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_(),
+                "row_digest": pa.int64()}
 INPUT_STRUCT = "struct<" + ", ".join(
     f"{name} {'bigint' if t == pa.int64() else 'boolean' if t == pa.bool_() else 'string'}"
     for name, t in INPUT_FIELDS.items()) + ">"
@@ -132,8 +136,9 @@ def hashed_inputs(batches: Iterator[Tuple[pa.Array, ...]], label: str) -> Iterat
     for batch in batches:
         rows = read_catalog(pa.Table.from_arrays(list(batch), names=["key", *INPUT_COLUMNS]), name=label)
         con.register("rescore_batch", rows)
-        out = con.sql(f"SELECT CAST(key AS VARCHAR) AS key, {args}, rescore_input_hash({args}) AS input_hash, "
-                      f"rescore_imputed({args}) AS imputed FROM rescore_batch").to_arrow_table()
+        out = con.sql(f"SELECT *, rescore_row_digest(key, input_hash) AS row_digest FROM ("
+                      f"SELECT CAST(key AS VARCHAR) AS key, {args}, rescore_input_hash({args}) AS input_hash, "
+                      f"rescore_imputed({args}) AS imputed FROM rescore_batch)").to_arrow_table()
         con.unregister("rescore_batch")
         yield pa.StructArray.from_arrays([out[n].combine_chunks().cast(t) for n, t in INPUT_FIELDS.items()],
                                          names=list(INPUT_FIELDS))
@@ -156,10 +161,12 @@ def rescore_spark(
     allow_shrink: bool = False,
     device: str = "auto",
     precision: str = "auto",
+    ship: bool = False,
 ) -> RunReport:
     """Rescore the Parquet ``catalog`` (a file, directory or glob) into the Spark store
     ``store`` (a directory). The options are those of ``anime_udf.rescore.rescore``;
-    ``device`` and ``precision`` are the workers' text encoder's. Raises RescoreError with the
+    ``device`` and ``precision`` are the workers' text encoder's; ``ship`` sends the bundles
+    to the executors (``anime_udf.spark.register``'s). Raises RescoreError with the
     published snapshot unchanged. Returns the run's report."""
     started = _now()
     clock = time.perf_counter()
@@ -194,6 +201,7 @@ def rescore_spark(
                 _write(inputs.select("key", "input_hash", "imputed"), work / "plan" / "input")
                 _write(todo.select("model_id", "key"), work / "plan" / "todo")
                 _plan(con, choices, previous, work, run_id, started, key, catalog)
+                _set_fingerprint(con, inputs)
                 if not allow_shrink:
                     _refuse_shrink(con, catalog, store)
                 _run(con, "counts")
@@ -204,7 +212,7 @@ def rescore_spark(
                         .where(~F.col("model_kind").isin([c.kind for c in choices])  # an older bundle's rows go
                                | F.col("model_id").isin([c.model_id for c in choices]))
                         .join(todo.select("model_id", "key"), ["model_id", "key"], "left_anti"))
-                scored = [_score(spark, todo, c, to_score[c.model_id], run_id, device, precision)
+                scored = [_score(spark, todo, c, to_score[c.model_id], run_id, device, precision, ship)
                           for c in choices if to_score[c.model_id]]
                 snapshot = kept.select(SCORES_COLUMNS)
                 for part in scored:
@@ -311,6 +319,7 @@ def _plan(con: duckdb.DuckDBPyConnection, choices, previous: Path | None, work: 
     tables (the published snapshot's), the models, and the planned input and todo rows."""
     con.execute("ATTACH ':memory:' AS store")
     con.execute("USE store")
+    _run(con, "macros")
     _run(con, "schema")  # empty tables: a new store's
     if previous is not None:
         con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
@@ -322,14 +331,25 @@ def _plan(con: duckdb.DuckDBPyConnection, choices, previous: Path | None, work: 
     _add_models(con, choices)
     _register_parquet(con, "rescore_input", work / "plan" / "input")
     _register_parquet(con, "rescore_todo", work / "plan" / "todo")
-    _run(con, "fingerprint")
+
+
+def _set_fingerprint(con: duckdb.DuckDBPyConnection, inputs: DataFrame) -> None:
+    """The catalog fingerprint of sql/rescore.sql, its sum computed on the executors: the
+    driver receives one row, whatever the catalog's size."""
+    try:
+        n, digest_sum = inputs.agg(F.count("*"), F.sum(F.col("row_digest").cast("decimal(38,0)"))).first()
+    except SPARK_ERRORS as exc:
+        raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
+    con.execute("SET VARIABLE rescore_catalog_fingerprint = rescore_fingerprint(?, ?::HUGEINT)",
+                [n, str(digest_sum or 0)])
 
 
 def _score(spark: SparkSession, todo: DataFrame, choice, rows: int, run_id: str, device: str,
-           precision: str) -> DataFrame:
+           precision: str, ship: bool) -> DataFrame:
     """The todo rows of one model, scored by the SQL function's UDF, in the store's columns.
     Spread over the cluster's cores, shortest synopses first within a task (less padding)."""
-    predict = scoring_udf(FUNCTION_NAMES[choice.kind], choice.path, device, precision)
+    bundle = ship_bundle(spark, choice.path.resolve()) if ship else choice.path
+    predict = scoring_udf(FUNCTION_NAMES[choice.kind], bundle, device, precision, ship)
     tasks = max(spark.sparkContext.defaultParallelism, math.ceil(rows / TASK_ROWS))
     mine = (todo.where(F.col("model_id") == choice.model_id).repartition(tasks)
             .sortWithinPartitions(F.length(F.coalesce("synopsis", F.lit("")))))

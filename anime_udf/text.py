@@ -239,18 +239,24 @@ class FrozenTextEncoder:
                         module.to(torch.bfloat16)
 
     def embed(self, texts: Sequence[str | None], *, progress: bool = False) -> np.ndarray:
-        """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again."""
+        """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again, and a text
+        that occurs twice is looked up and encoded once."""
         texts = [clean_text(t) for t in texts]
         keys = [text_key(t) for t in texts]
-        known = self.cache.get(self.encoder_id, keys, self.dim) if self.cache else {}
-        todo = list(dict.fromkeys(t for t, k in zip(texts, keys) if k not in known))
-        if todo:
-            fresh = self._encode(todo, progress=progress)
-            new = {text_key(t): v for t, v in zip(todo, fresh)}
+        distinct = {k: t for k, t in zip(keys, texts)}  # key -> text, in order of first occurrence
+        if self.cache:
+            vectors, found = self.cache.lookup(self.encoder_id, list(distinct), self.dim)
+        else:
+            vectors, found = np.zeros((len(distinct), self.dim), np.float32), np.zeros(len(distinct), bool)
+        todo = np.flatnonzero(~found)
+        if len(todo):
+            todo_texts = list(distinct.values())
+            vectors[todo] = self._encode([todo_texts[i] for i in todo], progress=progress)
             if self.cache:
-                self.cache.put(self.encoder_id, new)
-            known.update(new)
-        return np.stack([known[k] for k in keys]) if keys else np.zeros((0, 0), np.float32)
+                todo_keys = list(distinct)
+                self.cache.put(self.encoder_id, {todo_keys[i]: vectors[i] for i in todo})
+        row = {k: i for i, k in enumerate(distinct)}
+        return vectors[np.fromiter(map(row.__getitem__, keys), dtype=np.int64, count=len(keys))]
 
     def _encode(self, texts: list[str], *, progress: bool) -> np.ndarray:
         import torch

@@ -106,7 +106,7 @@ ORDER BY w.largest_error DESC, p.row_id, p.model;
 -- What each model listens to: the mean absolute part of each input group, from a table of
 -- explanations, one row per (model, row_id) with base, one column per group, unclamped and score
 -- (`anime-udf eval --report` builds `explanations` with explain_score / explain_score_fusion).
-CREATE OR REPLACE MACRO mean_abs_parts(tbl) AS TABLE
+CREATE OR REPLACE TEMP MACRO mean_abs_parts(tbl) AS TABLE
 SELECT model, "group", count(part) AS n, avg(abs(part)) AS mean_abs_part, avg(part) AS mean_part
 FROM (UNPIVOT (SELECT * EXCLUDE (row_id, key, title, base, unclamped, score) FROM query_table(tbl))
       ON COLUMNS(* EXCLUDE (model)) INTO NAME "group" VALUE part)
@@ -114,7 +114,7 @@ GROUP BY model, "group"
 ORDER BY list_position(['synopsis', 'genres', 'studio', 'episodes', 'lexical'], "group"), model;
 
 -- The k largest misses (largest_misses) with each model's parts: why it predicted what it did.
-CREATE OR REPLACE MACRO largest_miss_parts(predictions, explanations, k) AS TABLE
+CREATE OR REPLACE TEMP MACRO largest_miss_parts(predictions, explanations, k) AS TABLE
 SELECT m.row_id, m.key, m.title, m.actual, m.model, m.predicted, e.* EXCLUDE (model, row_id, key, title)
 FROM largest_misses(predictions, k) m JOIN query_table(explanations) e USING (model, row_id)
 ORDER BY m.largest_error DESC, m.row_id, m.model;

@@ -61,6 +61,15 @@ CREATE OR REPLACE TEMP MACRO rescore_input_hash(synopsis, genres, studio, episod
     sha256('rescore-v1|' || rescore_field(rescore_text(synopsis)) || rescore_field(rescore_text(genres))
            || rescore_field(rescore_text(studio)) || rescore_field(rescore_episodes(episodes)));
 
+-- The catalog fingerprint is an order-independent aggregate, so that it can be computed
+-- anywhere, in any order, in constant memory (the Spark rescoring sums on its executors):
+-- the row count and the sum of each row's digest (60 bits of sha256 of key and input hash).
+CREATE OR REPLACE TEMP MACRO rescore_row_digest(key, input_hash) AS
+    ('0x' || substr(sha256(key || '=' || input_hash), 1, 15))::BIGINT;
+
+CREATE OR REPLACE TEMP MACRO rescore_fingerprint(n, digest_sum) AS
+    'sha256:' || substr(sha256('rescore-fingerprint-v2|' || n || '|' || CAST(digest_sum AS HUGEINT)), 1, 16);
+
 CREATE OR REPLACE TEMP MACRO rescore_imputed(synopsis, genres, studio, episodes) AS
     rescore_text(synopsis) IS NULL OR rescore_text(genres) IS NULL
     OR rescore_text(studio) IS NULL OR rescore_episodes(episodes) IS NULL;
@@ -164,8 +173,9 @@ SELECT error('rescore: this store keys its rows by ' || value || ', not by '
              || getvariable('rescore_key_column') || '; use --key ' || value || ' or another store')
 FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_key_column');
 
+-- (keys and hashes only: the inputs stay in rescore_input, read again when scoring)
 CREATE OR REPLACE TEMP TABLE rescore_todo AS
-SELECT m.model_id, i.key, i.synopsis, i.genres, i.studio, i.episodes, i.input_hash, i.imputed
+SELECT m.model_id, i.key, i.input_hash, i.imputed
 FROM rescore_models m
 CROSS JOIN rescore_input i
 LEFT JOIN rescore_scores s ON s.model_id = m.model_id AND s.key = i.key
@@ -179,18 +189,19 @@ CREATE OR REPLACE TEMP TABLE rescore_new (
 
 
 -- @section fingerprint
--- One hash of every key and its input hash. Sections fingerprint, counts and record read
--- only the tables they name: the Spark rescoring (anime_udf/spark_rescore.py) runs them
--- over its snapshot's Parquet files.
+-- One hash of every key and its input hash (the macros above). Sections counts and record
+-- read only the tables they name: the Spark rescoring (anime_udf/spark_rescore.py) runs
+-- them over its snapshot's Parquet files, and computes the fingerprint's sum on Spark.
 SET VARIABLE rescore_catalog_fingerprint = (
-    SELECT 'sha256:' || substr(sha256(coalesce(string_agg(key || '=' || input_hash, ',' ORDER BY key), '')), 1, 16)
+    SELECT rescore_fingerprint(count(*), coalesce(sum(rescore_row_digest(key, input_hash)), 0))
     FROM rescore_input);
 
 
 -- @section score
 -- The slow step, and the only one outside SQL in the CLI (same scorer, chunked).
 INSERT INTO rescore_new
-SELECT model_id, key, rescore_predict(synopsis, genres, studio, episodes) FROM rescore_todo;
+SELECT t.model_id, t.key, rescore_predict(i.synopsis, i.genres, i.studio, i.episodes)
+FROM rescore_todo t JOIN rescore_input i USING (key);
 
 
 -- @section begin

@@ -94,3 +94,63 @@ def test_a_cache_others_may_write_or_a_symlinked_one_is_not_used(tmp_path, refer
             cache = EmbeddingCache(path)
         np.testing.assert_array_equal(encoder(cache).embed(TEXTS), reference)
     assert list(shared.iterdir()) == [] and victim.read_text() == "my notes"
+
+
+def cache_command(tmp_path, *args):
+    from click.testing import CliRunner
+
+    from anime_udf.cli import cli
+
+    return CliRunner().invoke(cli, ["cache", *args], env={"ANIME_UDF_CACHE": str(tmp_path)})
+
+
+def test_cache_command_lists_entries_per_encoder_and_prunes_one(tmp_path, reference):
+    cache = EmbeddingCache(tmp_path / "embeddings.sqlite")
+    fp32 = encoder(cache)
+    fp32.embed(TEXTS)
+    other = encoder(cache, variant(tmp_path, "one-layer", edit_json("config.json", num_hidden_layers=1)))
+    other.embed(TEXTS[:2])
+    listed = json.loads(cache_command(tmp_path, "info", "--json").output)
+    assert {e["encoder"]: e["entries"] for e in listed["encoders"]} == {fp32.encoder_id: 3, other.encoder_id: 2}
+    assert listed["bytes"] == cache.size_bytes() > 0
+    assert "5 entries, 2 encoder(s)" in cache_command(tmp_path).output  # the default: info
+
+    dry = cache_command(tmp_path, "prune", "--encoder", other.encoder_id, "--dry-run")
+    assert dry.exit_code == 0 and "would remove 2 entries" in dry.output
+    pruned = cache_command(tmp_path, "prune", "--encoder", other.encoder_id)
+    assert pruned.exit_code == 0 and "removed 2 entries" in pruned.output
+    assert {e["encoder"] for e in cache.stats()} == {fp32.encoder_id}
+    np.testing.assert_array_equal(fp32.embed(TEXTS), reference)  # the other encoder's entries only
+
+
+def test_prune_older_than_removes_old_and_undated_entries_and_shrinks_the_file(tmp_path, reference):
+    path = tmp_path / "embeddings.sqlite"
+    with sqlite3.connect(path) as con:  # a cache written before entries were dated
+        con.execute("CREATE TABLE embeddings (encoder TEXT NOT NULL, key TEXT NOT NULL, vector BLOB NOT NULL, "
+                    "PRIMARY KEY (encoder, key)) WITHOUT ROWID")
+        con.executemany("INSERT INTO embeddings VALUES ('old-encoder', ?, ?)",
+                        [(f"{i:064x}", np.ones(384, np.float32).tobytes()) for i in range(2000)])
+    con.close()
+    path.chmod(0o600)
+    cache = EmbeddingCache(path)
+    assert cache.usable
+    real = encoder(cache)
+    real.embed(TEXTS)  # dated now
+    with sqlite3.connect(path) as con:  # one entry written 40 days ago
+        con.execute("UPDATE embeddings SET written_at = written_at - 40 * 86400 WHERE key = ?", [text_key(TEXTS[0])])
+    con.close()
+    before = cache.size_bytes()
+    result = cache_command(tmp_path, "prune", "--older-than", "30d")
+    assert result.exit_code == 0, result.output
+    assert "removed 2,001 entries" in result.output
+    assert {e["encoder"]: e["entries"] for e in cache.stats()} == {real.encoder_id: 2}
+    assert cache.size_bytes() < before / 2
+    np.testing.assert_array_equal(real.embed(TEXTS), reference)
+    with sqlite3.connect(path) as con:  # rewritten in the layout without overflow pages
+        assert "WITHOUT ROWID" not in con.execute("SELECT sql FROM sqlite_master WHERE name = 'embeddings'").fetchone()[0]
+    con.close()
+
+    assert "MB ->" in cache_command(tmp_path, "compact").output
+    np.testing.assert_array_equal(real.embed(TEXTS), reference)
+    assert cache_command(tmp_path, "prune").exit_code == 2  # nothing said: refused
+    assert "is not an age" in cache_command(tmp_path, "prune", "--older-than", "soon").output

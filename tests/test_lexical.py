@@ -3,6 +3,8 @@ training, and a bundle part that is JSON + safetensors and never unpickled."""
 
 import json
 import pickle
+import re
+import unicodedata
 
 import duckdb
 import numpy as np
@@ -16,7 +18,8 @@ import anime_udf
 from anime_udf.bundle import BundleError, file_sha256, read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.features import clean_text
-from anime_udf.lexical import VOCABULARY_FILE, WEIGHTS_FILE, LexicalSettings
+from anime_udf.lexical import (TOKEN_PATTERN, VOCABULARY_FILE, WEIGHTS_FILE, LexicalModel, LexicalSettings,
+                                lower_tokens)
 from anime_udf.scoring import load_scorer
 from tests.conftest import CATALOG, HOLDOUT
 from training.lexical import fit_lexical, out_of_fold
@@ -108,3 +111,26 @@ def test_a_planted_pickle_among_the_lexical_files_is_never_loaded(fusion_bundle,
     with pytest.raises(BundleError, match=r"lexical/weights\.safetensors: cannot load weights"):
         load_scorer(bundle)
     assert not marker.exists()
+
+
+def test_tokens_are_pythons_on_every_assigned_character():
+    """Scoring finds tokens with polars (Rust regex), training with scikit-learn (Python's re):
+    the same on every character Python's Unicode database assigns, and on case rules such as
+    the final sigma and the dotted capital I."""
+    chars = [chr(c) for c in range(0x20, 0x32000)
+             if not 0xD800 <= c < 0xE000 and unicodedata.category(chr(c)) != "Cn"]
+    texts = [c + c for c in chars] + [a + " " + a + "x" for a in chars[::7]] + [t for t in ODD_TEXTS if t] + [
+        "ΟΔΟΣ ΑΣ", "İstanbul", "cafe\u0301 naïve ½x", "a‿b foo_bar", "x\u200dy", "Ⓐⓑ ⅫⅫ", "ß ẞẞ ǅǅ ﬁﬂ K Å"]
+    expected = [re.findall(TOKEN_PATTERN, t.lower()) for t in texts]
+    assert lower_tokens(texts).to_list() == expected
+    assert lower_tokens([None]).to_list() == [None]
+
+
+def test_an_ngram_counts_when_its_words_are_not_terms_themselves():
+    model = LexicalModel(["ab cd", "cd"], idf=np.array([1.0, 2.0]), coef=np.array([1.0, 3.0]), intercept=0.5,
+                         ngram_max=2)
+    # grams of "AB cd ab": ab, cd, ab, "ab cd", "cd ab" -> terms "ab cd" (once) and "cd" (once)
+    weights = np.array([1.0, 2.0])
+    expected = 0.5 + (weights @ np.array([1.0, 3.0])) / np.linalg.norm(weights)
+    assert model.predict(["AB cd ab", "ab", None])[0] == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(model.predict(["AB cd ab", "ab", None])[1:], [0.5, 0.5])

@@ -148,7 +148,8 @@ def test_shipped_bundles_are_loaded_from_the_copy_spark_sends(spark, anime, tmp_
 
     copy = shutil.copytree(baseline_bundle, tmp_path / "baseline-shipped")
     spark_udf.register(spark, baseline=copy, ship=True)
-    assert (Path(SparkFiles.get(copy.name)) / "manifest.json").is_file()
+    shutil.rmtree(copy)  # the workers can only use what was shipped
+    assert (Path(SparkFiles.get(spark_udf.shipped_name(copy))) / "manifest.json").is_file()
     query = f"SELECT anime_id, {CALLS['predict_score']} AS b FROM anime"
     assert_same(spark_sql(spark, query, anime), duckdb_scores(baseline_bundle, fusion_bundle, query, anime),
                 "anime_id", ["b"])

@@ -1,0 +1,235 @@
+"""A real Spark standalone cluster on this machine: a master and two workers, each a separate
+JVM started with pyspark's own ``bin/spark-class`` on 127.0.0.1, as the README's "Running
+on a cluster" starts them. ``score`` and ``rescore --engine spark --ship-bundles`` run against
+it from the command line and agree with DuckDB; one worker killed mid-job does not stop the
+job, and the store holds every row once. The cluster starts once per test session."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import polars as pl
+import pytest
+
+pytest.importorskip("pyspark", reason="the spark extra is not installed (pip install 'anime-udf[spark]')")
+if shutil.which("java") is None:
+    pytest.skip("no Java runtime for the Spark cluster", allow_module_level=True)
+
+import anime_udf  # noqa: E402
+from anime_udf.catalog import read_catalog  # noqa: E402
+from anime_udf.rescore import rescore  # noqa: E402
+from anime_udf.spark_rescore import current_snapshot  # noqa: E402
+from tests.conftest import CATALOG  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+# The README's commands (README.md, "Running on a cluster"), with its ports; the tests run them
+# with free ports in their place.
+MASTER = "$SPARK_HOME/bin/spark-class org.apache.spark.deploy.master.Master --host 127.0.0.1 --port 7077 --webui-port 8080"
+WORKER = ("$SPARK_HOME/bin/spark-class org.apache.spark.deploy.worker.Worker spark://127.0.0.1:7077 --host 127.0.0.1 "
+          "--cores 1 --memory 2g --webui-port {ui}")
+SCORE = ("anime-udf score --engine spark --master spark://127.0.0.1:7077 --ship-bundles "
+         "--data catalog.parquet --out scored/")
+RESCORE = ("anime-udf rescore --engine spark --master spark://127.0.0.1:7077 --ship-bundles "
+           "--catalog catalog.parquet --store scores/")
+WORKER_UI_PORTS = (8081, 8082)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spark_home() -> str:
+    import pyspark
+
+    return str(Path(pyspark.__file__).parent)
+
+
+class Cluster:
+    """The master and workers of one session; ``argv`` turns a README command into this cluster's."""
+
+    def __init__(self, base: Path, cache: Path):
+        self.base = base
+        self.port, self.ui = free_port(), free_port()
+        self.worker_uis = [free_port() for _ in WORKER_UI_PORTS]
+        self.url = f"spark://127.0.0.1:{self.port}"
+        # What a cluster image provides its workers (README: the Python environment, the cache).
+        self.env = {**os.environ, "SPARK_HOME": spark_home(), "SPARK_LOCAL_IP": "127.0.0.1",
+                    "PYSPARK_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
+                    "ANIME_UDF_CACHE": str(cache),
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def argv(self, command: str, **ports: int) -> list[str]:
+        return (command.replace("7077", str(self.port)).replace("--webui-port 8080", f"--webui-port {self.ui}")
+                .format(**ports).split())
+
+    def start(self, name: str, command: str, **ports: int) -> None:
+        argv = self.argv(command, **ports)
+        argv[0] = str(Path(self.env["SPARK_HOME"]) / "bin" / "spark-class")
+        log = open(self.base / f"{name}.log", "w")
+        # Each in its own process group: killing a worker's group kills its executor and Python workers too.
+        self.processes[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                start_new_session=True, cwd=self.base)
+
+    def status(self) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.ui}/json/", timeout=5) as response:
+            return json.loads(response.read())
+
+    def wait_for_workers(self, n: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if self.status()["aliveworkers"] >= n:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        logs = "\n".join(p.read_text()[-2000:] for p in self.base.glob("*.log"))
+        raise RuntimeError(f"the Spark cluster did not come up with {n} workers:\n{logs}")
+
+    def kill(self, name: str) -> None:
+        os.killpg(self.processes[name].pid, signal.SIGKILL)
+        self.processes[name].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory, session_cache):
+    # The workers share the tests' embedding cache (warm from the other tests), which keeps
+    # this module's time to the cluster's own; on a real cluster each has its own.
+    cluster = Cluster(tmp_path_factory.mktemp("spark-cluster"), session_cache)
+    try:
+        cluster.start("master", MASTER)
+        for i, ui in enumerate(cluster.worker_uis):
+            cluster.start(f"worker-{i}", WORKER, ui=ui)
+        cluster.wait_for_workers(2)
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cluster-catalog") / "catalog.parquet"
+    read_catalog(CATALOG).select("anime_id", "synopsis", "genres", "studio", "episodes").write_parquet(path)
+    return path
+
+
+def anime_udf_command(cluster: Cluster, command: str, cwd: Path, *extra: str, **kw) -> subprocess.Popen:
+    """A README command run against the cluster, from ``cwd``, the driver on this machine."""
+    argv = [sys.executable, "-c", "from anime_udf.cli import cli; cli()", *cluster.argv(command)[1:], *extra]
+    return subprocess.Popen(argv, cwd=cwd, env={**cluster.env, "ANIME_UDF_CACHE": os.environ["ANIME_UDF_CACHE"]},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def finished(process: subprocess.Popen, timeout: float = 400) -> str:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, f"exit {process.returncode}:\n{err[-4000:]}\n{out[-2000:]}"
+    return out
+
+
+def duckdb_scores(catalog: Path, baseline: Path, fusion: Path) -> pl.DataFrame:
+    con = duckdb.connect()
+    anime_udf.register(con, baseline=baseline, fusion=fusion)
+    return con.sql(f"SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS baseline, "
+                   f"predict_score_fusion(synopsis, genres, studio, episodes) AS fusion "
+                   f"FROM read_parquet('{catalog}') ORDER BY anime_id").pl()
+
+
+def work_dir(tmp_path: Path, catalog: Path, baseline: Path, fusion: Path) -> Path:
+    """The README's layout: catalog.parquet and a models directory in the working directory."""
+    shutil.copy(catalog, tmp_path / "catalog.parquet")
+    (tmp_path / "models").mkdir(exist_ok=True)
+    for bundle in (baseline, fusion):
+        if not (tmp_path / "models" / bundle.name).exists():
+            shutil.copytree(bundle, tmp_path / "models" / bundle.name)
+    return tmp_path
+
+
+def test_readme_runs_these_cluster_commands():
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Running on a cluster"):]
+    for command in (MASTER, *(WORKER.format(ui=ui) for ui in WORKER_UI_PORTS), SCORE, RESCORE):
+        assert command in section, command
+
+
+def test_score_on_a_standalone_cluster_equals_duckdb(cluster, catalog, tmp_path, baseline_bundle, fusion_bundle):
+    cwd = work_dir(tmp_path, catalog, baseline_bundle, fusion_bundle)
+    out = finished(anime_udf_command(cluster, SCORE, cwd, "--models", "models"))
+    assert "scored 400 rows with predict_score, predict_score_fusion on Spark" in out
+    spark = pl.read_parquet(str(cwd / "scored" / "*.parquet")).sort("anime_id")
+    expected = duckdb_scores(catalog, baseline_bundle, fusion_bundle)
+    assert spark["anime_id"].to_list() == expected["anime_id"].to_list()
+    for column, name in (("baseline", "predict_score"), ("fusion", "predict_score_fusion")):
+        np.testing.assert_allclose(spark[name].to_numpy(), expected[column].to_numpy(), rtol=0, atol=1e-5)
+    assert cluster.status()["completedapps"]  # the job ran on the cluster's executors
+
+
+def stored_vs_duckdb(store: Path, catalog: Path, tmp_path: Path, baseline: Path, fusion: Path):
+    scores = pl.read_parquet(str(current_snapshot(store) / "scores" / "*.parquet"))
+    duck = rescore(catalog, tmp_path / "duck.duckdb", models=[str(baseline), str(fusion)])
+    con = duckdb.connect(str(tmp_path / "duck.duckdb"), read_only=True)
+    expected = con.sql("SELECT key, model_kind, input_hash, score FROM rescore_scores").pl()
+    con.close()
+    return scores, expected, duck
+
+
+def python_workers_running(cluster: Cluster, worker: str) -> bool:
+    """Whether the worker's process group runs PySpark Python workers (tasks with Python UDFs)."""
+    group = cluster.processes[worker].pid
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and os.getpgid(int(proc.name)) == group and \
+                    re.search(rb"pyspark\.(daemon|worker)", (proc / "cmdline").read_bytes()):
+                return True
+        except (OSError, ProcessLookupError):
+            continue
+    return False
+
+
+def test_rescore_on_a_cluster_losing_a_worker_mid_job_finishes_and_equals_duckdb(
+        cluster, catalog, tmp_path, baseline_bundle, fusion_bundle):
+    """Last in this module: the cluster has one worker afterwards. (One job for both checks:
+    each cluster job costs tens of seconds of executor and Python worker start-up.)"""
+    cwd = work_dir(tmp_path, catalog, baseline_bundle, fusion_bundle)
+    job = anime_udf_command(cluster, RESCORE, cwd, "--models", "models", "--json")
+    victim = "worker-1"
+    deadline = time.monotonic() + 180
+    while not python_workers_running(cluster, victim):
+        assert job.poll() is None, "the job finished before the worker ran a task: " + (job.communicate()[1][-2000:])
+        assert time.monotonic() < deadline, "no task reached the worker"
+        time.sleep(0.2)
+    cluster.kill(victim)  # its JVM, its executor and the executor's Python workers
+    report = json.loads(finished(job))
+    assert cluster.status()["aliveworkers"] == 1
+    assert [(m["model_kind"], m["rows_scored"]) for m in report["models"]] == [("baseline", 400), ("fusion", 400)]
+    scores, expected, duck = stored_vs_duckdb(cwd / "scores", catalog, tmp_path, baseline_bundle, fusion_bundle)
+    assert scores.height == 800 and scores.select("key", "model_kind").n_unique() == 800  # every row once
+    assert report["catalog_fingerprint"] == duck.catalog_fingerprint
+    joined = scores.join(expected, on=["key", "model_kind"], suffix="_duckdb")
+    assert joined.height == expected.height == 800
+    assert (joined["input_hash"] == joined["input_hash_duckdb"]).all()
+    np.testing.assert_allclose(joined["score"].to_numpy(), joined["score_duckdb"].to_numpy(), rtol=0, atol=1e-5)
