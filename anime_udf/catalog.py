@@ -88,6 +88,11 @@ def read_table(ref: DatabaseTable) -> pl.DataFrame:
         con.close()
 
 
+def catalog_label(source: Any) -> str:
+    """How messages name a catalog: its path or table, else its type (a data frame)."""
+    return str(source) if isinstance(source, (str, Path, DatabaseTable)) else type(source).__name__
+
+
 def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scores: bool = False,
                  name: str | None = None) -> pl.DataFrame:
     """Read ``source`` and return it with the input columns in canonical types.
@@ -97,7 +102,7 @@ def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scor
     ``require_score`` checks every score is in range; ``allow_missing_scores`` lets
     NULL scores through (evaluation skips and counts them).
     """
-    label = name or (str(source) if isinstance(source, (str, Path, DatabaseTable)) else type(source).__name__)
+    label = name or catalog_label(source)
     df = _to_polars(source, label)
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
     if require_score and SCORE_COLUMN not in df.columns:

@@ -527,12 +527,12 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
 
     if engine == "spark" and export is not None:
         raise click.BadParameter("a Spark store is Parquet already: read its current snapshot "
-                                 "(anime_udf.spark_rescore.current_snapshot)", param_hint="--export")
+                                 "(anime_udf.rescore.on_spark.current_snapshot)", param_hint="--export")
     require_file(catalog, "--catalog", engine)
     try:
         if engine == "spark":
             from anime_udf.spark import owned_session
-            from anime_udf.spark_rescore import rescore_spark
+            from anime_udf.rescore.on_spark import rescore_spark
 
             with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
                 report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models, key=key,

@@ -223,18 +223,31 @@ def canonical_inputs(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Ar
                                          names=list(INPUT_COLUMNS))
 
 
-def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
-    """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
-    types (the other columns as they are), spread over at least as many partitions as
-    Spark runs tasks at once."""
+def read_parquet(spark: SparkSession, data: str, key: str | None = None) -> DataFrame:
+    """A Parquet file, directory or glob that has the input columns (and the ``key`` column,
+    where one is given); a CatalogError names what is missing."""
     try:
         df = spark.read.parquet(spark_path(data))
     except SPARK_ERRORS as exc:
         raise CatalogError(f"{data}: cannot read Parquet: {job_error(exc)}") from exc
-    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    missing = [c for c in ((key,) if key else ()) + INPUT_COLUMNS if c not in df.columns]
     if missing:
-        raise CatalogError(f"{data}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)})")
-    label = f"{data} (row numbers count within one Spark batch)"
+        hint = "; pass --key COLUMN" if key in missing else ""
+        raise CatalogError(f"{data}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}){hint}")
+    return df
+
+
+def batch_label(data: str) -> str:
+    """How errors from a worker name the catalog: read_catalog's row numbers are the batch's."""
+    return f"{data} (row numbers count within one Spark batch)"
+
+
+def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
+    """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
+    types (the other columns as they are), spread over at least as many partitions as
+    Spark runs tasks at once."""
+    df = read_parquet(spark, data)
+    label = batch_label(data)
 
     def canonical(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
         return canonical_inputs(batches, label)

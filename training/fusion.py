@@ -40,7 +40,6 @@ from anime_udf.devices import resolve_device
 from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
 from anime_udf.features import clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
-from anime_udf.lexical import LexicalSettings
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path, load_encoder,
@@ -48,7 +47,7 @@ from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_enc
 from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_ensemble, refit_ensemble,
                              seed_everything, select_epochs, training_record)
 from training.fine_tune import Checkpoint, fine_tune
-from training.lexical import fit_lexical, out_of_fold
+from training.lexical import LexicalSettings, fit_lexical, out_of_fold
 
 PARTS = ("fit", "valid", "refit")  # the selection run's rows, its validation rows, the final model's rows
 
