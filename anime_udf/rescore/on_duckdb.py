@@ -47,7 +47,7 @@ from anime_udf.rescore.bundles import ModelChoice, resolve_models
 from anime_udf.rescore.report import RunReport, dry_run_report, run_report
 from anime_udf.rescore.run import RescoreError, Run, pause
 from anime_udf.rescore.sql import catalog_fingerprint, guard_words, refuse_shrink, run_records, set_variable
-from anime_udf.rescore.sql import run_section as _run  # by this name, so a test can make one section fail
+from anime_udf.rescore.sql import run_section as _run  # the run's one way to run a section: a test makes COMMIT fail
 from anime_udf.rescore.sql import sql_sections, start
 from anime_udf.rescore.store import attach, detach, in_store, lock_path, note_unfinished, store_for_planning
 from anime_udf.rescore.store import store_lock
