@@ -12,7 +12,6 @@ at most 3x scoring; cold, at most 1.2x. Last, the mean |part| of each group over
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -23,6 +22,7 @@ import duckdb
 from anime_udf.catalog import read_catalog
 from anime_udf.explain import GROUPS
 from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, register
+from scoring_benchmark import bundle_arguments  # a sibling script: benchmarks/ is on sys.path
 
 
 def timed(bundle: Path, kind: str, data: Path, where: str | None, function: str,
@@ -43,13 +43,7 @@ def timed(bundle: Path, kind: str, data: Path, where: str | None, function: str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--where", help="SQL filter on the catalog")
-    parser.add_argument("--baseline", type=Path)
-    parser.add_argument("--fusion", type=Path)
-    args = parser.parse_args()
-    bundles = {kind: path for kind, path in (("baseline", args.baseline), ("fusion", args.fusion)) if path}
+    args, bundles = bundle_arguments(__doc__.splitlines()[0])
     for kind, bundle in bundles.items():
         functions = (FUNCTION_NAMES[kind], EXPLAIN_NAMES[kind])
         with tempfile.TemporaryDirectory() as root:

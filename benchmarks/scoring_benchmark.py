@@ -80,14 +80,20 @@ def ensemble_cost(bundle: Path, kind: str, data: Path, where: str | None) -> Non
     print(f"{kind} warm, " + ", ".join(f"{k}: {df.height / s:9.1f} rows/s" for k, s in timings.items()))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bundle_arguments(description: str) -> tuple[argparse.Namespace, dict[str, Path]]:
+    """The options of a benchmark over a catalog's rows and one or both bundles (also explain_benchmark's):
+    the arguments and {kind: bundle}."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--where", help="SQL filter on the catalog")
     parser.add_argument("--baseline", type=Path)
     parser.add_argument("--fusion", type=Path)
     args = parser.parse_args()
-    bundles = {kind: path for kind, path in (("baseline", args.baseline), ("fusion", args.fusion)) if path}
+    return args, {kind: path for kind, path in (("baseline", args.baseline), ("fusion", args.fusion)) if path}
+
+
+def main() -> None:
+    args, bundles = bundle_arguments(__doc__.splitlines()[0])
     for kind, bundle in bundles.items():
         with empty_cache():  # starts empty; the first run fills it
             report(f"{kind}, cold cache", *timed_scoring(bundle, kind, args.data, args.where))
