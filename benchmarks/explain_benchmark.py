@@ -22,7 +22,7 @@ import duckdb
 from anime_udf.catalog import read_catalog
 from anime_udf.explain import GROUPS
 from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, register
-from scoring_benchmark import bundle_arguments  # benchmarks/ is on the path: scripts run from there
+from scoring_benchmark import bundle_arguments  # a sibling script: benchmarks/ is on sys.path
 
 
 def timed(bundle: Path, kind: str, data: Path, where: str | None, function: str,

@@ -81,8 +81,8 @@ def ensemble_cost(bundle: Path, kind: str, data: Path, where: str | None) -> Non
 
 
 def bundle_arguments(description: str) -> tuple[argparse.Namespace, dict[str, Path]]:
-    """The options of a benchmark over a catalog's rows (--data, --where) and the bundles to
-    measure (--baseline, --fusion): the parsed options and {kind: bundle}."""
+    """The options of a benchmark over a catalog's rows and one or both bundles (also explain_benchmark's):
+    the arguments and {kind: bundle}."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--where", help="SQL filter on the catalog")

@@ -10,7 +10,6 @@ import shutil
 
 import duckdb
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +22,7 @@ from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 from anime_udf.models import BaselineNet, FusionHead
 from anime_udf.scoring import load_scorer
 from tests.conftest import HOLDOUT
+from tests.test_properties import register_batch, rows  # generated rows, NULLs and odd values
 
 HOLDOUT_ROWS = {c: list(v) for c, v in zip(("synopsis", "genres", "studio", "episodes"), zip(*duckdb.sql(
     f"SELECT synopsis, genres, studio, episodes FROM read_csv('{HOLDOUT}') LIMIT 30").fetchall()))}
@@ -76,24 +76,12 @@ def test_the_struct_has_the_documented_fields(con):
                         "lexical DOUBLE, unclamped DOUBLE, score DOUBLE)")
 
 
-synopses = st.one_of(st.none(), st.text(max_size=200), st.sampled_from(["", "   \n\t", "mecha war " * 400]))
-genre_names = st.sampled_from(["Action", " drama ", "SCI-FI", "Slice of Life", "nope", "", ",", "Ünïcode"])
-genres = st.one_of(st.none(), st.text(max_size=30), st.lists(genre_names, max_size=6).map(",".join))
-studios = st.one_of(st.none(), st.text(max_size=30), st.sampled_from(["Studio Kestrel", " studio kestrel ", ""]))
-episodes = st.one_of(st.none(), st.sampled_from([0.0, -1.0, 1e300, math.nan, math.inf, -math.inf]),
-                     st.integers(-10**9, 10**9).map(float))
-
-
 @settings(max_examples=8, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture])
-@given(batch=st.lists(st.tuples(synopses, genres, studios, episodes), min_size=40, max_size=40))
+@given(batch=st.lists(rows, min_size=40, max_size=40))
 def test_parts_add_up_to_the_score_on_generated_rows(con, batch):
     cur = con.cursor()
-    columns = list(zip(*batch))
-    cur.register("batch", pa.table({
-        "i": list(range(len(batch))), "synopsis": pa.array(columns[0], pa.string()),
-        "genres": pa.array(columns[1], pa.string()), "studio": pa.array(columns[2], pa.string()),
-        "episodes": pa.array(columns[3], pa.float64())}))
+    register_batch(cur, batch)
     for kind in GROUPS:
         parts, scores = explained(cur, kind, "batch")
         assert all(np.isfinite(v).all() for v in parts.values())

@@ -26,6 +26,15 @@ episodes = st.one_of(st.none(), st.sampled_from([0.0, -1.0, -1e300, 1e300, math.
 rows = st.tuples(synopses, genres, studios, episodes)
 
 
+def register_batch(cur: duckdb.DuckDBPyConnection, batch: list[tuple]) -> None:
+    """Generated rows as the table ``batch`` (``i`` keeps their order), with the functions' input types."""
+    columns = list(zip(*batch))
+    cur.register("batch", pa.table({
+        "i": list(range(len(batch))), "synopsis": pa.array(columns[0], pa.string()),
+        "genres": pa.array(columns[1], pa.string()), "studio": pa.array(columns[2], pa.string()),
+        "episodes": pa.array(columns[3], pa.float64())}))
+
+
 @pytest.fixture(scope="module")
 def con(baseline_bundle, fusion_bundle):
     con = duckdb.connect()
@@ -40,11 +49,7 @@ def con(baseline_bundle, fusion_bundle):
 def test_every_row_scores_in_range_and_as_it_does_alone(con, batch):
     batch[0] = (ONE_MEGABYTE, *batch[0][1:])
     cur = con.cursor()
-    columns = list(zip(*batch))
-    cur.register("batch", pa.table({
-        "i": list(range(len(batch))), "synopsis": pa.array(columns[0], pa.string()),
-        "genres": pa.array(columns[1], pa.string()), "studio": pa.array(columns[2], pa.string()),
-        "episodes": pa.array(columns[3], pa.float64())}))
+    register_batch(cur, batch)
     for fn in FUNCTIONS.values():
         scored = cur.sql(f"SELECT {fn}(synopsis, genres, studio, episodes) AS p, "
                          f"{fn}(synopsis, 'Action', NULL, episodes) AS with_constants FROM batch ORDER BY i").fetchall()
