@@ -88,6 +88,11 @@ def read_table(ref: DatabaseTable) -> pl.DataFrame:
         con.close()
 
 
+def catalog_label(source: Any) -> str:
+    """How messages name a catalog: its path or table, else its type (a data frame)."""
+    return str(source) if isinstance(source, (str, Path, DatabaseTable)) else type(source).__name__
+
+
 def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scores: bool = False,
                  name: str | None = None) -> pl.DataFrame:
     """Read ``source`` and return it with the input columns in canonical types.
@@ -97,7 +102,7 @@ def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scor
     ``require_score`` checks every score is in range; ``allow_missing_scores`` lets
     NULL scores through (evaluation skips and counts them).
     """
-    label = name or (str(source) if isinstance(source, (str, Path, DatabaseTable)) else type(source).__name__)
+    label = name or catalog_label(source)
     df = _to_polars(source, label)
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
     if require_score and SCORE_COLUMN not in df.columns:
@@ -198,18 +203,16 @@ def _check_scores(df: pl.DataFrame, label: str, allow_missing: bool) -> None:
         )
 
 
-def row_input_hash(synopsis: Any, genres: Any, studio: Any, episodes: Any) -> str:
-    """Content hash of one row's model inputs (NULLs included), stable across runs."""
-    payload = json.dumps([synopsis, genres, studio, episodes], ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
-
-
 def fingerprint(df: pl.DataFrame) -> str:
-    """Fingerprint of a catalog's model inputs and scores, recorded in bundles."""
+    """Fingerprint of a training catalog's model inputs and scores (NULLs included, row order
+    counts), recorded in bundles and compared by a resumed fine-tuning run. Not the rescoring's
+    input hash: that is sql/rescore.sql's ``rescore_input_hash``, which hashes the inputs as the
+    models see them."""
     digest = hashlib.sha256()
     columns = [c for c in (*INPUT_COLUMNS, SCORE_COLUMN) if c in df.columns]
     for row in df.select(columns).iter_rows():
-        digest.update(row_input_hash(*row[:4]).encode())
+        inputs = json.dumps(list(row[:4]), ensure_ascii=False, separators=(",", ":"))
+        digest.update(hashlib.sha256(inputs.encode("utf-8")).hexdigest().encode())
         if len(row) > 4:
             digest.update(repr(row[4]).encode())
     return "sha256:" + digest.hexdigest()[:16]

@@ -1,4 +1,4 @@
-"""The anime-udf command line: train · score · eval · explain · sql · models."""
+"""The anime-udf command line: train · score · eval · explain · sql · models · rescore · cache."""
 
 from __future__ import annotations
 
@@ -77,7 +77,7 @@ def scoring_options(f):
 
 def models_option(f):
     return click.option(
-        "--models", "models", type=click.Path(file_okay=False, path_type=Path), envvar=MODELS_ENV,
+        "--models", "models_dir", type=click.Path(file_okay=False, path_type=Path), envvar=MODELS_ENV,
         default="models", show_default=True, show_envvar=True, help="Directory of model bundles.",
     )(f)
 
@@ -151,7 +151,7 @@ def parse_table(value: str) -> tuple[str, Path | DatabaseTable]:
     return name, catalog_source(path)
 
 
-def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto", precision: str = "auto",
+def connect(models_dir: Path, model_paths: tuple[str, ...] = (), device: str = "auto", precision: str = "auto",
             *, require_models: bool = True, database: Path | None = None,
             read_only: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict]:
     """An in-process DuckDB (on ``database``, a DuckDB file, where given) with the scoring
@@ -162,8 +162,8 @@ def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto
 
     con = duckdb.connect(str(database), read_only=read_only) if database else duckdb.connect()
     try:
-        scorers = register(con, models=models, device=device, precision=precision,
-                           **chosen_bundles(model_paths, models))
+        scorers = register(con, models_dir=models_dir, device=device, precision=precision,
+                           **chosen_bundles(model_paths, models_dir))
     except NoModelsError:
         if require_models:
             raise
@@ -171,11 +171,11 @@ def connect(models: Path, model_paths: tuple[str, ...] = (), device: str = "auto
     return con, scorers
 
 
-def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models: Path):
+def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models_dir: Path):
     """``con.sql(query)``; a call of a scoring function with no bundle says which bundle is missing."""
     import duckdb
 
-    from anime_udf.registry import models_dir
+    from anime_udf.registry import resolve_models_dir
     from anime_udf.udf import FUNCTION_NAMES
 
     try:
@@ -188,16 +188,16 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models:
         for kind, name in FUNCTION_NAMES.items():
             if name not in scorers and f"name {name} does not exist" in str(exc):
                 raise click.ClickException(
-                    f"{name}: no {kind} bundle in {models_dir(models).resolve()} to register it; train one with "
+                    f"{name}: no {kind} bundle in {resolve_models_dir(models_dir).resolve()} to register it; train one with "
                     f"`anime-udf train {kind} --data CATALOG`, or pass --models DIR or --model BUNDLE") from None
         raise
 
 
-def chosen_bundles(model_paths: tuple[str, ...], models: Path) -> dict[str, Path]:
+def chosen_bundles(model_paths: tuple[str, ...], models_dir: Path) -> dict[str, Path]:
     """``--model`` names or paths as {kind: bundle}; none: register's default, the newest of each kind."""
     chosen = {}
     for name in model_paths:
-        path = get_model(name, models)
+        path = get_model(name, models_dir)
         chosen[read_manifest(path, verify=False)["kind"]] = path
     return chosen
 
@@ -242,7 +242,7 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 @click.option("--limit", default=50, show_default=True, help="Rows to print (without --out).")
 @models_option
 @scoring_options
-def sql(query, database, write, tables, model_paths, out, limit, models, device, precision):
+def sql(query, database, write, tables, model_paths, out, limit, models_dir, device, precision):
     """Run QUERY with predict_score / predict_score_fusion (each where the models directory has a
     bundle of its kind; a query that scores nothing needs none) and the macros of sql/metrics.sql
     and sql/report.sql available.
@@ -270,13 +270,13 @@ def sql(query, database, write, tables, model_paths, out, limit, models, device,
     if write and not database:
         raise click.BadParameter("--write opens the --db database for writing: pass --db FILE.duckdb",
                                  param_hint="--write")
-    con, scorers = connect(models, model_paths, device, precision, require_models=False, database=database,
+    con, scorers = connect(models_dir, model_paths, device, precision, require_models=False, database=database,
                            read_only=not write)
     with con:  # closed at the end: a --db database is free for the next process (or the next command)
         load_report_macros(con)
         for name, path in views:
             add_catalog(con, name, path)
-        result = run_query(con, query, scorers, models)
+        result = run_query(con, query, scorers, models_dir)
         df = result.pl() if result is not None else None
     if df is None:
         return
@@ -299,7 +299,7 @@ def sql(query, database, write, tables, model_paths, out, limit, models, device,
 @engine_options
 @models_option
 @scoring_options
-def score(data, out, model_paths, engine, master, ship, models, device, precision):
+def score(data, out, model_paths, engine, master, ship, models_dir, device, precision):
     """Score a whole catalog file with every registered model.
 
     \b
@@ -312,12 +312,12 @@ def score(data, out, model_paths, engine, master, ship, models, device, precisio
         from anime_udf.spark import owned_session, score_parquet
 
         with owned_session(master, progress=True) as spark:
-            n, functions = score_parquet(spark, str(data), out, models=models, device=device, precision=precision,
-                                         ship=ship, **chosen_bundles(model_paths, models))
+            n, functions = score_parquet(spark, str(data), out, models_dir=models_dir, device=device, precision=precision,
+                                         ship=ship, **chosen_bundles(model_paths, models_dir))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return
     check_out_suffix(out)
-    con, scorers = connect(models, model_paths, device, precision)
+    con, scorers = connect(models_dir, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
     calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
     file_format = "csv" if check_out_suffix(out) == ".csv" else "parquet"
@@ -353,7 +353,7 @@ def parse_where(where: str) -> str:
                    "input group) and the largest misses with their parts (opens offline).")
 @models_option
 @scoring_options
-def evaluate(data, model_paths, where, as_json, report, models, device, precision):
+def evaluate(data, model_paths, where, as_json, report, models_dir, device, precision):
     """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql), beside the
     reference of predicting the training mean (what a model must beat).
 
@@ -369,7 +369,7 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
     condition = parse_where(where) if where else "true"
     if report and report.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{report}: use an .html file name", param_hint="--report")
-    con, scorers = connect(models, model_paths, device, precision)
+    con, scorers = connect(models_dir, model_paths, device, precision)
     add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
     evaluation = build_predictions(con, "catalog", condition, scorers, explain=report is not None)
@@ -403,7 +403,7 @@ def evaluate(data, model_paths, where, as_json, report, models, device, precisio
 @click.option("--limit", default=20, show_default=True, help="Rows to print (without --out).")
 @models_option
 @scoring_options
-def explain(data, where, model_paths, out, limit, models, device, precision):
+def explain(data, where, model_paths, out, limit, models_dir, device, precision):
     """Why each selected row scores what it does: the exact Shapley parts of each model's score
     over its input groups (explain_score / explain_score_fusion in SQL).
 
@@ -424,7 +424,7 @@ def explain(data, where, model_paths, out, limit, models, device, precision):
     condition = parse_where(where) if where else "true"
     if out:
         check_out_suffix(out)
-    con, scorers = connect(models, model_paths, device, precision)
+    con, scorers = connect(models_dir, model_paths, device, precision)
     add_catalog(con, "catalog", data)
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
     columns = [row[0] for row in con.execute("DESCRIBE catalog").fetchall()]
@@ -448,7 +448,7 @@ def explain(data, where, model_paths, out, limit, models, device, precision):
 @cli.command(name="models")
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @models_option
-def list_models(as_json, models):
+def list_models(as_json, models_dir):
     """List the bundles in the models directory: kind, name, created-at, data, metrics.
 
     Every file's checksum is verified: a bundle that would fail to load is listed as broken."""
@@ -459,7 +459,7 @@ def list_models(as_json, models):
         return manifest
 
     rows = []
-    for b in list_bundles(models, verify=True):
+    for b in list_bundles(models_dir, verify=True):
         m = b.manifest or {}
         figures = {f"valid_{k}": field(m, "metrics", "valid", k) for k in ("mae", "rmse", "spearman")}
         rows.append({
@@ -472,7 +472,7 @@ def list_models(as_json, models):
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo(f"no bundles in {models}; train one with `anime-udf train baseline --data CATALOG`")
+        click.echo(f"no bundles in {models_dir}; train one with `anime-udf train baseline --data CATALOG`")
         return
     for r in rows:
         if r["error"]:
@@ -508,7 +508,7 @@ def list_models(as_json, models):
 @models_option
 @scoring_options
 def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, engine, master,
-            ship, models, device, precision):
+            ship, models_dir, device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -527,21 +527,21 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
 
     if engine == "spark" and export is not None:
         raise click.BadParameter("a Spark store is Parquet already: read its current snapshot "
-                                 "(anime_udf.spark_rescore.current_snapshot)", param_hint="--export")
+                                 "(anime_udf.rescore.on_spark.current_snapshot)", param_hint="--export")
     require_file(catalog, "--catalog", engine)
     try:
         if engine == "spark":
             from anime_udf.spark import owned_session
-            from anime_udf.spark_rescore import rescore_spark
+            from anime_udf.rescore.on_spark import rescore_spark
 
             with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
-                report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models, key=key,
+                report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
                                        dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
                                        precision=precision, ship=ship)
         else:
             from anime_udf.rescore import rescore as run_rescore
 
-            report = run_rescore(catalog, store, models=model_specs, models_dir=models, key=key, export=export,
+            report = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, export=export,
                                  dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
                                  device=device, precision=precision)
     except Exception as exc:

@@ -11,7 +11,7 @@ In ``profiles.yml`` (``pip install 'anime-udf[dbt]'``)::
           plugins:
             - module: anime_udf.dbt
               config:
-                models: models          # the models directory (default: $ANIME_UDF_MODELS, else ./models)
+                models: models          # the models directory, as --models DIR (default: $ANIME_UDF_MODELS, else ./models)
                 # baseline: models/baseline-...   fusion: models/fusion-...   (explicit bundles instead)
                 # device: auto          precision: auto   (as for anime_udf.register)
 

@@ -1,6 +1,6 @@
 """Tabular feature encoding and the NULL policy, shared by training and scoring.
 
-NULL policy (DESIGN.md): NULL synopsis -> empty text; NULL genres -> none; NULL,
+NULL policy (docs/DESIGN.md): NULL synopsis -> empty text; NULL genres -> none; NULL,
 empty or unseen studio -> the unknown studio (index 0); NULL, NaN or negative
 episodes -> missing (imputed with the training mean, with a flag); ±inf is missing too, and huge
 counts are capped. Genre names are

@@ -10,7 +10,6 @@ idf and ridge weights in safetensors. A test checks it against scikit-learn.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,14 +24,6 @@ TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more
 # them: Python's \w is exactly [\p{L}\p{N}_] on every character its Unicode database assigns
 # (tests/test_lexical.py checks them all), and polars lower-cases as str.lower does.
 WORD_RUNS = r"[\p{L}\p{N}_]{2,}"
-
-
-@dataclass(frozen=True)
-class LexicalSettings:
-    ngram_max: int = 2
-    min_df: int = 2
-    alpha: float = 1.0  # ridge
-    folds: int = 5  # out-of-fold scores for the rows the fusion head trains on
 
 
 def lower_tokens(texts: Sequence[Any]) -> pl.Series:

@@ -17,7 +17,7 @@ class UnknownModelError(AnimeUdfError, LookupError):
     """No bundle of that name or kind."""
 
 
-def models_dir(explicit: Path | str | None = None) -> Path:
+def resolve_models_dir(explicit: Path | str | None = None) -> Path:
     return Path(explicit or os.environ.get(MODELS_ENV) or "models")
 
 
@@ -39,7 +39,7 @@ class BundleInfo:
 def list_bundles(directory: Path | str | None = None, *, verify: bool = False) -> list[BundleInfo]:
     """Every bundle in the models directory, oldest first; broken ones carry their error
     (with ``verify``, a file that fails its checksum makes a bundle broken too)."""
-    root = models_dir(directory)
+    root = resolve_models_dir(directory)
     if not root.is_dir():
         return []
     recover_replaced(root)
@@ -57,14 +57,25 @@ def newest(kind: str, directory: Path | str | None = None) -> Path | None:
     return usable[-1].path if usable else None
 
 
+def newest_of_each_kind(directory: Path | str | None = None) -> list[Path]:
+    """The newest bundle of each kind present, in the order of KINDS."""
+    return [path for path in (newest(kind, directory) for kind in KINDS) if path is not None]
+
+
+def no_bundle_message(directory: Path | str | None = None, kind: str | None = None) -> str:
+    """What to say where the models directory has no bundle (of ``kind``) to use, and how to make one."""
+    return (f"no {f'{kind} bundle' if kind else 'model bundles'} in {resolve_models_dir(directory).resolve()}; "
+            f"train one with `anime-udf train {kind or 'baseline'} --data CATALOG`, or pass --models DIR")
+
+
 def get_model(name: str, directory: Path | str | None = None) -> Path:
     """A bundle by path, by directory name in the models directory, or by kind (its newest)."""
     path = Path(name)
-    for parent in {path.parent, models_dir(directory)}:
+    for parent in {path.parent, resolve_models_dir(directory)}:
         recover_replaced(parent)
     if path.is_dir():
         return path
-    candidate = models_dir(directory) / name
+    candidate = resolve_models_dir(directory) / name
     if candidate.is_dir():
         return candidate
     if name in KINDS:
@@ -73,5 +84,5 @@ def get_model(name: str, directory: Path | str | None = None) -> Path:
             return found
     known = ", ".join(b.path.name for b in list_bundles(directory)) or "none"
     raise UnknownModelError(
-        f"unknown model {name!r}: not a bundle directory, and not in {models_dir(directory)} (bundles there: {known})"
+        f"unknown model {name!r}: not a bundle directory, and not in {resolve_models_dir(directory)} (bundles there: {known})"
     )

@@ -1,6 +1,6 @@
 """The SQL functions on Apache Spark: the same scorer, in Spark's Arrow UDFs.
 
-``register(spark, models=DIR)`` registers ``predict_score`` and ``predict_score_fusion``
+``register(spark, models_dir=DIR)`` registers ``predict_score`` and ``predict_score_fusion``
 as Spark SQL functions (and returns them as column functions for the DataFrame API).
 Each is an iterator-form Arrow UDF (``pyspark.sql.functions.arrow_udf``, Spark >= 4.1):
 a Python worker loads a bundle once, with ``anime_udf.scoring.load_scorer`` as the
@@ -38,7 +38,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.udf import UserDefinedFunction
 
 from anime_udf.bundle import read_manifest
-from anime_udf.catalog import INPUT_COLUMNS, CatalogError, read_catalog
+from anime_udf.catalog import CatalogError, read_catalog
+from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
 from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, bundles_to_register
@@ -47,7 +48,8 @@ ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
 TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
 NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
-# The catalog columns as read_catalog makes them (the DuckDB functions' input types).
+# The input columns as read_catalog makes them (episodes an integer), for the rescoring's hash
+# on the workers; not the SQL functions' argument types (ARGUMENTS: episodes DOUBLE).
 CANONICAL_TYPES = {"synopsis": pa.string(), "genres": pa.string(), "studio": pa.string(), "episodes": pa.int64()}
 
 
@@ -181,7 +183,7 @@ def register(
     spark: SparkSession,
     baseline: Path | str | None = None,
     fusion: Path | str | None = None,
-    models: Path | str | None = None,
+    models_dir: Path | str | None = None,
     device: str = "auto",
     precision: str = "auto",
     ship: bool = False,
@@ -198,7 +200,7 @@ def register(
     run the text encoder (``auto``: a CUDA GPU when the executor has one), ``precision`` how
     (``auto``: bf16 where the executor's hardware has it), as for ``anime_udf.register``."""
     registered = {}
-    for path in bundles_to_register(baseline, fusion, models):
+    for path in bundles_to_register(baseline, fusion, models_dir):
         path = Path(path).resolve()
         kind = read_manifest(path)["kind"]  # verifies every file's checksum
         name = FUNCTION_NAMES[kind]
@@ -221,18 +223,31 @@ def canonical_inputs(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Ar
                                          names=list(INPUT_COLUMNS))
 
 
-def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
-    """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
-    types (the other columns as they are), spread over at least as many partitions as
-    Spark runs tasks at once."""
+def read_parquet(spark: SparkSession, data: str, key: str | None = None) -> DataFrame:
+    """A Parquet file, directory or glob that has the input columns (and the ``key`` column,
+    where one is given); a CatalogError names what is missing."""
     try:
         df = spark.read.parquet(spark_path(data))
     except SPARK_ERRORS as exc:
         raise CatalogError(f"{data}: cannot read Parquet: {job_error(exc)}") from exc
-    missing = [c for c in INPUT_COLUMNS if c not in df.columns]
+    missing = [c for c in ((key,) if key else ()) + INPUT_COLUMNS if c not in df.columns]
     if missing:
-        raise CatalogError(f"{data}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)})")
-    label = f"{data} (row numbers count within one Spark batch)"
+        hint = "; pass --key COLUMN" if key in missing else ""
+        raise CatalogError(f"{data}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}){hint}")
+    return df
+
+
+def batch_label(data: str) -> str:
+    """How errors from a worker name the catalog: read_catalog's row numbers are the batch's."""
+    return f"{data} (row numbers count within one Spark batch)"
+
+
+def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
+    """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
+    types (the other columns as they are), spread over at least as many partitions as
+    Spark runs tasks at once."""
+    df = read_parquet(spark, data)
+    label = batch_label(data)
 
     def canonical(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
         return canonical_inputs(batches, label)
@@ -286,13 +301,13 @@ def spark_path(path: str | Path) -> str:
     return path if re.match(r"[A-Za-z][\w+.-]*://", path) else os.path.abspath(path)
 
 
-def score_parquet(spark: SparkSession, data: str, out: Path, *, models: Path | str | None = None,
+def score_parquet(spark: SparkSession, data: str, out: Path, *, models_dir: Path | str | None = None,
                   device: str = "auto", precision: str = "auto", ship: bool = False,
                   **bundles: Path | str) -> tuple[int, list[str]]:
     """The catalog ``data`` plus one score column per model (named after its function),
-    written to the Parquet directory ``out``. ``bundles``, ``models`` and ``ship`` choose the
+    written to the Parquet directory ``out``. ``bundles``, ``models_dir`` and ``ship`` choose the
     models and how executors read them, as in ``register``. Returns (rows, function names)."""
-    functions = register(spark, **bundles, models=models, device=device, precision=precision, ship=ship)
+    functions = register(spark, **bundles, models_dir=models_dir, device=device, precision=precision, ship=ship)
     df = read_catalog_parquet(spark, data)
     scored = df.select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)

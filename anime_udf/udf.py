@@ -15,7 +15,7 @@ from anime_udf.bundle import read_manifest, text_encoder_dirs
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
-from anime_udf.registry import models_dir, newest
+from anime_udf.registry import newest_of_each_kind, no_bundle_message
 
 if TYPE_CHECKING:
     from anime_udf.scoring import Scorer
@@ -110,7 +110,7 @@ def register(
     con: duckdb.DuckDBPyConnection,
     baseline: Path | str | None = None,
     fusion: Path | str | None = None,
-    models: Path | str | None = None,
+    models_dir: Path | str | None = None,
     device: str = "auto",
     precision: str = "auto",
 ) -> dict[str, LazyScorer]:
@@ -118,14 +118,14 @@ def register(
     ``explain_score`` / ``explain_score_fusion`` (the score's parts, anime_udf.explain).
 
     Without explicit bundle paths, the newest bundle of each kind in the models
-    directory (``models``, ``$ANIME_UDF_MODELS`` or ``./models``) is used. ``device``
+    directory (``models_dir``, ``$ANIME_UDF_MODELS`` or ``./models``) is used. ``device``
     runs the text encoder: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``
     or ``cuda``. ``precision`` is the text encoder's: ``auto`` (bf16 on CUDA and on CPUs
     with native bf16, else fp32), ``fp32`` or ``bf16``. Bundles are checked now and
     loaded on their function's first call. Returns {scoring function name: scorer}.
     """
     registered = {}
-    for path in bundles_to_register(baseline, fusion, models):
+    for path in bundles_to_register(baseline, fusion, models_dir):
         scorer = LazyScorer(path, device, precision)
         registered[register_scorer(con, scorer)] = scorer
         register_scorer(con, scorer, explain=True)
@@ -133,15 +133,12 @@ def register(
 
 
 def bundles_to_register(baseline: Path | str | None, fusion: Path | str | None,
-                        models: Path | str | None) -> list[Path | str]:
+                        models_dir: Path | str | None) -> list[Path | str]:
     """The bundles a ``register`` (DuckDB's or Spark's) registers: those given, or without
     any, the newest of each kind in the models directory; none at all is an error."""
-    paths = [baseline, fusion] if baseline is not None or fusion is not None else [
-        newest(kind, models) for kind in FUNCTION_NAMES]
-    paths = [path for path in paths if path is not None]
+    if baseline is not None or fusion is not None:
+        return [path for path in (baseline, fusion) if path is not None]
+    paths = newest_of_each_kind(models_dir)
     if not paths:
-        raise NoModelsError(
-            f"no model bundles in {models_dir(models).resolve()}; train one with "
-            f"`anime-udf train baseline --data CATALOG`, or pass --models DIR"
-        )
+        raise NoModelsError(no_bundle_message(models_dir))
     return paths

@@ -8,7 +8,7 @@ written as Parquet). Every step runs in this process, on a store and an embeddin
 fresh temporary directory, so the first rescoring is truly cold:
 
 1. start-up     the SparkSession and a first one-row job (JVM, Python workers);
-2. cold         anime_udf.spark_rescore on an empty store with an empty cache: every synopsis
+2. cold         anime_udf.rescore.on_spark on an empty store with an empty cache: every synopsis
                 is encoded, both models score every row;
 3. warm         the same catalog again: nothing to score;
 4. 1% changed   1% of the synopses edited;
@@ -68,7 +68,7 @@ def main() -> None:
     import anime_udf
     from anime_udf import spark as spark_udf
     from anime_udf.catalog import read_catalog
-    from anime_udf.spark_rescore import rescore_spark
+    from anime_udf.rescore.on_spark import rescore_spark
 
     figures: dict = {"master": args.master, "rows": pl.scan_parquet(args.data).select(pl.len()).collect().item()}
     clock = time.perf_counter()

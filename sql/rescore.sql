@@ -1,7 +1,7 @@
 -- Nightly rescoring in DuckDB SQL: incremental (content-hashed inputs), crash-safe
 -- (one transaction per run) and recorded (one run record per model and run).
 --
--- `anime-udf rescore` runs the sections of this file itself (anime_udf/rescore.py),
+-- `anime-udf rescore` runs the sections of this file itself (anime_udf/rescore/),
 -- scoring the `score` step in Python with a progress bar; everything else, the hash
 -- included, is this SQL, so the command and a scheduler running this file agree.
 --
@@ -40,7 +40,7 @@
 
 -- @section macros
 -- Inputs as the models see them: blank text is the same missing value as NULL, and
--- negative or NaN episodes are missing (DESIGN.md, NULL policy). Two rows hash alike
+-- negative or NaN episodes are missing (docs/DESIGN.md, "NULL policy"). Two rows hash alike
 -- only if the models cannot tell them apart.
 CREATE OR REPLACE TEMP MACRO rescore_text(x) AS
     CASE WHEN x IS NULL OR regexp_full_match(CAST(x AS VARCHAR), '[\s\p{Z}]*') THEN NULL
@@ -152,15 +152,18 @@ INSERT INTO rescore_models
 VALUES (getvariable('rescore_model_id'), getvariable('rescore_model_kind'), getvariable('rescore_bundle'));
 
 
--- @section plan
--- The catalog with its input hashes; the rows each model must score: new keys, and
--- keys whose inputs changed since that model scored them.
+-- @section input
+-- The catalog with its input hashes.
 CREATE OR REPLACE TEMP TABLE rescore_input AS
 SELECT CAST(key AS VARCHAR) AS key, key AS catalog_key, synopsis, genres, studio, episodes,
        rescore_input_hash(synopsis, genres, studio, episodes) AS input_hash,
        rescore_imputed(synopsis, genres, studio, episodes) AS imputed
 FROM rescore_catalog;
 
+
+-- @section checks
+-- Every row has a key, no key occurs twice, and the store is keyed by the same column. Reads
+-- only rescore_input and rescore_meta: the Spark rescoring runs it over its Parquet files.
 SELECT error('rescore: the catalog key ' || getvariable('rescore_key_column') || ' is NULL in '
              || count(*) || ' row(s); every row needs a key')
 FROM rescore_input WHERE key IS NULL HAVING count(*) > 0;
@@ -173,7 +176,10 @@ SELECT error('rescore: this store keys its rows by ' || value || ', not by '
              || getvariable('rescore_key_column') || '; use --key ' || value || ' or another store')
 FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_key_column');
 
--- (keys and hashes only: the inputs stay in rescore_input, read again when scoring)
+
+-- @section plan
+-- The rows each model must score: new keys, and keys whose inputs changed since that model
+-- scored them (keys and hashes only: the inputs stay in rescore_input, read again when scoring).
 CREATE OR REPLACE TEMP TABLE rescore_todo AS
 SELECT m.model_id, i.key, i.input_hash, i.imputed
 FROM rescore_models m
@@ -190,7 +196,7 @@ CREATE OR REPLACE TEMP TABLE rescore_new (
 
 -- @section fingerprint
 -- One hash of every key and its input hash (the macros above). Sections counts and record
--- read only the tables they name: the Spark rescoring (anime_udf/spark_rescore.py) runs
+-- read only the tables they name: the Spark rescoring (anime_udf/rescore/on_spark.py) runs
 -- them over its snapshot's Parquet files, and computes the fingerprint's sum on Spark.
 SET VARIABLE rescore_catalog_fingerprint = (
     SELECT rescore_fingerprint(count(*), coalesce(sum(rescore_row_digest(key, input_hash)), 0))

@@ -15,7 +15,8 @@ from anime_udf.scoring import load_scorer
 from anime_udf.text import weights_checksum
 from tests.conftest import CATALOG, HOLDOUT
 from training.common import load_split
-from training.fusion import Checkpoint, FusionSettings, ResumeError, train_fusion
+from training.fine_tune import Checkpoint, ResumeError
+from training.fusion import FusionSettings, train_fusion
 
 INPUTS = ("synopsis", "genres", "studio", "episodes")
 

@@ -18,11 +18,10 @@ import anime_udf
 from anime_udf.bundle import BundleError, file_sha256, read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.features import clean_text
-from anime_udf.lexical import (TOKEN_PATTERN, VOCABULARY_FILE, WEIGHTS_FILE, LexicalModel, LexicalSettings,
-                                lower_tokens)
+from anime_udf.lexical import TOKEN_PATTERN, VOCABULARY_FILE, WEIGHTS_FILE, LexicalModel, lower_tokens
 from anime_udf.scoring import load_scorer
 from tests.conftest import CATALOG, HOLDOUT
-from training.lexical import fit_lexical, out_of_fold
+from training.lexical import LexicalSettings, fit_lexical, out_of_fold
 
 INPUTS = ("synopsis", "genres", "studio", "episodes")
 ODD_TEXTS = [None, "", "   ", "Ünïcode ÄCTION café — naïve ½ 東京 mecha!", "a b c", "war war war war. WAR"]

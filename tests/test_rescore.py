@@ -21,7 +21,7 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from anime_udf import rescore as rs
+from anime_udf.rescore import on_duckdb as rs
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.sqlutil import sql_path

@@ -27,7 +27,7 @@ from anime_udf.catalog import read_catalog  # noqa: E402
 from anime_udf.cli import cli  # noqa: E402
 from anime_udf.explain import fields as fields_of  # noqa: E402
 from anime_udf.rescore import RescoreError, rescore  # noqa: E402
-from anime_udf.spark_rescore import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
+from anime_udf.rescore.on_spark import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
 from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
 
 CALLS = {name: f"{name}(synopsis, genres, studio, episodes)" for name in ("predict_score", "predict_score_fusion")}

@@ -30,7 +30,7 @@ if shutil.which("java") is None:
 import anime_udf  # noqa: E402
 from anime_udf.catalog import read_catalog  # noqa: E402
 from anime_udf.rescore import rescore  # noqa: E402
-from anime_udf.spark_rescore import current_snapshot  # noqa: E402
+from anime_udf.rescore.on_spark import current_snapshot  # noqa: E402
 from tests.conftest import CATALOG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

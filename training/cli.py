@@ -31,8 +31,8 @@ def progress_bars() -> bool:
     return sys.stderr.isatty()
 
 
-def default_out(models: Path, kind: str) -> Path:
-    return models / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+def default_out(models_dir: Path, kind: str) -> Path:
+    return models_dir / f"{kind}-{dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
 
 
 def data_options(valid_fraction: float, seeds: int):
@@ -98,7 +98,7 @@ def train():
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
-def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, epochs,
+def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, epochs,
              batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
@@ -111,7 +111,7 @@ def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed,
     from training.common import load_split
 
     split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=BASELINE_VALID_FRACTION)
-    out = out or default_out(models, "baseline")
+    out = out or default_out(models_dir, "baseline")
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
                                 device=device, precision=precision)
     report(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo), out)
@@ -141,7 +141,7 @@ def baseline(models, out, force, data, valid, valid_where, valid_fraction, seed,
 @click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Fine-tuning batch size.")
 @click.option("--checkpoint-every", type=POSITIVE, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
-def fusion(models, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, backbone,
+def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, backbone,
            pooling, max_length, epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
     """Transformer text + genres, studio, episodes + the synopsis's words (the fusion model).
 
@@ -153,12 +153,13 @@ def fusion(models, out, force, data, valid, valid_where, valid_fraction, seed, r
     epoch, Ctrl-C saves a checkpoint, and --resume continues.
     """
     from training.common import load_split
-    from training.fusion import Checkpoint, FusionSettings, ResumeError, train_fusion
+    from training.fine_tune import Checkpoint, ResumeError
+    from training.fusion import FusionSettings, train_fusion
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
     split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=FUSION_VALID_FRACTION)
-    out = out or default_out(models, "fusion")
+    out = out or default_out(models_dir, "fusion")
     settings = FusionSettings(
         backbone=str(backbone.resolve()) if backbone else "", pooling=pooling, max_length=max_length,
         epochs=epochs, head_epochs=head_epochs, lr_encoder=lr_encoder, layer_decay=layer_decay, lr_head=lr_head,

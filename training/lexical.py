@@ -7,6 +7,7 @@ ridge over ~80k n-grams nearly memorises its training targets).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -14,7 +15,18 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import Ridge
 from sklearn.model_selection import KFold
 
-from anime_udf.lexical import TOKEN_PATTERN, LexicalModel, LexicalSettings
+from anime_udf.lexical import TOKEN_PATTERN, LexicalModel
+
+
+@dataclass(frozen=True)
+class LexicalSettings:
+    """How the lexical view is fitted (recorded in the manifest's ``lexical``; scoring reads
+    only ``ngram_max``)."""
+
+    ngram_max: int = 2
+    min_df: int = 2
+    alpha: float = 1.0  # ridge
+    folds: int = 5  # out-of-fold scores for the rows the fusion head trains on
 
 
 def fit_lexical(texts: Sequence[str], y: np.ndarray, settings: LexicalSettings) -> LexicalModel:

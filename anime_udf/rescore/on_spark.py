@@ -1,6 +1,6 @@
 """Nightly rescoring on Spark: the DuckDB rescoring's semantics over a Parquet store.
 
-``rescore_spark(spark, catalog, store)`` does what ``anime_udf.rescore.rescore`` does
+``rescore_spark(spark, catalog, store)`` does what ``rescore`` (anime_udf/rescore/on_duckdb.py) does
 (only new and changed rows are scored, keys gone from the catalog drop out, a run
 record with counts and drift is appended) for catalogs that need a cluster. The row
 work runs on Spark; the definitions are those of ``sql/rescore.sql``:
@@ -10,10 +10,14 @@ work runs on Spark; the definitions are those of ``sql/rescore.sql``:
   both engines;
 - the catalog fingerprint is that file's order-independent aggregate, summed on the
   executors: the driver receives one row;
-- the counts and the run record (score distribution and its shift against the previous
-  run) are that file's ``counts`` and ``record`` sections, run by DuckDB on the driver
-  over the Parquet files Spark wrote (keys, input hashes and scores only: no synopsis
-  reaches the driver).
+- the key checks, the counts and the run record (score distribution and its shift against
+  the previous run) are that file's ``checks``, ``counts`` and ``record`` sections, run by
+  DuckDB on the driver over the Parquet files Spark wrote (keys, input hashes and scores
+  only: no synopsis reaches the driver).
+
+A run's phases: *plan* (hash the catalog on the executors, check it, list the rows to
+score, count), *score* (the new snapshot: the rows kept and the rows scored), *record*
+(check the snapshot, append the run record), *publish*.
 
 The store is a directory::
 
@@ -30,7 +34,7 @@ replacing ``CURRENT`` (a rename): a run killed at any point leaves the previous
 snapshot published, complete and readable, and the next run does the work. Readers
 open ``current_snapshot(store)``; the snapshot before it is kept, so a reader who
 resolved ``CURRENT`` just before a switch can finish. The test hook of
-``anime_udf.rescore`` applies: ``ANIME_UDF_RESCORE_PAUSE_AT=commit`` pauses a run after
+anime_udf/rescore/run.py applies: ``ANIME_UDF_RESCORE_PAUSE_AT=commit`` pauses a run after
 its snapshot is written, before it is published.
 """
 
@@ -39,9 +43,7 @@ from __future__ import annotations
 import json
 import math
 import re
-import secrets
 import shutil
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext, suppress
 from pathlib import Path
@@ -54,12 +56,17 @@ import pyarrow.parquet as pq
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from anime_udf.catalog import INPUT_COLUMNS, read_catalog
+from anime_udf.catalog import read_catalog
+from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.files import atomic_file
-from anime_udf.rescore import (DEFAULT_KEY, SCHEMA_VERSION, RescoreError, RunReport, _add_models,
-                               _dry_run_report, _now, _pause, _refuse_shrink, _run, _set_run, resolve_models,
-                               run_report, sql_sections, store_lock)
-from anime_udf.spark import CANONICAL_TYPES, SPARK_ERRORS, job_error, scoring_udf, ship_bundle, spark_path
+from anime_udf.rescore.bundles import ModelChoice, resolve_models
+from anime_udf.rescore.report import RunReport, dry_run_report, run_report
+from anime_udf.rescore.run import RescoreError, Run, pause
+from anime_udf.rescore.sql import (SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
+                                   run_section, sql_sections, start)
+from anime_udf.rescore.store import store_lock
+from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet, scoring_udf,
+                             ship_bundle)
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
 
@@ -81,6 +88,8 @@ SCORES_SCHEMA = ("key string, model_id string, model_kind string, input_hash str
 SCORES_COLUMNS = [column.split()[0] for column in SCORES_SCHEMA.split(", ")]
 # Rows a scoring task takes at most (more tasks than cores where the work is large).
 TASK_ROWS = 50_000
+# What a failed run says: the published snapshot is the previous run's.
+NOT_PUBLISHED = "rescore failed, nothing was published"
 # A snapshot's name in CURRENT: a run id (20261129T210000Z-a1b2c3), never a path.
 SNAPSHOT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -164,108 +173,74 @@ def rescore_spark(
     ship: bool = False,
 ) -> RunReport:
     """Rescore the Parquet ``catalog`` (a file, directory or glob) into the Spark store
-    ``store`` (a directory). The options are those of ``anime_udf.rescore.rescore``;
+    ``store`` (a directory). The options are those of ``rescore`` (on_duckdb.py);
     ``device`` and ``precision`` are the workers' text encoder's; ``ship`` sends the bundles
-    to the executors (``anime_udf.spark.register``'s). Raises RescoreError with the
-    published snapshot unchanged. Returns the run's report."""
-    started = _now()
-    clock = time.perf_counter()
+    to the executors (``anime_udf.spark.register``'s). Raises RescoreError (CatalogError for
+    an unreadable catalog) with the published snapshot unchanged. Returns the run's report."""
     store = Path(store).absolute()  # Spark resolves relative paths against its own start directory
+    run = Run(store, catalog, key)
     if store.exists() and not store.is_dir():
         raise RescoreError(f"{store}: is a file; a Spark store is a directory (a DuckDB store needs --engine duckdb)")
     if Path(catalog).resolve().is_relative_to(store.resolve()):
         raise RescoreError(f"--catalog {catalog} is inside --store {store}; keep the catalog outside the store")
     choices = resolve_models(models, models_dir)
-    run_id = started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
     if not dry_run:
         try:
             (store / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise RescoreError(f"{store}: cannot create the store directory: {exc.strerror or exc}") from exc
-    work = (store.parent / f".{store.name}.dry-run-{run_id}") if dry_run else store / SNAPSHOTS / run_id
+    work = (store.parent / f".{store.name}.dry-run-{run.id}") if dry_run else store / SNAPSHOTS / run.id
     con = duckdb.connect()
     published = False
     try:
-        with nullcontext() if dry_run else store_lock(store, wait, run_id):
+        with nullcontext() if dry_run else store_lock(store, wait, run.id):
             previous = current_snapshot(store)
-            _check_meta(previous, key)
-            inputs = _hashed_catalog(spark, catalog, key).persist()
+            meta = read_meta(previous)
+            inputs = hashed_catalog(spark, catalog, key).persist()
             try:
-                _check_keys(inputs, key)
-                old = _stored_scores(spark, previous)
-                chosen = spark.createDataFrame([(c.model_id, c.kind) for c in choices], "model_id string, model_kind string")
-                todo = (inputs.crossJoin(F.broadcast(chosen))
-                        .join(old.select("model_id", "key", F.col("input_hash").alias("stored_hash")),
-                              ["model_id", "key"], "left")
-                        .where(~F.col("stored_hash").eqNullSafe(F.col("input_hash"))).drop("stored_hash"))
-                _write(inputs.select("key", "input_hash", "imputed"), work / "plan" / "input")
-                _write(todo.select("model_id", "key"), work / "plan" / "todo")
-                _plan(con, choices, previous, work, run_id, started, key, catalog)
-                _set_fingerprint(con, inputs)
-                if not allow_shrink:
-                    _refuse_shrink(con, catalog, store)
-                _run(con, "counts")
+                old = stored_scores(spark, previous)
+                todo = plan(spark, con, run, choices, inputs, old, previous, meta, work, allow_shrink)
                 if dry_run:
-                    return _dry_run_report(con, run_id, store, catalog, key, started, clock)
-                to_score = dict(con.execute("SELECT model_id, rows_scored FROM rescore_counts").fetchall())
-                kept = (old.join(inputs.select("key"), "key", "left_semi")  # keys gone from the catalog drop out
-                        .where(~F.col("model_kind").isin([c.kind for c in choices])  # an older bundle's rows go
-                               | F.col("model_id").isin([c.model_id for c in choices]))
-                        .join(todo.select("model_id", "key"), ["model_id", "key"], "left_anti"))
-                scored = [_score(spark, todo, c, to_score[c.model_id], run_id, device, precision, ship)
-                          for c in choices if to_score[c.model_id]]
-                snapshot = kept.select(SCORES_COLUMNS)
-                for part in scored:
-                    snapshot = snapshot.unionByName(part)
-                _write(snapshot, work / "scores")
+                    return dry_run_report(con, run)
+                score(spark, con, run, choices, inputs, old, todo, work, device, precision, ship)
             finally:
                 inputs.unpersist()
-            records = _record(con, work, run_id)
-            shutil.rmtree(work / "plan")
-            with atomic_file(work / META_FILE) as tmp:
-                tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "key_column": key}))
-            _pause("commit")
-            with atomic_file(store / CURRENT) as tmp:  # the switch: one rename
-                tmp.write_text(run_id + "\n")
+            records = record(con, work, run.id)
+            publish(store, work, run.id, key)
             published = True
-            _prune(store, keep={run_id, previous.name if previous else run_id})
-            return run_report(records, run_id, store, catalog, key, started, clock)
-    except duckdb.Error as exc:
-        message = str(exc).split("rescore: ", 1)[-1]  # a guard of sql/rescore.sql: its own words suffice
-        raise RescoreError(f"rescore failed, nothing was published: {message}") from exc
+            prune(store, keep={run.id, previous.name if previous else run.id})
+            return run_report(run, records)
+    except (duckdb.Error, *SPARK_ERRORS) as exc:
+        words = guard_words(exc) if isinstance(exc, duckdb.Error) else job_error(exc)
+        raise RescoreError(f"{NOT_PUBLISHED}: {words}") from exc
     finally:
         con.close()
         if not published:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _check_meta(snapshot: Path | None, key: str) -> None:
+def read_meta(snapshot: Path | None) -> dict[str, Any] | None:
+    """The published snapshot's meta.json, of this schema; None before the store's first run."""
     if snapshot is None:
-        return
+        return None
+    path = snapshot / META_FILE
     try:
-        meta = json.loads((snapshot / META_FILE).read_text())
+        meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RescoreError(f"{snapshot / META_FILE}: cannot read it ({exc}); the published snapshot is damaged") \
-            from None
-    meta = meta if isinstance(meta, dict) else {}
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise RescoreError(f"{snapshot}: rescore schema version {meta.get('schema_version')}; this anime-udf "
-                           f"writes version {SCHEMA_VERSION}")
-    if meta.get("key_column") != key:
-        raise RescoreError(f"this store keys its rows by {meta.get('key_column')}, not by {key}; "
-                           f"use --key {meta.get('key_column')} or another store")
-
-
-def _hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
+        raise RescoreError(f"{path}: cannot read it ({exc}); the published snapshot is damaged") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("key_column"), str):
+        raise RescoreError(f"{path}: names no key column; the published snapshot is damaged")
     try:
-        df = spark.read.parquet(spark_path(catalog))
-    except SPARK_ERRORS as exc:
-        raise RescoreError(f"{catalog}: cannot read Parquet: {job_error(exc)}") from exc
-    missing = [c for c in (key, *INPUT_COLUMNS) if c not in df.columns]
-    if missing:
-        hint = "; pass --key COLUMN" if key in missing else ""
-        raise RescoreError(f"{catalog}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns)}){hint}")
-    label = f"{catalog} (row numbers count within one Spark batch)"
+        check_schema_version(str(meta.get("schema_version")))  # a missing version is not this one either
+    except RescoreError as exc:
+        raise RescoreError(f"{snapshot}: {exc}") from None
+    return meta
+
+
+def hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
+    """The catalog's keys and inputs with their hashes (INPUT_FIELDS), computed on the executors."""
+    df = read_parquet(spark, catalog, key)
+    label = batch_label(catalog)
 
     def hashed(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
         return hashed_inputs(batches, label)
@@ -274,78 +249,74 @@ def _hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
     return df.select(row.alias("row")).select("row.*")
 
 
-def _check_keys(inputs: DataFrame, key: str) -> None:
-    """Every row has a key, and no key occurs twice (sql/rescore.sql's plan checks)."""
-    try:
-        nulls = inputs.where(F.col("key").isNull()).count()
-        if nulls:
-            raise RescoreError(f"the catalog key {key} is NULL in {nulls} row(s); every row needs a key")
-        dup = (inputs.groupBy("key").count().where("count > 1")
-               .orderBy(F.desc("count"), "key").limit(1).collect())
-    except SPARK_ERRORS as exc:
-        raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
-    if dup:
-        raise RescoreError(f"the catalog key {key} is not unique: {dup[0]['key']} occurs {dup[0]['count']} times")
-
-
-def _stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
+def stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
     if snapshot is not None:
         return spark.read.parquet(str(snapshot / "scores"))
     return spark.createDataFrame([], SCORES_SCHEMA)
 
 
-def _write(df: DataFrame, path: Path) -> None:
-    try:
-        df.write.parquet(str(path))
-    except SPARK_ERRORS as exc:
-        raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
-
-
-def _register_parquet(con: duckdb.DuckDBPyConnection, name: str, directory: Path) -> None:
-    """Expose the Parquet files Spark wrote in ``directory`` to DuckDB as ``name`` (an Arrow
-    dataset of the files, listed by name: a path is never a glob pattern, and DuckDB reads
-    only the columns a query needs)."""
-    files = sorted(str(f) for f in directory.glob("*.parquet"))
-    if not files:
-        raise RescoreError(f"{directory}: no Parquet files; the store is damaged")
-    with suppress(duckdb.Error):
-        con.unregister(name)
-    con.register(name, pads.dataset(files, format="parquet"))
-
-
-def _plan(con: duckdb.DuckDBPyConnection, choices, previous: Path | None, work: Path, run_id: str, started,
-          key: str, catalog: str) -> None:
-    """The driver's DuckDB, set up as sql/rescore.sql expects after its plan: the store's
-    tables (the published snapshot's), the models, and the planned input and todo rows."""
+def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
+         inputs: DataFrame, old: DataFrame, previous: Path | None, meta: dict[str, Any] | None, work: Path,
+         allow_shrink: bool) -> DataFrame:
+    """The plan, as the DuckDB rescoring makes it: the hashed catalog checked (its keys, and
+    the store's key column), the rows each model must score (returned, and written for the
+    driver), the fingerprint, the counts. The driver's DuckDB is left as sql/rescore.sql
+    expects after its ``counts`` section."""
+    inputs.select("key", "input_hash", "imputed").write.parquet(str(work / "plan" / "input"))
     con.execute("ATTACH ':memory:' AS store")
     con.execute("USE store")
-    _run(con, "macros")
-    _run(con, "schema")  # empty tables: a new store's
+    run_section(con, "macros")
+    run_section(con, "schema")  # empty tables: a new store's
     if previous is not None:
         con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
-        _register_parquet(con, "rescore_scores", previous / "scores")
+        register_parquet(con, "rescore_scores", previous / "scores")
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
         con.execute("INSERT INTO rescore_runs SELECT * FROM previous_runs")
-    _set_run(con, run_id, started, key, catalog)
-    _run(con, "start")
-    _add_models(con, choices)
-    _register_parquet(con, "rescore_input", work / "plan" / "input")
-    _register_parquet(con, "rescore_todo", work / "plan" / "todo")
-
-
-def _set_fingerprint(con: duckdb.DuckDBPyConnection, inputs: DataFrame) -> None:
-    """The catalog fingerprint of sql/rescore.sql, its sum computed on the executors: the
-    driver receives one row, whatever the catalog's size."""
+        con.execute("INSERT INTO rescore_meta VALUES ('schema_version', ?), ('key_column', ?)",
+                    [SCHEMA_VERSION, meta["key_column"]])
+    start(con, run, choices)
+    register_parquet(con, "rescore_input", work / "plan" / "input")
     try:
-        n, digest_sum = inputs.agg(F.count("*"), F.sum(F.col("row_digest").cast("decimal(38,0)"))).first()
-    except SPARK_ERRORS as exc:
-        raise RescoreError(f"rescore failed, nothing was published: {job_error(exc)}") from exc
+        run_section(con, "checks")
+    except duckdb.Error as exc:  # the catalog's keys or the --key option: the guard's words say it
+        raise RescoreError(guard_words(exc)) from None
+    chosen = spark.createDataFrame([(c.model_id, c.kind) for c in choices], "model_id string, model_kind string")
+    todo = (inputs.crossJoin(F.broadcast(chosen))
+            .join(old.select("model_id", "key", F.col("input_hash").alias("stored_hash")), ["model_id", "key"], "left")
+            .where(~F.col("stored_hash").eqNullSafe(F.col("input_hash"))).drop("stored_hash"))
+    todo.select("model_id", "key").write.parquet(str(work / "plan" / "todo"))
+    register_parquet(con, "rescore_todo", work / "plan" / "todo")
+    # The catalog fingerprint of sql/rescore.sql, its sum computed on the executors: the
+    # driver receives one row, whatever the catalog's size.
+    n, digest_sum = inputs.agg(F.count("*"), F.sum(F.col("row_digest").cast("decimal(38,0)"))).first()
     con.execute("SET VARIABLE rescore_catalog_fingerprint = rescore_fingerprint(?, ?::HUGEINT)",
                 [n, str(digest_sum or 0)])
+    if not allow_shrink:
+        refuse_shrink(con, run)
+    run_section(con, "counts")
+    return todo
 
 
-def _score(spark: SparkSession, todo: DataFrame, choice, rows: int, run_id: str, device: str,
-           precision: str, ship: bool) -> DataFrame:
+def score(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
+          inputs: DataFrame, old: DataFrame, todo: DataFrame, work: Path, device: str, precision: str,
+          ship: bool) -> None:
+    """The new snapshot's scores: the stored rows that stay (their key still in the catalog,
+    of a chosen model or a kind not rescored, not to be scored again) and the rows scored."""
+    to_score = dict(con.execute("SELECT model_id, rows_scored FROM rescore_counts").fetchall())
+    kept = (old.join(inputs.select("key"), "key", "left_semi")  # keys gone from the catalog drop out
+            .where(~F.col("model_kind").isin([c.kind for c in choices])  # an older bundle's rows go
+                   | F.col("model_id").isin([c.model_id for c in choices]))
+            .join(todo.select("model_id", "key"), ["model_id", "key"], "left_anti"))
+    snapshot = kept.select(SCORES_COLUMNS)
+    for choice in choices:
+        if to_score[choice.model_id]:
+            snapshot = snapshot.unionByName(
+                scored_rows(spark, todo, choice, to_score[choice.model_id], run.id, device, precision, ship))
+    snapshot.write.parquet(str(work / "scores"))
+
+
+def scored_rows(spark: SparkSession, todo: DataFrame, choice: ModelChoice, rows: int, run_id: str, device: str,
+                precision: str, ship: bool) -> DataFrame:
     """The todo rows of one model, scored by the SQL function's UDF, in the store's columns.
     Spread over the cluster's cores, shortest synopses first within a task (less padding)."""
     bundle = ship_bundle(spark, choice.path.resolve()) if ship else choice.path
@@ -358,12 +329,12 @@ def _score(spark: SparkSession, todo: DataFrame, choice, rows: int, run_id: str,
                        F.current_timestamp().alias("scored_at"))
 
 
-def _record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dict[str, Any]]:
+def record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dict[str, Any]]:
     """Check the new snapshot (every key of the catalog, once, with a finite score, for each
     chosen model), append the run record (sql/rescore.sql's record section) and write all
     records beside the scores. Returns this run's records."""
     con.execute("DROP TABLE IF EXISTS store.main.rescore_scores")  # a new store's empty table
-    _register_parquet(con, "rescore_scores", work / "scores")
+    register_parquet(con, "rescore_scores", work / "scores")
     bad = con.execute(
         "SELECT m.model_kind, count(s.key), count(DISTINCT s.key), count(*) FILTER (NOT isfinite(s.score)), "
         "(SELECT count(*) FROM rescore_input) FROM rescore_models m LEFT JOIN rescore_scores s USING (model_id) "
@@ -371,15 +342,37 @@ def _record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dic
         "(SELECT count(*) FROM rescore_input) OR count(*) FILTER (NOT isfinite(s.score)) > 0").fetchall()
     if bad:
         kind, n, distinct, nonfinite, expected = bad[0]
-        raise RescoreError(f"rescore failed, nothing was published: the new {kind} scores have {n} rows "
+        raise RescoreError(f"{NOT_PUBLISHED}: the new {kind} scores have {n} rows "
                            f"({distinct} keys, {nonfinite} not finite) for {expected} catalog keys")
-    _run(con, "record")
+    run_section(con, "record")
     con.execute(f"COPY rescore_runs TO {quote_literal(work / RUNS_FILE)} (FORMAT parquet)")
-    return con.sql("SELECT * EXCLUDE (catalog, key_column, run_id) FROM rescore_runs WHERE run_id = ? "
-                   "ORDER BY model_kind", params=[run_id]).pl().to_dicts()
+    return run_records(con, run_id)
 
 
-def _prune(store: Path, keep: set[str]) -> None:
+def publish(store: Path, work: Path, run_id: str, key: str) -> None:
+    """The snapshot complete (its meta beside it, the plan gone), then published: ``CURRENT``
+    replaced by one rename."""
+    shutil.rmtree(work / "plan")
+    with atomic_file(work / META_FILE) as tmp:
+        tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "key_column": key}))
+    pause("commit")
+    with atomic_file(store / CURRENT) as tmp:  # the switch
+        tmp.write_text(run_id + "\n")
+
+
+def register_parquet(con: duckdb.DuckDBPyConnection, name: str, directory: Path) -> None:
+    """Expose the Parquet files Spark wrote in ``directory`` to DuckDB as ``name`` (an Arrow
+    dataset of the files, listed by name: a path is never a glob pattern, and DuckDB reads
+    only the columns a query needs)."""
+    files = sorted(str(f) for f in directory.glob("*.parquet"))
+    if not files:
+        raise RescoreError(f"{directory}: no Parquet files; the store is damaged")
+    with suppress(duckdb.Error):
+        con.unregister(name)
+    con.register(name, pads.dataset(files, format="parquet"))
+
+
+def prune(store: Path, keep: set[str]) -> None:
     """Remove snapshots other than ``keep``: older ones, and those of runs killed before publishing."""
     for path in (store / SNAPSHOTS).iterdir():
         if path.name not in keep:

@@ -1,0 +1,65 @@
+"""Which bundles a run scores, and each one's model id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anime_udf.bundle import KINDS, read_manifest
+from anime_udf.registry import get_model, newest, newest_of_each_kind, no_bundle_message
+from anime_udf.rescore.run import RescoreError
+
+# Manifest entries that describe a bundle without changing its predictions: they do
+# not enter the model id, so a copied or renamed bundle keeps its scores.
+DESCRIPTIVE_MANIFEST_KEYS = frozenset({"created_at", "name", "metrics", "training"})
+
+
+def model_id(bundle: Path | str, manifest: dict[str, Any] | None = None) -> str:
+    """``<kind>-<12 hex>``: a hash of everything in the bundle that affects its scores
+    (every file's sha256, vocabularies, scalers, architecture, text encoder checksum).
+    A retrained bundle gets a new id even under the same name; a copy keeps its id."""
+    manifest = manifest if manifest is not None else read_manifest(bundle, verify=False)
+    relevant = {k: v for k, v in manifest.items() if k not in DESCRIPTIVE_MANIFEST_KEYS}
+    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return f"{manifest['kind']}-{digest[:12]}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    kind: str
+    path: Path
+    model_id: str
+
+
+def resolve_models(specs: str | Sequence[str], directory: Path | str | None = None) -> list[ModelChoice]:
+    """``all`` (the newest bundle of each kind present), a kind (its newest bundle), or
+    bundle names/paths, in the models ``directory``. Every bundle's files are checked
+    against its manifest; a store keeps one model of each kind."""
+    specs = [specs] if isinstance(specs, str) else list(specs) or ["all"]
+    paths: list[Path] = []
+    for spec in specs:
+        if spec == "all":
+            found = newest_of_each_kind(directory)
+            if not found:
+                raise RescoreError(no_bundle_message(directory))
+            paths.extend(found)
+        elif spec in KINDS:
+            path = newest(spec, directory)
+            if path is None:
+                raise RescoreError(no_bundle_message(directory, spec))
+            paths.append(path)
+        else:
+            paths.append(get_model(spec, directory))
+    choices: dict[str, ModelChoice] = {}
+    for path in paths:
+        manifest = read_manifest(path)  # verifies every file's checksum
+        kind = manifest["kind"]
+        if kind in choices and choices[kind].path.resolve() != path.resolve():
+            raise RescoreError(f"two {kind} bundles chosen ({choices[kind].path} and {path}); "
+                               "a store keeps one model of each kind")
+        choices[kind] = ModelChoice(kind, path, model_id(path, manifest))
+    return [choices[k] for k in KINDS if k in choices]

@@ -1,0 +1,119 @@
+"""The run report: what ``rescore`` returns, ``--json`` prints, and the one screen an
+operator reads (``format_summary``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import duckdb
+
+from anime_udf.rescore.run import Run, now
+from anime_udf.rescore.sql import catalog_fingerprint
+
+QUANTILES = ("p05", "p25", "p50", "p75", "p95")
+# Columns of rescore_runs that are the same for every model of a run: reported once.
+RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
+
+
+@dataclass
+class RunReport:
+    run_id: str
+    status: str  # "ok" or "dry-run"
+    store: str
+    catalog: str
+    key: str
+    started_at: str
+    finished_at: str
+    seconds: float
+    catalog_fingerprint: str
+    rows_seen: int
+    rows_imputed: int
+    models: list[dict[str, Any]] = field(default_factory=list)
+    export: str | None = None
+    export_rows: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=_json_default))
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _about(run: Run) -> dict[str, Any]:
+    """What every report says of its run."""
+    return {"run_id": run.id, "store": str(run.store), "catalog": run.catalog, "key": run.key,
+            "started_at": run.started.isoformat(timespec="seconds"),
+            "finished_at": now().isoformat(timespec="seconds"), "seconds": run.seconds()}
+
+
+def run_report(run: Run, records: list[dict[str, Any]], **export: Any) -> RunReport:
+    """The report of a finished run, from its rows of rescore_runs (one per model)."""
+    first = records[0]
+    return RunReport(
+        **_about(run), status="ok", catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
+        rows_imputed=first["rows_imputed"],
+        models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
+        **export,
+    )
+
+
+def dry_run_report(con: duckdb.DuckDBPyConnection, run: Run) -> RunReport:
+    """The report of a dry run, from its planned counts (rescore_counts)."""
+    counts = con.sql("SELECT * FROM rescore_counts ORDER BY model_kind").pl().to_dicts()
+    return RunReport(
+        **_about(run), status="dry-run", catalog_fingerprint=catalog_fingerprint(con),
+        rows_seen=counts[0]["rows_seen"] if counts else 0, rows_imputed=counts[0]["rows_imputed"] if counts else 0,
+        models=[{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
+    )
+
+
+# --- the summary --------------------------------------------------------------------------------
+
+
+def _num(value: Any, fmt: str = ".3f", signed: bool = False) -> str:
+    if value is None:
+        return "-"
+    return format(value, ("+" if signed else "") + fmt)
+
+
+def format_summary(report: RunReport) -> str:
+    """One screen for the operator: what was read, scored, reused, removed, and how the
+    score distribution moved against the previous run."""
+    dry = report.status == "dry-run"
+    lines = [
+        f"rescore {report.run_id}: " + ("dry run, nothing scored or written" if dry else "ok")
+        + f" in {report.seconds:.1f} s",
+        (f"catalog  {report.catalog}: {report.rows_seen} rows, {report.rows_imputed} with imputed inputs, "
+         f"fingerprint {report.catalog_fingerprint}"),
+        f"store    {report.store} (keyed by {report.key})",
+    ]
+    verbs = ("would score", "reuse", "remove", "supersede") if dry else ("scored", "reused", "removed", "superseded")
+    head = f"{'model':9} {'model id':22} " + " ".join(f"{v:>11}" for v in verbs)
+    width = len(head)
+    if not dry:
+        head += "  " + " ".join(f"{c:>6}" for c in ("mean", *QUANTILES))
+    lines.append(head)
+    for m in report.models:
+        counts = (m["rows_scored"], m["rows_reused"], m["rows_removed"], m["rows_superseded"])
+        line = f"{m['model_kind']:9} {m['model_id']:22} " + " ".join(f"{c:>11}" for c in counts)
+        if dry:
+            lines.append(line)
+            continue
+        figures = [m["score_mean"], *(m["score_" + q] for q in QUANTILES)]
+        lines.append(line + "  " + " ".join(f"{_num(v, '.2f'):>6}" for v in figures))
+        if m.get("prev_run_id"):
+            same = m["prev_model_id"] == m["model_id"]
+            label = f"{'':9} shift vs run {m['prev_run_id']} ({'same model' if same else m['prev_model_id']})"
+            shifts = [m["shift_mean"], *(m["shift_" + q] for q in QUANTILES)]
+            lines.append(f"{label:{width}}  " + " ".join(f"{_num(v, '.2f', True):>6}" for v in shifts))
+        else:
+            lines.append(f"{'':9} first run of this kind: no shift to report")
+    if report.export:
+        lines.append(f"export   {report.export}: {report.export_rows} rows")
+    return "\n".join(lines)

@@ -1,0 +1,63 @@
+"""What every rescore run has, on either engine: its errors, its id and clock, and the test
+hook that pauses it at a known place.
+
+Test hook: ``ANIME_UDF_RESCORE_PAUSE_AT=<phase>`` (plan, score, commit, export) makes a run
+print ``rescore: paused at <phase>`` to stderr and sleep ``ANIME_UDF_RESCORE_PAUSE_SECONDS``
+(default 3600) at that point, so that a test can ``kill -9`` it at a known place: ``score``
+is after the first scored chunk, ``commit`` inside the transaction just before COMMIT (on
+Spark: the snapshot written, not yet published), ``export`` before the rename.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import secrets
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from anime_udf.errors import AnimeUdfError
+
+PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
+PAUSE_SECONDS_ENV = "ANIME_UDF_RESCORE_PAUSE_SECONDS"
+
+
+class RescoreError(AnimeUdfError, RuntimeError):
+    """A rescore run cannot start or cannot finish; the store is left as it was."""
+
+
+class StoreBusyError(RescoreError):
+    """Another process holds the store."""
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass
+class Run:
+    """One run: what it works on (recorded in its report and in rescore_runs), when it
+    started, and its id (``20261129T210000Z-a1b2c3``: runs sort by time)."""
+
+    store: Path
+    catalog: str  # how messages and records name the catalog
+    key: str  # the catalog column the store is keyed by
+    started: dt.datetime = field(default_factory=now)
+    clock: float = field(default_factory=time.perf_counter)  # for the run's seconds
+    id: str = ""
+
+    def __post_init__(self) -> None:
+        self.id = self.id or self.started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.clock, 3)
+
+
+def pause(phase: str) -> None:
+    """The test hook of the module docstring."""
+    if os.environ.get(PAUSE_ENV) == phase:
+        sys.stderr.write(f"rescore: paused at {phase} (pid {os.getpid()})\n")
+        sys.stderr.flush()
+        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV) or 3600))
