@@ -17,13 +17,8 @@ class TabularInput(nn.Module):
         super().__init__()
         self.n_studios = n_studios
         self.studio = nn.Embedding(n_studios, studio_dim) if studio_dim else None
-        self.width = n_dense + (studio_dim or n_studios)
-
-    def studio_features(self, studio: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The studio index as the network reads it: its one-hot or its embedding."""
-        if self.studio is None:
-            return nn.functional.one_hot(studio, self.n_studios).to(dtype)
-        return self.studio(studio)
+        self.studio_width = studio_dim or n_studios
+        self.width = n_dense + self.studio_width
 
 
 class BaselineNet(nn.Module):
@@ -41,27 +36,32 @@ class BaselineNet(nn.Module):
             nn.Linear(128, 1),
         )
 
-    # The first layer reads one block per input (text, dense, studio[, lexical]), in this order of them.
+    # The inputs, by index: text, dense, studio index[, lexical]. The first layer's weight holds
+    # one block of columns per input, in this order of them.
     block_order: tuple[int, ...] = (0, 1, 2)
+    STUDIO = 2
 
     def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> torch.Tensor:
         return self.after_first_layer(self.first_layer(text, dense, studio))
 
-    def input_blocks(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor) -> list[torch.Tensor]:
-        """The first layer's input, one 2-D block per input, in the inputs' order."""
-        return [text, dense, self.tabular.studio_features(studio, dense.dtype)]
-
     def first_layer(self, *inputs: torch.Tensor) -> torch.Tensor:
-        blocks = self.input_blocks(*inputs)
-        return self.mlp[0](torch.cat([blocks[i] for i in self.block_order], dim=1))
+        """The first linear layer: its bias plus every input's share."""
+        return self.mlp[0].bias + sum(self.first_layer_share(i, *inputs) for i in self.block_order)
 
     def first_layer_share(self, index: int, *inputs: torch.Tensor) -> torch.Tensor:
-        """Input ``index``'s share of the first layer's output: the layer is linear, so its output
-        is the bias plus every input's share. Explaining (anime_udf.explain) recomputes only the
-        share of the input it changes."""
-        blocks = self.input_blocks(*inputs)
-        weights = self.mlp[0].weight.split([blocks[i].shape[1] for i in self.block_order], dim=1)
-        return blocks[index] @ weights[self.block_order.index(index)].T
+        """Input ``index``'s share of the first layer's output ([rows, 256]). The layer is linear,
+        so explaining (anime_udf.explain) recomputes only the share of the input it changes."""
+        widths = [self.tabular.studio_width if i == self.STUDIO else inputs[i].shape[1] if inputs[i].ndim == 2 else 1
+                  for i in self.block_order]  # the lexical score is one number a row
+        weight = self.mlp[0].weight.split(widths, dim=1)[self.block_order.index(index)]
+        x = inputs[index]
+        if index == self.STUDIO:
+            if self.tabular.studio is None:
+                # A one-hot times the weight is a column of it: gather the column, no multiplication
+                # by hundreds of zeros (a third of the layer's work at scoring time).
+                return weight.T[x]
+            x = self.tabular.studio(x)
+        return (x if x.ndim == 2 else x.unsqueeze(1)) @ weight.T
 
     def after_first_layer(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.mlp[1:](hidden).squeeze(-1)
@@ -83,10 +83,6 @@ class FusionHead(BaselineNet):
     def forward(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
                 lexical: torch.Tensor) -> torch.Tensor:
         return self.after_first_layer(self.first_layer(text, dense, studio, lexical))
-
-    def input_blocks(self, text: torch.Tensor, dense: torch.Tensor, studio: torch.Tensor,
-                     lexical: torch.Tensor) -> list[torch.Tensor]:
-        return [*super().input_blocks(text, dense, studio), lexical.unsqueeze(1)]
 
 
 class SeedEnsemble(nn.Module):
