@@ -1,4 +1,4 @@
-"""Nightly rescoring (anime_udf/rescore.py, sql/rescore.sql): incremental, idempotent,
+"""Nightly rescoring (anime_udf/rescore/, sql/rescore.sql): incremental, idempotent,
 crash-safe under kill -9, exclusive between concurrent runs, and the SQL agrees."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Spark engine (anime_udf/spark.py, anime_udf/spark_rescore.py) in local mode: the
+"""The Spark engine (anime_udf/spark.py, anime_udf/rescore/on_spark.py) in local mode: the
 same scores as the DuckDB functions, the same errors, and the nightly rescoring's
 semantics over a Parquet snapshot store. One SparkSession for the module."""
 
