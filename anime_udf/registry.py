@@ -58,8 +58,9 @@ def newest(kind: str, directory: Path | str | None = None) -> Path | None:
 
 
 def newest_of_each_kind(directory: Path | str | None = None) -> list[Path]:
-    """The newest bundle of each kind present, in the order of KINDS."""
-    return [path for path in (newest(kind, directory) for kind in KINDS) if path is not None]
+    """The newest bundle of each kind present, in the order of KINDS (the directory listed once)."""
+    newest_by_kind = {b.kind: b.path for b in list_bundles(directory) if b.manifest}  # oldest first: newest wins
+    return [newest_by_kind[kind] for kind in KINDS if kind in newest_by_kind]
 
 
 def no_bundle_message(directory: Path | str | None = None, kind: str | None = None) -> str:

@@ -51,6 +51,8 @@ NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, 
 # The input columns as read_catalog makes them (episodes an integer), for the rescoring's hash
 # on the workers; not the SQL functions' argument types (ARGUMENTS: episodes DOUBLE).
 CANONICAL_TYPES = {"synopsis": pa.string(), "genres": pa.string(), "studio": pa.string(), "episodes": pa.int64()}
+# Spark's names of the Arrow types the UDFs return in a struct.
+SPARK_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.bool_(): "boolean"}
 
 
 # What a failed Spark job raises in the driver (most failures are converted to the first).
@@ -252,11 +254,15 @@ def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
     def canonical(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
         return canonical_inputs(batches, label)
 
-    struct = ", ".join(f"{c} {'bigint' if c == 'episodes' else 'string'}" for c in INPUT_COLUMNS)
-    inputs = F.arrow_udf(canonical, f"struct<{struct}>")(*(df[c] for c in INPUT_COLUMNS))
+    inputs = F.arrow_udf(canonical, spark_struct(CANONICAL_TYPES))(*(df[c] for c in INPUT_COLUMNS))
     df = df.select(*(inputs[c].alias(c) if c in INPUT_COLUMNS else df[c] for c in df.columns))
     parallelism = spark.sparkContext.defaultParallelism
     return df.repartition(parallelism) if df.rdd.getNumPartitions() < parallelism else df
+
+
+def spark_struct(fields: dict[str, pa.DataType]) -> str:
+    """The Spark type of a struct of these Arrow-typed fields, e.g. ``struct<synopsis string, ...>``."""
+    return "struct<" + ", ".join(f"{name} {SPARK_TYPES[t]}" for name, t in fields.items()) + ">"
 
 
 def job_error(exc: Exception) -> str:

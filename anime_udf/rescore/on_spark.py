@@ -66,7 +66,7 @@ from anime_udf.rescore.sql import (SCHEMA_VERSION, check_schema_version, guard_w
                                    run_section, sql_sections, start)
 from anime_udf.rescore.store import store_lock
 from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet, scoring_udf,
-                             ship_bundle)
+                             ship_bundle, spark_struct)
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
 
@@ -79,9 +79,7 @@ RUNS_FILE = "runs.parquet"
 # catalog fingerprint (sql/rescore.sql's rescore_row_digest).
 INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_(),
                 "row_digest": pa.int64()}
-INPUT_STRUCT = "struct<" + ", ".join(
-    f"{name} {'bigint' if t == pa.int64() else 'boolean' if t == pa.bool_() else 'string'}"
-    for name, t in INPUT_FIELDS.items()) + ">"
+INPUT_STRUCT = spark_struct(INPUT_FIELDS)
 # A snapshot's scores: the columns of sql/rescore.sql's rescore_scores.
 SCORES_SCHEMA = ("key string, model_id string, model_kind string, input_hash string, score double, "
                  "imputed boolean, run_id string, scored_at timestamp")
