@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from anime_udf.evaluation import EVALUATED, EXPLANATIONS, PREDICTIONS, Evaluation, load_report_macros
+from anime_udf.explain import GROUPS
 from anime_udf.files import atomic_file
 
 TOP_GROUPS = 12  # genres and studios shown
@@ -307,9 +308,8 @@ def _misses_table(misses: pl.DataFrame, evaluation: Evaluation) -> str:
 
 def _miss_parts_table(parts: pl.DataFrame, evaluation: Evaluation) -> str:
     """One row per (miss, model): actual, predicted, base and the parts, each part's sign shaded."""
-    groups = [c for c in parts.columns if c not in ("row_id", "key", "title", "actual", "model", "predicted",
-                                                     "base", "unclamped", "score")]
-    groups = [g for g in groups if parts[g].is_not_null().any()]
+    # the input groups of the models shown (a fusion's are a baseline's and lexical)
+    groups = [g for g in GROUPS["fusion"] if g in parts.columns and parts[g].is_not_null().any()]
     has_title = parts["title"].is_not_null().any()
     headings = [evaluation.key, *(["title"] if has_title else []), "model", "actual", "predicted", "base", *groups]
 
