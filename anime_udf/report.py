@@ -19,6 +19,7 @@ import numpy as np
 import polars as pl
 
 from anime_udf.evaluation import EVALUATED, EXPLANATIONS, PREDICTIONS, Evaluation, load_report_macros
+from anime_udf.explain import GROUPS
 from anime_udf.files import atomic_file
 
 TOP_GROUPS = 12  # genres and studios shown
@@ -193,39 +194,40 @@ def _residual_figure(histogram: pl.DataFrame, evaluation: Evaluation, colors: di
 
 
 def _group_figure(groups: pl.DataFrame, column: str, colors: dict[str, str]):
-    series = groups["model"].unique(maintain_order=True).to_list()
+    models = groups["model"].unique(maintain_order=True).to_list()
     names = groups[column].unique(maintain_order=True).to_list()
-    counts = dict(groups.filter(pl.col("model") == series[0]).select(column, "n").iter_rows())
-    bar = 0.8 / len(series)
-    fig = _figure(9, 0.9 + len(names) * (0.22 + 0.14 * len(series)))
-    ax = fig.subplots()
-    for j, model in enumerate(series):
-        mae = dict(groups.filter(pl.col("model") == model).select(column, "mae").iter_rows())
-        positions = np.arange(len(names)) + (j - (len(series) - 1) / 2) * bar
-        ax.barh(positions, [mae[name] for name in names], height=bar, color=colors[model], label=model,
-                hatch="//" if colors[model] == REFERENCE_COLOR else None, edgecolor="white", linewidth=0.5)
-    ax.set_yticks(np.arange(len(names)), [f"{_literal(name)} (n={counts[name]})" for name in names])
-    ax.invert_yaxis()  # the first group (the most frequent) on top
-    ax.set_xlabel("mean absolute error")
-    ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(series))
-    ax.grid(axis="x", alpha=0.3)
-    return fig
+    counts = dict(groups.filter(pl.col("model") == models[0]).select(column, "n").iter_rows())
+    # groups arrive most frequent first: on top
+    return _bars_figure(_values_by_model(groups, models, column, "mae"), names,
+                        [f"{_literal(name)} (n={counts[name]})" for name in names], "mean absolute error", colors)
 
 
 def _parts_figure(parts: pl.DataFrame, colors: dict[str, str]):
     models = parts["model"].unique(maintain_order=True).sort().to_list()
     groups = parts["group"].unique(maintain_order=True).to_list()
-    bar = 0.8 / len(models)
-    fig = _figure(9, 0.9 + len(groups) * (0.22 + 0.14 * len(models)))
+    return _bars_figure(_values_by_model(parts, models, "group", "mean_abs_part"), groups, groups,
+                        "mean |part| (score points)", colors)
+
+
+def _values_by_model(df: pl.DataFrame, models: list[str], label: str, value: str) -> dict[str, dict]:
+    return {model: dict(df.filter(pl.col("model") == model).select(label, value).iter_rows()) for model in models}
+
+
+def _bars_figure(values: dict[str, dict], labels: list, ticks: list[str], xlabel: str, colors: dict[str, str]):
+    """Horizontal bars: one cluster per label, top to bottom in ``labels``' order, with one bar per
+    model of ``values`` ({model: {label: value}}; a label a model lacks is 0)."""
+    bar = 0.8 / len(values)
+    fig = _figure(9, 0.9 + len(labels) * (0.22 + 0.14 * len(values)))
     ax = fig.subplots()
-    for j, model in enumerate(models):
-        rows = dict(parts.filter(pl.col("model") == model).select("group", "mean_abs_part").iter_rows())
-        positions = np.arange(len(groups)) + (j - (len(models) - 1) / 2) * bar
-        ax.barh(positions, [rows.get(g, 0.0) for g in groups], height=bar, color=colors[model], label=model)
-    ax.set_yticks(np.arange(len(groups)), groups)
+    for j, (model, by_label) in enumerate(values.items()):
+        positions = np.arange(len(labels)) + (j - (len(values) - 1) / 2) * bar
+        ax.barh(positions, [by_label.get(label, 0.0) for label in labels], height=bar, color=colors[model],
+                label=model, hatch="//" if colors[model] == REFERENCE_COLOR else None, edgecolor="white",
+                linewidth=0.5)
+    ax.set_yticks(np.arange(len(labels)), ticks)
     ax.invert_yaxis()
-    ax.set_xlabel("mean |part| (score points)")
-    ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(models))
+    ax.set_xlabel(xlabel)
+    ax.legend(frameon=False, loc="lower left", bbox_to_anchor=(0, 1), ncol=len(values))
     ax.grid(axis="x", alpha=0.3)
     return fig
 
@@ -306,9 +308,8 @@ def _misses_table(misses: pl.DataFrame, evaluation: Evaluation) -> str:
 
 def _miss_parts_table(parts: pl.DataFrame, evaluation: Evaluation) -> str:
     """One row per (miss, model): actual, predicted, base and the parts, each part's sign shaded."""
-    groups = [c for c in parts.columns if c not in ("row_id", "key", "title", "actual", "model", "predicted",
-                                                     "base", "unclamped", "score")]
-    groups = [g for g in groups if parts[g].is_not_null().any()]
+    # the input groups of the models shown (a fusion's are a baseline's and lexical)
+    groups = [g for g in GROUPS["fusion"] if g in parts.columns and parts[g].is_not_null().any()]
     has_title = parts["title"].is_not_null().any()
     headings = [evaluation.key, *(["title"] if has_title else []), "model", "actual", "predicted", "base", *groups]
 

@@ -154,8 +154,8 @@ class TargetScaler:
 
 @dataclass
 class Tabular:
-    """The tabular side of a training run: feature vocabularies and the target scaler,
-    fitted on the rows the final model trains on."""
+    """The tabular side of a training run: feature vocabularies and the target scaler, fitted
+    on the rows a model trains on (the selection run's, or the final model's)."""
 
     features: TabularEncoder
     scaler: TargetScaler

@@ -8,7 +8,7 @@ recorded in the bundle:
 
 1. ``fit_lexical_view``: the lexical view is fitted with scikit-learn; the head trains on
    its out-of-fold scores (training/lexical.py), the bundle keeps a model fitted on every row;
-2. ``choose_head_epochs`` (stage 1): the head on the frozen encoder's pooled features
+2. ``train_head_on_frozen_encoder`` (stage 1): the head on the frozen encoder's pooled features
    (cached by content hash, shared with the baseline), its epochs chosen on the validation rows;
 3. ``fine_tune_encoder`` (stage 2, ``epochs`` > 0): encoder and head end to end
    (training/fine_tune.py). An epoch is kept only if it beats stage 1 on validation RMSE;
@@ -90,7 +90,6 @@ class FusionSettings:
 
     def head_training(self) -> HeadTraining:
         return HeadTraining(self.head_epochs, self.head_batch_size, self.head_lr, self.weight_decay, self.seeds)
-
 
 
 class FusionTrainer:
