@@ -334,6 +334,15 @@ def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def shape_mismatch(state: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> str | None:
+    """What is wrong with the first tensor of ``state`` missing or not of its ``expected`` shape, or None."""
+    for name, shape in expected.items():
+        found = tuple(state[name].shape) if name in state else None
+        if found != shape:
+            return f"{name} has shape {found}; expected {shape}"
+    return None
+
+
 def nonfinite_tensor(state: dict[str, torch.Tensor]) -> str | None:
     """The name of the first floating-point tensor of ``state`` holding NaN or ±inf, or None."""
     import torch

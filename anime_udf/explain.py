@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from anime_udf.bundle import BundleError, load_weights
+from anime_udf.bundle import BundleError, load_weights, shape_mismatch
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 
 if TYPE_CHECKING:
@@ -100,10 +100,9 @@ class Reference:
         state = load_weights(bundle, REFERENCE_FILE)
         expected = {"text": (text_dim,), "dense": (n_dense,)} | ({"lexical": (1,)} if manifest["kind"] == "fusion"
                                                                  else {})
-        for name, shape in expected.items():
-            found = tuple(state[name].shape) if name in state else None
-            if found != shape:
-                raise BundleError(f"{path}: {name} has shape {found}; expected {shape}")
+        bad = shape_mismatch(state, expected)
+        if bad:
+            raise BundleError(f"{path}: {bad}")
         return cls(state["text"], state["dense"], state.get("lexical"))
 
     def inputs(self, n: int) -> list[torch.Tensor]:

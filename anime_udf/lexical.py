@@ -16,6 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
+from anime_udf.bundle import shape_mismatch
+
 
 VOCABULARY_FILE = "lexical/vocabulary.json"
 WEIGHTS_FILE = "lexical/weights.safetensors"
@@ -139,10 +141,8 @@ class LexicalModel:
         if not isinstance(vocabulary, list) or not all(isinstance(t, str) for t in vocabulary):
             raise ValueError(f"{path}: must be a JSON list of strings")
         expected = {"idf": (len(vocabulary),), "coef": (len(vocabulary),), "intercept": (1,)}
-        for name, shape in expected.items():
-            found = tuple(weights[name].shape) if name in weights else None
-            if found != shape:
-                raise ValueError(f"{Path(bundle) / WEIGHTS_FILE}: {name} has shape {found}; expected {shape} "
-                                 f"({len(vocabulary)} terms in {VOCABULARY_FILE})")
+        bad = shape_mismatch(weights, expected)
+        if bad:
+            raise ValueError(f"{Path(bundle) / WEIGHTS_FILE}: {bad} ({len(vocabulary)} terms in {VOCABULARY_FILE})")
         return cls(vocabulary, weights["idf"].numpy(), weights["coef"].numpy(),
                    float(weights["intercept"][0]), settings["ngram_max"])

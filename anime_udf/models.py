@@ -15,7 +15,6 @@ class TabularInput(nn.Module):
 
     def __init__(self, n_dense: int, n_studios: int, studio_dim: int):
         super().__init__()
-        self.n_studios = n_studios
         self.studio = nn.Embedding(n_studios, studio_dim) if studio_dim else None
         self.studio_width = studio_dim or n_studios
         self.width = n_dense + self.studio_width

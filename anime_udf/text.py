@@ -26,7 +26,7 @@ from anime_udf.bundle import nonfinite_tensor  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
 from anime_udf.devices import resolve_device, resolve_precision  # noqa: E402
 from anime_udf.errors import AnimeUdfError  # noqa: E402
-from anime_udf.features import clean_text  # noqa: E402
+from anime_udf.features import clean_text, distinct_values  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
@@ -240,10 +240,11 @@ class FrozenTextEncoder:
 
     def embed(self, texts: Sequence[str | None], *, progress: bool = False) -> np.ndarray:
         """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again, and a text
-        that occurs twice is looked up and encoded once."""
-        texts = [clean_text(t) for t in texts]
-        keys = [text_key(t) for t in texts]
-        distinct = {k: t for k, t in zip(keys, texts)}  # key -> text, in order of first occurrence
+        that occurs twice is cleaned, hashed, looked up and encoded once."""
+        values, value_of_row = distinct_values(texts)
+        cleaned = [clean_text(t) for t in values]
+        keys = [text_key(t) for t in cleaned]
+        distinct = dict(zip(keys, cleaned))  # key -> text, in order of first occurrence
         if self.cache:
             vectors, found = self.cache.lookup(self.encoder_id, list(distinct), self.dim)
         else:
@@ -256,7 +257,8 @@ class FrozenTextEncoder:
                 todo_keys = list(distinct)
                 self.cache.put(self.encoder_id, {todo_keys[i]: vectors[i] for i in todo})
         row = {k: i for i, k in enumerate(distinct)}
-        return vectors[np.fromiter(map(row.__getitem__, keys), dtype=np.int64, count=len(keys))]
+        vector_of_value = np.fromiter(map(row.__getitem__, keys), dtype=np.int64, count=len(keys))
+        return vectors[vector_of_value[value_of_row]]
 
     def _encode(self, texts: list[str], *, progress: bool) -> np.ndarray:
         import torch
