@@ -11,7 +11,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -46,12 +45,6 @@ RESCORE = ("anime-udf rescore --engine spark --master spark://127.0.0.1:7077 --s
 WORKER_UI_PORTS = (8081, 8082)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def spark_home() -> str:
     import pyspark
 
@@ -59,13 +52,15 @@ def spark_home() -> str:
 
 
 class Cluster:
-    """The master and workers of one session; ``argv`` turns a README command into this cluster's."""
+    """The master and workers of one session; ``argv`` turns a README command into this cluster's.
+
+    Every port is 0 (the JVM binds a free one itself) and read back from the logs: a port picked
+    here and bound later by the JVM can be taken in between (a worker's own random ports, another
+    Spark UI), and the master then answers on another port."""
 
     def __init__(self, base: Path, cache: Path):
         self.base = base
-        self.port, self.ui = free_port(), free_port()
-        self.worker_uis = [free_port() for _ in WORKER_UI_PORTS]
-        self.url = f"spark://127.0.0.1:{self.port}"
+        self.url = self.ui = None
         # What a cluster image provides its workers (README: the Python environment, the cache).
         self.env = {**os.environ, "SPARK_HOME": spark_home(), "SPARK_LOCAL_IP": "127.0.0.1",
                     "PYSPARK_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
@@ -73,21 +68,39 @@ class Cluster:
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         self.processes: dict[str, subprocess.Popen] = {}
 
-    def argv(self, command: str, **ports: int) -> list[str]:
-        return (command.replace("7077", str(self.port)).replace("--webui-port 8080", f"--webui-port {self.ui}")
-                .format(**ports).split())
+    def argv(self, command: str) -> list[str]:
+        return command.replace("spark://127.0.0.1:7077", self.url).split()
 
-    def start(self, name: str, command: str, **ports: int) -> None:
-        argv = self.argv(command, **ports)
+    def start(self, name: str, argv: list[str]) -> None:
         argv[0] = str(Path(self.env["SPARK_HOME"]) / "bin" / "spark-class")
         log = open(self.base / f"{name}.log", "w")
         # Each in its own process group: killing a worker's group kills its executor and Python workers too.
         self.processes[name] = subprocess.Popen(argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                                 start_new_session=True, cwd=self.base)
 
+    def start_master(self) -> None:
+        self.start("master", MASTER.replace("--port 7077", "--port 0").replace("--webui-port 8080", "--webui-port 0")
+                   .split())
+        self.url = "spark://127.0.0.1:" + self.from_log("master", r"Starting Spark master at spark://127\.0\.0\.1:(\d+)")
+        self.ui = int(self.from_log("master", r"Successfully started service 'MasterUI' on port (\d+)"))
+
+    def start_worker(self, name: str) -> None:
+        self.start(name, self.argv(WORKER.format(ui=0)))
+
+    def from_log(self, name: str, pattern: str, timeout: float = 60) -> str:
+        log = self.base / f"{name}.log"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.processes[name].poll() is None:
+            if found := re.search(pattern, log.read_text()):
+                return found.group(1)
+            time.sleep(0.2)
+        raise RuntimeError(f"{name} did not log {pattern!r}:\n{log.read_text()[-3000:]}")
+
     def status(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.ui}/json/", timeout=5) as response:
-            return json.loads(response.read())
+            status = json.loads(response.read())
+        assert status["url"] == self.url, status  # this session's master, not another Spark UI
+        return status
 
     def wait_for_workers(self, n: int, timeout: float = 90) -> None:
         deadline = time.monotonic() + timeout
@@ -122,9 +135,9 @@ def cluster(tmp_path_factory, session_cache):
     # this module's time to the cluster's own; on a real cluster each has its own.
     cluster = Cluster(tmp_path_factory.mktemp("spark-cluster"), session_cache)
     try:
-        cluster.start("master", MASTER)
-        for i, ui in enumerate(cluster.worker_uis):
-            cluster.start(f"worker-{i}", WORKER, ui=ui)
+        cluster.start_master()
+        for i in range(len(WORKER_UI_PORTS)):
+            cluster.start_worker(f"worker-{i}")
         cluster.wait_for_workers(2)
         yield cluster
     finally:
