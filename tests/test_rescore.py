@@ -11,6 +11,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -541,6 +542,8 @@ def test_kill_9_leaves_previous_or_new_state(tmp_path, models, baseline_bundle, 
     wait_for(proc, err, f"paused at {phase}")
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    abandoned = list(Path(tempfile.gettempdir()).glob(f"{rs.WORK_DIR_PREFIX}{proc.pid}-*"))
+    assert len(abandoned) == 1  # kill -9 skips the run's clean-up ...
 
     after_kill = snapshot(store)
     if phase == "export":  # committed: the store is the new state, the old export intact
@@ -551,6 +554,7 @@ def test_kill_9_leaves_previous_or_new_state(tmp_path, models, baseline_bundle, 
     assert export.read_bytes() == export_before
 
     report = rescore(b, store, export=export)  # the next run completes the work
+    assert not abandoned[0].exists()  # ... and removes the killed run's temporary directory
     assert report.models[0]["rows_scored"] == (0 if phase == "export" else 7)
     assert_store_matches(store, catalog_b(), baseline_bundle)
     assert pl.read_parquet(export)["anime_id"].sort().to_list() == sorted(catalog_b()["anime_id"].to_list())

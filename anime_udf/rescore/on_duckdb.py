@@ -11,7 +11,7 @@ sql/rescore.sql's (anime_udf/rescore/sql.py); this module runs them in a run's p
 3. *score* those rows, streamed in chunks (so memory does not grow with the catalog),
    into a temporary table (the embedding cache keeps each encoded synopsis, so a killed
    run's work is not lost); the run's DuckDB spills to a temporary directory beyond
-   ``WORK_MEMORY_LIMIT``;
+   ``WORK_MEMORY_LIMIT`` (one a killed run left behind is removed by the next run);
 4. *apply*: open the store read-write and, in one transaction, delete keys gone from the
    catalog (their rows of every kind) and rows of superseded bundles, upsert the new
    scores, append the run record;
@@ -27,6 +27,8 @@ recorded once whether or not the COMMIT took effect.
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -109,7 +111,7 @@ def rescore(
                            "pass --key COLUMN")
     if not dry_run:
         make_store_directory(store)
-    with tempfile.TemporaryDirectory(prefix="anime-udf-rescore-") as work_dir:
+    with work_directory() as work_dir:
         con = duckdb.connect(config={"temp_directory": work_dir, "memory_limit": WORK_MEMORY_LIMIT})
         try:
             with nullcontext({}) if dry_run else store_lock(store, wait, run.id) as previous:
@@ -126,6 +128,30 @@ def rescore(
             raise RescoreError(f"rescore failed, the store is unchanged: {guard_words(exc)}") from exc
         finally:
             con.close()
+
+
+WORK_DIR_PREFIX = "anime-udf-rescore-"
+
+
+def work_directory() -> tempfile.TemporaryDirectory:
+    """The run's temporary directory, named by its process id; the directories of runs whose
+    process is gone (killed: kill -9 skips every clean-up) are removed first, as their
+    spilled rows can be as large as the catalog."""
+    for path in Path(tempfile.gettempdir()).glob(f"{WORK_DIR_PREFIX}*-*"):
+        pid = path.name[len(WORK_DIR_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_exists(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+    return tempfile.TemporaryDirectory(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-")
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 # --- before the run -------------------------------------------------------------------------------
