@@ -305,10 +305,13 @@ _SCHEMA = {
     ("model", "seeds"): _number(1, 64, integer=True),
 }
 _FUSION_SCHEMA = {("lexical", "ngram_max"): _number(1, 5, integer=True)}
+# Optional (bundles trained before it have none: the head alone).
+_BLEND_SCHEMA = {("blend", weight): _number(-100, 100) for weight in ("head", "lexical", "constant")}
 
 
 def check_schema(path: Path, manifest: dict[str, Any]) -> None:
-    schema = _SCHEMA | (_FUSION_SCHEMA if manifest["kind"] == "fusion" else {})
+    schema = (_SCHEMA | (_FUSION_SCHEMA if manifest["kind"] == "fusion" else {})
+              | (_BLEND_SCHEMA if "blend" in manifest else {}))
     for keys, (ok, expected) in schema.items():
         value: Any = manifest
         for key in keys:

@@ -13,6 +13,11 @@ holds its reference, stored in the bundle at training time (``REFERENCE_FILE``):
 - lexical: the mean lexical score the head was fitted on.
 
 With 4 or 5 groups every coalition (16 or 32) is evaluated: the Shapley values are exact.
+The blend after the head (``anime_udf.models.Blend``) is linear: each coalition's value is
+blended as the score is, with the lexical score the row's where the lexical group is present
+and its reference where it is absent. The head's parts are scaled by the blend's head weight,
+and the lexical part also holds the lexical score's direct share.
+
 Text is encoded once (by the scorer, through its embedding cache); the head's first layer is
 linear, so each group's share of it is computed once (for the row and for the reference), and a
 coalition's first-layer output is the reference's plus the shares of its groups. Only the layers
@@ -37,6 +42,8 @@ from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 
 if TYPE_CHECKING:
     import torch
+
+    from anime_udf.models import Blend
 
 GROUPS = {"baseline": ("synopsis", "genres", "studio", "episodes"),
           "fusion": ("synopsis", "genres", "studio", "episodes", "lexical")}
@@ -156,6 +163,16 @@ def coalition_values(members: Sequence[torch.nn.Module], rows: Sequence[torch.Te
             hidden = hidden_reference + torch.einsum("sk,knh->snh", masks, deltas)
             values[start:start + len(chunk[0])] += member.after_first_layer(hidden).T.double().numpy()
     return values / len(members)
+
+
+def blended_coalitions(values: np.ndarray, blend: Blend, groups: Sequence[str], lexical: np.ndarray | None,
+                       reference: Reference) -> np.ndarray:
+    """Coalition values [n, 2**k] of the head -> of the model: ``blend`` applied to each, with
+    the lexical score (fusion) the row's in coalitions holding the lexical group, else its reference."""
+    if lexical is None:
+        return blend.apply(values)
+    present = coalition_masks(len(groups))[:, groups.index("lexical")].astype(bool)
+    return blend.apply(values, np.where(present, lexical[:, None], reference.lexical.item()))
 
 
 def with_group(reference: list[torch.Tensor], rows: Sequence[torch.Tensor], group: str) -> list[torch.Tensor]:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 import torch
 from torch import nn
 
@@ -111,3 +115,25 @@ class FusionNet(nn.Module):
 
     def forward(self, input_ids, attention_mask, dense, studio, lexical) -> torch.Tensor:
         return self.head(self.text_features(input_ids, attention_mask), dense, studio, lexical)
+
+
+@dataclass(frozen=True)
+class Blend:
+    """What follows the head (standardised units): head x ``head`` + lexical score x ``lexical``
+    (fusion) + ``constant``. Training fits it by least squares on the selection run's validation
+    rows, the newest titles by default: the lexical view's direct share, and a drift correction
+    for titles newer than those trained on (README, "Accuracy"). A bundle without one: the head."""
+
+    head: float = 1.0
+    lexical: float = 0.0
+    constant: float = 0.0
+
+    @classmethod
+    def from_manifest(cls, manifest: dict[str, Any]) -> "Blend":
+        blend = manifest.get("blend")
+        return cls(blend["head"], blend["lexical"], blend["constant"]) if blend else cls()
+
+    def apply(self, head: np.ndarray, lexical: np.ndarray | None = None) -> np.ndarray:
+        """float64 blended predictions; ``lexical`` (fusion) broadcasts against ``head``."""
+        out = self.head * np.asarray(head, dtype=np.float64) + self.constant
+        return out if lexical is None else out + self.lexical * np.asarray(lexical, dtype=np.float64)

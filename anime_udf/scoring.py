@@ -11,11 +11,11 @@ import torch
 
 from anime_udf.bundle import BundleError, load_weights, read_manifest, text_encoder_dirs
 from anime_udf.cache import EmbeddingCache
-from anime_udf.explain import GROUPS, Reference, coalition_values, explanation, fields
+from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
 from anime_udf.features import TabularEncoder
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
-from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
+from anime_udf.models import BaselineNet, Blend, FusionHead, SeedEnsemble
 from anime_udf.text import FrozenTextEncoder
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
@@ -23,7 +23,7 @@ SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
 class Scorer:
     """What both kinds share: tabular features, the text encoder (frozen, cached by content
-    hash), a seed ensemble of heads, target scaling and clamping."""
+    hash), a seed ensemble of heads, the blend after it, target scaling and clamping."""
 
     kind: str
     weights_file: str
@@ -44,6 +44,7 @@ class Scorer:
         cfg = manifest["model"]
         self.net = SeedEnsemble([self._member(cfg) for _ in range(int(cfg["seeds"]))])
         _load_state(self.net, self.path, self.weights_file)
+        self.blend = Blend.from_manifest(manifest)
         # DuckDB calls UDFs from several threads; one forward pass at a time keeps
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
         self._lock = threading.Lock()
@@ -59,9 +60,10 @@ class Scorer:
         if not len(synopsis):
             return np.zeros(0, dtype=np.float64)
         with self._lock, torch.inference_mode():
-            standardised = self.net(*self.head_inputs(synopsis, genres, studio, episodes)).numpy()
-        scores = standardised.astype(np.float64) * self.target_std + self.target_mean
-        return np.clip(scores, SCORE_MIN, SCORE_MAX)
+            inputs = self.head_inputs(synopsis, genres, studio, episodes)
+            head = self.net(*inputs).numpy()
+        standardised = self.blend.apply(head, lexical_input(inputs))
+        return np.clip(standardised * self.target_std + self.target_mean, SCORE_MIN, SCORE_MAX)
 
     def explain(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                 episodes: Sequence[Any]) -> dict[str, np.ndarray]:
@@ -76,6 +78,7 @@ class Scorer:
         with self._lock, torch.inference_mode():
             rows = self.head_inputs(synopsis, genres, studio, episodes)
             values = coalition_values(self.net.members, rows, self._reference, groups)
+        values = blended_coalitions(values, self.blend, groups, lexical_input(rows), self._reference)
         return explanation(values, groups, self.target_mean, self.target_std, (SCORE_MIN, SCORE_MAX))
 
     def head_inputs(self, synopsis, genres, studio, episodes) -> tuple[torch.Tensor, ...]:
@@ -125,6 +128,11 @@ class FusionScorer(Scorer):
         # Cleaning whitespace changes no token (tokens are runs of word characters), so the raw
         # synopsis (str or NULL) scores as its clean_text would.
         return (self.lexical.predict(synopsis),)
+
+
+def lexical_input(inputs: tuple[torch.Tensor, ...]) -> np.ndarray | None:
+    """The lexical score among the head's inputs (fusion's fourth), or None (the baseline)."""
+    return inputs[3].numpy() if len(inputs) > 3 else None
 
 
 def sentence_embedding(pooled: np.ndarray) -> np.ndarray:

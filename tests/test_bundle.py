@@ -116,6 +116,8 @@ def test_a_manifest_must_list_its_files(bundle, files):
     (lambda m: m["target"].__setitem__("std", float("nan")), r"target\.std is NaN; expected a number in \(0, 1000\]"),
     (lambda m: m["model"].__setitem__("seeds", True), r"model\.seeds is true"),
     (lambda m: m["features"].__setitem__("genres", "Action"), r"features\.genres is \"Action\"; expected a list"),
+    (lambda m: m.__setitem__("blend", {"head": 1, "lexical": 0}), r"blend\.constant is missing"),
+    (lambda m: m.__setitem__("blend", {"head": float("inf"), "lexical": 0, "constant": 0}), r"blend\.head is Infinity"),
 ])
 def test_manifest_values_are_checked_before_anything_is_built(bundle, edit, message):
     _edit_manifest(bundle, edit)

@@ -17,10 +17,11 @@ from hypothesis import strategies as st
 
 import anime_udf
 from anime_udf.bundle import BundleError, MANIFEST, file_sha256
-from anime_udf.explain import GROUPS, REFERENCE_FILE, Reference, coalition_values, explanation, fields
+from anime_udf.explain import (GROUPS, REFERENCE_FILE, Reference, blended_coalitions, coalition_values,
+                               explanation, fields)
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 from anime_udf.models import BaselineNet, FusionHead
-from anime_udf.scoring import load_scorer
+from anime_udf.scoring import lexical_input, load_scorer
 from tests.conftest import HOLDOUT
 from tests.test_properties import register_batch, rows  # generated rows, NULLs and odd values
 
@@ -108,9 +109,13 @@ def test_a_group_at_its_reference_gets_no_part(bundle, kind):
         at_reference = [x.clone() for x in rows]
         at_reference[0][:] = reference.text  # synopsis at its reference
         at_reference[1][:, GENRE_COLUMNS] = reference.dense[GENRE_COLUMNS]  # genres at theirs
+        if kind == "fusion":
+            at_reference[3][:] = reference.lexical  # and the lexical score, which the blend also adds
         values = coalition_values(scorer.net.members, at_reference, reference, GROUPS[kind])
+    values = blended_coalitions(values, scorer.blend, GROUPS[kind], lexical_input(at_reference), reference)
     parts = explanation(values, GROUPS[kind], scorer.target_mean, scorer.target_std, (1, 10))
     assert np.abs(parts["synopsis"]).max() <= 1e-6 and np.abs(parts["genres"]).max() <= 1e-6
+    assert kind == "baseline" or np.abs(parts["lexical"]).max() <= 1e-6
     assert np.abs(parts["episodes"]).max() > 1e-3
 
 

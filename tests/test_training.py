@@ -1,5 +1,8 @@
 """Training: choose epochs on a validation split, refit on every row, seed ensembles, devices."""
 
+import json
+import shutil
+
 import duckdb
 import numpy as np
 import polars as pl
@@ -15,7 +18,7 @@ from anime_udf.devices import DeviceError, resolve_device
 from anime_udf.scoring import load_scorer
 from tests.conftest import CATALOG, HOLDOUT
 from training.baseline import BaselineSettings, train_baseline
-from training.common import load_split
+from training.common import fit_blend, load_split
 
 INPUTS = ("synopsis", "genres", "studio", "episodes")
 
@@ -141,3 +144,57 @@ def write_dated(tmp_path):
     path = tmp_path / "dated.csv"
     dated_catalog().write_csv(path)
     return path
+
+
+# --- the blend after the head -----------------------------------------------------------------
+
+
+def test_fit_blend_finds_the_weights_and_stays_near_the_head_on_a_few_rows():
+    rng = np.random.default_rng(0)
+    head, lexical = rng.normal(size=(2, 2000))
+    y = 0.8 * head + 0.2 * lexical + 0.1 + rng.normal(scale=0.3, size=2000)
+    blend = fit_blend(head, y, lexical)
+    assert blend["fitted_on_rows"] == 2000
+    np.testing.assert_allclose([blend["head"], blend["lexical"], blend["constant"]], [0.8, 0.2, 0.1], atol=0.03)
+    assert fit_blend(head, y)["lexical"] == 0.0  # the baseline has no lexical score
+    # Five validation rows say little: the blend stays close to the head alone (1, 0, 0).
+    few = fit_blend(head[:5], 3 * y[:5], lexical[:5])
+    assert abs(few["head"] - 1) < 0.5 and abs(few["lexical"]) < 0.5 and abs(few["constant"]) < 0.5
+
+
+def edited_copy(bundle, tmp_path, name, edit):
+    copy = shutil.copytree(bundle, tmp_path / name)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def test_the_blend_in_the_manifest_is_what_scoring_applies(bundle, tmp_path):
+    manifest = read_manifest(bundle)
+    blend, std, mean = manifest["blend"], manifest["target"]["std"], manifest["target"]["mean"]
+    assert blend["fitted_on_rows"] == manifest["training"]["rows_valid"]
+    df = read_catalog(HOLDOUT)
+    columns = [df[c].to_list() for c in INPUTS]
+    blended = load_scorer(bundle).predict(*columns)
+    # A bundle from before the blend scores with the head alone.
+    head_alone = load_scorer(edited_copy(bundle, tmp_path, "no-blend", lambda m: m.pop("blend"))).predict(*columns)
+    assert np.abs(blended - head_alone).max() > 1e-3
+    # The constant moves every score (not clamped) by itself times the target's deviation.
+    shifted = load_scorer(edited_copy(bundle, tmp_path, "shifted",
+                                      lambda m: m["blend"].update(constant=blend["constant"] + 0.25))).predict(*columns)
+    inside = (shifted < 10) & (blended > 1)
+    assert inside.sum() > 10
+    np.testing.assert_allclose(shifted[inside] - blended[inside], 0.25 * std, atol=1e-6)
+    # Nothing from the head (nor the lexical score): every title scores the training mean.
+    flat = edited_copy(bundle, tmp_path, "flat", lambda m: m["blend"].update(head=0, lexical=0, constant=0))
+    np.testing.assert_allclose(load_scorer(flat).predict(*columns), mean, atol=1e-9)
+
+
+def test_no_blend_trains_the_head_alone(tmp_path):
+    args = ["train", "baseline", "--data", str(CATALOG), "--epochs", "4", "--seeds", "1"]
+    for name, extra in (("blended", []), ("head", ["--no-blend"])):
+        result = CliRunner().invoke(cli, [*args, *extra, "--out", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    assert "blend" in read_manifest(tmp_path / "blended") and "blend" not in read_manifest(tmp_path / "head")
+    assert not np.allclose(holdout_scores(tmp_path / "blended"), holdout_scores(tmp_path / "head"))

@@ -50,6 +50,10 @@ def data_options(valid_fraction: float, seeds: int):
                          help="Heads trained with seeds SEED, SEED+1, … and averaged.")(f)
         f = click.option("--refit/--no-refit", default=True, show_default=True,
                          help="After choosing epochs on the validation rows, retrain on every row of --data.")(f)
+        f = click.option("--blend/--no-blend", default=True, show_default=True,
+                         help="After the head, a least-squares blend fitted on the validation rows: the head's "
+                              "prediction times a weight, plus a constant (and, for fusion, the lexical score "
+                              "times a weight). On the newest titles it corrects for drift (README, Accuracy).")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
         f = click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                          help=f"Validate on this random fraction of --data instead. Default when --data has "
@@ -98,8 +102,8 @@ def train():
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
-def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, epochs,
-             batch_size, lr):
+def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, blend, seeds, device,
+             precision, epochs, batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
     A selection run on a held-out part of --data (by default its newest years, when it
@@ -112,8 +116,8 @@ def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, s
 
     split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=BASELINE_VALID_FRACTION)
     out = out or default_out(models_dir, "baseline")
-    settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, seeds=seeds,
-                                device=device, precision=precision)
+    settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, blend=blend,
+                                seeds=seeds, device=device, precision=precision)
     report(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo), out)
 
 
@@ -141,8 +145,8 @@ def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, s
 @click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Fine-tuning batch size.")
 @click.option("--checkpoint-every", type=POSITIVE, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
-def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, seeds, device, precision, backbone,
-           pooling, max_length, epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
+def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, blend, seeds, device, precision,
+           backbone, pooling, max_length, epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
     """Transformer text + genres, studio, episodes + the synopsis's words (the fusion model).
 
     Three views fused by one head: the encoder's pooled synopsis, the tabular fields
@@ -163,7 +167,7 @@ def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, see
     settings = FusionSettings(
         backbone=str(backbone.resolve()) if backbone else "", pooling=pooling, max_length=max_length,
         epochs=epochs, head_epochs=head_epochs, lr_encoder=lr_encoder, layer_decay=layer_decay, lr_head=lr_head,
-        batch_size=batch_size, checkpoint_every=checkpoint_every, seeds=seeds, refit=refit, seed=seed,
+        batch_size=batch_size, checkpoint_every=checkpoint_every, seeds=seeds, refit=refit, blend=blend, seed=seed,
         device=device, precision=precision)
     try:
         manifest = train_fusion(split, out, settings, resume=resume, force=force, progress=progress_bars(),

@@ -13,9 +13,11 @@ recorded in the bundle:
 3. ``fine_tune_encoder`` (stage 2, ``epochs`` > 0): encoder and head end to end
    (training/fine_tune.py). An epoch is kept only if it beats stage 1 on validation RMSE;
    on a 2-core CPU none has, so the default is 0;
-4. ``refit_head``: the final head, a seed ensemble refitted on every training row, on the
+4. ``fit_blend`` (``blend``): what follows the head, head x a + lexical score x b + c, fitted
+   on the selection run's validation predictions (anime_udf.models.Blend);
+5. ``refit_head``: the final head, a seed ensemble refitted on every training row, on the
    features of the chosen encoder, for the chosen number of epochs;
-5. ``write_bundle``: the manifest and the files, written atomically.
+6. ``write_bundle``: the manifest and the files, written atomically.
 
 Stage 2 checkpoints into ``.OUT.checkpoint/`` beside the bundle; ``resume=True`` continues
 from there (stage 1 and the lexical fits are deterministic and quick, so they are rerun).
@@ -41,11 +43,11 @@ from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_stat
 from anime_udf.features import clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.metrics import compute_metrics
-from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
+from anime_udf.models import Blend, FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path, load_encoder,
                             load_tokenizer, weights_checksum)
-from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_ensemble, refit_ensemble,
-                             seed_everything, select_epochs, training_record)
+from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_blend, fit_ensemble,
+                             refit_ensemble, seed_everything, select_epochs, training_record)
 from training.fine_tune import Checkpoint, fine_tune
 from training.lexical import LexicalSettings, fit_lexical, out_of_fold
 
@@ -76,6 +78,7 @@ class FusionSettings:
     min_studio_count: int = 3
     seeds: int = 3
     refit: bool = True
+    blend: bool = True  # the lexical score's direct share and a drift correction after the head (README)
     lexical_ngram_max: int = 2
     lexical_min_df: int = 2
     lexical_alpha: float = 1.0
@@ -134,6 +137,7 @@ class FusionTrainer:
         with tempfile.TemporaryDirectory() as side:  # the encoder and lexical files, until the bundle is written
             side = Path(side)
             self.fine_tune_encoder(side, checkpoint, resume)
+            self.fit_blend()
             ensemble = self.refit_head()
             manifest = self.manifest(name or Path(out).name)
             self.write_bundle(out, side, manifest, ensemble, force)
@@ -203,6 +207,16 @@ class FusionTrainer:
                            "architecture": encoder.config.model_type, "fine_tuned": tuned, "pooling": s.pooling,
                            "max_length": s.max_length, "normalize": True}
 
+    def fit_blend(self) -> None:
+        """head x a + lexical score x b + c, least squares on the selection run's validation
+        rows (training.common.fit_blend); ``blend`` off: the head alone."""
+        self.blend = (fit_blend(self.selection.valid_predictions, self.y["valid"], self.tabular["valid"][2])
+                      if self.settings.blend else None)
+        if self.blend:
+            b = self.blend
+            self.log(f"blend after the head: {b['head']:.3f} x head + {b['lexical']:.3f} x lexical score "
+                     f"{b['constant']:+.3f} (least squares on {b['fitted_on_rows']} validation rows)")
+
     def refit_head(self) -> SeedEnsemble:
         """The final head: the seed ensemble, the chosen epochs, every final row."""
         s, epochs = self.settings, self.selection.best_epochs
@@ -212,9 +226,11 @@ class FusionTrainer:
 
     def manifest(self, name: str) -> dict:
         s = self.settings
-        # The selection run's ensemble on rows it never trained on (the refitted final model has seen them).
-        metrics = compute_metrics(self.split.valid["score"].to_numpy(),
-                                  self.selection_tab.scaler.unscale(self.selection.valid_predictions))
+        # The selection run's ensemble, blended, on rows it never trained on (the refitted final
+        # model has seen them; the blend's three numbers were fitted on them).
+        blended = Blend.from_manifest({"blend": self.blend}).apply(self.selection.valid_predictions,
+                                                                  self.tabular["valid"][2])
+        metrics = compute_metrics(self.split.valid["score"].to_numpy(), self.selection_tab.scaler.unscale(blended))
         timings = {k: round(v, 1) for k, v in self.timings.items()}
         return {
             "kind": "fusion",
@@ -226,6 +242,7 @@ class FusionTrainer:
             "model": {"text_dim": int(self.x["fit"][0].shape[1]), "studio_dim": s.studio_dim,
                       "dropout": s.dropout, "seeds": s.seeds},
             "target": {"mean": self.tab.scaler.mean, "std": self.tab.scaler.std},
+            **({"blend": self.blend} if self.blend else {}),
             "training": training_record(
                 self.split, asdict(s), epochs=self.selection.best_epochs, final_rows=self.rows["refit"].height,
                 embedding_precision=self.text_encoder.precision, **timings, fine_tuning=self.fine_tuning,
