@@ -120,9 +120,10 @@ class FusionNet(nn.Module):
 @dataclass(frozen=True)
 class Blend:
     """What follows the head (standardised units): head x ``head`` + lexical score x ``lexical``
-    (fusion) + ``constant``. Training fits it by least squares on the selection run's validation
-    rows, the newest titles by default: the lexical view's direct share, and a drift correction
-    for titles newer than those trained on (README, "Accuracy"). A bundle without one: the head."""
+    (fusion) + ``constant``. ``train --blend`` fits it by least squares on the selection run's
+    validation rows, the newest titles by default: a calibration for titles newer than those
+    trained on (README, "Measured on the real catalog"). A bundle without one (the default):
+    the head alone."""
 
     head: float = 1.0
     lexical: float = 0.0

@@ -9,15 +9,18 @@
 
 For each split: the training rows are written to Parquet (every column, so `train` sees the
 catalog's `year` as a user's would: it may choose the validation rows, never feed a model),
-`anime-udf train baseline` and `anime-udf train fusion` run with their defaults (timed), and
-`anime-udf eval --where …` scores the evaluation rows through SQL. The training mean row is
-the constant a model would need to beat. Prints one table a split.
+`anime-udf train baseline` and `anime-udf train fusion` run with their defaults plus
+`--blend` (timed), and `anime-udf eval --where …` scores the evaluation rows through SQL,
+once without the blend (a copy of the bundle without it: exactly the default model, as the
+blend is fitted after everything else and changes nothing else) and once with it. The
+training mean row is the constant a model would need to beat. Prints one table a split.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -50,22 +53,41 @@ def run_split(catalog: Path, split: str, work: Path) -> list[dict]:
     for kind in ("baseline", "fusion"):
         out = work / f"{split}-{kind}"
         started = time.perf_counter()
-        anime_udf("train", kind, "--data", str(train), "--out", str(out), "--force")
+        anime_udf("train", kind, "--data", str(train), "--out", str(out), "--force", "--blend")
         minutes = (time.perf_counter() - started) / 60
         validation = json.loads((out / "manifest.json").read_text())["training"]["validation"]
         bundles.append((kind, out, minutes, validation))
-    args = ["eval", "--data", str(catalog), "--where", eval_where, "--json"]
-    for _, out, _, _ in bundles:
-        args += ["--model", str(out)]
-    measured = {row["model"]: row for row in json.loads(anime_udf(*args))}
+    default = evaluate(catalog, eval_where, [without_blend(out) for _, out, _, _ in bundles])
+    blended = evaluate(catalog, eval_where, [out for _, out, _, _ in bundles])
     reference = con.execute(f"SELECT count(*), avg(abs(score - {mean})), sqrt(avg((score - {mean}) ^ 2)) "
                         f"FROM read_csv_auto('{catalog}') WHERE {eval_where} AND score IS NOT NULL").fetchone()
     rows.append({"model": "training mean", "n": reference[0], "mae": reference[1], "rmse": reference[2],
                  "spearman": None, "minutes": None, "validation": ""})
     for kind, _, minutes, validation in bundles:
         how = validation.get("where") or f"random {validation.get('fraction')}"
-        rows.append(measured[kind] | {"minutes": minutes, "validation": how})
+        rows.append(default[kind] | {"minutes": minutes, "validation": how})
+        rows.append(blended[kind] | {"model": f"{kind} --blend", "minutes": None, "validation": how})
     return rows
+
+
+def evaluate(catalog: Path, where: str, bundles: list[Path]) -> dict[str, dict]:
+    """`anime-udf eval` of one bundle of each kind: {kind: its row}."""
+    args = ["eval", "--data", str(catalog), "--where", where, "--json"]
+    for bundle in bundles:
+        args += ["--model", str(bundle)]
+    return {row["model"]: row for row in json.loads(anime_udf(*args))}
+
+
+def without_blend(bundle: Path) -> Path:
+    """A copy of ``bundle`` scoring with its head alone: what `train` without --blend trains,
+    since the blend is fitted after the heads' epochs are chosen and changes nothing else."""
+    copy = bundle.with_name(bundle.name + "-default")
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.pop("blend", None)
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
 
 
 def print_table(split: str, rows: list[dict]) -> None:

@@ -98,8 +98,39 @@ def test_an_unknown_or_null_studio_gets_no_part(con, kind):
     assert max(abs(p["genres"]) for (p,) in parts) > 1e-3
 
 
-def test_a_group_at_its_reference_gets_no_part(bundle, kind):
-    """Dummy: rows holding a group's reference (on the real model) get 0 for it, the rest unchanged."""
+@pytest.fixture(scope="module")
+def blended(baseline_bundle, fusion_bundle, tmp_path_factory) -> dict:
+    """The fixture models with a blend after the head (as `train --blend` writes one): {kind: bundle}."""
+    bundles = {}
+    for kind, bundle in (("baseline", baseline_bundle), ("fusion", fusion_bundle)):
+        copy = shutil.copytree(bundle, tmp_path_factory.mktemp("blended") / kind)
+        manifest = json.loads((copy / MANIFEST).read_text())
+        manifest["blend"] = {"head": 0.8, "lexical": 0.3 if kind == "fusion" else 0.0, "constant": 0.1}
+        (copy / MANIFEST).write_text(json.dumps(manifest))
+        bundles[kind] = copy
+    return bundles
+
+
+def test_a_blended_model_is_explained_as_it_scores(con, blended, kind):
+    """The parts add up to the blended score; the head's parts are scaled by the blend's head
+    weight (the lexical part also holds the lexical score's direct share)."""
+    with_blend = duckdb.connect()
+    anime_udf.register(with_blend, **blended)
+    parts = {}
+    for name, connection in (("head", con.cursor()), ("blended", with_blend)):
+        connection.execute(f"CREATE TEMP TABLE t AS SELECT row_number() OVER () AS i, * FROM read_csv('{HOLDOUT}')")
+        parts[name], scores = explained(connection, kind, "t")
+    assert_efficient(parts["blended"], scores, kind)
+    for group in ("synopsis", "genres", "studio", "episodes"):
+        np.testing.assert_allclose(parts["blended"][group], 0.8 * parts["head"][group], atol=1e-6)
+    if kind == "fusion":
+        assert np.abs(parts["blended"]["lexical"] - 0.8 * parts["head"]["lexical"]).max() > 1e-3
+
+
+def test_a_group_at_its_reference_gets_no_part(blended, kind):
+    """Dummy: rows holding a group's reference (on the real model, with a blend after its head)
+    get 0 for it, the rest unchanged."""
+    bundle = blended[kind]
     scorer = load_scorer(bundle)
     reference = Reference.load(bundle, scorer.manifest, scorer.manifest["model"]["text_dim"],
                                scorer.features.n_tabular)

@@ -162,39 +162,46 @@ def test_fit_blend_finds_the_weights_and_stays_near_the_head_on_a_few_rows():
     assert abs(few["head"] - 1) < 0.5 and abs(few["lexical"]) < 0.5 and abs(few["constant"]) < 0.5
 
 
-def edited_copy(bundle, tmp_path, name, edit):
+def with_blend(bundle, tmp_path, name, **blend):
+    """A copy of ``bundle`` whose manifest holds this blend (the fixture bundles have none)."""
     copy = shutil.copytree(bundle, tmp_path / name)
     manifest = json.loads((copy / "manifest.json").read_text())
-    edit(manifest)
+    manifest["blend"] = {"head": 1.0, "lexical": 0.0, "constant": 0.0} | blend
     (copy / "manifest.json").write_text(json.dumps(manifest))
     return copy
 
 
-def test_the_blend_in_the_manifest_is_what_scoring_applies(bundle, tmp_path):
+def test_the_blend_in_the_manifest_is_what_scoring_applies(bundle, kind, tmp_path):
     manifest = read_manifest(bundle)
-    blend, std, mean = manifest["blend"], manifest["target"]["std"], manifest["target"]["mean"]
-    assert blend["fitted_on_rows"] == manifest["training"]["rows_valid"]
+    std, mean = manifest["target"]["std"], manifest["target"]["mean"]
     df = read_catalog(HOLDOUT)
     columns = [df[c].to_list() for c in INPUTS]
-    blended = load_scorer(bundle).predict(*columns)
-    # A bundle from before the blend scores with the head alone.
-    head_alone = load_scorer(edited_copy(bundle, tmp_path, "no-blend", lambda m: m.pop("blend"))).predict(*columns)
-    assert np.abs(blended - head_alone).max() > 1e-3
+    head_alone = load_scorer(bundle).predict(*columns)  # no blend: the head alone
+    # The identity blend changes nothing.
+    np.testing.assert_array_equal(load_scorer(with_blend(bundle, tmp_path, "identity")).predict(*columns), head_alone)
     # The constant moves every score (not clamped) by itself times the target's deviation.
-    shifted = load_scorer(edited_copy(bundle, tmp_path, "shifted",
-                                      lambda m: m["blend"].update(constant=blend["constant"] + 0.25))).predict(*columns)
-    inside = (shifted < 10) & (blended > 1)
+    shifted = load_scorer(with_blend(bundle, tmp_path, "shifted", constant=0.25)).predict(*columns)
+    inside = (shifted < 10) & (head_alone > 1)
     assert inside.sum() > 10
-    np.testing.assert_allclose(shifted[inside] - blended[inside], 0.25 * std, atol=1e-6)
-    # Nothing from the head (nor the lexical score): every title scores the training mean.
-    flat = edited_copy(bundle, tmp_path, "flat", lambda m: m["blend"].update(head=0, lexical=0, constant=0))
+    np.testing.assert_allclose(shifted[inside] - head_alone[inside], 0.25 * std, atol=1e-6)
+    # Nothing from the head: every title scores the training mean.
+    flat = with_blend(bundle, tmp_path, "flat", head=0.0)
     np.testing.assert_allclose(load_scorer(flat).predict(*columns), mean, atol=1e-9)
+    if kind == "fusion":  # the lexical score's direct share
+        scorer = load_scorer(with_blend(bundle, tmp_path, "lexical", lexical=0.5))
+        with_lexical = scorer.predict(*columns)
+        inside = (with_lexical > 1) & (with_lexical < 10) & (head_alone > 1) & (head_alone < 10)
+        np.testing.assert_allclose(with_lexical[inside] - head_alone[inside],
+                                   0.5 * scorer.lexical.predict(columns[0])[inside] * std, atol=1e-5)
 
 
-def test_no_blend_trains_the_head_alone(tmp_path):
+def test_blend_trains_one_on_the_validation_rows(tmp_path):
     args = ["train", "baseline", "--data", str(CATALOG), "--epochs", "4", "--seeds", "1"]
-    for name, extra in (("blended", []), ("head", ["--no-blend"])):
+    for name, extra in (("head", []), ("blended", ["--blend"])):
         result = CliRunner().invoke(cli, [*args, *extra, "--out", str(tmp_path / name)])
         assert result.exit_code == 0, result.output
-    assert "blend" in read_manifest(tmp_path / "blended") and "blend" not in read_manifest(tmp_path / "head")
+    assert "blend after the head" in result.output
+    blended = read_manifest(tmp_path / "blended")
+    assert "blend" not in read_manifest(tmp_path / "head")  # the default: the head alone
+    assert blended["blend"]["fitted_on_rows"] == blended["training"]["rows_valid"] == 80
     assert not np.allclose(holdout_scores(tmp_path / "blended"), holdout_scores(tmp_path / "head"))

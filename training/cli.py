@@ -50,10 +50,13 @@ def data_options(valid_fraction: float, seeds: int):
                          help="Heads trained with seeds SEED, SEED+1, … and averaged.")(f)
         f = click.option("--refit/--no-refit", default=True, show_default=True,
                          help="After choosing epochs on the validation rows, retrain on every row of --data.")(f)
-        f = click.option("--blend/--no-blend", default=True, show_default=True,
+        f = click.option("--blend", is_flag=True,
                          help="After the head, a least-squares blend fitted on the validation rows: the head's "
                               "prediction times a weight, plus a constant (and, for fusion, the lexical score "
-                              "times a weight). On the newest titles it corrects for drift (README, Accuracy).")(f)
+                              "times a weight). Validated on the newest years (the default), it calibrates the "
+                              "model for titles newer than any it trained on: on the real catalog 0.008-0.011 "
+                              "better MAE on those, 0.03 worse on titles like the training rows (README, "
+                              "Accuracy).")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
         f = click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                          help=f"Validate on this random fraction of --data instead. Default when --data has "

@@ -78,7 +78,7 @@ class FusionSettings:
     min_studio_count: int = 3
     seeds: int = 3
     refit: bool = True
-    blend: bool = True  # the lexical score's direct share and a drift correction after the head (README)
+    blend: bool = False  # after the head: better on newer titles, worse on others (README)
     lexical_ngram_max: int = 2
     lexical_min_df: int = 2
     lexical_alpha: float = 1.0
