@@ -34,7 +34,7 @@ from tests.conftest import CATALOG  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # The README's commands (README.md, "Running on a cluster"), with its ports; the tests run them
-# with free ports in their place.
+# with port 0 in their place (the JVMs choose, Cluster reads the ports back).
 MASTER = "$SPARK_HOME/bin/spark-class org.apache.spark.deploy.master.Master --host 127.0.0.1 --port 7077 --webui-port 8080"
 WORKER = ("$SPARK_HOME/bin/spark-class org.apache.spark.deploy.worker.Worker spark://127.0.0.1:7077 --host 127.0.0.1 "
           "--cores 1 --memory 2g --webui-port {ui}")
