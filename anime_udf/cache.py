@@ -78,6 +78,7 @@ class EmbeddingCache:
     def __init__(self, path: Path | None = None):
         self.path = Path(path) if path else cache_dir() / "embeddings.sqlite"
         self.usable = True
+        self.unusable_because = ""  # the error that made it unusable
         self._shared: dict[str, dict[str, np.ndarray]] | None = None  # see shared_reads
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -102,6 +103,7 @@ class EmbeddingCache:
         if self.usable:
             warnings.warn(f"embedding cache {self.path} cannot be used ({exc}); continuing without it",
                           RuntimeWarning, stacklevel=3)
+            self.unusable_because = str(exc)
         self.usable = False
 
     def _connect(self) -> sqlite3.Connection:
@@ -191,9 +193,10 @@ class EmbeddingCache:
 
     # --- bounding the file (anime-udf cache) ---------------------------------------------
 
-    def _require_usable(self) -> None:
+    def require_usable(self) -> None:
+        """For the commands that need the cache itself (not only its speed): an unusable one is an error."""
         if not self.usable:
-            raise CacheError(f"embedding cache {self.path} cannot be used (see the warning above)")
+            raise CacheError(f"embedding cache {self.path} cannot be used ({self.unusable_because})")
 
     def size_bytes(self) -> int:
         """The cache file with its write-ahead log."""
@@ -203,7 +206,7 @@ class EmbeddingCache:
     def stats(self) -> list[dict[str, Any]]:
         """One dict per encoder id: entries, bytes of vectors, oldest and newest write (unix
         seconds; None for entries written before dates were kept), most entries first."""
-        self._require_usable()
+        self.require_usable()
         con = self._connect()
         try:
             rows = con.execute(
@@ -220,7 +223,7 @@ class EmbeddingCache:
         """Remove the entries written more than ``older_than`` seconds ago (undated ones
         included) and/or those of encoder ids starting with ``encoder``; then ``compact``.
         Returns the entries removed (or, with ``dry_run``, that would be) per encoder id."""
-        self._require_usable()
+        self.require_usable()
         if older_than is None and encoder is None:
             raise CacheError("say what to prune: --older-than AGE and/or --encoder ID")
         conditions, params = [], []
@@ -247,7 +250,7 @@ class EmbeddingCache:
     def compact(self) -> None:
         """Rewrite the file: the current layout (an older cache's is converted) without the
         space of removed entries."""
-        self._require_usable()
+        self.require_usable()
         con = self._connect()
         try:
             with con:  # one transaction

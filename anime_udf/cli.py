@@ -570,13 +570,12 @@ def open_cache():
     """The embedding cache the scoring commands use ($ANIME_UDF_CACHE); an unusable one is an error here."""
     import warnings
 
-    from anime_udf.cache import CacheError, EmbeddingCache
+    from anime_udf.cache import EmbeddingCache
 
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the error says it
         cache = EmbeddingCache()
-    if not cache.usable:
-        raise CacheError(str(caught[0].message) if caught else f"embedding cache {cache.path} cannot be used")
+    cache.require_usable()
     return cache
 
 

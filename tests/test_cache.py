@@ -154,3 +154,13 @@ def test_prune_older_than_removes_old_and_undated_entries_and_shrinks_the_file(t
     np.testing.assert_array_equal(real.embed(TEXTS), reference)
     assert cache_command(tmp_path, "prune").exit_code == 2  # nothing said: refused
     assert "is not an age" in cache_command(tmp_path, "prune", "--older-than", "soon").output
+
+
+def test_the_cache_command_on_an_unusable_cache_says_why_and_fails(tmp_path):
+    (tmp_path / "embeddings.sqlite").write_bytes(b"not a database, and long enough to be read as one" * 100)
+    for args in (["info"], ["prune", "--older-than", "1d"], ["compact"]):
+        result = cache_command(tmp_path, *args)
+        assert result.exit_code == 1, result.output
+        assert f"embedding cache {tmp_path / 'embeddings.sqlite'} cannot be used (file is not a database)" \
+            in result.output, result.output
+        assert "Traceback" not in result.output
