@@ -99,13 +99,15 @@ def check_encoder_config(path: Path | str) -> None:
     _config_without_code(Path(path) / "config.json", required=True)
 
 
-def check_model_type(path: Path | str) -> None:
+def check_model_type(path: Path | str) -> str:
+    """The encoder's ``model_type``, refused unless it is built into transformers."""
     from transformers import CONFIG_MAPPING
 
     config_file = Path(path) / "config.json"
     model_type = _config_without_code(config_file, required=True).get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise EncoderError(f"{config_file}: model_type {model_type!r} is not a model type built into transformers")
+    return model_type
 
 
 def check_tokenizer_config(path: Path | str) -> None:

@@ -44,8 +44,8 @@ from anime_udf.features import clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import Blend, FusionHead, FusionNet, SeedEnsemble
-from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path, load_encoder,
-                            load_tokenizer, weights_checksum)
+from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, check_model_type, default_encoder_path,
+                            load_encoder, load_tokenizer, weights_checksum)
 from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_blend, fit_ensemble,
                              refit_ensemble, seed_everything, select_epochs, training_record)
 from training.fine_tune import Checkpoint, fine_tune
@@ -179,9 +179,12 @@ class FusionTrainer:
         in ``side`` (as is any encoder but the packaged one) and the head's epochs are chosen
         again on its features."""
         s = self.settings
-        tokenizer = load_tokenizer(self.backbone)
-        encoder = load_encoder(self.backbone, dropout=s.encoder_dropout)
         self.fine_tuning = None
+        # The weights are loaded only to fine-tune them or to ship an encoder other than the
+        # packaged one (which the bundle references by checksum).
+        if s.epochs > 0 or s.backbone:
+            tokenizer = load_tokenizer(self.backbone)
+            encoder = load_encoder(self.backbone, dropout=s.encoder_dropout)
         if s.epochs > 0:
             head = fit_ensemble(self.make_head(self.selection_tab), self.x["fit"], self.y["fit"],
                                 self.selection.best_epochs, replace(self.how, seeds=1), s.seed,
@@ -204,7 +207,7 @@ class FusionTrainer:
         checksum = weights_checksum(str(side / "encoder")) if self.encoder_in_bundle else self.text_encoder.checksum
         self.text_model = {"name": self.backbone_name, "checksum": checksum, "in_bundle": self.encoder_in_bundle,
                            "base_checksum": weights_checksum(str(self.backbone)),
-                           "architecture": encoder.config.model_type, "fine_tuned": tuned, "pooling": s.pooling,
+                           "architecture": check_model_type(self.backbone), "fine_tuned": tuned, "pooling": s.pooling,
                            "max_length": s.max_length, "normalize": True}
 
     def fit_blend(self) -> None:
