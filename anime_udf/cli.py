@@ -270,12 +270,17 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
     if write and not database:
         raise click.BadParameter("--write opens the --db database for writing: pass --db FILE.duckdb",
                                  param_hint="--write")
+    from anime_udf.catalog import read_catalog
+
+    # Read before the --db database is opened: a --table of that database reads it through a
+    # read-only connection of its own, which DuckDB refuses beside a --write one.
+    frames = [(name, read_catalog(path)) for name, path in views]
     con, scorers = connect(models_dir, model_paths, device, precision, require_models=False, database=database,
                            read_only=not write)
     with con:  # closed at the end: a --db database is free for the next process (or the next command)
         load_report_macros(con)
-        for name, path in views:
-            add_catalog(con, name, path)
+        for name, df in frames:
+            con.register(name, df)
         result = run_query(con, query, scorers, models_dir)
         df = result.pl() if result is not None else None
     if df is None:

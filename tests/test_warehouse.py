@@ -93,6 +93,12 @@ def test_sql_db_reads_and_writes_only_with_write(warehouse, tmp_path):
     assert query(warehouse, "SELECT count(*) FROM duckdb_functions() WHERE function_name = 'mae' "
                             "AND database_name = 'warehouse'") == [(0,)]
 
+    # A --table of the --write database itself (read before the database is opened for writing).
+    both = run("sql", "--db", warehouse, "--write", "--table", f"a={warehouse}:anime",
+               "CREATE TABLE a_copy AS SELECT * FROM a")
+    assert both.exit_code == 0, both.output
+    assert query(warehouse, "SELECT count(*) FROM a_copy") == [(400,)]
+
     missing = run("sql", "--db", tmp_path / "none.duckdb", "SELECT 1")
     assert missing.exit_code == 2 and "no such database file (--write creates one)" in missing.output
     assert not (tmp_path / "none.duckdb").exists()
