@@ -56,7 +56,7 @@ def data_options(valid_fraction: float, seeds: int):
                               "times a weight). Validated on the newest years (the default), it calibrates the "
                               "model for titles newer than any it trained on: on the real catalog 0.008-0.011 "
                               "better MAE on those, 0.03 worse on titles like the training rows (README, "
-                              "Accuracy).")(f)
+                              "\"Measured on the real catalog\").")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
         f = click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                          help=f"Validate on this random fraction of --data instead. Default when --data has "
