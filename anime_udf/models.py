@@ -130,9 +130,9 @@ class Blend:
     constant: float = 0.0
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> "Blend":
-        blend = manifest.get("blend")
-        return cls(blend["head"], blend["lexical"], blend["constant"]) if blend else cls()
+    def of(cls, entry: dict[str, Any] | None) -> "Blend":
+        """From the manifest's ``blend`` entry (training.common.fit_blend's); None: the head alone."""
+        return cls(entry["head"], entry["lexical"], entry["constant"]) if entry else cls()
 
     def apply(self, head: np.ndarray, lexical: np.ndarray | None = None) -> np.ndarray:
         """float64 blended predictions; ``lexical`` (fusion) broadcasts against ``head``."""

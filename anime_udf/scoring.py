@@ -44,7 +44,7 @@ class Scorer:
         cfg = manifest["model"]
         self.net = SeedEnsemble([self._member(cfg) for _ in range(int(cfg["seeds"]))])
         _load_state(self.net, self.path, self.weights_file)
-        self.blend = Blend.from_manifest(manifest)
+        self.blend = Blend.of(manifest.get("blend"))
         # DuckDB calls UDFs from several threads; one forward pass at a time keeps
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
         self._lock = threading.Lock()

@@ -85,7 +85,7 @@ def train_baseline(
             f"(least squares on {blend['fitted_on_rows']} validation rows)")
     # The selection run's ensemble, blended, on rows it never trained on (the refitted final
     # model has seen them; the blend's two numbers were fitted on them).
-    blended = Blend.from_manifest({"blend": blend}).apply(selection.valid_predictions)
+    blended = Blend.of(blend).apply(selection.valid_predictions)
     metrics = compute_metrics(split.valid["score"].to_numpy(), sel_tab.scaler.unscale(blended))
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")

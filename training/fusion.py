@@ -231,8 +231,7 @@ class FusionTrainer:
         s = self.settings
         # The selection run's ensemble, blended, on rows it never trained on (the refitted final
         # model has seen them; the blend's three numbers were fitted on them).
-        blended = Blend.from_manifest({"blend": self.blend}).apply(self.selection.valid_predictions,
-                                                                  self.tabular["valid"][2])
+        blended = Blend.of(self.blend).apply(self.selection.valid_predictions, self.tabular["valid"][2])
         metrics = compute_metrics(self.split.valid["score"].to_numpy(), self.selection_tab.scaler.unscale(blended))
         timings = {k: round(v, 1) for k, v in self.timings.items()}
         return {
