@@ -13,10 +13,9 @@ from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
 from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
-from anime_udf.metrics import compute_metrics
-from anime_udf.models import BaselineNet, Blend
+from anime_udf.models import BaselineNet
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
-from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_blend, refit_ensemble,
+from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, refit_ensemble,
                              seed_everything, select_epochs, training_record)
 
 
@@ -76,17 +75,12 @@ def train_baseline(
     fit_started = time.perf_counter()
     log(f"selection run: training on {split.fit.height} rows, validating on {split.valid.height} "
         f"(schedules of {how.schedule_lengths()} epochs)")
+    y_valid = sel_tab.target(split.valid)
     selection = select_epochs(partial(net, *sel_tab.shape()), (emb_fit, *sel_tab.inputs(split.fit)),
                               sel_tab.target(split.fit), (emb_valid, *sel_tab.inputs(split.valid)),
-                              sel_tab.target(split.valid), how, settings.seed, device, progress)
-    blend = fit_blend(selection.valid_predictions, sel_tab.target(split.valid)) if settings.blend else None
-    if blend:
-        log(f"blend after the head: {blend['head']:.3f} x head {blend['constant']:+.3f} "
-            f"(least squares on {blend['fitted_on_rows']} validation rows)")
-    # The selection run's ensemble, blended, on rows it never trained on (the refitted final
-    # model has seen them; the blend's two numbers were fitted on them).
-    blended = Blend.of(blend).apply(selection.valid_predictions)
-    metrics = compute_metrics(split.valid["score"].to_numpy(), sel_tab.scaler.unscale(blended))
+                              y_valid, how, settings.seed, device, progress)
+    blend, metrics = blend_and_validate(settings.blend, selection, y_valid, split.valid["score"].to_numpy(),
+                                        sel_tab.scaler, log)
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")
     final_inputs = (emb_final, *tab.inputs(final_rows))

@@ -16,7 +16,8 @@ from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, DatabaseTable, fingerprint, read_catalog
 from anime_udf.features import TabularEncoder
-from anime_udf.models import SeedEnsemble
+from anime_udf.metrics import compute_metrics
+from anime_udf.models import Blend, SeedEnsemble
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN, sentence_embedding
 from anime_udf.text import FrozenTextEncoder
 
@@ -298,6 +299,22 @@ def fit_blend(head: np.ndarray, y: np.ndarray, lexical: np.ndarray | None = None
     weights = np.linalg.solve(a.T @ a + ridge, a.T @ y.astype(np.float64) + BLEND_PRIOR_ROWS * prior)
     return {"head": float(weights[0]), "lexical": float(weights[1]) if lexical is not None else 0.0,
             "constant": float(weights[-1]), "fitted_on_rows": len(y)}
+
+
+def blend_and_validate(enabled: bool, selection: Selection, y_valid: np.ndarray, valid_scores: np.ndarray,
+                       scaler: TargetScaler, log: Callable[[str], None],
+                       lexical: np.ndarray | None = None) -> tuple[dict | None, dict]:
+    """Both trainers' last use of the selection run: with ``enabled`` (train --blend) the blend
+    is fitted (``fit_blend``) and logged. Returns it (None: the head alone) and the validation
+    metrics of the model as it ships: the selection run's ensemble, blended, on rows it never
+    trained on (the refitted final model has seen them; the blend's few numbers were fitted on them)."""
+    blend = fit_blend(selection.valid_predictions, y_valid, lexical) if enabled else None
+    if blend:
+        lexical_term = f" + {blend['lexical']:.3f} x lexical score" if lexical is not None else ""
+        log(f"blend after the head: {blend['head']:.3f} x head{lexical_term} {blend['constant']:+.3f} "
+            f"(least squares on {blend['fitted_on_rows']} validation rows)")
+    blended = Blend.of(blend).apply(selection.valid_predictions, lexical)
+    return blend, compute_metrics(valid_scores, scaler.unscale(blended))
 
 
 def predict(net: nn.Module, inputs: Inputs) -> np.ndarray:

@@ -42,11 +42,10 @@ from anime_udf.devices import resolve_device
 from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
 from anime_udf.features import clean_text
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
-from anime_udf.metrics import compute_metrics
-from anime_udf.models import Blend, FusionHead, FusionNet, SeedEnsemble
+from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, check_model_type, default_encoder_path,
                             load_encoder, load_tokenizer, weights_checksum)
-from training.common import (DataSplit, HeadTraining, Tabular, embed_frozen, fit_blend, fit_ensemble,
+from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, fit_ensemble,
                              refit_ensemble, seed_everything, select_epochs, training_record)
 from training.fine_tune import Checkpoint, fine_tune
 from training.lexical import LexicalSettings, fit_lexical, out_of_fold
@@ -212,13 +211,11 @@ class FusionTrainer:
 
     def fit_blend(self) -> None:
         """head x a + lexical score x b + c, least squares on the selection run's validation
-        rows (training.common.fit_blend); ``blend`` off: the head alone."""
-        self.blend = (fit_blend(self.selection.valid_predictions, self.y["valid"], self.tabular["valid"][2])
-                      if self.settings.blend else None)
-        if self.blend:
-            b = self.blend
-            self.log(f"blend after the head: {b['head']:.3f} x head + {b['lexical']:.3f} x lexical score "
-                     f"{b['constant']:+.3f} (least squares on {b['fitted_on_rows']} validation rows)")
+        rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
+        metrics of the model as it ships."""
+        self.blend, self.valid_metrics = blend_and_validate(
+            self.settings.blend, self.selection, self.y["valid"], self.split.valid["score"].to_numpy(),
+            self.selection_tab.scaler, self.log, lexical=self.tabular["valid"][2])
 
     def refit_head(self) -> SeedEnsemble:
         """The final head: the seed ensemble, the chosen epochs, every final row."""
@@ -229,10 +226,6 @@ class FusionTrainer:
 
     def manifest(self, name: str) -> dict:
         s = self.settings
-        # The selection run's ensemble, blended, on rows it never trained on (the refitted final
-        # model has seen them; the blend's three numbers were fitted on them).
-        blended = Blend.of(self.blend).apply(self.selection.valid_predictions, self.tabular["valid"][2])
-        metrics = compute_metrics(self.split.valid["score"].to_numpy(), self.selection_tab.scaler.unscale(blended))
         timings = {k: round(v, 1) for k, v in self.timings.items()}
         return {
             "kind": "fusion",
@@ -249,7 +242,7 @@ class FusionTrainer:
                 self.split, asdict(s), epochs=self.selection.best_epochs, final_rows=self.rows["refit"].height,
                 embedding_precision=self.text_encoder.precision, **timings, fine_tuning=self.fine_tuning,
                 seconds=round(time.perf_counter() - self.started, 1), history=self.selection.history),
-            "metrics": {"valid": metrics},
+            "metrics": {"valid": self.valid_metrics},
             "explain": reference_manifest("fusion"),
         }
 
