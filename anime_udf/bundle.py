@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from anime_udf.errors import AnimeUdfError
+from anime_udf.files import process_running
 
 if TYPE_CHECKING:
     import torch
@@ -135,7 +136,7 @@ def recover_replaced(directory: Path | str) -> None:
     for entry in entries:
         aside, partial = _SET_ASIDE.fullmatch(entry.name), _PARTIAL.fullmatch(entry.name)
         found = aside or partial
-        if not found or not entry.is_dir() or entry.is_symlink() or _running(int(found["pid"])):
+        if not found or not entry.is_dir() or entry.is_symlink() or process_running(int(found["pid"])):
             continue
         target = entry.with_name(found["name"])
         try:
@@ -145,16 +146,6 @@ def recover_replaced(directory: Path | str) -> None:
                 shutil.rmtree(entry)
         except OSError:
             pass  # left for a run that may write here
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _is_bundle(path: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Writing files so that readers never see a partial one."""
+"""Writing files so that readers never see a partial one, and clearing what a killed writer left."""
 
 from __future__ import annotations
 
@@ -30,3 +30,14 @@ def atomic_file(path: Path) -> Iterator[Path]:
             os.close(dir_fd)
     except OSError:
         pass  # some file systems cannot fsync a directory; the rename is atomic all the same
+
+
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists: what a killed writer left (named by its pid) may be cleared when not."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

@@ -44,7 +44,7 @@ import pyarrow.parquet as pq
 from anime_udf.catalog import DatabaseTable, catalog_label, catalog_source, read_catalog
 from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice
-from anime_udf.files import atomic_file
+from anime_udf.files import atomic_file, process_running
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
 from anime_udf.rescore.report import RunReport, dry_run_report, run_report
 from anime_udf.rescore.run import RescoreError, Run, pause
@@ -139,19 +139,9 @@ def work_directory() -> tempfile.TemporaryDirectory:
     spilled rows can be as large as the catalog."""
     for path in Path(tempfile.gettempdir()).glob(f"{WORK_DIR_PREFIX}*-*"):
         pid = path.name[len(WORK_DIR_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not process_exists(int(pid)):
+        if pid.isdigit() and not process_running(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
     return tempfile.TemporaryDirectory(prefix=f"{WORK_DIR_PREFIX}{os.getpid()}-")
-
-
-def process_exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
-        return True
-    return True
 
 
 # --- before the run -------------------------------------------------------------------------------
