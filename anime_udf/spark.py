@@ -52,7 +52,7 @@ NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, 
 # on the workers; not the SQL functions' argument types (ARGUMENTS: episodes DOUBLE).
 CANONICAL_TYPES = {"synopsis": pa.string(), "genres": pa.string(), "studio": pa.string(), "episodes": pa.int64()}
 # Spark's names of the Arrow types the UDFs return in a struct.
-SPARK_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.bool_(): "boolean"}
+SPARK_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.bool_(): "boolean", pa.float64(): "double"}
 
 
 # What a failed Spark job raises in the driver (most failures are converted to the first).
@@ -155,7 +155,7 @@ def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: 
                 yield pa.array(scorer.predict(*columns), type=pa.float64())
 
     predict.__name__ = name
-    returns = f"struct<{', '.join(f'{f} double' for f in fields(explain_kind))}>" if explain_kind else "double"
+    returns = spark_struct({f: pa.float64() for f in fields(explain_kind)}) if explain_kind else "double"
     return F.arrow_udf(predict, returns)
 
 
