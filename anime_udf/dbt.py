@@ -36,7 +36,7 @@ from dbt.adapters.duckdb.plugins import BasePlugin
 from duckdb import DuckDBPyConnection
 
 from anime_udf.errors import AnimeUdfError
-from anime_udf.metrics import load_metric_macros
+from anime_udf.metrics import metric_macros
 from anime_udf.rescore import model_id, sql_sections
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import LazyScorer, bundles_to_register, register_scorer
@@ -61,7 +61,8 @@ class Plugin(BasePlugin):
                         for path in paths]
         model_ids = ",".join(model_id(scorer.path, scorer.manifest) for scorer in self.scorers)
         self.macros = (sql_sections()["macros"]
-                       + f"CREATE OR REPLACE TEMP MACRO anime_udf_model_ids() AS {quote_literal(model_ids)};\n")
+                       + f"CREATE OR REPLACE TEMP MACRO anime_udf_model_ids() AS {quote_literal(model_ids)};\n"
+                       + metric_macros())
 
     def configure_connection(self, conn: DuckDBPyConnection) -> None:
         for scorer in self.scorers:  # functions belong to the database: every cursor sees them
@@ -71,4 +72,3 @@ class Plugin(BasePlugin):
     def configure_cursor(self, cursor: DuckDBPyConnection) -> None:
         # Macros are TEMP, so per connection: each cursor dbt opens needs its own.
         cursor.execute(self.macros)
-        load_metric_macros(cursor)

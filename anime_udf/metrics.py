@@ -11,8 +11,13 @@ from anime_udf.sqlutil import sql_path
 METRIC_COLUMNS = ("n", "mae", "rmse", "spearman", "r2")
 
 
+def metric_macros() -> str:
+    """sql/metrics.sql: the metric macros (TEMP, so each connection or cursor runs them)."""
+    return sql_path("metrics.sql").read_text()
+
+
 def load_metric_macros(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(sql_path("metrics.sql").read_text())
+    con.execute(metric_macros())
 
 
 def metrics_table(con: duckdb.DuckDBPyConnection, table: str) -> pl.DataFrame:
