@@ -146,9 +146,9 @@ def _has_tables(con: duckdb.DuckDBPyConnection, shared: bool) -> bool:
 
 @contextmanager
 def store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float,
-                        shared: bool = False) -> Iterator[bool]:
+                        shared: bool = False) -> Iterator[None]:
     """The store read-only, or an empty in-memory one where it has no tables yet (a
-    first run, or a first run killed before its COMMIT). Yields whether it exists.
+    first run, or a first run killed before its COMMIT).
     ``shared``: the store is the catalog's database, which has tables of its own."""
     exists = False
     if store.exists():
@@ -165,6 +165,6 @@ def store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float,
         con.execute("USE store")
         run_section(con, "schema")
     try:
-        yield exists
+        yield
     finally:
         detach(con)
