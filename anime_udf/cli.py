@@ -175,7 +175,7 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models_
     """``con.sql(query)``; a call of a scoring function with no bundle says which bundle is missing."""
     import duckdb
 
-    from anime_udf.registry import resolve_models_dir
+    from anime_udf.registry import no_bundle_message
     from anime_udf.udf import FUNCTION_NAMES
 
     try:
@@ -187,9 +187,7 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models_
     except duckdb.CatalogException as exc:
         for kind, name in FUNCTION_NAMES.items():
             if name not in scorers and f"name {name} does not exist" in str(exc):
-                raise click.ClickException(
-                    f"{name}: no {kind} bundle in {resolve_models_dir(models_dir).resolve()} to register it; train one with "
-                    f"`anime-udf train {kind} --data CATALOG`, or pass --models DIR or --model BUNDLE") from None
+                raise click.ClickException(f"{name}: {no_bundle_message(models_dir, kind)} or --model BUNDLE") from None
         raise
 
 
