@@ -151,15 +151,17 @@ def coalition_values(members: Sequence[torch.nn.Module], rows: Sequence[torch.Te
     masks = torch.from_numpy(coalition_masks(len(groups))).float()
     values = np.zeros((n, len(masks)))
     one = reference.inputs(1)
+    # Each member's first layer at the reference, and each group's share of it: once per member.
+    at_reference = [(member.first_layer(*one), [member.first_layer_share(GROUP_INPUTS[g][0], *one) for g in groups])
+                    for member in members]
     for start in range(0, n, ROWS_PER_PASS):
         chunk = [x[start:start + ROWS_PER_PASS] for x in rows]
         base = reference.inputs(len(chunk[0]))
-        for member in members:
-            hidden_reference = member.first_layer(*one)
+        mixed = [with_group(base, chunk, g) for g in groups]  # once per chunk, for every member
+        for member, (hidden_reference, reference_shares) in zip(members, at_reference):
             # A group changes one input: only that input's share of the first layer moves.
-            deltas = torch.stack([member.first_layer_share(GROUP_INPUTS[g][0], *with_group(base, chunk, g))
-                                  - member.first_layer_share(GROUP_INPUTS[g][0], *one)
-                                  for g in groups])  # [k, rows, hidden]
+            deltas = torch.stack([member.first_layer_share(GROUP_INPUTS[g][0], *inputs) - share
+                                  for g, inputs, share in zip(groups, mixed, reference_shares)])  # [k, rows, hidden]
             hidden = hidden_reference + torch.einsum("sk,knh->snh", masks, deltas)
             values[start:start + len(chunk[0])] += member.after_first_layer(hidden).T.double().numpy()
     return values / len(members)
