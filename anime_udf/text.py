@@ -71,6 +71,12 @@ def setup_checksum(*paths: str) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+# transformers resolves its names lazily, and that is not thread safe: two DuckDB threads loading
+# the two models' encoders at once raised "ImportError: cannot import name 'AutoTokenizer'". Every
+# use of transformers here holds this one process-wide lock (reentrant: loaders call checkers).
+TRANSFORMERS_LOCK = threading.RLock()
+
+
 class EncoderError(AnimeUdfError, ValueError):
     """A local encoder directory that cannot be loaded safely or at all."""
 
@@ -101,11 +107,13 @@ def check_encoder_config(path: Path | str) -> None:
 
 def check_model_type(path: Path | str) -> str:
     """The encoder's ``model_type``, refused unless it is built into transformers."""
-    from transformers import CONFIG_MAPPING
-
     config_file = Path(path) / "config.json"
     model_type = _config_without_code(config_file, required=True).get("model_type")
-    if model_type not in CONFIG_MAPPING:
+    with TRANSFORMERS_LOCK:
+        from transformers import CONFIG_MAPPING
+
+        built_in = model_type in CONFIG_MAPPING
+    if not built_in:
         raise EncoderError(f"{config_file}: model_type {model_type!r} is not a model type built into transformers")
     return model_type
 
@@ -115,25 +123,27 @@ def check_tokenizer_config(path: Path | str) -> None:
 
 
 def load_tokenizer(path: Path | str):
-    from transformers import AutoTokenizer
-
     check_tokenizer_config(path)
-    return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    with TRANSFORMERS_LOCK:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
 
 
 def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Module:
     """A local encoder; ``dropout`` overrides every dropout rate in its config."""
-    from transformers import AutoConfig, AutoModel
-    from transformers.utils import logging as hf_logging
-
     check_model_type(path)
-    hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
-    config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-    if dropout is not None:
-        for name, value in config.to_dict().items():
-            if "dropout" in name and isinstance(value, float):
-                setattr(config, name, dropout)
-    model = AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
+    with TRANSFORMERS_LOCK:  # from_pretrained imports the model type's modules lazily too
+        from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the per-tensor "Loading weights" bar is noise here
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+        if dropout is not None:
+            for name, value in config.to_dict().items():
+                if "dropout" in name and isinstance(value, float):
+                    setattr(config, name, dropout)
+        model = AutoModel.from_pretrained(str(path), config=config, use_safetensors=True, trust_remote_code=False)
     bad = nonfinite_tensor(model.state_dict())
     if bad:
         files = ", ".join(f.name for f in sorted(Path(path).glob("*.safetensors")))
@@ -150,6 +160,20 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor
 
 
 PAD_MULTIPLE = 8
+DEFAULT_BATCH_SIZE = 16
+BATCH_SIZE_VARIABLE = "ANIME_UDF_ENCODER_BATCH"
+
+
+def encoder_batch_size() -> int:
+    """Texts an encoder batch holds: ``$ANIME_UDF_ENCODER_BATCH``, else 16 (on a 2-core CPU faster
+    than 64: less padding, better cache use; a GPU may want more). CI's second pass sets another
+    size, so that a test relying on one batch shape fails there, not on the next machine."""
+    value = os.environ.get(BATCH_SIZE_VARIABLE, "").strip()
+    if not value:
+        return DEFAULT_BATCH_SIZE
+    if not value.isdigit() or int(value) < 1:
+        raise EncoderError(f"${BATCH_SIZE_VARIABLE} is {value!r}: expected a whole number of texts, at least 1")
+    return int(value)
 
 
 def length_sorted_batches(
@@ -178,8 +202,8 @@ class FrozenTextEncoder:
     """A pretrained encoder used as a fixed feature extractor, with an embedding cache.
 
     ``precision`` (``auto``, ``fp32`` or ``bf16``, see :func:`resolve_precision`) sets how the
-    transformer runs; pooling and everything after it stay fp32. Batches of 16 length-sorted
-    texts: on a 2-core CPU faster than batches of 64 (less padding, better cache use).
+    transformer runs; pooling and everything after it stay fp32. Batches of length-sorted texts,
+    ``batch_size`` of them (default: :func:`encoder_batch_size`).
     """
 
     def __init__(
@@ -189,7 +213,7 @@ class FrozenTextEncoder:
         tokenizer_path: Path | str | None = None,
         pooling: str = "mean",
         max_length: int = 256,
-        batch_size: int = 16,
+        batch_size: int | None = None,
         cache: EmbeddingCache | None = None,
         device: str | torch.device = "auto",
         precision: str = "auto",
@@ -200,7 +224,7 @@ class FrozenTextEncoder:
         self.precision = resolve_precision(precision, self.device)
         self.pooling = pooling
         self.max_length = max_length
-        self.batch_size = batch_size
+        self.batch_size = batch_size or encoder_batch_size()
         self.cache = cache
         # Checked now, though the model itself loads on first use.
         check_encoder_config(self.path)
@@ -223,9 +247,10 @@ class FrozenTextEncoder:
         for key in ("hidden_size", "dim", "d_model", "n_embd"):  # BERT and most, DistilBERT, T5/BART, GPT-2
             if isinstance(config.get(key), int) and not isinstance(config[key], bool):
                 return config[key]
-        from transformers import AutoConfig
+        with TRANSFORMERS_LOCK:
+            from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(self.path), trust_remote_code=False).hidden_size
+            return AutoConfig.from_pretrained(str(self.path), trust_remote_code=False).hidden_size
 
     def _load(self) -> None:
         if self._model is None:

@@ -13,18 +13,41 @@ ROOT = Path(__file__).resolve().parents[1]
 CATALOG = ROOT / "fixtures" / "catalog.csv"
 HOLDOUT = ROOT / "fixtures" / "holdout.csv"
 
+# Floats are not bit-exact across CPUs, batch shapes or thread counts. Only values served from one
+# cache entry or one bundle are compared bit for bit; a recomputation is compared at its contract's
+# tolerance: fp32 embeddings and scores within 1e-5, bf16 within 0.02 of fp32.
+FP32_TOLERANCE = 1e-5
+BF16_TOLERANCE = 0.02
+
+
+def assert_fp32_close(actual, expected) -> None:
+    """A recomputed fp32 result: equal within the fp32 contract, whatever the batch or CPU."""
+    import numpy as np
+
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=FP32_TOLERANCE)
+
 
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> Path:
-    """One embedding cache for the whole run, so each fixture synopsis is encoded once."""
+    """One embedding cache for the session's bundles (and the tests that ask for it by name), so
+    that each fixture synopsis is encoded once for training."""
     return tmp_path_factory.mktemp("embedding-cache")
 
 
 @pytest.fixture(autouse=True)
-def isolated_dirs(tmp_path, session_cache, monkeypatch):
-    monkeypatch.setenv("ANIME_UDF_CACHE", str(session_cache))
+def isolated_dirs(tmp_path, monkeypatch):
+    """Each test starts as a new user does: an empty embedding cache of its own and an empty
+    models directory (a warm cache once hid a failure that every first run met)."""
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(tmp_path / "embedding-cache"))
     monkeypatch.setenv("ANIME_UDF_MODELS", str(tmp_path / "models"))
     monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def warm_cache(session_cache, monkeypatch) -> Path:
+    """For a test that says so: the session's embedding cache, warm with the fixture synopses."""
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(session_cache))
+    return session_cache
 
 
 @pytest.fixture(params=["baseline", "fusion"])
