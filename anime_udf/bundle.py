@@ -221,33 +221,6 @@ def read_manifest(bundle: Path | str, *, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-def text_encoder_dirs(bundle: Path | str, manifest: dict[str, Any]) -> tuple[Path, Path | None]:
-    """(encoder, tokenizer) directories of a bundle's text encoder, checked to be the one it
-    was trained with: its own ``encoder/`` and ``tokenizer/`` (a fine-tuned or other backbone)
-    or the packaged all-MiniLM-L6-v2. Costs a hash of the weights; loads nothing."""
-    from anime_udf.text import EncoderError, check_encoder_config, check_tokenizer_config
-    from anime_udf.text import default_encoder_path, weights_checksum
-
-    bundle = Path(bundle)
-    text = manifest["text_model"]
-    if text["in_bundle"]:
-        path, tokenizer_path = bundle / "encoder", bundle / "tokenizer"
-    else:
-        path, tokenizer_path = default_encoder_path(), None
-    try:
-        check_encoder_config(path)
-        check_tokenizer_config(tokenizer_path or path)
-        checksum = weights_checksum(str(path))
-    except (OSError, EncoderError) as exc:
-        raise BundleError(f"{bundle}: cannot use its text encoder: {exc}") from exc
-    if checksum != text["checksum"]:
-        raise BundleError(
-            f"{bundle / MANIFEST}: trained with text encoder {text['name']} "
-            f"({text['checksum'][:19]}…), but {path} holds {checksum[:19]}…"
-        )
-    return path, tokenizer_path
-
-
 def _check_inside(bundle: Path, name: str, manifest_path: Path) -> None:
     """A listed file is a plain relative path inside the bundle, through no symlink:
     refused before anything is opened, so a manifest cannot make us read elsewhere."""

@@ -198,6 +198,17 @@ class EmbeddingCache:
         if not self.usable:
             raise CacheError(f"embedding cache {self.path} cannot be used ({self.unusable_because})")
 
+    @contextmanager
+    def _rewriting(self, done: str) -> Iterator[None]:
+        """A failure to write the file (``prune``, ``compact``) as a CacheError naming it: SQLite
+        opens a file its user may not write read-only and only says so on the first write."""
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            read_only = getattr(exc, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_READONLY  # file or directory
+            why = "is read-only, so it " if read_only else ""
+            raise CacheError(f"embedding cache {self.path} {why}cannot be {done} ({exc})") from exc
+
     def size_bytes(self) -> int:
         """The cache file with its write-ahead log."""
         return sum(p.stat().st_size for p in (self.path, self.path.with_name(self.path.name + "-wal"))
@@ -239,7 +250,7 @@ class EmbeddingCache:
             removed = dict(con.execute(f"SELECT encoder, count(*) FROM embeddings WHERE {where} GROUP BY encoder",
                                        params).fetchall())
             if removed and not dry_run:
-                with con:  # one transaction
+                with self._rewriting("pruned"), con:  # one transaction
                     con.execute(f"DELETE FROM embeddings WHERE {where}", params)
         finally:
             con.close()
@@ -253,9 +264,10 @@ class EmbeddingCache:
         self.require_usable()
         con = self._connect()
         try:
-            with con:  # one transaction
-                _rewrite_without_overflow(con)
-            con.execute("VACUUM")  # give the space back: the file shrinks
-            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            with self._rewriting("compacted"):
+                with con:  # one transaction
+                    _rewrite_without_overflow(con)
+                con.execute("VACUUM")  # give the space back: the file shrinks
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             con.close()

@@ -51,16 +51,29 @@ def catalog_source(value: str | Path | DatabaseTable) -> Path | DatabaseTable:
     """A catalog argument as a file path or a database table: the one parser of ``FILE.duckdb:TABLE``.
 
     The text after the last ``:`` names the table when the text before it ends in a DuckDB
-    suffix (.duckdb, .ddb, .db); anything else is a file path, colons included."""
+    suffix (.duckdb, .ddb, .db) and the whole text is no existing file (``snap.db:1/catalog.csv``
+    is a file in a directory ``snap.db:1``); anything else is a file path, colons included."""
     if isinstance(value, DatabaseTable):
         return value
     text = str(value)
     database, sep, table = text.rpartition(":")
-    if sep and Path(database).suffix.lower() in DATABASE_SUFFIXES:
+    if sep and Path(database).suffix.lower() in DATABASE_SUFFIXES and not Path(text).exists():
         if not table:
             raise CatalogError(f"{text}: name the table after the colon, e.g. {database}:anime")
         return DatabaseTable(Path(database), table)
     return Path(text)
+
+
+def duckdb_path(path: Path) -> str:
+    """A database file's path as DuckDB must be given it: absolute, since DuckDB reads the first
+    part of a relative path with a colon (``snap:1/w.duckdb``) as an extension's prefix."""
+    return str(path.absolute())
+
+
+def is_duckdb_file(path: Path) -> bool:
+    """Whether ``path`` holds a DuckDB database (DuckDB's magic bytes at offset 8 of its header)."""
+    with open(path, "rb") as fh:
+        return fh.read(12)[8:12] == b"DUCK"
 
 
 def read_table(ref: DatabaseTable) -> pl.DataFrame:
@@ -70,20 +83,25 @@ def read_table(ref: DatabaseTable) -> pl.DataFrame:
     if not ref.database.is_file():
         raise CatalogError(f"{ref.database}: no such database file")
     try:
-        con = duckdb.connect(str(ref.database), read_only=True)
+        con = duckdb.connect(duckdb_path(ref.database), read_only=True)
     except duckdb.Error as exc:  # not a DuckDB file, or open for writing in another process
         raise CatalogError(f"{ref.database}: cannot open the database: {exc}") from exc
     try:
-        schema, _, name = ref.table.rpartition(".")
         tables = con.execute(
             "SELECT table_schema, table_name FROM information_schema.tables "
             "WHERE table_catalog = current_database() ORDER BY ALL").fetchall()
-        found = [(s, n) for s, n in tables if n.lower() == name.lower() and (s.lower() == schema.lower()
-                                                                           if schema else s == "main")]
+
+        def label(schema: str, name: str) -> str:  # as the error lists it; a name may hold dots
+            return name if schema == "main" else f"{schema}.{name}"
+
+        wanted = ref.table.lower()
+        found = [(s, n) for s, n in tables if wanted in (label(s, n).lower(), f"{s}.{n}".lower())]
         if not found:
-            names = ", ".join(n if s == "main" else f"{s}.{n}" for s, n in tables) or "none"
+            names = ", ".join(label(s, n) for s, n in tables) or "none"
             raise CatalogError(f"{ref}: the database has no table {ref.table!r} (its tables: {names})")
-        return con.sql(f"SELECT * FROM {quote_ident(found[0][0])}.{quote_ident(found[0][1])}").pl()
+        # A name both ways (table "dot.ted" of main, table "ted" of schema dot): main's, as listed.
+        schema, name = min(found, key=lambda t: t[0] != "main")
+        return con.sql(f"SELECT * FROM {quote_ident(schema)}.{quote_ident(name)}").pl()
     finally:
         con.close()
 

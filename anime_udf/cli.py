@@ -158,9 +158,10 @@ def connect(models_dir: Path, model_paths: tuple[str, ...] = (), device: str = "
     functions registered (none, where there is no bundle and ``require_models`` is false)."""
     import duckdb
 
+    from anime_udf.catalog import duckdb_path
     from anime_udf.udf import NoModelsError, register
 
-    con = duckdb.connect(str(database), read_only=read_only) if database else duckdb.connect()
+    con = duckdb.connect(duckdb_path(database), read_only=read_only) if database else duckdb.connect()
     try:
         scorers = register(con, models_dir=models_dir, device=device, precision=precision,
                            **chosen_bundles(model_paths, models_dir))
@@ -209,12 +210,53 @@ def add_catalog(con: duckdb.DuckDBPyConnection, name: str, path: Path | Database
     return df.height
 
 
+def check_database(database: Path | None, write: bool) -> None:
+    """sql's --db: an existing DuckDB file, or with --write a new one."""
+    from anime_udf.catalog import is_duckdb_file
+
+    if write and not database:
+        raise click.BadParameter("--write opens the --db database for writing: pass --db FILE.duckdb",
+                                 param_hint="--write")
+    if database and not write and not database.is_file():
+        raise click.BadParameter(f"{database}: no such database file (--write creates one)", param_hint="--db")
+    # DuckDB opens some other files (a .csv) as an empty in-memory database and saves nothing.
+    if database and database.exists() and not is_duckdb_file(database):
+        raise click.BadParameter(f"{database}: not a DuckDB database file", param_hint="--db")
+
+
+def check_statements(query: str, write: bool) -> None:
+    """Refuse, before anything runs, the statements that would break a --db promise: without
+    --write, ATTACH and DETACH (through them a script can reopen the read-only file for
+    writing); with --write, BEGIN / COMMIT / ROLLBACK (the script is one transaction of its own)."""
+    import duckdb
+
+    for statement in duckdb.extract_statements(query):
+        text = statement.query.strip().rstrip(";")
+        if write and statement.type == duckdb.StatementType.TRANSACTION:
+            raise click.BadParameter(f"{text}: a --write script runs as one transaction, all or nothing; "
+                                     "leave out BEGIN, COMMIT and ROLLBACK", param_hint="QUERY")
+        if not write and statement.type in (duckdb.StatementType.ATTACH, duckdb.StatementType.DETACH):
+            raise click.BadParameter(f"{text}: --db is read-only, and attaching or detaching databases could "
+                                     "reopen it for writing; pass --write to allow it", param_hint="QUERY")
+
+
 def check_out_suffix(out: Path) -> str:
     """Checked before any scoring, so a bad name costs nothing."""
     suffix = out.suffix.lower()
     if suffix not in (".parquet", ".pq", ".csv"):
         raise click.BadParameter(f"{out}: use a .parquet or .csv file name", param_hint="--out")
     return suffix
+
+
+def check_score_out(out: Path, data: Path | DatabaseTable) -> str:
+    """score's --out, checked before any scoring: a .parquet or .csv file, not a directory and not
+    the --data file itself (through a link or not)."""
+    if out.is_dir():
+        raise click.BadParameter(f"{out}: a directory; name a .parquet or .csv file", param_hint="--out")
+    if isinstance(data, Path) and out.exists() and out.samefile(data):
+        raise click.BadParameter(f"{out} is the --data file {data}; write the scores to another file",
+                                 param_hint="--out")
+    return check_out_suffix(out)
 
 
 def write_result(df: pl.DataFrame, out: Path) -> None:
@@ -230,8 +272,10 @@ def write_result(df: pl.DataFrame, out: Path) -> None:
 @cli.command()
 @click.argument("query")
 @click.option("--db", "database", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.duckdb",
-              help="Run the query in this DuckDB database: its tables are the query's (read-only unless --write).")
-@click.option("--write", is_flag=True, help="Open --db for writing (created if missing): CREATE, INSERT, UPDATE...")
+              help="Run the query in this DuckDB database: its tables are the query's (read-only unless --write: "
+                   "ATTACH and DETACH are refused).")
+@click.option("--write", is_flag=True, help="Open --db for writing (created if missing): CREATE, INSERT, UPDATE... "
+                                            "The query runs as one transaction: all of it is saved, or nothing.")
 @click.option("--table", "tables", multiple=True, metavar="NAME=FILE",
               help="Expose a catalog (CSV, Parquet or FILE.duckdb:TABLE) to the query as a view NAME (repeatable).")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
@@ -263,11 +307,9 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
         raise click.BadParameter(f"view name(s) given more than once: {', '.join(repeated)}", param_hint="--table")
     if out:
         check_out_suffix(out)
-    if database and not write and not database.is_file():
-        raise click.BadParameter(f"{database}: no such database file (--write creates one)", param_hint="--db")
-    if write and not database:
-        raise click.BadParameter("--write opens the --db database for writing: pass --db FILE.duckdb",
-                                 param_hint="--write")
+    check_database(database, write)
+    if database:
+        check_statements(query, write)
     from anime_udf.catalog import read_catalog
 
     # Read before the --db database is opened: a --table of that database reads it through a
@@ -279,8 +321,12 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
         load_report_macros(con)
         for name, df in frames:
             con.register(name, df)
+        if write:  # one transaction: committed once the whole script has run, else rolled back on close
+            con.begin()
         result = run_query(con, query, scorers, models_dir)
-        df = result.pl() if result is not None else None
+        df = result.pl() if result is not None else None  # a last SELECT runs here, inside the transaction
+        if write:
+            con.commit()
     if df is None:
         return
     if out:
@@ -296,8 +342,9 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
               help="Catalog to score: CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE (with --engine spark, "
                    "a Parquet file, directory or glob).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
-              help="Output .parquet or .csv: the catalog plus one score column per model "
-                   "(with --engine spark, a directory of Parquet files).")
+              help="Output .parquet or .csv, not the --data file: the catalog plus one score column per model "
+                   "(with --engine spark, a directory of Parquet files). A column the catalog already has under "
+                   "the name of a function scored (a scored file scored again) is replaced by this run's scores.")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR", help="Bundle(s) to score with.")
 @engine_options
 @models_option
@@ -319,25 +366,29 @@ def score(data, out, model_paths, engine, master, ship, models_dir, device, prec
                                          ship=ship, **chosen_bundles(model_paths, models_dir))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
         return
-    check_out_suffix(out)
+    file_format = "csv" if check_score_out(out, data) == ".csv" else "parquet"
     con, scorers = connect(models_dir, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
+    # A column named as a function scored now (SQL names ignore case) holds an earlier run's scores:
+    # replaced, never kept beside ours (which DuckDB would rename predict_score_1).
+    replaced = [c for c in con.table("catalog").columns if c.lower() in {fn.lower() for fn in scorers}]
+    kept = f"* EXCLUDE ({', '.join(map(quote_ident, replaced))})" if replaced else "*"
     calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
-    file_format = "csv" if check_out_suffix(out) == ".csv" else "parquet"
     with atomic_file(out) as tmp:  # DuckDB streams the scored rows to the file: memory stays flat
-        con.execute(f"COPY (SELECT *, {calls} FROM catalog) TO {quote_literal(tmp)} (FORMAT {file_format})")
-    click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}")
+        con.execute(f"COPY (SELECT {kept}, {calls} FROM catalog) TO {quote_literal(tmp)} (FORMAT {file_format})")
+    columns = "columns" if len(replaced) > 1 else "column"
+    note = f"; replaced the input's {', '.join(replaced)} {columns}" if replaced else ""
+    click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}{note}")
 
 
 def parse_where(where: str) -> str:
-    """``--where`` as exactly one SQL expression, as DuckDB's parser renders it back: no
-    second statement, set operation or comment can ride along into the query."""
-    import duckdb
+    """``--where`` as exactly one SQL expression (anime_udf.sqlutil.one_expression)."""
+    from anime_udf.sqlutil import NotOneExpressionError, one_expression
 
     try:
-        return f"({duckdb.SQLExpression(where)})"
-    except duckdb.Error as exc:
-        raise click.BadParameter(f"{where!r} is not one SQL expression: {exc}", param_hint="--where") from None
+        return one_expression(where)
+    except NotOneExpressionError as exc:
+        raise click.BadParameter(str(exc), param_hint="--where") from None
 
 
 @cli.command(name="eval")
@@ -504,7 +555,8 @@ def list_models(as_json, models_dir):
 @click.option("--allow-shrink", is_flag=True,
               help="Apply a run that removes more than half of the stored keys (refused otherwise).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
-              help="Wait this long for a concurrent run on the same store to finish, instead of failing.")
+              help="Wait this long for a concurrent run on the same store, or another process holding the "
+                   "store's or the catalog's DuckDB file, to finish, instead of failing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run record as JSON.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr (default: on a terminal).")
 @engine_options

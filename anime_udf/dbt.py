@@ -24,8 +24,9 @@ bundle has a new one, so an incremental model can rescore its rows) and the metr
 of sql/metrics.sql (``mae``, ``rmse``, ``r2``, ``regression_metrics``).
 
 Registering checks the bundles and imports neither torch nor transformers: a model that
-scores nothing, or a ``dbt test``, never loads them. Relative paths are relative to the
-directory dbt runs in.
+scores nothing, or a ``dbt test``, never loads them. A mistake there (an unknown setting, no
+bundles in the models directory, a broken bundle) stops dbt with one line naming it. Relative
+paths are relative to the directory dbt runs in.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from dbt.adapters.duckdb.plugins import BasePlugin
+from dbt_common.exceptions import DbtRuntimeError
 from duckdb import DuckDBPyConnection
 
 from anime_udf.errors import AnimeUdfError
@@ -44,15 +46,28 @@ from anime_udf.udf import LazyScorer, bundles_to_register, register_scorer
 SETTINGS = ("models", "baseline", "fusion", "device", "precision")
 
 
+class PluginError(AnimeUdfError, DbtRuntimeError):
+    """A mistake in the plugin's settings or bundles. A dbt error, because dbt prints those as
+    their message; any other exception it prints with its (chained, 270-line) traceback."""
+
+    def __str__(self) -> str:
+        return self.msg  # the message alone: dbt puts its own header above it ("Database Error")
+
+
 class Plugin(BasePlugin):
     def initialize(self, plugin_config: dict[str, Any]) -> None:
+        try:
+            self.set_up(plugin_config)
+        except AnimeUdfError as exc:  # no models directory, a broken bundle, a bad device, ...
+            raise PluginError(f"anime_udf.dbt: {exc}") from None
+
+    def set_up(self, plugin_config: dict[str, Any]) -> None:
         # dbt-duckdb merges the profile's DuckDB `settings` into every plugin's config:
         # only a key that is neither ours nor one of those is a mistake (a typo, say).
         duckdb_settings = set((self.creds.settings or {}) if self.creds is not None else {})
         unknown = sorted(set(plugin_config) - set(SETTINGS) - duckdb_settings)
         if unknown:
-            raise AnimeUdfError(f"anime_udf.dbt: unknown setting(s) {', '.join(unknown)}; "
-                                f"its settings are {', '.join(SETTINGS)}")
+            raise AnimeUdfError(f"unknown setting(s) {', '.join(unknown)}; its settings are {', '.join(SETTINGS)}")
         config = {k: plugin_config.get(k) for k in SETTINGS}
         paths = bundles_to_register(config["baseline"], config["fusion"], config["models"])
         # One scorer per bundle for the whole dbt invocation: dbt-duckdb may close and reopen

@@ -17,8 +17,9 @@ class UnknownModelError(AnimeUdfError, LookupError):
     """No bundle of that name or kind."""
 
 
-def resolve_models_dir(explicit: Path | str | None = None) -> Path:
-    return Path(explicit or os.environ.get(MODELS_ENV) or "models")
+def resolve_models_dir(models_dir: Path | str | None = None) -> Path:
+    """The models directory: ``models_dir``, else ``$ANIME_UDF_MODELS``, else ./models."""
+    return Path(models_dir or os.environ.get(MODELS_ENV) or "models")
 
 
 @dataclass
@@ -36,10 +37,10 @@ class BundleInfo:
         return str(self.manifest.get("created_at", "")) if self.manifest else ""
 
 
-def list_bundles(directory: Path | str | None = None, *, verify: bool = False) -> list[BundleInfo]:
+def list_bundles(models_dir: Path | str | None = None, *, verify: bool = False) -> list[BundleInfo]:
     """Every bundle in the models directory, oldest first; broken ones carry their error
     (with ``verify``, a file that fails its checksum makes a bundle broken too)."""
-    root = resolve_models_dir(directory)
+    root = resolve_models_dir(models_dir)
     if not root.is_dir():
         return []
     recover_replaced(root)
@@ -52,38 +53,38 @@ def list_bundles(directory: Path | str | None = None, *, verify: bool = False) -
     return sorted(infos, key=lambda b: (b.created_at, b.path.name))
 
 
-def newest(kind: str, directory: Path | str | None = None) -> Path | None:
-    usable = [b for b in list_bundles(directory) if b.manifest and b.kind == kind]
+def newest(kind: str, models_dir: Path | str | None = None) -> Path | None:
+    usable = [b for b in list_bundles(models_dir) if b.manifest and b.kind == kind]
     return usable[-1].path if usable else None
 
 
-def newest_of_each_kind(directory: Path | str | None = None) -> list[Path]:
+def newest_of_each_kind(models_dir: Path | str | None = None) -> list[Path]:
     """The newest bundle of each kind present, in the order of KINDS (the directory listed once)."""
-    newest_by_kind = {b.kind: b.path for b in list_bundles(directory) if b.manifest}  # oldest first: newest wins
+    newest_by_kind = {b.kind: b.path for b in list_bundles(models_dir) if b.manifest}  # oldest first: newest wins
     return [newest_by_kind[kind] for kind in KINDS if kind in newest_by_kind]
 
 
-def no_bundle_message(directory: Path | str | None = None, kind: str | None = None) -> str:
+def no_bundle_message(models_dir: Path | str | None = None, kind: str | None = None) -> str:
     """What to say where the models directory has no bundle (of ``kind``) to use, and how to make one."""
-    return (f"no {f'{kind} bundle' if kind else 'model bundles'} in {resolve_models_dir(directory).resolve()}; "
+    return (f"no {f'{kind} bundle' if kind else 'model bundles'} in {resolve_models_dir(models_dir).resolve()}; "
             f"train one with `anime-udf train {kind or 'baseline'} --data CATALOG`, or pass --models DIR")
 
 
-def get_model(name: str, directory: Path | str | None = None) -> Path:
+def get_model(name: str, models_dir: Path | str | None = None) -> Path:
     """A bundle by path, by directory name in the models directory, or by kind (its newest)."""
     path = Path(name)
-    for parent in {path.parent, resolve_models_dir(directory)}:
+    for parent in {path.parent, resolve_models_dir(models_dir)}:
         recover_replaced(parent)
     if path.is_dir():
         return path
-    candidate = resolve_models_dir(directory) / name
+    candidate = resolve_models_dir(models_dir) / name
     if candidate.is_dir():
         return candidate
     if name in KINDS:
-        found = newest(name, directory)
+        found = newest(name, models_dir)
         if found:
             return found
-    known = ", ".join(b.path.name for b in list_bundles(directory)) or "none"
+    known = ", ".join(b.path.name for b in list_bundles(models_dir)) or "none"
     raise UnknownModelError(
-        f"unknown model {name!r}: not a bundle directory, and not in {resolve_models_dir(directory)} (bundles there: {known})"
+        f"unknown model {name!r}: not a bundle directory, and not in {resolve_models_dir(models_dir)} (bundles there: {known})"
     )

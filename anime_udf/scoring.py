@@ -9,14 +9,14 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from anime_udf.bundle import BundleError, load_weights, read_manifest, text_encoder_dirs
+from anime_udf.bundle import BundleError, load_weights, read_manifest
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
 from anime_udf.features import TabularEncoder
 from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, Blend, FusionHead, SeedEnsemble
-from anime_udf.text import FrozenTextEncoder
+from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
 
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 

@@ -41,8 +41,8 @@ from anime_udf.bundle import read_manifest
 from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
-from anime_udf.explain import arrow_struct, fields
-from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, bundles_to_register
+from anime_udf.explain import fields
+from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, bundles_to_register, score_batch
 
 ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
@@ -149,10 +149,7 @@ def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: 
             columns = arguments(name, batch)
             if scorer is None:
                 scorer = worker_scorer(_bundle_on_worker(bundle, shipped), device, precision)
-            if explain_kind:
-                yield arrow_struct(scorer.explain(*columns))
-            else:
-                yield pa.array(scorer.predict(*columns), type=pa.float64())
+            yield score_batch(scorer, columns, explain=explain_kind is not None)
 
     predict.__name__ = name
     returns = spark_struct({f: pa.float64() for f in fields(explain_kind)}) if explain_kind else "double"

@@ -1,8 +1,10 @@
-"""The project's SQL files (sql/) and quoting of the SQL we build from user input."""
+"""The project's SQL files (sql/), and quoting and checking of the SQL we build from user input."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from anime_udf.errors import AnimeUdfError
 
 
 def sql_path(name: str) -> Path:
@@ -22,3 +24,18 @@ def quote_ident(name: str) -> str:
 def quote_literal(value: str | Path) -> str:
     """A SQL string literal, single-quoted."""
     return "'" + str(value).replace("'", "''") + "'"
+
+
+class NotOneExpressionError(AnimeUdfError, ValueError):
+    """A filter given as SQL (``eval --where``, ``train --valid-where``) that is not one expression."""
+
+
+def one_expression(text: str) -> str:
+    """``text`` as exactly one SQL expression, parenthesised, as DuckDB's parser renders it back: no
+    second statement, set operation or comment can ride along into the query it is put in."""
+    import duckdb
+
+    try:
+        return f"({duckdb.SQLExpression(text)})"
+    except duckdb.Error as exc:
+        raise NotOneExpressionError(f"{text!r} is not one SQL expression: {exc}") from None

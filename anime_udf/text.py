@@ -14,7 +14,7 @@ import os
 import threading
 from functools import cached_property, lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from anime_udf.bundle import nonfinite_tensor  # noqa: E402
+from anime_udf.bundle import MANIFEST, BundleError, nonfinite_tensor  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
 from anime_udf.devices import resolve_device, resolve_precision  # noqa: E402
 from anime_udf.errors import AnimeUdfError  # noqa: E402
@@ -149,6 +149,30 @@ def load_encoder(path: Path | str, dropout: float | None = None) -> torch.nn.Mod
         files = ", ".join(f.name for f in sorted(Path(path).glob("*.safetensors")))
         raise EncoderError(f"{path}: weights {bad!r} ({files}) hold NaN or infinite values")
     return model
+
+
+def text_encoder_dirs(bundle: Path | str, manifest: dict[str, Any]) -> tuple[Path, Path | None]:
+    """(encoder, tokenizer) directories of a bundle's text encoder, checked to be the one it
+    was trained with: its own ``encoder/`` and ``tokenizer/`` (a fine-tuned or other backbone)
+    or the packaged all-MiniLM-L6-v2. Costs a hash of the weights; loads nothing."""
+    bundle = Path(bundle)
+    text = manifest["text_model"]
+    if text["in_bundle"]:
+        path, tokenizer_path = bundle / "encoder", bundle / "tokenizer"
+    else:
+        path, tokenizer_path = default_encoder_path(), None
+    try:
+        check_encoder_config(path)
+        check_tokenizer_config(tokenizer_path or path)
+        checksum = weights_checksum(str(path))
+    except (OSError, EncoderError) as exc:
+        raise BundleError(f"{bundle}: cannot use its text encoder: {exc}") from exc
+    if checksum != text["checksum"]:
+        raise BundleError(
+            f"{bundle / MANIFEST}: trained with text encoder {text['name']} "
+            f"({text['checksum'][:19]}…), but {path} holds {checksum[:19]}…"
+        )
+    return path, tokenizer_path
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:

@@ -11,11 +11,12 @@ import numpy as np
 import pyarrow as pa
 from duckdb.sqltypes import DOUBLE, VARCHAR
 
-from anime_udf.bundle import read_manifest, text_encoder_dirs
+from anime_udf.bundle import read_manifest
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
 from anime_udf.registry import newest_of_each_kind, no_bundle_message
+from anime_udf.text import text_encoder_dirs
 
 if TYPE_CHECKING:
     from anime_udf.scoring import Scorer
@@ -77,12 +78,17 @@ def arrow_udf(scorer: Scorer | LazyScorer, explain: bool = False):
     def predict(synopsis, genres, studio, episodes) -> pa.Array:
         # DuckDB flattens a constant argument beside varying ones; when all four are
         # constant it calls once with one row and repeats the result for every row.
-        columns = [c.to_pylist() for c in (synopsis, genres, studio, episodes)]
-        if explain:
-            return arrow_struct(scorer.explain(*columns))
-        return pa.array(scorer.predict(*columns), type=pa.float64())
+        return score_batch(scorer, [c.to_pylist() for c in (synopsis, genres, studio, episodes)], explain)
 
     return predict
+
+
+def score_batch(scorer: Scorer | LazyScorer, columns: list[list], explain: bool) -> pa.Array:
+    """The body of every engine's UDF: one batch's four argument columns in, its scores (DOUBLE)
+    or, with ``explain``, the STRUCT of their parts out."""
+    if explain:
+        return arrow_struct(scorer.explain(*columns))
+    return pa.array(scorer.predict(*columns), type=pa.float64())
 
 
 def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None,

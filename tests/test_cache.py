@@ -8,6 +8,7 @@ import pytest
 
 from anime_udf.cache import EmbeddingCache, text_key
 from anime_udf.text import FrozenTextEncoder, default_encoder_path
+from tests.conftest import assert_fp32_close
 
 TEXTS = ["A boy finds a robot.", "Two sisters run a bakery in Kyoto.", "Space pirates, again."]
 
@@ -47,7 +48,7 @@ def test_an_encoder_with_another_config_never_serves_the_real_one(tmp_path, refe
     real = encoder(cache)
     assert one_layer.checksum == real.checksum and one_layer.encoder_id != real.encoder_id
     assert not np.allclose(one_layer.embed(TEXTS), reference, atol=1e-3)
-    np.testing.assert_array_equal(real.embed(TEXTS), reference)  # not the one-layer vectors just cached
+    assert_fp32_close(real.embed(TEXTS), reference)  # not the one-layer vectors just cached
     other_tokenizer = encoder(cache, variant(tmp_path, "cased", edit_json("tokenizer_config.json",
                                                                            do_lower_case=False)))
     assert other_tokenizer.encoder_id != real.encoder_id and real.encoder_id.endswith("|fp32")
@@ -68,7 +69,7 @@ def test_a_cached_vector_of_the_wrong_width_or_not_finite_is_computed_again(tmp_
     plant(cache, real.encoder_id, TEXTS[1], np.full(384, np.nan, np.float32).tobytes())
     plant(cache, real.encoder_id, TEXTS[2], "not a vector")
     with pytest.warns(RuntimeWarning, match="3 vector.s. not of 384 finite numbers; computing them again"):
-        np.testing.assert_array_equal(real.embed(TEXTS), reference)
+        assert_fp32_close(real.embed(TEXTS), reference)
     with sqlite3.connect(cache.path) as con:  # rewritten
         assert {len(v) for (v,) in con.execute("SELECT vector FROM embeddings")} == {384 * 4}
     con.close()
@@ -92,7 +93,7 @@ def test_a_cache_others_may_write_or_a_symlinked_one_is_not_used(tmp_path, refer
                          (group_file / "embeddings.sqlite", "embeddings.sqlite is writable by other users")]:
         with pytest.warns(RuntimeWarning, match=f"{reason}.*continuing without it"):
             cache = EmbeddingCache(path)
-        np.testing.assert_array_equal(encoder(cache).embed(TEXTS), reference)
+        assert_fp32_close(encoder(cache).embed(TEXTS), reference)
     assert list(shared.iterdir()) == [] and victim.read_text() == "my notes"
 
 
@@ -120,7 +121,7 @@ def test_cache_command_lists_entries_per_encoder_and_prunes_one(tmp_path, refere
     pruned = cache_command(tmp_path, "prune", "--encoder", other.encoder_id)
     assert pruned.exit_code == 0 and "removed 2 entries" in pruned.output
     assert {e["encoder"] for e in cache.stats()} == {fp32.encoder_id}
-    np.testing.assert_array_equal(fp32.embed(TEXTS), reference)  # the other encoder's entries only
+    assert_fp32_close(fp32.embed(TEXTS), reference)  # the other encoder's entries only
 
 
 def test_prune_older_than_removes_old_and_undated_entries_and_shrinks_the_file(tmp_path, reference):
@@ -145,13 +146,13 @@ def test_prune_older_than_removes_old_and_undated_entries_and_shrinks_the_file(t
     assert "removed 2,001 entries" in result.output
     assert {e["encoder"]: e["entries"] for e in cache.stats()} == {real.encoder_id: 2}
     assert cache.size_bytes() < before / 2
-    np.testing.assert_array_equal(real.embed(TEXTS), reference)
+    assert_fp32_close(real.embed(TEXTS), reference)
     with sqlite3.connect(path) as con:  # rewritten in the layout without overflow pages
         assert "WITHOUT ROWID" not in con.execute("SELECT sql FROM sqlite_master WHERE name = 'embeddings'").fetchone()[0]
     con.close()
 
     assert "MB ->" in cache_command(tmp_path, "compact").output
-    np.testing.assert_array_equal(real.embed(TEXTS), reference)
+    assert_fp32_close(real.embed(TEXTS), reference)
     assert cache_command(tmp_path, "prune").exit_code == 2  # nothing said: refused
     assert "is not an age" in cache_command(tmp_path, "prune", "--older-than", "soon").output
 
@@ -164,3 +165,18 @@ def test_the_cache_command_on_an_unusable_cache_says_why_and_fails(tmp_path):
         assert f"embedding cache {tmp_path / 'embeddings.sqlite'} cannot be used (file is not a database)" \
             in result.output, result.output
         assert "Traceback" not in result.output
+
+
+def test_pruning_a_read_only_cache_names_the_file_and_keeps_its_entries(tmp_path, monkeypatch):
+    """SQLite opens a file its user may not write read-only; the tests run as root, which chmod
+    does not stop, so the cache is opened read-only here as SQLite would open it."""
+    path = tmp_path / "embeddings.sqlite"
+    EmbeddingCache(path).put("an-encoder", {text_key(TEXTS[0]): np.ones(384, np.float32)})
+    monkeypatch.setattr(EmbeddingCache, "_connect",
+                        lambda self: sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=120))
+    for args, done in ((["prune", "--older-than", "0s"], "pruned"), (["compact"], "compacted")):
+        result = cache_command(tmp_path, *args)
+        assert result.exit_code == 1, result.output
+        assert result.output == (f"Error: embedding cache {path} is read-only, so it cannot be {done} "
+                                 "(attempt to write a readonly database)\n")
+    assert [e["entries"] for e in EmbeddingCache(path).stats()] == [1]

@@ -279,3 +279,31 @@ def test_sql_without_bundles_runs_a_query_that_needs_none(tmp_path):
     called = run("sql", "SELECT predict_score('A story.', 'Drama', NULL, 12)")
     assert called.exit_code == 1
     assert f"predict_score: no baseline bundle in {tmp_path / 'models'}" in called.output
+
+
+def test_score_replaces_the_score_columns_the_input_already_has(models, tmp_path):
+    scored = tmp_path / "scored.parquet"
+    pl.read_csv(HOLDOUT).with_columns(predict_score=pl.lit(-1.0)).write_parquet(scored)  # an older model's
+    result = run("score", "--data", scored, "--out", tmp_path / "new.parquet")
+    assert result.exit_code == 0, result.output
+    assert "replaced the input's predict_score column" in result.output
+    df = pl.read_parquet(tmp_path / "new.parquet")
+    assert df.columns == [*pl.read_csv(HOLDOUT).columns, "predict_score"]
+    assert df["predict_score"].min() >= 1.0
+    assert "is replaced" in run("score", "--help").output
+
+
+def test_score_refuses_its_input_or_a_directory_as_out_before_scoring(models, tmp_path, monkeypatch):
+    import anime_udf.scoring
+
+    monkeypatch.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+    data = tmp_path / "catalog.csv"
+    shutil.copy(HOLDOUT, data)
+    (tmp_path / "link.csv").symlink_to(data)
+    for out in (data, tmp_path / "link.csv"):
+        result = run("score", "--data", data, "--out", out)
+        assert result.exit_code == 2 and f"{out} is the --data file {data}" in result.output, result.output
+    assert data.read_bytes() == HOLDOUT.read_bytes()
+    (tmp_path / "dir.parquet").mkdir()
+    result = run("score", "--data", data, "--out", tmp_path / "dir.parquet")
+    assert result.exit_code == 2 and "dir.parquet: a directory" in result.output, result.output

@@ -213,10 +213,32 @@ print(cursor.execute("SELECT explain_score('A story.', 'Action', NULL, 12).score
 def test_plugin_settings_are_checked():
     from dbt.adapters.duckdb.plugins import BasePlugin
 
-    from anime_udf.errors import AnimeUdfError
-    from anime_udf.udf import NoModelsError
+    from anime_udf.dbt import PluginError
 
-    with pytest.raises(AnimeUdfError, match="unknown setting.*modles.*models, baseline, fusion"):
+    with pytest.raises(PluginError, match="anime_udf.dbt: unknown setting.*modles.*models, baseline, fusion"):
         BasePlugin.create("anime_udf.dbt", config={"modles": "x"})
-    with pytest.raises(NoModelsError, match="no model bundles in"):
+    with pytest.raises(PluginError, match="anime_udf.dbt: no model bundles in"):
         BasePlugin.create("anime_udf.dbt", config={"models": "empty"})
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ("missing models directory", "anime_udf.dbt: no model bundles in {models}"),
+    ("empty models directory", "anime_udf.dbt: no model bundles in {models}"),
+    ("unknown setting", "anime_udf.dbt: unknown setting(s) devcie; its settings are models, baseline"),
+])
+def test_a_plugin_mistake_is_one_line_naming_it(tmp_path, mistake, message):
+    """dbt prints its own errors as a message; any other exception from the plugin as 270 lines of traceback."""
+    directory = shutil.copytree(ROOT / "examples" / "dbt", tmp_path / "project")
+    models = tmp_path / "models"
+    if mistake == "empty models directory":
+        models.mkdir()
+    if mistake == "unknown setting":
+        profiles = directory / "profiles.yml"
+        profiles.write_text(profiles.read_text().replace("device: auto", "devcie: auto"))
+    env = {"ANIME_UDF_MODELS": str(models), "ANIME_UDF_WAREHOUSE": str(tmp_path / "warehouse.duckdb"),
+           "HF_HUB_OFFLINE": "1", "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
+    result = dbt(directory, env, "build")
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "Traceback" not in output, output
+    expected = message.format(models=models)
+    assert len([line for line in output.splitlines() if expected in line]) == 1, output

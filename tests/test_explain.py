@@ -293,15 +293,42 @@ def test_a_bundle_without_references_says_to_retrain_and_still_scores(unexplaina
 ])
 def test_broken_references_name_the_file(baseline_bundle, tmp_path, state, message):
     """References rewritten (checksum updated to match): refused at the first explanation, by name."""
+    assert_refused(with_references(baseline_bundle, tmp_path, state), message)
+
+
+@pytest.mark.parametrize("tensor, change, message", [
+    ("text", lambda t: t.half(), "text is float16; expected float32"),
+    ("dense", lambda t: t.long(), "dense is int64; expected float32"),
+    ("text", lambda t: t + 1e30, r"text holds 1e\+30; a reference is a mean of features, within ±10"),
+    ("lexical", lambda t: t - 1e30, r"lexical holds -1e\+30; a reference is a mean of features, within ±10"),
+])
+def test_references_of_another_type_or_far_off_are_refused_by_name(baseline_bundle, fusion_bundle, tmp_path,
+                                                                   tensor, change, message):
+    """fp16 or integer references would fail in torch; finite but huge ones (1e30) would swamp
+    float32 sums, and the parts would no longer add up to the score."""
+    from safetensors.torch import load_file
+
+    bundle = fusion_bundle if tensor == "lexical" else baseline_bundle
+    state = load_file(str(bundle / REFERENCE_FILE))
+    state[tensor] = change(state[tensor])
+    assert_refused(with_references(bundle, tmp_path, state), message)
+
+
+def with_references(bundle, tmp_path, state):
+    """A copy of ``bundle`` with these references (its checksum updated to match)."""
     from safetensors.torch import save_file
 
     broken = tmp_path / "broken"
-    shutil.copytree(baseline_bundle, broken)
+    shutil.copytree(bundle, broken)
     save_file(state, str(broken / REFERENCE_FILE))
     manifest = json.loads((broken / MANIFEST).read_text())
     manifest["files"][REFERENCE_FILE] = file_sha256(broken / REFERENCE_FILE)
     (broken / MANIFEST).write_text(json.dumps(manifest))
-    scorer = load_scorer(broken)
+    return broken
+
+
+def assert_refused(bundle, message):
+    scorer = load_scorer(bundle)
     assert 1 <= scorer.predict(["x"], [None], [None], [None])[0] <= 10  # scoring does not read them
     with pytest.raises(BundleError, match=rf"{REFERENCE_FILE}: {message}"):
         scorer.explain(["x"], [None], [None], [None])

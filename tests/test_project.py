@@ -1,5 +1,6 @@
-"""Project-level promises: light scoring imports, reproducible fixtures."""
+"""Project-level promises: light scoring imports, an import graph without cycles, reproducible fixtures."""
 
+import ast
 import subprocess
 import sys
 
@@ -10,6 +11,48 @@ def test_scoring_layer_never_imports_training():
     code = ("import sys, anime_udf, anime_udf.cli, anime_udf.udf; "
             "assert not [m for m in sys.modules if m.split('.')[0] == 'training'], 'training imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def import_graph(package: str) -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, counting imports inside functions too (a lazy
+    import is still a dependency, and a cycle through one is still a cycle)."""
+    files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+             for f in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for module, file in files.items():
+        graph[module] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            graph[module] |= {name for name in names if name in files and name != module}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each import cycle once, as the path from its smallest module back to it."""
+    found = set()
+
+    def walk(path: list[str]) -> None:
+        for target in graph[path[-1]]:
+            if target == path[0]:
+                found.add(tuple(path))
+            elif target > path[0] and target not in path:
+                walk([*path, target])
+
+    for start in sorted(graph):
+        walk([start])
+    return sorted(list(c) for c in found)
+
+
+def test_the_import_graph_has_no_cycles():
+    graph = import_graph("anime_udf")
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
+    assert cycles(graph) == []
+    assert "anime_udf.cli" in graph and graph["anime_udf.scoring"]
 
 
 def test_fixture_catalogs_are_what_the_generator_writes(tmp_path):

@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from anime_udf.rescore import on_duckdb as rs
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
-from anime_udf.sqlutil import sql_path
+from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
 from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
 
 CATALOG = Path(__file__).resolve().parents[1] / "fixtures" / "catalog.csv"
@@ -652,3 +652,107 @@ def test_store_open_elsewhere_is_a_clear_error(tmp_path, models):
         holder.kill()
         holder.wait()
     assert rescore(catalog_b(), store).models[0]["rows_scored"] == 7
+
+
+# --- the store in a shared warehouse, its lock, and --wait ------------------------------------------
+
+
+def warehouse_with(path: Path, *statements: str, rows: int = 400) -> Path:
+    """A warehouse file with the fixture catalog's first ``rows`` rows as table anime, and the
+    user's own ``statements``."""
+    con = duckdb.connect(str(path))
+    con.execute(f"CREATE TABLE anime AS SELECT * FROM read_csv({quote_literal(CATALOG)}) LIMIT {rows}")
+    for statement in statements:
+        con.execute(statement)
+    con.close()
+    return path
+
+
+def dump(database: Path) -> dict:
+    """Every table and view of a database, with its rows."""
+    con = duckdb.connect(str(database), read_only=True)
+    try:
+        names = [r[0] for r in con.execute("SELECT table_name FROM information_schema.tables ORDER BY ALL").fetchall()]
+        return {n: con.execute(f"SELECT * FROM {quote_ident(n)} ORDER BY ALL").fetchall() for n in names}
+    finally:
+        con.close()
+
+
+# A user's table shaped like the store's rescore_meta, with rows of its own.
+USER_META = ("CREATE TABLE rescore_meta (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL); "
+             "INSERT INTO rescore_meta VALUES ('key_column', 'the user''s'), ('owner', 'analytics')")
+
+
+@pytest.mark.parametrize(("statement", "table", "reason"), [
+    (USER_META, "rescore_meta", "no rescore_runs or rescore_scores beside it"),
+    ("CREATE TABLE rescore_scores (key INTEGER, note VARCHAR)", "rescore_scores",
+     "its column 1 is key INTEGER, not key VARCHAR"),
+    ("CREATE TABLE rescore_runs AS SELECT 'r1' AS run_id", "rescore_runs",
+     "it lacks column 2, started_at TIMESTAMP WITH TIME ZONE"),
+    ("CREATE VIEW rescore_meta AS SELECT 'a' AS name, 'b' AS value", "rescore_meta", "it is a view"),
+])
+def test_a_warehouse_table_named_like_the_stores_is_refused_and_never_written(tmp_path, models, statement, table,
+                                                                            reason):
+    """The warehouse's other tables are never written: a table of a store table's name that
+    the store did not create is the user's, refused by name."""
+    warehouse = warehouse_with(tmp_path / "warehouse.duckdb", statement)
+    before = dump(warehouse)
+    result = CliRunner().invoke(cli, ["rescore", "--catalog", f"{warehouse}:anime", "--store", str(warehouse)])
+    assert result.exit_code == 1
+    assert result.output == (f"Error: {warehouse}: table {table} is not an anime-udf rescore store's ({reason}); "
+                             "use another --store\n")
+    assert dump(warehouse) == before
+
+
+def test_a_user_table_created_while_the_run_scores_is_not_written(tmp_path, models, monkeypatch):
+    """The store is closed while the run scores: a table of a store table's name created
+    meanwhile is refused when the run opens the store to apply."""
+    warehouse = warehouse_with(tmp_path / "warehouse.duckdb", rows=40)
+    real_score = rs.score
+
+    def score_while_the_user_creates_a_table(*args, **kwargs):
+        real_score(*args, **kwargs)
+        con = duckdb.connect(str(warehouse))
+        con.execute(USER_META)
+        con.close()
+
+    monkeypatch.setattr(rs, "score", score_while_the_user_creates_a_table)
+    with pytest.raises(RescoreError, match=r"table rescore_meta is not an anime-udf rescore store's"):
+        rescore(f"{warehouse}:anime", warehouse)
+    assert set(dump(warehouse)) == {"anime", "rescore_meta"}
+    assert dump(warehouse)["rescore_meta"] == [("key_column", "the user's"), ("owner", "analytics")]
+
+
+def test_a_store_reached_through_a_link_takes_the_real_files_lock(tmp_path, models):
+    real = tmp_path / "real" / "scores.duckdb"
+    real.parent.mkdir()
+    (tmp_path / "link.duckdb").symlink_to(real)
+    (tmp_path / "linked-dir").symlink_to(real.parent)
+    links = [tmp_path / "link.duckdb", tmp_path / "linked-dir" / "scores.duckdb"]
+    assert {rs.lock_path(p) for p in links} == {rs.lock_path(real)} == {real.resolve().with_name("scores.duckdb.lock")}
+    with rs.store_lock(real):
+        for link in links:
+            with pytest.raises(StoreBusyError, match="being rescored by another run"):
+                rescore(catalog_a(), link)
+    assert not real.exists()
+
+
+def test_wait_holds_for_a_table_catalog_in_a_warehouse_open_elsewhere(tmp_path, models):
+    """Reading a FILE.duckdb:TABLE catalog waits, as opening the store does, while another
+    process has the file open."""
+    warehouse = warehouse_with(tmp_path / "warehouse.duckdb", rows=40)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", f"import duckdb, time; c = duckdb.connect({str(warehouse)!r}); "
+                               "print('open', flush=True); time.sleep(6); c.close()"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(StoreBusyError, match=rf"^{re.escape(str(warehouse))} is open in another process, so "
+                                                 rf"--catalog {re.escape(str(warehouse))}:anime cannot be read: "
+                                                 r".*; pass --wait SECONDS to wait for it$"):
+            rescore(f"{warehouse}:anime", warehouse)
+        report = rescore(f"{warehouse}:anime", warehouse, wait=120)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert report.models[0]["rows_scored"] == 40

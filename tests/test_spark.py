@@ -41,6 +41,13 @@ EDGE_ROWS = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def executors_cache(warm_cache):
+    """This process reads the cache the executors read (said here, as every test starts cold
+    otherwise): the engines are compared on the same cached embeddings."""
+    return warm_cache
+
+
 @pytest.fixture(scope="module")
 def spark(session_cache, tmp_path_factory):
     """local[2], its workers on the tests' embedding cache (set as a cluster would set it)."""

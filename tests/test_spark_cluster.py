@@ -129,6 +129,13 @@ class Cluster:
                 os.killpg(process.pid, signal.SIGKILL)
 
 
+@pytest.fixture(autouse=True)
+def executors_cache(warm_cache):
+    """This process reads the cache the executors read (said here, as every test starts cold
+    otherwise): the engines are compared on the same cached embeddings."""
+    return warm_cache
+
+
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory, session_cache):
     # The workers share the tests' embedding cache (warm from the other tests), which keeps

@@ -16,7 +16,7 @@ from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.devices import DeviceError, resolve_device
 from anime_udf.scoring import load_scorer
-from tests.conftest import CATALOG, HOLDOUT
+from tests.conftest import CATALOG, HOLDOUT, assert_fp32_close
 from training.baseline import BaselineSettings, train_baseline
 from training.common import fit_blend, load_split
 
@@ -49,7 +49,7 @@ def test_same_seed_same_scores_other_seed_or_no_refit_other_scores(tmp_path):
     first = train(tmp_path / "a", seeds=2)
     second = train(tmp_path / "b", seeds=2)
     assert first["training"]["history"] == second["training"]["history"]
-    np.testing.assert_array_equal(holdout_scores(tmp_path / "a"), holdout_scores(tmp_path / "b"))
+    assert_fp32_close(holdout_scores(tmp_path / "a"), holdout_scores(tmp_path / "b"))  # trained twice
 
     other_seed = train(tmp_path / "c", seeds=2, seed=7)
     assert other_seed["training"]["settings"]["seed"] == 7
@@ -144,6 +144,56 @@ def write_dated(tmp_path):
     path = tmp_path / "dated.csv"
     dated_catalog().write_csv(path)
     return path
+
+
+@pytest.mark.parametrize("predicate, message", [
+    ("true); COPY (SELECT 'x') TO 'out.csv'; SELECT __row FROM catalog WHERE (anime_id % 5 = 0",
+     "is not one SQL expression"),
+    ("anime_id IN (SELECT anime_id FROM read_csv('ids.csv'))", "disabled by configuration"),
+])
+def test_valid_where_is_one_expression_that_reads_and_writes_no_file(tmp_path, predicate, message):
+    """As eval --where: one expression, no second statement, no file read or written."""
+    pl.DataFrame({"anime_id": [1, 2, 3]}).write_csv(tmp_path / "ids.csv")  # the tests run in tmp_path
+    result = CliRunner().invoke(cli, ["train", "baseline", "--data", str(write_dated(tmp_path)), "--epochs", "1",
+                                      "--seeds", "1", "--valid-where", predicate, "--out", str(tmp_path / "b")])
+    assert result.exit_code == 1, result.output
+    assert len(result.output.strip().splitlines()) == 1 and message in result.output, result.output
+    assert result.output.startswith("Error: --valid-where") and "Traceback" not in result.output
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("years", [
+    [-2020 + i // 40 for i in range(400)],  # BC: -2020 … -2011
+    [-5 + i // 40 for i in range(400)],  # across year 0
+    [-1000 + 300 * (i // 40) for i in range(400)],  # -1000 … 1700
+    [995 + i // 40 for i in range(400)],  # three and four digits
+    [2011.5 + i // 40 for i in range(400)],  # not whole
+    [None] * 40 + [2012 + i // 40 for i in range(360)],  # undated titles
+])
+def test_the_time_split_validates_on_the_newest_share_of_any_years(years):
+    from training.common import TIME_VALID_SHARE
+
+    split = load_split(pl.read_csv(CATALOG).with_columns(year=pl.Series(years)))
+    assert split.selection["how"] == "time", split.selection
+    assert split.valid.height >= TIME_VALID_SHARE * 400 and split.fit.height >= 2
+    assert split.valid["year"].min() > split.fit["year"].max()  # the newest years, every title of each
+    assert split.valid.height < 400 * 0.3  # and no more of them than it takes
+
+
+def test_the_time_split_leaves_rows_to_fit_on_or_falls_back_to_a_random_split():
+    catalog = pl.read_csv(CATALOG)
+    nearly_all_new = catalog.with_columns(year=pl.Series([2019] + [2020] * 399))
+    assert load_split(nearly_all_new).selection["how"] == "random"
+    assert load_split(catalog.with_columns(year=pl.Series([2019] * 2 + [2020] * 398))).fit.height == 2
+
+
+def test_a_catalog_with_a_row_column_splits_as_any_other():
+    """The split's own row numbers never collide with a catalog column (the catalog's own __row stays)."""
+    catalog = dated_catalog().with_columns(__row=pl.lit("the catalog's"))
+    assert load_split(catalog).selection == {"how": "time", "where": '"year" >= 2019', "rows": 80}
+    split = load_split(catalog, valid_where="__row = 'the catalog''s' AND anime_id % 2 = 0")
+    assert split.valid.height == (catalog["anime_id"] % 2 == 0).sum()
+    assert split.valid["__row"].unique().to_list() == ["the catalog's"]
 
 
 # --- the blend after the head -----------------------------------------------------------------

@@ -211,3 +211,73 @@ def test_kill_9_leaves_the_warehouse_and_its_store_consistent(warehouse, models,
 def test_train_reads_a_table_too(warehouse, tmp_path):
     result = run("train", "baseline", "--data", f"{warehouse}:studios", "--out", tmp_path / "b")
     assert result.exit_code == 1 and f"{warehouse}:studios: missing column(s) synopsis" in result.output
+
+
+def test_read_only_db_holds_against_attach_and_detach(warehouse, tmp_path):
+    other = tmp_path / "other.duckdb"
+    bypass = (f"ATTACH {quote_literal(other)} AS m (READ_WRITE); USE m; DETACH warehouse; "
+              f"ATTACH {quote_literal(warehouse)} AS r2 (READ_WRITE); DROP TABLE r2.studios")
+    refused = run("sql", "--db", warehouse, bypass)
+    assert refused.exit_code == 2, refused.output
+    assert f"ATTACH {quote_literal(other)} AS m (READ_WRITE)" in refused.output and "--write" in refused.output
+    assert query(warehouse, "SELECT count(*) FROM studios")[0][0] > 0 and not other.exists()
+    detach = run("sql", "--db", warehouse, "USE temp.main; DETACH warehouse")
+    assert detach.exit_code == 2 and "DETACH warehouse" in detach.output
+
+
+@pytest.fixture
+def small_table(warehouse) -> Path:
+    con = duckdb.connect(str(warehouse))
+    con.execute("CREATE TABLE t (a INTEGER, b VARCHAR); INSERT INTO t VALUES (1, 'kept')")
+    con.close()
+    return warehouse
+
+
+@pytest.mark.parametrize("script", [
+    "DELETE FROM t; INSERT INTO t VALUES ('notanint', 'x')",
+    "DELETE FROM t; SELECT error('fails as the last statement is read')",
+])
+def test_a_write_script_is_all_or_nothing(small_table, script):
+    failed = run("sql", "--db", small_table, "--write", script)
+    assert failed.exit_code == 1, failed.output
+    assert query(small_table, "SELECT * FROM t") == [(1, "kept")]
+
+
+def test_a_write_script_with_its_own_transaction_is_refused(small_table):
+    refused = run("sql", "--db", small_table, "--write", "BEGIN; DELETE FROM t; COMMIT")
+    assert refused.exit_code == 2 and "BEGIN" in refused.output and "one transaction" in refused.output
+    assert query(small_table, "SELECT * FROM t") == [(1, "kept")]
+    done = run("sql", "--db", small_table, "--write", "DELETE FROM t; INSERT INTO t VALUES (2, 'new')")
+    assert done.exit_code == 0, done.output
+    assert query(small_table, "SELECT * FROM t") == [(2, "new")]
+
+
+@pytest.mark.parametrize("write", [True, False])
+def test_a_db_that_is_not_a_duckdb_file_is_named(tmp_path, write):
+    data = tmp_path / "data.csv"
+    data.write_text("a,b\n1,2\n")
+    result = run("sql", "--db", data, *(["--write"] if write else []), "CREATE TABLE keep AS SELECT 1 AS x")
+    assert result.exit_code == 2 and f"{data}: not a DuckDB database file" in result.output, result.output
+    assert data.read_text() == "a,b\n1,2\n"
+
+
+def test_warehouse_paths_relative_with_colons_and_dotted_table_names(tmp_path):
+    """Relative paths (the tests run in tmp_path) whose first part has a colon, an existing file
+    whose name looks like FILE.db:TABLE, and a table whose name has a dot."""
+    Path("snap:1").mkdir()
+    con = duckdb.connect(str(tmp_path / "snap:1" / "w.duckdb"))
+    con.execute(f"CREATE TABLE anime AS SELECT * FROM read_csv({quote_literal(CATALOG)})")
+    con.execute('CREATE TABLE "dot.ted" AS SELECT * FROM anime; CREATE SCHEMA raw; '
+                "CREATE TABLE raw.anime AS SELECT * FROM anime")
+    con.close()
+    for table in ("snap:1/w.duckdb:anime", "./snap:1/w.duckdb:anime", "snap:1/w.duckdb:dot.ted",
+                  "snap:1/w.duckdb:raw.anime"):
+        assert read_catalog(table).height == 400, table
+    result = run("sql", "--db", "./snap:1/w.duckdb", "SELECT count(*) AS n FROM anime", "--out", "n.csv")
+    assert result.exit_code == 0, result.output
+    assert pl.read_csv("n.csv")["n"][0] == 400
+
+    Path("snap.db:1").mkdir()
+    shutil.copy(CATALOG, "snap.db:1/catalog.csv")
+    assert catalog_source("snap.db:1/catalog.csv") == Path("snap.db:1/catalog.csv")
+    assert read_catalog("snap.db:1/catalog.csv").height == 400

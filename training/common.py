@@ -93,13 +93,21 @@ def random_split(label, train: pl.DataFrame, valid_fraction: float, seed: int) -
 
 
 def rows_where(train: pl.DataFrame, predicate: str) -> pl.Series:
-    """Which rows satisfy the SQL ``predicate`` (NULL counts as false), evaluated by DuckDB."""
+    """Which rows satisfy the SQL ``predicate`` (NULL counts as false), evaluated by DuckDB. As
+    ``eval --where``: one expression, which reads no file."""
     import duckdb
 
-    con = duckdb.connect()
-    con.register("catalog", train.with_row_index("__row"))
+    from anime_udf.sqlutil import NotOneExpressionError, one_expression, quote_ident
+
     try:
-        chosen = con.sql(f"SELECT __row FROM catalog WHERE ({predicate})").pl()["__row"]
+        condition = one_expression(predicate)
+    except NotOneExpressionError as exc:
+        raise CatalogError(f"--valid-where {exc}") from None
+    row = "__row" + "_" * max((len(c) for c in train.columns), default=0)  # longer than any column: no collision
+    con = duckdb.connect(config={"enable_external_access": False})
+    con.register("catalog", train.with_row_index(row))
+    try:
+        chosen = con.sql(f"SELECT {quote_ident(row)} FROM catalog WHERE {condition}").pl()[row]
     except duckdb.Error as exc:
         first_line = str(exc).strip().splitlines()[0]
         raise CatalogError(f"--valid-where {predicate!r}: {first_line} (columns: {', '.join(train.columns)})") from None
@@ -110,22 +118,28 @@ def rows_where(train: pl.DataFrame, predicate: str) -> pl.Series:
 
 def newest_years(train: pl.DataFrame) -> str | None:
     """A predicate selecting the newest years that hold at least ``TIME_VALID_SHARE`` of the rows,
-    or None when the catalog has no dates (or too few distinct years to split on)."""
+    or None when the catalog has no dates (or too few distinct years to split on). A numeric
+    ``year`` is taken as it is (negative, not whole, any number of digits); other columns give
+    their first run of four digits ("Spring 2019"). The cut is computed from the very values
+    the predicate compares, so the rows it selects are the share counted here."""
     from anime_udf.sqlutil import quote_ident
 
     for column in TIME_COLUMNS:
         if column not in train.columns:
             continue
-        values = train[column].cast(pl.String).str.extract(r"(\d{4})").cast(pl.Int64)
-        years = values.drop_nulls().sort(descending=True)
-        if years.n_unique() < 2:
-            continue
-        cut = int(years[min(len(years), math.ceil(TIME_VALID_SHARE * train.height)) - 1])
-        if cut == years[-1]:  # the newest share reaches back to the oldest year: nothing left to fit on
-            continue
         if column == "year" and train[column].dtype.is_numeric():
-            return f"{quote_ident(column)} >= {cut}"
-        return f"TRY_CAST(regexp_extract({quote_ident(column)}::VARCHAR, '(\\d{{4}})', 1) AS INTEGER) >= {cut}"
+            values, year = train[column].cast(pl.Float64), quote_ident(column)
+        else:
+            values = train[column].cast(pl.String).str.extract(r"([0-9]{4})").cast(pl.Float64)
+            year = f"TRY_CAST(regexp_extract({quote_ident(column)}::VARCHAR, '([0-9]{{4}})', 1) AS INTEGER)"
+        years = values.filter(values.is_finite()).sort(descending=True)
+        newest = math.ceil(TIME_VALID_SHARE * train.height)
+        if years.n_unique() < 2 or len(years) < newest:
+            continue
+        cut = years[newest - 1]
+        if (years < cut).sum() < 2:  # the newest share reaches back to (nearly) the oldest year: too few to fit on
+            continue
+        return f"{year} >= {int(cut) if cut.is_integer() else cut!r}"
     return None
 
 

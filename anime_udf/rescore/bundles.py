@@ -35,25 +35,25 @@ class ModelChoice:
     model_id: str
 
 
-def resolve_models(specs: str | Sequence[str], directory: Path | str | None = None) -> list[ModelChoice]:
+def resolve_models(specs: str | Sequence[str], models_dir: Path | str | None = None) -> list[ModelChoice]:
     """``all`` (the newest bundle of each kind present), a kind (its newest bundle), or
-    bundle names/paths, in the models ``directory``. Every bundle's files are checked
+    bundle names/paths, in the models directory (``models_dir``). Every bundle's files are checked
     against its manifest; a store keeps one model of each kind."""
     specs = [specs] if isinstance(specs, str) else list(specs) or ["all"]
     paths: list[Path] = []
     for spec in specs:
         if spec == "all":
-            found = newest_of_each_kind(directory)
+            found = newest_of_each_kind(models_dir)
             if not found:
-                raise RescoreError(no_bundle_message(directory))
+                raise RescoreError(no_bundle_message(models_dir))
             paths.extend(found)
         elif spec in KINDS:
-            path = newest(spec, directory)
+            path = newest(spec, models_dir)
             if path is None:
-                raise RescoreError(no_bundle_message(directory, spec))
+                raise RescoreError(no_bundle_message(models_dir, spec))
             paths.append(path)
         else:
-            paths.append(get_model(spec, directory))
+            paths.append(get_model(spec, models_dir))
     choices: dict[str, ModelChoice] = {}
     for path in paths:
         manifest = read_manifest(path)  # verifies every file's checksum

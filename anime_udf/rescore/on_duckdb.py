@@ -51,8 +51,8 @@ from anime_udf.rescore.run import RescoreError, Run, pause
 from anime_udf.rescore.sql import catalog_fingerprint, guard_words, refuse_shrink, run_records, set_variable
 from anime_udf.rescore.sql import run_section as _run  # the run's one way to run a section: a test makes COMMIT fail
 from anime_udf.rescore.sql import sql_sections, start
-from anime_udf.rescore.store import attach, detach, in_store, lock_path, note_unfinished, store_for_planning
-from anime_udf.rescore.store import store_lock
+from anime_udf.rescore.store import attach, detach, has_store_tables, in_store, lock_path, note_unfinished
+from anime_udf.rescore.store import store_for_planning, store_lock, waiting_while_open_elsewhere
 from anime_udf.sqlutil import quote_ident, quote_literal
 
 # Rows scored at a time: large enough that the vectorised steps (lexical view, tabular
@@ -105,7 +105,7 @@ def rescore(
     export = Path(export) if export is not None else None
     refuse_bad_arguments(catalog, store, export, chunk_rows, device, precision)
     choices = resolve_models(models, models_dir)
-    rows = read_catalog(catalog, name=run.catalog)
+    rows = read_catalog_rows(catalog, run.catalog, wait)
     if key not in rows.columns:
         raise RescoreError(f"{run.catalog}: no key column {key!r} (it has: {', '.join(rows.columns)}); "
                            "pass --key COLUMN")
@@ -177,6 +177,14 @@ def refuse_bad_arguments(catalog: Any, store: Path, export: Path | None, chunk_r
         raise RescoreError("chunk_rows must be at least 1")
     check_choice("device", device, DEVICES)
     check_choice("precision", precision, PRECISIONS)
+
+
+def read_catalog_rows(catalog: Any, label: str, wait: float) -> pl.DataFrame:
+    """The catalog's rows; a table of a database that another process has open is waited for, as the store is."""
+    if not isinstance(catalog, DatabaseTable):
+        return read_catalog(catalog, name=label)
+    return waiting_while_open_elsewhere(lambda: read_catalog(catalog, name=label), catalog.database,
+                                        f"--catalog {label} cannot be read", wait)
 
 
 def make_store_directory(store: Path) -> None:
@@ -284,6 +292,7 @@ def apply(con: duckdb.DuckDBPyConnection, store: Path, wait: float) -> None:
     """The store read-write and the one transaction that changes it, up to its COMMIT: a
     failure rolls it back, leaving the store unchanged."""
     attach(con, store, read_only=False, wait=max(wait, APPLY_WAIT_SECONDS))
+    has_store_tables(con, store)  # a user's table of a store table's name, created while the store was closed
     _run(con, "begin")
     try:
         _run(con, "schema")  # a new store gets its tables in its first run's transaction

@@ -29,7 +29,7 @@ class RescoreError(AnimeUdfError, RuntimeError):
 
 
 class StoreBusyError(RescoreError):
-    """Another process holds the store."""
+    """Another process holds the store, or the database of a --catalog FILE.duckdb:TABLE."""
 
 
 def now() -> dt.datetime:

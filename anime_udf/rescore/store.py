@@ -1,9 +1,11 @@
 """The store and its lock.
 
-Both engines take the lock: ``STORE.lock``, an exclusive ``flock`` the kernel releases when
-its holder exits or is killed, so it is never stale. The DuckDB store is a database file
-(its own, or the catalog's warehouse), attached only to plan (read-only) and to apply, so
-that readers can open it while the slow scoring runs. The Spark store is a directory of
+Both engines take the lock: ``STORE.lock`` beside the store's real file (a path through a
+link shares it), an exclusive ``flock`` the kernel releases when its holder exits or is
+killed, so it is never stale. The DuckDB store is a database file (its own, or the catalog's
+warehouse, whose other tables it never writes: its own are recognised by their columns),
+attached only to plan (read-only) and to apply, so that readers can open it while the slow
+scoring runs. The Spark store is a directory of
 snapshots (anime_udf/rescore/on_spark.py).
 """
 
@@ -13,21 +15,25 @@ import errno
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from functools import lru_cache
+from itertools import zip_longest
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 
-from anime_udf.catalog import DatabaseTable
+from anime_udf.catalog import CatalogError, DatabaseTable
 from anime_udf.rescore.run import RescoreError, StoreBusyError, now
 from anime_udf.rescore.sql import check_schema_version, run_section
 from anime_udf.sqlutil import quote_literal
 
 
 def lock_path(store: Path) -> Path:
-    return store.with_name(store.name + ".lock")
+    """The lock of the store's real file: a store reached through a link is locked where it lies."""
+    real = store.resolve()
+    return real.with_name(real.name + ".lock")
 
 
 @contextmanager
@@ -94,27 +100,40 @@ def note_unfinished(store: Path, run_id: str, work: dict[str, Any]) -> None:
         fh.truncate()
 
 
-def attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wait: float) -> None:
-    """ATTACH the store as ``store`` and USE it; wait up to ``wait`` s while another
-    process (a reader, or a writer that is not a rescore run) has it open."""
-    mode = " (READ_ONLY)" if read_only else ""
+T = TypeVar("T")
+
+
+def waiting_while_open_elsewhere(open_file: Callable[[], T], path: Path, cannot: str, wait: float) -> T:
+    """``open_file()``, which opens the DuckDB file ``path``, tried again for up to ``wait`` s
+    while another process (a reader, or a writer that is not a rescore run) holds the file's
+    own lock; then a StoreBusyError saying that ``cannot``."""
     deadline = time.monotonic() + max(wait, 0.0)
     while True:
         try:
-            con.execute(f"ATTACH {quote_literal(store)} AS store{mode}")
-            break
-        except duckdb.IOException as exc:
-            if "lock" not in str(exc).lower():
-                raise RescoreError(f"{store}: cannot open the store: {exc}") from exc
+            return open_file()
+        except (duckdb.IOException, CatalogError) as exc:
+            cause = exc.__cause__ if isinstance(exc, CatalogError) else exc  # read_table wraps DuckDB's error
+            if not (isinstance(cause, duckdb.IOException) and "lock" in str(cause).lower()):
+                raise
             if time.monotonic() >= deadline:
                 raise StoreBusyError(
-                    f"{store} is open in another process, so it cannot be "
-                    f"{'read' if read_only else 'updated'}: {exc}"
+                    f"{path} is open in another process, so {cannot}: {cause}"
                     + (f" (gave up after waiting {wait:g} s)" if wait > 0
                        else "; pass --wait SECONDS to wait for it")) from exc
-            time.sleep(0.25)
-        except duckdb.Error as exc:
-            raise RescoreError(f"{store}: cannot open the store (not a DuckDB database?): {exc}") from exc
+        time.sleep(0.25)
+
+
+def attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wait: float) -> None:
+    """ATTACH the store as ``store`` and USE it; wait up to ``wait`` s while another
+    process has it open."""
+    mode = " (READ_ONLY)" if read_only else ""
+    try:
+        waiting_while_open_elsewhere(lambda: con.execute(f"ATTACH {quote_literal(store)} AS store{mode}"), store,
+                                     f"it cannot be {'read' if read_only else 'updated'}", wait)
+    except duckdb.IOException as exc:
+        raise RescoreError(f"{store}: cannot open the store: {exc}") from exc
+    except duckdb.Error as exc:
+        raise RescoreError(f"{store}: cannot open the store (not a DuckDB database?): {exc}") from exc
     con.execute("USE store")
 
 
@@ -128,20 +147,70 @@ def in_store(catalog: Any, store: Path) -> bool:
     return isinstance(catalog, DatabaseTable) and catalog.database.resolve() == store.resolve()
 
 
-def _has_tables(con: duckdb.DuckDBPyConnection, shared: bool) -> bool:
-    """Whether the attached store has its tables; other tables are allowed only in a ``shared``
-    store (the catalog's own database), so that a run never writes into an unrelated database."""
-    names = {r[0] for r in con.execute(
-        "SELECT table_name FROM duckdb_tables() WHERE database_name = 'store'").fetchall()}
-    if "rescore_scores" not in names:
-        if names and not shared:
-            raise RescoreError("the store has tables but no rescore_scores: it is not a rescore store (a "
-                               "database's own tables may share it with the store only when the catalog is "
-                               "one of them: --catalog FILE.duckdb:TABLE --store FILE.duckdb)")
+@lru_cache(maxsize=1)
+def store_columns() -> dict[str, list[tuple[str, str]]]:
+    """The store's tables and their columns (name, type), as sql/rescore.sql's schema creates them."""
+    con = duckdb.connect()
+    try:
+        run_section(con, "schema")
+        return _columns(con, "memory")
+    finally:
+        con.close()
+
+
+def _columns(con: duckdb.DuckDBPyConnection, database: str) -> dict[str, list[tuple[str, str]]]:
+    columns: dict[str, list[tuple[str, str]]] = {}
+    for table, column, data_type in con.execute(
+            "SELECT table_name, column_name, data_type FROM duckdb_columns() WHERE database_name = ? "
+            "AND schema_name = 'main' ORDER BY table_name, column_index", [database]).fetchall():
+        columns.setdefault(table, []).append((column, data_type))
+    return columns
+
+
+def has_store_tables(con: duckdb.DuckDBPyConnection, store: Path) -> bool:
+    """Whether the attached store has its tables. They are recognised by their columns (all
+    three tables, as sql/rescore.sql creates them) and rescore_meta's schema_version: a table
+    of one of their names that is not the store's is a user's (in a shared warehouse), never
+    written, so it is refused by name."""
+    kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables "
+                             "WHERE table_catalog = 'store' AND table_schema = 'main'").fetchall())
+    expected = store_columns()
+    present = [name for name in expected if name in kinds]
+    if not present:
         return False
+
+    def foreign(table: str, reason: str) -> RescoreError:
+        return RescoreError(f"{store}: table {table} is not an anime-udf rescore store's ({reason}); "
+                            "use another --store")
+
+    found = _columns(con, "store")
+    for name in present:
+        reason = "it is a view" if kinds[name] == "VIEW" else _column_difference(found[name], expected[name])
+        if reason:
+            raise foreign(name, reason)
+    missing = [name for name in expected if name not in kinds]
+    if missing:
+        raise foreign(present[0], f"no {' or '.join(missing)} beside it")
     row = con.execute("SELECT value FROM store.rescore_meta WHERE name = 'schema_version'").fetchone()
-    check_schema_version(row and row[0])
+    if row is None:
+        raise foreign("rescore_meta", "it has no schema_version")
+    try:
+        check_schema_version(row[0])
+    except RescoreError as exc:
+        raise RescoreError(f"{store}: {exc}") from None
     return True
+
+
+def _column_difference(found: list[tuple[str, str]], expected: list[tuple[str, str]]) -> str:
+    """The first difference between a table's columns and the store table's; "" where there is none."""
+    for i, (have, want) in enumerate(zip_longest(found, expected), 1):
+        if have != want:
+            if want is None:
+                return f"it has a column {i}, {' '.join(have)}, the store's has {len(expected)}"
+            if have is None:
+                return f"it lacks column {i}, {' '.join(want)}"
+            return f"its column {i} is {' '.join(have)}, not {' '.join(want)}"
+    return ""
 
 
 @contextmanager
@@ -154,10 +223,16 @@ def store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float,
     if store.exists():
         attach(con, store, read_only=True, wait=wait)
         try:
-            exists = _has_tables(con, shared)
-        except RescoreError as exc:
+            exists = has_store_tables(con, store)
+            if not exists and not shared and con.execute(
+                    "SELECT count(*) FROM duckdb_tables() WHERE database_name = 'store'").fetchone()[0]:
+                # a run never writes into an unrelated database
+                raise RescoreError(f"{store}: the store has tables but no rescore tables: it is not a rescore "
+                                   "store (a database's own tables may share it with the store only when the "
+                                   "catalog is one of them: --catalog FILE.duckdb:TABLE --store FILE.duckdb)")
+        except RescoreError:
             detach(con)
-            raise RescoreError(f"{store}: {exc}") from exc
+            raise
         if not exists:
             detach(con)
     if not exists:
