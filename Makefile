@@ -6,12 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_MODELS := models/demo
-# The tests run the Spark engine too (local mode, with the machine's Java) and dbt (examples/dbt);
-# `make install EXTRAS=test` leaves them out.
-EXTRAS ?= test,spark,dbt
+# The tests run the Spark engine too (local mode, with the machine's Java), dbt (examples/dbt) and
+# the documentation build (docs: MkDocs); `make install EXTRAS=test` leaves them out.
+EXTRAS ?= test,spark,dbt,docs
 export HF_HUB_OFFLINE := 1
 
-.PHONY: install demo test fixtures clean
+.PHONY: install demo test docs fixtures clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The documentation site, built offline into site/ (open site/index.html); the CLI reference is
+# generated from the click commands. --strict: a broken link or anchor fails the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 fixtures: install
 	$(BIN)/python fixtures/make_catalog.py

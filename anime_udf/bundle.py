@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 # shape (studio_dim 0 = one-hot studios)
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+# Every file a bundle holds is named here, and nowhere else: the heads' weights by kind, the
+# lexical view's two files, the explanation references, a bundled encoder and its tokenizer.
+HEAD_WEIGHTS = {"baseline": "model.safetensors", "fusion": "head.safetensors"}
+LEXICAL_VOCABULARY_FILE = "lexical/vocabulary.json"
+LEXICAL_WEIGHTS_FILE = "lexical/weights.safetensors"
+REFERENCE_FILE = "explain.safetensors"
+ENCODER_DIR, TOKENIZER_DIR = "encoder", "tokenizer"
 KINDS = ("baseline", "fusion")
 POOLINGS = ("mean", "cls")  # how an encoder's token states become one text vector
 

@@ -89,7 +89,7 @@ def engine_options(f):
                           "for a cluster whose workers do not see the models directory.")(f)
     f = click.option("--master", default="local[*]", show_default=True, metavar="URL",
                      help="Spark master, with --engine spark (its workers need anime-udf installed: "
-                          "see the README's \"Running on a cluster\").")(f)
+                          "see docs/spark.md, \"Running on a cluster\").")(f)
     return click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
                         help="Run in an in-process DuckDB, or on Apache Spark (pip install 'anime-udf[spark]').")(f)
 
@@ -362,9 +362,10 @@ def score(data, out, model_paths, engine, master, ship, models_dir, device, prec
         from anime_udf.spark import owned_session, score_parquet
 
         with owned_session(master, progress=True) as spark:
-            n, functions = score_parquet(spark, str(data), out, models_dir=models_dir, device=device, precision=precision,
-                                         ship=ship, **chosen_bundles(model_paths, models_dir))
-        click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}")
+            n, functions, replaced = score_parquet(spark, str(data), out, models_dir=models_dir, device=device,
+                                                   precision=precision, ship=ship,
+                                                   **chosen_bundles(model_paths, models_dir))
+        click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}{replaced_note(replaced)}")
         return
     file_format = "csv" if check_score_out(out, data) == ".csv" else "parquet"
     con, scorers = connect(models_dir, model_paths, device, precision)
@@ -376,9 +377,14 @@ def score(data, out, model_paths, engine, master, ship, models_dir, device, prec
     calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
     with atomic_file(out) as tmp:  # DuckDB streams the scored rows to the file: memory stays flat
         con.execute(f"COPY (SELECT {kept}, {calls} FROM catalog) TO {quote_literal(tmp)} (FORMAT {file_format})")
-    columns = "columns" if len(replaced) > 1 else "column"
-    note = f"; replaced the input's {', '.join(replaced)} {columns}" if replaced else ""
-    click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}{note}")
+    click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}{replaced_note(replaced)}")
+
+
+def replaced_note(replaced: list[str]) -> str:
+    """What `score` says of the score columns it replaced (a scored catalog scored again)."""
+    if not replaced:
+        return ""
+    return f"; replaced the input's {', '.join(replaced)} column{'s' if len(replaced) > 1 else ''}"
 
 
 def parse_where(where: str) -> str:
@@ -462,7 +468,7 @@ def explain(data, where, model_paths, out, limit, models_dir, device, precision)
     over its input groups (explain_score / explain_score_fusion in SQL).
 
     One row per (model, catalog row): the row's number in the catalog, its anime_id and title,
-    base (the score with every group at its reference, the README says which), the parts
+    base (the score with every group at its reference: docs/sql.md, "What absent means"), the parts
     synopsis, genres, studio, episodes and, for fusion, lexical, then unclamped = base + parts
     and score = unclamped clamped to [1, 10] (what predict_score returns).
 
@@ -551,7 +557,8 @@ def list_models(as_json, models_dir):
 @click.option("--key", default=DEFAULT_KEY, show_default=True, help="The catalog column that identifies a row.")
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
               help="After the run, write all current scores to this Parquet file (atomically; DuckDB store).")
-@click.option("--dry-run", is_flag=True, help="Say how many rows would be scored; score and write nothing.")
+@click.option("--dry-run", is_flag=True, help="Say how many rows would be scored; score nothing and leave the store "
+                                              "as it is (on Spark, plan files are written beside it and removed).")
 @click.option("--allow-shrink", is_flag=True,
               help="Apply a run that removes more than half of the stored keys (refused otherwise).")
 @click.option("--wait", type=click.FloatRange(min=0), default=0, show_default=True, metavar="SECONDS",
@@ -590,22 +597,20 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
             from anime_udf.rescore.on_spark import rescore_spark
 
             with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
-                report = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
+                record = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
                                        dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
                                        precision=precision, ship=ship)
         else:
             from anime_udf.rescore import rescore as run_rescore
 
-            report = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, export=export,
+            record = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, export=export,
                                  dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
                                  device=device, precision=precision)
     except Exception as exc:
-        if not is_user_error(exc):
-            raise
-        if as_json:
+        if as_json and is_user_error(exc):  # a scheduler reading --json reads the failure too
             click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
-        raise click.ClickException(str(exc)) from exc
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else format_summary(report))
+        raise  # converted to one line where every command's errors are (PluginGroup.invoke)
+    click.echo(json.dumps(record.to_dict(), indent=2) if as_json else format_summary(record))
 
 
 # --- the embedding cache ------------------------------------------------------------------------

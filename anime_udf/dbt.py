@@ -41,7 +41,7 @@ from anime_udf.errors import AnimeUdfError
 from anime_udf.metrics import metric_macros
 from anime_udf.rescore import model_id, sql_sections
 from anime_udf.sqlutil import quote_literal
-from anime_udf.udf import LazyScorer, bundles_to_register, register_scorer
+from anime_udf.udf import LazyScorer, register_bundles, register_scorer
 
 SETTINGS = ("models", "baseline", "fusion", "device", "precision")
 
@@ -69,11 +69,13 @@ class Plugin(BasePlugin):
         if unknown:
             raise AnimeUdfError(f"unknown setting(s) {', '.join(unknown)}; its settings are {', '.join(SETTINGS)}")
         config = {k: plugin_config.get(k) for k in SETTINGS}
-        paths = bundles_to_register(config["baseline"], config["fusion"], config["models"])
         # One scorer per bundle for the whole dbt invocation: dbt-duckdb may close and reopen
-        # its connection between steps, and each model loads once.
-        self.scorers = [LazyScorer(path, config["device"] or "auto", config["precision"] or "auto")
-                        for path in paths]
+        # its connection between steps, and each model loads once (its functions are registered
+        # on every connection, configure_connection).
+        device, precision = config["device"] or "auto", config["precision"] or "auto"
+        self.scorers = list(register_bundles(config["baseline"], config["fusion"], config["models"],
+                                             lambda path, manifest: LazyScorer(path, device, precision,
+                                                                               manifest)).values())
         model_ids = ",".join(model_id(scorer.path, scorer.manifest) for scorer in self.scorers)
         self.macros = (sql_sections()["macros"]
                        + f"CREATE OR REPLACE TEMP MACRO anime_udf_model_ids() AS {quote_literal(model_ids)};\n"

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from anime_udf.bundle import BundleError, load_weights, shape_mismatch
+from anime_udf.bundle import REFERENCE_FILE, BundleError, load_weights, shape_mismatch
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ if TYPE_CHECKING:
 
 GROUPS = {"baseline": ("synopsis", "genres", "studio", "episodes"),
           "fusion": ("synopsis", "genres", "studio", "episodes", "lexical")}
-REFERENCE_FILE = "explain.safetensors"
 # Which head input (text, dense, studio index, lexical) and which of its columns each group is.
 GROUP_INPUTS = {"synopsis": (0, slice(None)), "genres": (1, GENRE_COLUMNS), "studio": (2, slice(None)),
                 "episodes": (1, EPISODE_COLUMNS), "lexical": (3, slice(None))}

@@ -16,11 +16,9 @@ from typing import Any, Sequence
 import numpy as np
 import polars as pl
 
-from anime_udf.bundle import shape_mismatch
+from anime_udf.bundle import LEXICAL_VOCABULARY_FILE, LEXICAL_WEIGHTS_FILE, shape_mismatch
 
 
-VOCABULARY_FILE = "lexical/vocabulary.json"
-WEIGHTS_FILE = "lexical/weights.safetensors"
 TOKEN_PATTERN = r"(?u)\b\w\w+\b"  # scikit-learn's default: words of two or more characters
 # The same tokens (maximal runs of two or more word characters), as polars' Rust regex reads
 # them: Python's \w is exactly [\p{L}\p{N}_] on every character its Unicode database assigns
@@ -125,15 +123,15 @@ class LexicalModel:
 
     def save(self, directory: Path) -> None:
         """Write the vocabulary into ``directory``; the weights go through the bundle writer (``state``)."""
-        path = Path(directory) / VOCABULARY_FILE
+        path = Path(directory) / LEXICAL_VOCABULARY_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.vocabulary, ensure_ascii=False))
 
     @classmethod
     def load(cls, bundle: Path, settings: dict, weights: dict[str, Any]) -> "LexicalModel":
-        """The model of a bundle's lexical files (``weights``: those of WEIGHTS_FILE). Raises
+        """The model of a bundle's lexical files (``weights``: those of LEXICAL_WEIGHTS_FILE). Raises
         ValueError naming the file and what is wrong with it."""
-        path = Path(bundle) / VOCABULARY_FILE
+        path = Path(bundle) / LEXICAL_VOCABULARY_FILE
         try:
             vocabulary = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
@@ -143,6 +141,7 @@ class LexicalModel:
         expected = {"idf": (len(vocabulary),), "coef": (len(vocabulary),), "intercept": (1,)}
         bad = shape_mismatch(weights, expected)
         if bad:
-            raise ValueError(f"{Path(bundle) / WEIGHTS_FILE}: {bad} ({len(vocabulary)} terms in {VOCABULARY_FILE})")
+            raise ValueError(f"{Path(bundle) / LEXICAL_WEIGHTS_FILE}: {bad} "
+                             f"({len(vocabulary)} terms in {LEXICAL_VOCABULARY_FILE})")
         return cls(vocabulary, weights["idf"].numpy(), weights["coef"].numpy(),
                    float(weights["intercept"][0]), settings["ngram_max"])

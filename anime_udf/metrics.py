@@ -1,12 +1,18 @@
-"""Evaluation metrics, computed by the SQL in sql/metrics.sql (never by Python loops)."""
+"""Evaluation metrics, computed by the SQL in sql/metrics.sql (never by Python loops).
+
+On the base floor (DESIGN.md, "Layers"): light to import, DuckDB, numpy and polars are
+imported by the functions that compute."""
 
 from __future__ import annotations
 
-import duckdb
-import numpy as np
-import polars as pl
+from typing import TYPE_CHECKING
 
 from anime_udf.sqlutil import sql_path
+
+if TYPE_CHECKING:
+    import duckdb
+    import numpy as np
+    import polars as pl
 
 METRIC_COLUMNS = ("n", "mae", "rmse", "spearman", "r2")
 
@@ -28,6 +34,10 @@ def metrics_table(con: duckdb.DuckDBPyConnection, table: str) -> pl.DataFrame:
 
 def compute_metrics(y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:
     """The same SQL metrics for in-memory arrays (used while training)."""
+    import duckdb
+    import numpy as np
+    import polars as pl
+
     con = duckdb.connect()
     try:
         pairs = pl.DataFrame({"model": "m", "y": np.asarray(y, float), "yhat": np.asarray(yhat, float)})

@@ -76,7 +76,8 @@ class FusionHead(BaselineNet):
 
     The lexical input is the TF-IDF ridge score of the synopsis (anime_udf.lexical), one number
     a row. On titles newer than any trained on, this head measured better than the founding
-    report's (a tabular MLP branch and one hidden layer): README, "Accuracy"."""
+    report's (a tabular MLP branch and one hidden layer): docs/experiments.md, "What each choice
+    changed on new titles"."""
 
     def __init__(self, text_dim: int, n_dense: int, n_studios: int, studio_dim: int = 0, dropout: float = 0.5):
         super().__init__(text_dim + 1, n_dense, n_studios, studio_dim, dropout)
@@ -122,7 +123,7 @@ class Blend:
     """What follows the head (standardised units): head x ``head`` + lexical score x ``lexical``
     (fusion) + ``constant``. ``train --blend`` fits it by least squares on the selection run's
     validation rows, the newest titles by default: a calibration for titles newer than those
-    trained on (README, "Measured on the real catalog"). A bundle without one (the default):
+    trained on (docs/performance.md, "The blend is a trade"). A bundle without one (the default):
     the head alone."""
 
     head: float = 1.0

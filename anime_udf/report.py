@@ -128,7 +128,8 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
                  [_section(title, body, queries[name], note) for title, name, body, note in sections])
 
 
-PARTS_NOTE = ("Each prediction is the model's base score (every input at its reference: the README says which) "
+PARTS_NOTE = ("Each prediction is the model's base score (every input at its reference: docs/sql.md, "
+              "\"What absent means\") "
               "plus one part per input group, their exact Shapley values (explain_score, explain_score_fusion). "
               "Bars: the mean absolute part over the evaluated rows, how far each group moves a model's predictions.")
 

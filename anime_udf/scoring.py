@@ -9,11 +9,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from anime_udf.bundle import BundleError, load_weights, read_manifest
+from anime_udf.bundle import HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, BundleError, load_weights, read_manifest
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
 from anime_udf.features import TabularEncoder
-from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, Blend, FusionHead, SeedEnsemble
 from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
@@ -26,7 +25,6 @@ class Scorer:
     hash), a seed ensemble of heads, the blend after it, target scaling and clamping."""
 
     kind: str
-    weights_file: str
 
     def __init__(self, bundle: Path | str, manifest: dict[str, Any], cache: EmbeddingCache | None = None,
                  device: str | torch.device = "auto", precision: str = "auto"):
@@ -43,7 +41,7 @@ class Scorer:
                                               precision=precision)
         cfg = manifest["model"]
         self.net = SeedEnsemble([self._member(cfg) for _ in range(int(cfg["seeds"]))])
-        _load_state(self.net, self.path, self.weights_file)
+        _load_state(self.net, self.path, HEAD_WEIGHTS[self.kind])
         self.blend = Blend.of(manifest.get("blend"))
         # DuckDB calls UDFs from several threads; one forward pass at a time keeps
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
@@ -100,7 +98,6 @@ class Scorer:
 
 class BaselineScorer(Scorer):
     kind = "baseline"
-    weights_file = "model.safetensors"
 
     def _member(self, cfg):
         return BaselineNet(cfg["text_dim"], self.features.n_tabular, self.features.n_studios,
@@ -109,12 +106,12 @@ class BaselineScorer(Scorer):
 
 class FusionScorer(Scorer):
     kind = "fusion"
-    weights_file = "head.safetensors"
 
     def __init__(self, bundle, manifest, cache=None, device="auto", precision="auto"):
         super().__init__(bundle, manifest, cache, device, precision)
         try:
-            self.lexical = LexicalModel.load(self.path, manifest["lexical"], load_weights(self.path, LEXICAL_WEIGHTS))
+            weights = load_weights(self.path, LEXICAL_WEIGHTS_FILE)
+            self.lexical = LexicalModel.load(self.path, manifest["lexical"], weights)
         except OSError as exc:
             raise BundleError(f"{self.path / 'lexical'}: cannot load the lexical model: {exc}") from exc
         except ValueError as exc:

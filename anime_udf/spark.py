@@ -10,7 +10,7 @@ and per-row constant arguments are the scorer's, so they hold on both.
 
 Workers must run a Python that has anime-udf installed: ``session()`` sets
 ``PYSPARK_PYTHON`` to this interpreter where it is unset.
-On a cluster, see the README's "Running on a cluster".
+On a cluster, see docs/spark.md, "Running on a cluster".
 
 This module imports pyspark (the ``spark`` extra); ``import anime_udf`` never does.
 """
@@ -37,12 +37,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.udf import UserDefinedFunction
 
-from anime_udf.bundle import read_manifest
 from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields
-from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, bundles_to_register, score_batch
+from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, register_bundles, score_batch
 
 ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
@@ -198,15 +197,13 @@ def register(
     sends to every executor. ``device`` is where the workers
     run the text encoder (``auto``: a CUDA GPU when the executor has one), ``precision`` how
     (``auto``: bf16 where the executor's hardware has it), as for ``anime_udf.register``."""
-    registered = {}
-    for path in bundles_to_register(baseline, fusion, models_dir):
-        path = Path(path).resolve()
-        kind = read_manifest(path)["kind"]  # verifies every file's checksum
-        name = FUNCTION_NAMES[kind]
-        bundle = ship_bundle(spark, path) if ship else path
-        registered[name] = spark.udf.register(name, scoring_udf(name, bundle, device, precision, ship))
+    def register_both(path: Path, manifest: dict) -> UserDefinedFunction:
+        kind, name = manifest["kind"], FUNCTION_NAMES[manifest["kind"]]
+        bundle = ship_bundle(spark, path.resolve()) if ship else path.resolve()
         spark.udf.register(EXPLAIN_NAMES[kind], scoring_udf(EXPLAIN_NAMES[kind], bundle, device, precision, ship, kind))
-    return registered
+        return spark.udf.register(name, scoring_udf(name, bundle, device, precision, ship))
+
+    return register_bundles(baseline, fusion, models_dir, register_both)
 
 
 # --- catalogs ---------------------------------------------------------------------------------
@@ -308,10 +305,13 @@ def score_parquet(spark: SparkSession, data: str, out: Path, *, models_dir: Path
                   device: str = "auto", precision: str = "auto", ship: bool = False,
                   **bundles: Path | str) -> tuple[int, list[str]]:
     """The catalog ``data`` plus one score column per model (named after its function),
-    written to the Parquet directory ``out``. ``bundles``, ``models_dir`` and ``ship`` choose the
-    models and how executors read them, as in ``register``. Returns (rows, function names)."""
+    written to the Parquet directory ``out``; a column the catalog already has under such a name
+    (a scored catalog scored again) is replaced, as ``anime-udf score`` does on DuckDB.
+    ``bundles``, ``models_dir`` and ``ship`` choose the models and how executors read them, as in
+    ``register``. Returns (rows, function names, the replaced columns)."""
     functions = register(spark, **bundles, models_dir=models_dir, device=device, precision=precision, ship=ship)
     df = read_catalog_parquet(spark, data)
-    scored = df.select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
+    replaced = [c for c in df.columns if c.lower() in {name.lower() for name in functions}]
+    scored = df.drop(*replaced).select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)
-    return spark.read.parquet(spark_path(out)).count(), list(functions)
+    return spark.read.parquet(spark_path(out)).count(), list(functions), replaced

@@ -22,7 +22,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from anime_udf.bundle import MANIFEST, BundleError, nonfinite_tensor  # noqa: E402
+from anime_udf.bundle import ENCODER_DIR, MANIFEST, TOKENIZER_DIR, BundleError, nonfinite_tensor  # noqa: E402
 from anime_udf.cache import EmbeddingCache, text_key  # noqa: E402
 from anime_udf.devices import resolve_device, resolve_precision  # noqa: E402
 from anime_udf.errors import AnimeUdfError  # noqa: E402
@@ -158,7 +158,7 @@ def text_encoder_dirs(bundle: Path | str, manifest: dict[str, Any]) -> tuple[Pat
     bundle = Path(bundle)
     text = manifest["text_model"]
     if text["in_bundle"]:
-        path, tokenizer_path = bundle / "encoder", bundle / "tokenizer"
+        path, tokenizer_path = bundle / ENCODER_DIR, bundle / TOKENIZER_DIR
     else:
         path, tokenizer_path = default_encoder_path(), None
     try:

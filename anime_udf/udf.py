@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import duckdb
 import numpy as np
@@ -21,6 +21,8 @@ from anime_udf.text import text_encoder_dirs
 if TYPE_CHECKING:
     from anime_udf.scoring import Scorer
 
+T = TypeVar("T")
+
 FUNCTION_NAMES = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
 # Registered beside each scoring function: its score's exact Shapley parts (anime_udf.explain).
 EXPLAIN_NAMES = {"baseline": "explain_score", "fusion": "explain_score_fusion"}
@@ -35,13 +37,14 @@ class LazyScorer:
     text encoder's identity: a few hashes) and loaded on the first call, so that registering
     takes milliseconds and imports neither torch nor transformers."""
 
-    def __init__(self, bundle: Path | str, device: str = "auto", precision: str = "auto"):
+    def __init__(self, bundle: Path | str, device: str = "auto", precision: str = "auto",
+                 manifest: dict[str, Any] | None = None):
         check_choice("device", device, DEVICES)
         check_choice("precision", precision, PRECISIONS)
         if device == "cuda":
             resolve_device(device)  # a GPU asked for by name must be there now, not at the first query
         self.path = Path(bundle)
-        self.manifest = read_manifest(self.path)
+        self.manifest = manifest if manifest is not None else read_manifest(self.path)
         text_encoder_dirs(self.path, self.manifest)
         self.kind = self.manifest["kind"]
         self.name = self.manifest.get("name", self.path.name)
@@ -130,11 +133,25 @@ def register(
     with native bf16, else fp32), ``fp32`` or ``bf16``. Bundles are checked now and
     loaded on their function's first call. Returns {scoring function name: scorer}.
     """
+    def register_both(path: Path, manifest: dict[str, Any]) -> LazyScorer:
+        scorer = LazyScorer(path, device, precision, manifest)  # one load serves both functions
+        register_scorer(con, scorer)
+        register_scorer(con, scorer, explain=True)
+        return scorer
+
+    return register_bundles(baseline, fusion, models_dir, register_both)
+
+
+def register_bundles(baseline: Path | str | None, fusion: Path | str | None, models_dir: Path | str | None,
+                     register_both: Callable[[Path, dict[str, Any]], T]) -> dict[str, T]:
+    """The registration loop of every engine (DuckDB's ``register``, Spark's): each bundle to
+    register, its files checked once (``read_manifest``), handed with its manifest to the engine's
+    ``register_both``, which registers its scoring and explaining functions. Returns {scoring
+    function name: what ``register_both`` returned}."""
     registered = {}
     for path in bundles_to_register(baseline, fusion, models_dir):
-        scorer = LazyScorer(path, device, precision)
-        registered[register_scorer(con, scorer)] = scorer
-        register_scorer(con, scorer, explain=True)
+        manifest = read_manifest(path)
+        registered[FUNCTION_NAMES[manifest["kind"]]] = register_both(Path(path), manifest)
     return registered
 
 

@@ -93,7 +93,7 @@ def unexplainable_baseline(baseline_bundle, tmp_path) -> Path:
     import json
     import shutil
 
-    from anime_udf.explain import REFERENCE_FILE
+    from anime_udf.bundle import REFERENCE_FILE
 
     old = shutil.copytree(baseline_bundle, tmp_path / "old-baseline")
     (old / REFERENCE_FILE).unlink()

@@ -195,6 +195,7 @@ write_bundle(out, manifest, weights, force=True)
 """
 
 
+@pytest.mark.slow  # a process killed or holding the store
 @pytest.mark.parametrize("step, survivor", [(1, "old"), (2, "new"), (3, "new")])
 def test_a_replacing_write_killed_at_any_step_leaves_a_complete_bundle(baseline_bundle, tmp_path, step, survivor):
     import subprocess

@@ -130,7 +130,7 @@ def test_help_explains_every_command():
         assert result.exit_code == 0 and "Usage:" in result.output
 
 
-def test_second_training_run_reuses_cached_embeddings(baseline_bundle, tmp_path, monkeypatch):
+def test_second_training_run_reuses_cached_embeddings(baseline_bundle, warm_cache, tmp_path, monkeypatch):
     from anime_udf.text import FrozenTextEncoder
 
     def no_encoding(self, texts, progress):

@@ -20,6 +20,8 @@ from anime_udf.cli import cli
 from anime_udf.sqlutil import quote_literal
 from tests.conftest import CATALOG, ROOT
 
+pytestmark = pytest.mark.slow  # dbt runs
+
 pytest.importorskip("dbt.adapters.duckdb", reason="the dbt extra: pip install 'anime-udf[dbt]'")
 
 CHANGED = (1, 2, 3)  # synopses edited before the second build

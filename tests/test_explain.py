@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import anime_udf
-from anime_udf.bundle import BundleError, MANIFEST, file_sha256
-from anime_udf.explain import (GROUPS, REFERENCE_FILE, Reference, blended_coalitions, coalition_values,
+from anime_udf.bundle import MANIFEST, REFERENCE_FILE, BundleError, file_sha256
+from anime_udf.explain import (GROUPS, Reference, blended_coalitions, coalition_values,
                                explanation, fields)
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 from anime_udf.models import BaselineNet, FusionHead

@@ -18,7 +18,9 @@ import anime_udf
 from anime_udf.bundle import BundleError, file_sha256, read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.features import clean_text
-from anime_udf.lexical import TOKEN_PATTERN, VOCABULARY_FILE, WEIGHTS_FILE, LexicalModel, lower_tokens
+from anime_udf.bundle import LEXICAL_VOCABULARY_FILE as VOCABULARY_FILE
+from anime_udf.bundle import LEXICAL_WEIGHTS_FILE as WEIGHTS_FILE
+from anime_udf.lexical import TOKEN_PATTERN, LexicalModel, lower_tokens
 from anime_udf.scoring import load_scorer
 from tests.conftest import CATALOG, HOLDOUT
 from training.lexical import LexicalSettings, fit_lexical, out_of_fold

@@ -55,6 +55,23 @@ def test_the_import_graph_has_no_cycles():
     assert "anime_udf.cli" in graph and graph["anime_udf.scoring"]
 
 
+# DESIGN.md, "Layers", top floor first: a module imports from its own floor or those below.
+FLOORS = [("commands", {"cli"}), ("jobs", {"evaluation", "report", "rescore", "dbt"}), ("engines", {"udf", "spark"}),
+          ("scoring", {"scoring", "explain"}), ("model", {"models", "text", "lexical", "features"}),
+          ("storage", {"bundle", "registry", "cache", "catalog"}),
+          ("base", {"errors", "columns", "devices", "files", "sqlutil", "metrics"})]
+
+
+def test_modules_import_only_from_their_floor_or_below():
+    height = {module: len(FLOORS) - i for i, (_, modules) in enumerate(FLOORS) for module in modules}
+    graph = import_graph("anime_udf")
+    top_level = {name.split(".")[1] for name in graph if name != "anime_udf"}
+    assert top_level == set(height), "a module missing from DESIGN.md's layers (or gone from the package)"
+    upward = [f"{a} -> {b}" for a, targets in graph.items() for b in targets
+              if a != "anime_udf" and height[b.split(".")[1]] > height[a.split(".")[1]]]
+    assert upward == []
+
+
 def test_fixture_catalogs_are_what_the_generator_writes(tmp_path):
     sys.path.insert(0, str(ROOT / "fixtures"))
     try:

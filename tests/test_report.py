@@ -199,15 +199,15 @@ def test_an_empty_selection_is_a_clear_error_and_writes_no_report(baseline_bundl
     assert result.exit_code == 2 and "use an .html file name" in result.output
 
 
-def test_readme_recipe_reproduces_the_report_in_plain_duckdb(two_model_report, baseline_bundle, fusion_bundle):
-    """The README's SQL, run on `anime-udf score` output in a DuckDB without the models, gives the
+def test_the_documented_recipe_reproduces_the_report_in_plain_duckdb(two_model_report, baseline_bundle, fusion_bundle):
+    """The SQL of docs/evaluation.md, run on `anime-udf score` output in a DuckDB without the models, gives the
     report's numbers."""
     out, _ = two_model_report
     scored = run("score", "--data", HOLDOUT, "--out", "scored.parquet", "--model", baseline_bundle,
                  "--model", fusion_bundle)
     assert scored.exit_code == 0, scored.output
-    readme = (ROOT / "README.md").read_text()
-    [recipe] = [block for block in re.findall(r"```sql\n(.*?)```", readme, re.S) if "UNPIVOT" in block]
+    page = (ROOT / "docs" / "evaluation.md").read_text()
+    [recipe] = [block for block in re.findall(r"```sql\n(.*?)```", page, re.S) if "UNPIVOT" in block]
     recipe = recipe.replace("models/baseline-…", str(baseline_bundle))
     con = duckdb.connect()
     for line in recipe.splitlines():

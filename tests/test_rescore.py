@@ -527,6 +527,7 @@ def test_sql_script_and_cli_agree(tmp_path, models, baseline_bundle):
 # --- crashes and concurrency ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a process killed or holding the store
 @pytest.mark.parametrize("phase", ["score", "commit", "export"])
 def test_kill_9_leaves_previous_or_new_state(tmp_path, models, baseline_bundle, phase):
     """A run killed at a phase leaves the store as after the previous run (before COMMIT)
@@ -560,6 +561,7 @@ def test_kill_9_leaves_previous_or_new_state(tmp_path, models, baseline_bundle, 
     assert pl.read_parquet(export)["anime_id"].sort().to_list() == sorted(catalog_b()["anime_id"].to_list())
 
 
+@pytest.mark.slow  # a process killed or holding the store
 @pytest.mark.parametrize("applied", [True, False])
 def test_failed_commit_is_reported_as_unknown_and_recorded_once(tmp_path, models, baseline_bundle, monkeypatch,
                                                                   applied):
@@ -615,6 +617,7 @@ def test_checkpoint_failing_on_a_full_disk_after_commit(tmp_path, models, baseli
     assert_store_matches(store, catalog_a(), baseline_bundle)
 
 
+@pytest.mark.slow  # a process killed or holding the store
 def test_concurrent_runs_fail_clearly_or_wait(tmp_path, models, baseline_bundle):
     store = tmp_path / "scores.duckdb"
     catalog = write(catalog_a(), tmp_path / "a.csv")
@@ -737,6 +740,7 @@ def test_a_store_reached_through_a_link_takes_the_real_files_lock(tmp_path, mode
     assert not real.exists()
 
 
+@pytest.mark.slow  # a process killed or holding the store
 def test_wait_holds_for_a_table_catalog_in_a_warehouse_open_elsewhere(tmp_path, models):
     """Reading a FILE.duckdb:TABLE catalog waits, as opening the store does, while another
     process has the file open."""

@@ -30,6 +30,8 @@ from anime_udf.rescore import RescoreError, rescore  # noqa: E402
 from anime_udf.rescore.on_spark import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
 from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Spark JVM
+
 CALLS = {name: f"{name}(synopsis, genres, studio, episodes)" for name in ("predict_score", "predict_score_fusion")}
 # Rows with missing and odd inputs (the NULL policy): episodes NULL, NaN, negative, huge.
 EDGE_ROWS = [
@@ -187,6 +189,15 @@ def test_score_command_on_spark_writes_what_the_duckdb_score_writes(spark, tmp_p
     refused = CliRunner().invoke(cli, ["score", "--engine", "spark", "--data", str(data / "a.parquet"), "--out",
                                        "mine", *map(str, models)])
     assert refused.exit_code == 1 and "is not a Parquet directory written by Spark" in refused.output
+    # a scored file scored again: its stale score column replaced, as on DuckDB (never predict_score_1)
+    stale = expected.with_columns(predict_score=pl.lit(1.0))
+    stale.write_parquet(tmp_path / "stale.parquet")
+    again = CliRunner().invoke(cli, ["score", "--engine", "spark", "--data", str(tmp_path / "stale.parquet"),
+                                     "--out", "rescored", *map(str, models)])
+    assert again.exit_code == 0 and "replaced the input's predict_score, predict_score_fusion columns" in again.output
+    rescored = pl.read_parquet("rescored/*.parquet")
+    assert rescored.columns == expected.columns
+    assert_same(rescored, expected, "anime_id", ["predict_score", "predict_score_fusion"])
 
 
 def test_the_cli_imports_pyspark_only_to_run_on_spark():

@@ -1,5 +1,5 @@
 """A real Spark standalone cluster on this machine: a master and two workers, each a separate
-JVM started with pyspark's own ``bin/spark-class`` on 127.0.0.1, as the README's "Running
+JVM started with pyspark's own ``bin/spark-class`` on 127.0.0.1, as docs/spark.md, "Running
 on a cluster" starts them. ``score`` and ``rescore --engine spark --ship-bundles`` run against
 it from the command line and agree with DuckDB; one worker killed mid-job does not stop the
 job, and the store holds every row once. The cluster starts once per test session."""
@@ -32,8 +32,10 @@ from anime_udf.rescore import rescore  # noqa: E402
 from anime_udf.rescore.on_spark import current_snapshot  # noqa: E402
 from tests.conftest import CATALOG  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a Spark cluster (three JVMs)
+
 ROOT = Path(__file__).resolve().parents[1]
-# The README's commands (README.md, "Running on a cluster"), with its ports; the tests run them
+# The documented commands (docs/spark.md, "Running on a cluster"), with their ports; the tests run them
 # with port 0 in their place (the JVMs choose, Cluster reads the ports back).
 MASTER = "$SPARK_HOME/bin/spark-class org.apache.spark.deploy.master.Master --host 127.0.0.1 --port 7077 --webui-port 8080"
 WORKER = ("$SPARK_HOME/bin/spark-class org.apache.spark.deploy.worker.Worker spark://127.0.0.1:7077 --host 127.0.0.1 "
@@ -52,7 +54,7 @@ def spark_home() -> str:
 
 
 class Cluster:
-    """The master and workers of one session; ``argv`` turns a README command into this cluster's.
+    """The master and workers of one session; ``argv`` turns a documented command into this cluster's.
 
     Every port is 0 (the JVM binds a free one itself) and read back from the logs: a port picked
     here and bound later by the JVM can be taken in between (a worker's own random ports, another
@@ -61,7 +63,7 @@ class Cluster:
     def __init__(self, base: Path, cache: Path):
         self.base = base
         self.url = self.ui = None
-        # What a cluster image provides its workers (README: the Python environment, the cache).
+        # What a cluster image provides its workers (docs/spark.md: the Python environment, the cache).
         self.env = {**os.environ, "SPARK_HOME": spark_home(), "SPARK_LOCAL_IP": "127.0.0.1",
                     "PYSPARK_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1",
                     "ANIME_UDF_CACHE": str(cache),
@@ -159,7 +161,7 @@ def catalog(tmp_path_factory) -> Path:
 
 
 def anime_udf_command(cluster: Cluster, command: str, cwd: Path, *extra: str, **kw) -> subprocess.Popen:
-    """A README command run against the cluster, from ``cwd``, the driver on this machine."""
+    """A documented command run against the cluster, from ``cwd``, the driver on this machine."""
     argv = [sys.executable, "-c", "from anime_udf.cli import cli; cli()", *cluster.argv(command)[1:], *extra]
     return subprocess.Popen(argv, cwd=cwd, env={**cluster.env, "ANIME_UDF_CACHE": os.environ["ANIME_UDF_CACHE"]},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -180,7 +182,7 @@ def duckdb_scores(catalog: Path, baseline: Path, fusion: Path) -> pl.DataFrame:
 
 
 def work_dir(tmp_path: Path, catalog: Path, baseline: Path, fusion: Path) -> Path:
-    """The README's layout: catalog.parquet and a models directory in the working directory."""
+    """The documented layout: catalog.parquet and a models directory in the working directory."""
     shutil.copy(catalog, tmp_path / "catalog.parquet")
     (tmp_path / "models").mkdir(exist_ok=True)
     for bundle in (baseline, fusion):
@@ -189,9 +191,9 @@ def work_dir(tmp_path: Path, catalog: Path, baseline: Path, fusion: Path) -> Pat
     return tmp_path
 
 
-def test_readme_runs_these_cluster_commands():
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### Running on a cluster"):]
+def test_the_docs_run_these_cluster_commands():
+    page = (ROOT / "docs" / "spark.md").read_text()
+    section = page[page.index("## Running on a cluster"):]
     for command in (MASTER, *(WORKER.format(ui=ui) for ui in WORKER_UI_PORTS), SCORE, RESCORE):
         assert command in section, command
 

@@ -187,6 +187,7 @@ def warehouse_state(warehouse: Path) -> dict:
             **snapshot(warehouse)}
 
 
+@pytest.mark.slow  # a process killed or holding the store
 @pytest.mark.parametrize("phase", ["score", "commit"])
 def test_kill_9_leaves_the_warehouse_and_its_store_consistent(warehouse, models, tmp_path, phase):
     rescore(f"{warehouse}:anime", warehouse)

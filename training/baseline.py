@@ -12,7 +12,8 @@ from typing import Callable
 from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
-from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
+from anime_udf.bundle import HEAD_WEIGHTS, REFERENCE_FILE
+from anime_udf.explain import reference_manifest, reference_state
 from anime_udf.models import BaselineNet
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, refit_ensemble,
@@ -21,20 +22,24 @@ from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validat
 
 @dataclass
 class BaselineSettings:
-    epochs: int = 80  # the most; the selection run chooses how many (new titles gained to 80: README)
+    """The defaults, each measured on new titles (docs/experiments.md, "What each choice changed on
+    new titles"; the blend: docs/performance.md, "The blend is a trade"; precision: docs/performance.md,
+    "Speed")."""
+
+    epochs: int = 80  # the most; the selection run chooses how many (new titles gained to 80)
     batch_size: int = 64
     lr: float = 1e-3
     weight_decay: float = 0.01
     dropout: float = 0.5
-    studio_dim: int = 0  # one-hot studios: better than a 16-d embedding on new titles (README)
+    studio_dim: int = 0  # one-hot studios: better than a 16-d embedding on new titles
     min_studio_count: int = 3
     max_length: int = 256  # all-MiniLM-L6-v2's own limit
     seeds: int = 3  # heads averaged: each seed's errors differ; scoring cost is the encoder's
     refit: bool = True  # refit on every training row with the chosen epochs
-    blend: bool = False  # head x a + c after the head: better on newer titles, worse on others (README)
+    blend: bool = False  # head x a + c after the head: better on newer titles, worse on others
     seed: int = 42
     device: str = "auto"
-    precision: str = "fp32"  # the frozen encoder's: bf16 measured 0.001 MAE worse (README)
+    precision: str = "fp32"  # the frozen encoder's: bf16 measured 0.001 MAE worse
 
     def head_training(self) -> HeadTraining:
         return HeadTraining(self.epochs, self.batch_size, self.lr, self.weight_decay, self.seeds)
@@ -104,6 +109,6 @@ def train_baseline(
         "metrics": {"valid": metrics},
         "explain": reference_manifest("baseline"),
     }
-    write_bundle(out, manifest, {"model.safetensors": ensemble.state_dict(),
+    write_bundle(out, manifest, {HEAD_WEIGHTS["baseline"]: ensemble.state_dict(),
                                  REFERENCE_FILE: reference_state(final_inputs)}, force=force)
     return manifest

@@ -55,8 +55,8 @@ def data_options(valid_fraction: float, seeds: int):
                               "prediction times a weight, plus a constant (and, for fusion, the lexical score "
                               "times a weight). Validated on the newest years (the default), it calibrates the "
                               "model for titles newer than any it trained on: on the real catalog 0.008-0.011 "
-                              "better MAE on those, 0.03 worse on titles like the training rows (README, "
-                              "\"Measured on the real catalog\").")(f)
+                              "better MAE on those, 0.03 worse on titles like the training rows (docs/performance.md, "
+                              "\"The blend is a trade\").")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
         f = click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                          help=f"Validate on this random fraction of --data instead. Default when --data has "
@@ -82,7 +82,7 @@ def data_options(valid_fraction: float, seeds: int):
     return decorate
 
 
-def report(manifest: dict, out: Path) -> None:
+def print_summary(manifest: dict, out: Path) -> None:
     from anime_udf.metrics import METRIC_COLUMNS  # here: `anime-udf --help` lists this plugin, light
 
     metrics = manifest["metrics"]["valid"]
@@ -121,7 +121,7 @@ def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, s
     out = out or default_out(models_dir, "baseline")
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, blend=blend,
                                 seeds=seeds, device=device, precision=precision)
-    report(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo), out)
+    print_summary(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo), out)
 
 
 @train.command()
@@ -160,7 +160,7 @@ def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, see
     epoch, Ctrl-C saves a checkpoint, and --resume continues.
     """
     from training.common import load_split
-    from training.fine_tune import Checkpoint, ResumeError
+    from training.fine_tune import Checkpoint
     from training.fusion import FusionSettings, train_fusion
 
     if resume and out is None:
@@ -175,11 +175,9 @@ def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, see
     try:
         manifest = train_fusion(split, out, settings, resume=resume, force=force, progress=progress_bars(),
                                 log=click.echo)
-    except ResumeError as exc:
-        raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
         if Checkpoint(out).exists():
             raise click.ClickException(f"interrupted; a checkpoint is saved: continue with the same command "
                                        f"plus --resume --out {out}") from None
         raise click.ClickException("interrupted before fine-tuning began: nothing was saved") from None
-    report(manifest, out)
+    print_summary(manifest, out)

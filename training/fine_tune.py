@@ -25,11 +25,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anime_udf.bundle import save_state
+from anime_udf.errors import AnimeUdfError
 from anime_udf.models import FusionNet
 from anime_udf.text import length_sorted_batches
 
 
-class ResumeError(ValueError):
+class ResumeError(AnimeUdfError, ValueError):
     """A checkpoint cannot be resumed with these settings."""
 
 

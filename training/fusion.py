@@ -13,7 +13,7 @@ recorded in the bundle:
 3. ``fine_tune_encoder`` (stage 2, ``epochs`` > 0): encoder and head end to end
    (training/fine_tune.py). An epoch is kept only if it beats stage 1 on validation RMSE;
    on a 2-core CPU none has, so the default is 0;
-4. ``fit_blend`` (``blend``): what follows the head, head x a + lexical score x b + c, fitted
+4. ``choose_blend`` (``blend``): what follows the head, head x a + lexical score x b + c, fitted
    on the selection run's validation predictions (anime_udf.models.Blend);
 5. ``refit_head``: the final head, a seed ensemble refitted on every training row, on the
    features of the chosen encoder, for the chosen number of epochs;
@@ -35,13 +35,13 @@ from typing import Callable
 
 import torch
 
-from anime_udf.bundle import POOLINGS, check_out, write_bundle
+from anime_udf.bundle import (ENCODER_DIR, HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, POOLINGS, REFERENCE_FILE, TOKENIZER_DIR,
+                              check_out, write_bundle)
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
-from anime_udf.explain import REFERENCE_FILE, reference_manifest, reference_state
+from anime_udf.explain import reference_manifest, reference_state
 from anime_udf.features import clean_text
-from anime_udf.lexical import WEIGHTS_FILE as LEXICAL_WEIGHTS
 from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, check_model_type, default_encoder_path,
                             load_encoder, load_tokenizer, weights_checksum)
@@ -58,7 +58,7 @@ class FusionSettings:
     backbone: str = ""  # local Hugging Face encoder directory; "" = the packaged all-MiniLM-L6-v2
     pooling: str = "mean"
     max_length: int = 256
-    epochs: int = 0  # end-to-end fine-tuning epochs: none paid on a CPU (README); a GPU setting to sweep
+    epochs: int = 0  # end-to-end fine-tuning: none paid on a CPU (docs/experiments.md, "Fine-tuning")
     batch_size: int = 32
     lr_encoder: float = 1e-5
     lr_head: float = 1e-4
@@ -77,7 +77,7 @@ class FusionSettings:
     min_studio_count: int = 3
     seeds: int = 3
     refit: bool = True
-    blend: bool = False  # after the head: better on newer titles, worse on others (README)
+    blend: bool = False  # better on newer titles, worse on others (docs/performance.md, "The blend is a trade")
     lexical_ngram_max: int = 2
     lexical_min_df: int = 2
     lexical_alpha: float = 1.0
@@ -136,7 +136,7 @@ class FusionTrainer:
         with tempfile.TemporaryDirectory() as side:  # the encoder and lexical files, until the bundle is written
             side = Path(side)
             self.fine_tune_encoder(side, checkpoint, resume)
-            self.fit_blend()
+            self.choose_blend()
             ensemble = self.refit_head()
             manifest = self.manifest(name or Path(out).name)
             self.write_bundle(out, side, manifest, ensemble, force)
@@ -197,19 +197,19 @@ class FusionTrainer:
         tuned = bool(self.fine_tuning and self.fine_tuning["best_epoch"] > 0)
         self.encoder_in_bundle = tuned or bool(s.backbone)  # else: the packaged encoder, referenced by checksum
         if self.encoder_in_bundle:
-            encoder.save_pretrained(side / "encoder", safe_serialization=True)
-            tokenizer.save_pretrained(str(side / "tokenizer"))
+            encoder.save_pretrained(side / ENCODER_DIR, safe_serialization=True)
+            tokenizer.save_pretrained(str(side / TOKENIZER_DIR))
         if tuned:  # the tuned encoder's embeddings are cached under its own checksum
             self.log(f"fine-tuning won (epoch {self.fine_tuning['best_epoch']}): "
                      "choosing the head's epochs on its features")
-            self.choose_head_epochs(self.frozen_encoder(side / "encoder", tokenizer_path=side / "tokenizer"))
-        checksum = weights_checksum(str(side / "encoder")) if self.encoder_in_bundle else self.text_encoder.checksum
+            self.choose_head_epochs(self.frozen_encoder(side / ENCODER_DIR, tokenizer_path=side / TOKENIZER_DIR))
+        checksum = weights_checksum(str(side / ENCODER_DIR)) if self.encoder_in_bundle else self.text_encoder.checksum
         self.text_model = {"name": self.backbone_name, "checksum": checksum, "in_bundle": self.encoder_in_bundle,
                            "base_checksum": weights_checksum(str(self.backbone)),
                            "architecture": check_model_type(self.backbone), "fine_tuned": tuned, "pooling": s.pooling,
                            "max_length": s.max_length, "normalize": True}
 
-    def fit_blend(self) -> None:
+    def choose_blend(self) -> None:
         """head x a + lexical score x b + c, least squares on the selection run's validation
         rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
         metrics of the model as it ships."""
@@ -250,10 +250,10 @@ class FusionTrainer:
         """The bundle: the heads, the explanation references, the lexical view and, where it is
         in the bundle, the encoder and tokenizer saved in ``side``."""
         self.lexical.save(side)
-        weights = {"head.safetensors": ensemble.state_dict(), REFERENCE_FILE: reference_state(self.x["refit"]),
-                   LEXICAL_WEIGHTS: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()}}
+        weights = {HEAD_WEIGHTS["fusion"]: ensemble.state_dict(), REFERENCE_FILE: reference_state(self.x["refit"]),
+                   LEXICAL_WEIGHTS_FILE: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()}}
         extra = {"lexical": side / "lexical"} | (
-            {"encoder": side / "encoder", "tokenizer": side / "tokenizer"} if self.encoder_in_bundle else {})
+            {ENCODER_DIR: side / ENCODER_DIR, TOKENIZER_DIR: side / TOKENIZER_DIR} if self.encoder_in_bundle else {})
         write_bundle(out, manifest, weights, extra_dirs=extra, force=force)
 
     # --- what the phases share ---

@@ -7,7 +7,7 @@ scored, and records what it did. Both engines run the same SQL, sql/rescore.sql:
 - ``sql``: the SQL layer, its sections, the run's variables and the shared queries;
 - ``bundles``: which bundles a run scores, and their model ids;
 - ``store``: the lock both engines take, and the DuckDB store (attach, plan read-only);
-- ``report``: the run report and its one-screen summary;
+- ``record``: the run record and its one-screen summary;
 - ``run``: a run's id and clock, its errors, the test hook;
 - ``on_duckdb``: ``rescore(catalog, store)``, a DuckDB file as the store;
 - ``on_spark``: ``rescore_spark(spark, catalog, store)``, a directory of Parquet snapshots
@@ -16,8 +16,8 @@ scored, and records what it did. Both engines run the same SQL, sql/rescore.sql:
 
 from anime_udf.rescore.bundles import model_id
 from anime_udf.rescore.on_duckdb import rescore
-from anime_udf.rescore.report import RunReport, format_summary
+from anime_udf.rescore.record import RunRecord, format_summary
 from anime_udf.rescore.run import RescoreError, StoreBusyError
 from anime_udf.rescore.sql import sql_sections
 
-__all__ = ["RescoreError", "RunReport", "StoreBusyError", "format_summary", "model_id", "rescore", "sql_sections"]
+__all__ = ["RescoreError", "RunRecord", "StoreBusyError", "format_summary", "model_id", "rescore", "sql_sections"]

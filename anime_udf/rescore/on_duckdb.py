@@ -46,7 +46,7 @@ from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice
 from anime_udf.files import atomic_file, process_running
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
-from anime_udf.rescore.report import RunReport, dry_run_report, run_report
+from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
 from anime_udf.rescore.sql import catalog_fingerprint, guard_words, refuse_shrink, run_records, set_variable
 from anime_udf.rescore.sql import run_section as _run  # the run's one way to run a section: a test makes COMMIT fail
@@ -83,7 +83,7 @@ def rescore(
     allow_shrink: bool = False,
     device: str = "auto",
     precision: str = "auto",
-) -> RunReport:
+) -> RunRecord:
     """Rescore ``catalog`` (a path, ``FILE.duckdb:TABLE`` or anything ``read_catalog`` takes)
     into ``store``, a DuckDB file: its own, or the catalog's database (its rescore_* tables
     then sit beside the warehouse's, changed by the same one transaction a run).
@@ -119,7 +119,7 @@ def rescore(
                      export=export is not None, allow_shrink=allow_shrink, dry_run=dry_run)
                 del rows  # the plan holds what it needs (rescore_input): the catalog is not held twice
                 if dry_run:
-                    return dry_run_report(con, run)
+                    return dry_run_record(con, run)
                 work = resume_unfinished(con, run, choices, previous)
                 score(con, choices, progress, chunk_rows, device, precision, Path(work_dir))
                 apply(con, store, wait)
@@ -306,7 +306,7 @@ def apply(con: duckdb.DuckDBPyConnection, store: Path, wait: float) -> None:
         raise
 
 
-def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work: dict[str, Any]) -> RunReport:
+def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work: dict[str, Any]) -> RunRecord:
     """COMMIT, then the export, then close the store. From COMMIT on, a failure may leave the
     run applied: it says what is known, and notes the run so that a retry of the same
     ``work`` does not record it twice."""
@@ -330,7 +330,7 @@ def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work:
                    if step == "COMMIT" else f"was committed to {run.store}, but {step} failed: {exc}")
         raise RescoreError(f"run {run.id} {outcome}. Rerun the same command: it completes the work and "
                            f"records run {run.id} once") from exc
-    return run_report(run, records, export=str(export) if export is not None else None, export_rows=export_rows)
+    return run_record(run, records, export=str(export) if export is not None else None, export_rows=export_rows)
 
 
 # --- the export -----------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from anime_udf.catalog import read_catalog
 from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
 from anime_udf.files import atomic_file
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
-from anime_udf.rescore.report import RunReport, dry_run_report, run_report
+from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
 from anime_udf.rescore.sql import (SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
                                    run_section, sql_sections, start)
@@ -169,7 +169,7 @@ def rescore_spark(
     device: str = "auto",
     precision: str = "auto",
     ship: bool = False,
-) -> RunReport:
+) -> RunRecord:
     """Rescore the Parquet ``catalog`` (a file, directory or glob) into the Spark store
     ``store`` (a directory). The options are those of ``rescore`` (on_duckdb.py);
     ``device`` and ``precision`` are the workers' text encoder's; ``ship`` sends the bundles
@@ -199,7 +199,7 @@ def rescore_spark(
                 old = stored_scores(spark, previous)
                 todo = plan(spark, con, run, choices, inputs, old, previous, meta, work, allow_shrink)
                 if dry_run:
-                    return dry_run_report(con, run)
+                    return dry_run_record(con, run)
                 score(spark, con, run, choices, inputs, old, todo, work, device, precision, ship)
             finally:
                 inputs.unpersist()
@@ -207,7 +207,7 @@ def rescore_spark(
             publish(store, work, run.id, key)
             published = True
             prune(store, keep={run.id, previous.name if previous else run.id})
-            return run_report(run, records)
+            return run_record(run, records)
     except (duckdb.Error, *SPARK_ERRORS) as exc:
         words = guard_words(exc) if isinstance(exc, duckdb.Error) else job_error(exc)
         raise RescoreError(f"{NOT_PUBLISHED}: {words}") from exc

@@ -1,4 +1,4 @@
-"""The run report: what ``rescore`` returns, ``--json`` prints, and the one screen an
+"""The run record: what ``rescore`` returns, ``--json`` prints, and the one screen an
 operator reads (``format_summary``)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint
 
 
 @dataclass
-class RunReport:
+class RunRecord:
     run_id: str
     status: str  # "ok" or "dry-run"
     store: str
@@ -46,16 +46,16 @@ def _json_default(value: Any) -> Any:
 
 
 def _about(run: Run) -> dict[str, Any]:
-    """What every report says of its run."""
+    """What every run record says of its run."""
     return {"run_id": run.id, "store": str(run.store), "catalog": run.catalog, "key": run.key,
             "started_at": run.started.isoformat(timespec="seconds"),
             "finished_at": now().isoformat(timespec="seconds"), "seconds": run.seconds()}
 
 
-def run_report(run: Run, records: list[dict[str, Any]], **export: Any) -> RunReport:
-    """The report of a finished run, from its rows of rescore_runs (one per model)."""
+def run_record(run: Run, records: list[dict[str, Any]], **export: Any) -> RunRecord:
+    """The record of a finished run, from its rows of rescore_runs (one per model)."""
     first = records[0]
-    return RunReport(
+    return RunRecord(
         **_about(run), status="ok", catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
         rows_imputed=first["rows_imputed"],
         models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
@@ -63,10 +63,10 @@ def run_report(run: Run, records: list[dict[str, Any]], **export: Any) -> RunRep
     )
 
 
-def dry_run_report(con: duckdb.DuckDBPyConnection, run: Run) -> RunReport:
-    """The report of a dry run, from its planned counts (rescore_counts)."""
+def dry_run_record(con: duckdb.DuckDBPyConnection, run: Run) -> RunRecord:
+    """The record of a dry run, from its planned counts (rescore_counts)."""
     counts = con.sql("SELECT * FROM rescore_counts ORDER BY model_kind").pl().to_dicts()
-    return RunReport(
+    return RunRecord(
         **_about(run), status="dry-run", catalog_fingerprint=catalog_fingerprint(con),
         rows_seen=counts[0]["rows_seen"] if counts else 0, rows_imputed=counts[0]["rows_imputed"] if counts else 0,
         models=[{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
@@ -82,16 +82,16 @@ def _num(value: Any, fmt: str = ".3f", signed: bool = False) -> str:
     return format(value, ("+" if signed else "") + fmt)
 
 
-def format_summary(report: RunReport) -> str:
+def format_summary(record: RunRecord) -> str:
     """One screen for the operator: what was read, scored, reused, removed, and how the
     score distribution moved against the previous run."""
-    dry = report.status == "dry-run"
+    dry = record.status == "dry-run"
     lines = [
-        f"rescore {report.run_id}: " + ("dry run, nothing scored or written" if dry else "ok")
-        + f" in {report.seconds:.1f} s",
-        (f"catalog  {report.catalog}: {report.rows_seen} rows, {report.rows_imputed} with imputed inputs, "
-         f"fingerprint {report.catalog_fingerprint}"),
-        f"store    {report.store} (keyed by {report.key})",
+        f"rescore {record.run_id}: " + ("dry run, nothing scored or written" if dry else "ok")
+        + f" in {record.seconds:.1f} s",
+        (f"catalog  {record.catalog}: {record.rows_seen} rows, {record.rows_imputed} with imputed inputs, "
+         f"fingerprint {record.catalog_fingerprint}"),
+        f"store    {record.store} (keyed by {record.key})",
     ]
     verbs = ("would score", "reuse", "remove", "supersede") if dry else ("scored", "reused", "removed", "superseded")
     head = f"{'model':9} {'model id':22} " + " ".join(f"{v:>11}" for v in verbs)
@@ -99,7 +99,7 @@ def format_summary(report: RunReport) -> str:
     if not dry:
         head += "  " + " ".join(f"{c:>6}" for c in ("mean", *QUANTILES))
     lines.append(head)
-    for m in report.models:
+    for m in record.models:
         counts = (m["rows_scored"], m["rows_reused"], m["rows_removed"], m["rows_superseded"])
         line = f"{m['model_kind']:9} {m['model_id']:22} " + " ".join(f"{c:>11}" for c in counts)
         if dry:
@@ -114,6 +114,6 @@ def format_summary(report: RunReport) -> str:
             lines.append(f"{label:{width}}  " + " ".join(f"{_num(v, '.2f', True):>6}" for v in shifts))
         else:
             lines.append(f"{'':9} first run of this kind: no shift to report")
-    if report.export:
-        lines.append(f"export   {report.export}: {report.export_rows} rows")
+    if record.export:
+        lines.append(f"export   {record.export}: {record.export_rows} rows")
     return "\n".join(lines)
