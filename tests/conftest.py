@@ -34,6 +34,16 @@ def session_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("embedding-cache")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fixtures_cache(session_cache):
+    """What fixtures wider than one test see (each test gets its own, isolated_dirs): the session's
+    embedding cache, never the user's ~/.cache/anime-udf."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("ANIME_UDF_CACHE", str(session_cache))
+    yield session_cache
+    patch.undo()
+
+
 @pytest.fixture(autouse=True)
 def isolated_dirs(tmp_path, monkeypatch):
     """Each test starts as a new user does: an empty embedding cache of its own and an empty

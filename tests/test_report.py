@@ -78,7 +78,9 @@ def holdout_predictions(bundle) -> np.ndarray:
     return load_scorer(bundle).predict(*(df[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")))
 
 
-def test_report_numbers_equal_eval_and_scipy(two_model_report, baseline_bundle, fusion_bundle):
+def test_report_numbers_equal_eval_and_scipy(two_model_report, baseline_bundle, fusion_bundle, warm_cache):
+    """The report's numbers against eval's and scipy's, computed from the embeddings the report's
+    were (the module's report is made with the session's cache): no recomputation to tolerate."""
     out, printed = two_model_report
     page = out.read_text()
     tables = Tables(page)
@@ -199,7 +201,8 @@ def test_an_empty_selection_is_a_clear_error_and_writes_no_report(baseline_bundl
     assert result.exit_code == 2 and "use an .html file name" in result.output
 
 
-def test_the_documented_recipe_reproduces_the_report_in_plain_duckdb(two_model_report, baseline_bundle, fusion_bundle):
+def test_the_documented_recipe_reproduces_the_report_in_plain_duckdb(two_model_report, baseline_bundle, fusion_bundle,
+                                                                     warm_cache):
     """The SQL of docs/evaluation.md, run on `anime-udf score` output in a DuckDB without the models, gives the
     report's numbers."""
     out, _ = two_model_report
