@@ -262,7 +262,7 @@ def test_a_db_that_is_not_a_duckdb_file_is_named(tmp_path, write):
     assert data.read_text() == "a,b\n1,2\n"
 
 
-def test_warehouse_paths_relative_with_colons_and_dotted_table_names(tmp_path):
+def test_warehouse_paths_relative_with_colons_and_dotted_table_names(tmp_path, baseline_bundle):
     """Relative paths (the tests run in tmp_path) whose first part has a colon, an existing file
     whose name looks like FILE.db:TABLE, and a table whose name has a dot."""
     Path("snap:1").mkdir()
@@ -277,6 +277,9 @@ def test_warehouse_paths_relative_with_colons_and_dotted_table_names(tmp_path):
     result = run("sql", "--db", "./snap:1/w.duckdb", "SELECT count(*) AS n FROM anime", "--out", "n.csv")
     assert result.exit_code == 0, result.output
     assert pl.read_csv("n.csv")["n"][0] == 400
+    # the nightly job on the same relative paths: its store beside the table, in that database
+    record = rescore("./snap:1/w.duckdb:anime", Path("./snap:1/w.duckdb"), models=str(baseline_bundle))
+    assert record.models[0]["rows_scored"] == 400
 
     Path("snap.db:1").mkdir()
     shutil.copy(CATALOG, "snap.db:1/catalog.csv")

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import duckdb
 
-from anime_udf.catalog import CatalogError, DatabaseTable
+from anime_udf.catalog import CatalogError, DatabaseTable, duckdb_path
 from anime_udf.rescore.run import RescoreError, StoreBusyError, now
 from anime_udf.rescore.sql import check_schema_version, run_section
 from anime_udf.sqlutil import quote_literal
@@ -128,7 +128,7 @@ def attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wait
     process has it open."""
     mode = " (READ_ONLY)" if read_only else ""
     try:
-        waiting_while_open_elsewhere(lambda: con.execute(f"ATTACH {quote_literal(store)} AS store{mode}"), store,
+        waiting_while_open_elsewhere(lambda: con.execute(f"ATTACH {quote_literal(duckdb_path(store))} AS store{mode}"), store,
                                      f"it cannot be {'read' if read_only else 'updated'}", wait)
     except duckdb.IOException as exc:
         raise RescoreError(f"{store}: cannot open the store: {exc}") from exc
