@@ -45,6 +45,17 @@ def test_refit_on_every_row_and_seeds_are_recorded(baseline_bundle):
     assert manifest["metrics"]["valid"]["n"] == 80
 
 
+def test_an_unknown_studio_weighs_nothing(bundle):
+    """A rare, NULL or never-seen studio adds nothing to the first layer of either model: a
+    learned weight gave studios newer than the training rows the rare ones' (reference_fusion.py)."""
+    scorer = load_scorer(bundle)
+    df = read_catalog(HOLDOUT)
+    inputs = scorer.head_inputs(df["synopsis"].to_list(), df["genres"].to_list(), [None] * df.height,
+                                df["episodes"].to_list())
+    for member in scorer.net.members:
+        assert torch.count_nonzero(member.first_layer_share(member.STUDIO, *inputs)) == 0
+
+
 def test_same_seed_same_scores_other_seed_or_no_refit_other_scores(tmp_path):
     first = train(tmp_path / "a", seeds=2)
     second = train(tmp_path / "b", seeds=2)

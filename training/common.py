@@ -339,11 +339,13 @@ def predict(net: nn.Module, inputs: Inputs) -> np.ndarray:
 def fit_ensemble(make_net: Callable[[], nn.Module], inputs: Inputs, y: np.ndarray, epochs: int,
                  how: HeadTraining, seed: int, device: torch.device, bar: tqdm | None = None) -> SeedEnsemble:
     """``how.seeds`` copies of a network, seeds ``seed``, ``seed + 1``, …, each trained for
-    ``epochs`` (a whole cosine schedule) on ``inputs``; their mean is the model."""
+    ``epochs`` (a whole cosine schedule) on ``inputs``, the unknown studio weighing nothing
+    (``BaselineNet.drop_unknown_studio``); their mean is the model."""
     members = []
     for i in range(how.seeds):
         torch.manual_seed(seed + i)
         net = make_net()
+        net.drop_unknown_studio()
         fit_on_features(net, inputs, y, epochs=epochs, batch_size=how.batch_size, lr=how.lr,
                         weight_decay=how.weight_decay, seed=seed + i, device=device, bar=bar)
         members.append(net)
