@@ -367,12 +367,13 @@ def score(data, out, model_paths, engine, master, ship, models_dir, device, prec
                                                    **chosen_bundles(model_paths, models_dir))
         click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}{replaced_note(replaced)}")
         return
+    from anime_udf.udf import stale_score_columns
+
     file_format = "csv" if check_score_out(out, data) == ".csv" else "parquet"
     con, scorers = connect(models_dir, model_paths, device, precision)
     n = add_catalog(con, "catalog", data)
-    # A column named as a function scored now (SQL names ignore case) holds an earlier run's scores:
-    # replaced, never kept beside ours (which DuckDB would rename predict_score_1).
-    replaced = [c for c in con.table("catalog").columns if c.lower() in {fn.lower() for fn in scorers}]
+    # Kept beside ours, DuckDB would rename the new scores predict_score_1.
+    replaced = stale_score_columns(con.table("catalog").columns, list(scorers))
     kept = f"* EXCLUDE ({', '.join(map(quote_ident, replaced))})" if replaced else "*"
     calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
     with atomic_file(out) as tmp:  # DuckDB streams the scored rows to the file: memory stays flat

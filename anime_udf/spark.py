@@ -41,7 +41,7 @@ from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields
-from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, register_bundles, score_batch
+from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, register_bundles, score_batch, stale_score_columns
 
 ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
@@ -311,7 +311,7 @@ def score_parquet(spark: SparkSession, data: str, out: Path, *, models_dir: Path
     ``register``. Returns (rows, function names, the replaced columns)."""
     functions = register(spark, **bundles, models_dir=models_dir, device=device, precision=precision, ship=ship)
     df = read_catalog_parquet(spark, data)
-    replaced = [c for c in df.columns if c.lower() in {name.lower() for name in functions}]
+    replaced = stale_score_columns(df.columns, list(functions))
     scored = df.drop(*replaced).select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)
     return spark.read.parquet(spark_path(out)).count(), list(functions), replaced

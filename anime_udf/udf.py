@@ -86,6 +86,13 @@ def arrow_udf(scorer: Scorer | LazyScorer, explain: bool = False):
     return predict
 
 
+def stale_score_columns(columns: Sequence[str], functions: Sequence[str]) -> list[str]:
+    """The columns of a catalog named as a scoring function (SQL names ignore case): an earlier
+    run's scores, which `score` replaces on every engine, never keeps beside new ones."""
+    names = {name.lower() for name in functions}
+    return [column for column in columns if column.lower() in names]
+
+
 def score_batch(scorer: Scorer | LazyScorer, columns: list[list], explain: bool) -> pa.Array:
     """The body of every engine's UDF: one batch's four argument columns in, its scores (DOUBLE)
     or, with ``explain``, the STRUCT of their parts out."""

@@ -30,7 +30,9 @@ from anime_udf.rescore import RescoreError, rescore  # noqa: E402
 from anime_udf.rescore.on_spark import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
 from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a Spark JVM
+# A Spark JVM (slow); this process reads the cache the executors read, so that the engines are
+# compared on the same cached embeddings (every test starts cold otherwise).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("warm_cache")]
 
 CALLS = {name: f"{name}(synopsis, genres, studio, episodes)" for name in ("predict_score", "predict_score_fusion")}
 # Rows with missing and odd inputs (the NULL policy): episodes NULL, NaN, negative, huge.
@@ -41,13 +43,6 @@ EDGE_ROWS = [
     (-4, "A quiet story.", "NotAGenre, ALSO-NOT", "Totally Unknown Studio", 1e12),
     (-5, "x" * 5_000, " action ,DRAMA", "studio kestrel", float("nan")),
 ]
-
-
-@pytest.fixture(autouse=True)
-def executors_cache(warm_cache):
-    """This process reads the cache the executors read (said here, as every test starts cold
-    otherwise): the engines are compared on the same cached embeddings."""
-    return warm_cache
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,9 @@ from anime_udf.rescore import rescore  # noqa: E402
 from anime_udf.rescore.on_spark import current_snapshot  # noqa: E402
 from tests.conftest import CATALOG  # noqa: E402
 
-pytestmark = pytest.mark.slow  # a Spark cluster (three JVMs)
+# A Spark cluster, three JVMs (slow); this process reads the cache the executors read, so that the
+# engines are compared on the same cached embeddings (every test starts cold otherwise).
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("warm_cache")]
 
 ROOT = Path(__file__).resolve().parents[1]
 # The documented commands (docs/spark.md, "Running on a cluster"), with their ports; the tests run them
@@ -129,13 +131,6 @@ class Cluster:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
-
-
-@pytest.fixture(autouse=True)
-def executors_cache(warm_cache):
-    """This process reads the cache the executors read (said here, as every test starts cold
-    otherwise): the engines are compared on the same cached embeddings."""
-    return warm_cache
 
 
 @pytest.fixture(scope="session")

@@ -128,7 +128,8 @@ def attach(con: duckdb.DuckDBPyConnection, store: Path, *, read_only: bool, wait
     process has it open."""
     mode = " (READ_ONLY)" if read_only else ""
     try:
-        waiting_while_open_elsewhere(lambda: con.execute(f"ATTACH {quote_literal(duckdb_path(store))} AS store{mode}"), store,
+        attach_store = f"ATTACH {quote_literal(duckdb_path(store))} AS store{mode}"
+        waiting_while_open_elsewhere(lambda: con.execute(attach_store), store,
                                      f"it cannot be {'read' if read_only else 'updated'}", wait)
     except duckdb.IOException as exc:
         raise RescoreError(f"{store}: cannot open the store: {exc}") from exc
