@@ -79,7 +79,6 @@ class EmbeddingCache:
         self.path = Path(path) if path else cache_dir() / "embeddings.sqlite"
         self.usable = True
         self.unusable_because = ""  # the error that made it unusable
-        self._shared: dict[str, dict[str, np.ndarray]] | None = None  # see shared_reads
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             _check_private(self.path)
@@ -117,16 +116,8 @@ class EmbeddingCache:
         found = np.zeros(len(keys), dtype=bool)
         if not self.usable or not keys:
             return vectors, found
-        if self._shared is not None:
-            shared = self._shared.get(encoder, {})
-            for i, key in enumerate(keys):
-                vector = shared.get(key)
-                if vector is not None and vector.shape == (dim,):
-                    vectors[i], found[i] = vector, True
-            if found.all():
-                return vectors, found
         try:
-            rows = self._get(encoder, [k for k, f in zip(keys, found) if not f])
+            rows = self._get(encoder, keys)
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
             return vectors, found
@@ -143,30 +134,15 @@ class EmbeddingCache:
         if bad:
             warnings.warn(f"embedding cache {self.path}: {bad} vector(s) not of {dim} finite numbers; computing "
                           "them again", RuntimeWarning, stacklevel=2)
-        if self._shared is not None:
-            self._shared.setdefault(encoder, {}).update((k, vectors[i]) for i, k in enumerate(keys) if found[i])
         return vectors, found
 
     def put(self, encoder: str, vectors: dict[str, np.ndarray]) -> None:
         if not self.usable:
             return
-        if self._shared is not None:
-            self._shared.setdefault(encoder, {}).update(vectors)
         try:
             self._put(encoder, vectors)
         except (sqlite3.Error, OSError) as exc:
             self._give_up(exc)
-
-    @contextmanager
-    def shared_reads(self) -> Iterator[None]:
-        """Within the block, a vector read (or written) once is served from memory: models that
-        share an encoder and score the same rows one after the other (a rescore chunk) read
-        SQLite once. The memory is the block's rows' vectors, freed when it ends."""
-        self._shared = {}
-        try:
-            yield
-        finally:
-            self._shared = None
 
     def _get(self, encoder: str, keys: Sequence[str]) -> list[tuple[str, object]]:
         found: list[tuple[str, object]] = []

@@ -111,7 +111,29 @@ class SeedEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([m(*inputs) for m in self.members]).mean(0)
+        """The members' mean, computed for all of them at once (they are BaselineNet or FusionHead
+        networks of one shape): their first layers side by side, one [rows, inputs] x [inputs,
+        members x 256] product, then the later layers as batched products. A pass per member cost
+        a fifth more on a rescore chunk of 4,096 rows."""
+        first = self.members[0]
+        studio_width = first.tabular.studio_width  # the studio block is the first layer's last
+        weights = torch.cat([m.mlp[0].weight for m in self.members])  # [members x 256, inputs]
+        if first.tabular.studio is None:  # one-hot: the rows' columns of the studio block, gathered
+            studio = weights[:, -studio_width:].T[inputs[first.STUDIO]]
+        else:
+            studio = torch.cat([m.first_layer_share(first.STUDIO, *inputs) for m in self.members], dim=1)
+        other = torch.cat([inputs[i] if inputs[i].ndim == 2 else inputs[i].unsqueeze(1)
+                           for i in first.block_order if i != first.STUDIO], dim=1)
+        bias = torch.cat([m.mlp[0].bias for m in self.members])
+        hidden = torch.addmm(studio.add_(bias), other, weights[:, :-studio_width].T).relu_()
+        # [rows, members x 256] -> [members, rows, 256]: each member's later layers on its own block
+        hidden = hidden.view(len(other), len(self.members), -1).transpose(0, 1)
+        for at in (3, 5):  # Linear 256 -> 128, ReLU, Linear 128 -> 1 (mlp[1], mlp[2]: ReLU and Dropout)
+            layer = [m.mlp[at] for m in self.members]
+            hidden = torch.baddbmm(torch.stack([x.bias for x in layer]).unsqueeze(1), hidden,
+                                   torch.stack([x.weight for x in layer]).transpose(1, 2))
+            hidden = hidden.relu_() if at == 3 else hidden
+        return hidden.squeeze(-1).mean(0)
 
 
 class FusionNet(nn.Module):

@@ -20,6 +20,36 @@ from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
 SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
 
+class Rows:
+    """A batch of the four inputs, with what models derive from them alike derived once for all
+    the models that score it: the synopsis's sentence embedding per text encoder (cleaned,
+    hashed, read from the cache or encoded), the tabular features per encoding of them (the two
+    models of one catalog encode them alike)."""
+
+    def __init__(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                 episodes: Sequence[Any]):
+        if not (len(genres) == len(studio) == len(episodes) == len(synopsis)):
+            raise ValueError("synopsis, genres, studio and episodes must have the same length")
+        self.synopsis, self.genres, self.studio, self.episodes = synopsis, genres, studio, episodes
+        self._embeddings: dict[str, np.ndarray] = {}  # by encoder id
+        self._features: dict[TabularEncoder, tuple[np.ndarray, np.ndarray]] = {}
+
+    def __len__(self) -> int:
+        return len(self.synopsis)
+
+    def embedding(self, encoder: FrozenTextEncoder) -> np.ndarray:
+        """The rows' sentence embeddings by ``encoder``, float32 [n, dim]."""
+        if encoder.encoder_id not in self._embeddings:
+            self._embeddings[encoder.encoder_id] = sentence_embedding(encoder.embed(self.synopsis))
+        return self._embeddings[encoder.encoder_id]
+
+    def features(self, encoder: TabularEncoder) -> tuple[np.ndarray, np.ndarray]:
+        """The rows' (dense features, studio index) by ``encoder`` (``TabularEncoder.encode``)."""
+        if encoder not in self._features:
+            self._features[encoder] = encoder.encode(self.genres, self.studio, self.episodes)
+        return self._features[encoder]
+
+
 class Scorer:
     """What both kinds share: tabular features, the text encoder (frozen, cached by content
     hash), a seed ensemble of heads, the blend after it, target scaling and clamping."""
@@ -48,17 +78,18 @@ class Scorer:
         self._lock = threading.Lock()
         self._reference: Reference | None = None  # loaded by the first explain()
 
-    def predict(
-        self,
-        synopsis: Sequence[Any],
-        genres: Sequence[Any],
-        studio: Sequence[Any],
-        episodes: Sequence[Any],
-    ) -> np.ndarray:
-        if not len(synopsis):
+    def predict(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                episodes: Sequence[Any]) -> np.ndarray:
+        """float64 scores in [1, 10] of a batch of rows, one per row."""
+        return self.predict_rows(Rows(synopsis, genres, studio, episodes))
+
+    def predict_rows(self, rows: Rows) -> np.ndarray:
+        """``predict`` of a ``Rows``: models that share a text encoder and score the same Rows
+        (a rescore chunk) clean, hash and look up each synopsis once."""
+        if not len(rows):
             return np.zeros(0, dtype=np.float64)
         with self._lock, torch.inference_mode():
-            inputs = self.head_inputs(synopsis, genres, studio, episodes)
+            inputs = self.head_inputs(rows)
             head = self.net(*inputs).numpy()
         standardised = self.blend.apply(head, lexical_input(inputs))
         return np.clip(standardised * self.target_std + self.target_mean, SCORE_MIN, SCORE_MAX)
@@ -74,20 +105,17 @@ class Scorer:
         if not len(synopsis):
             return {name: np.zeros(0) for name in fields(self.kind)}
         with self._lock, torch.inference_mode():
-            rows = self.head_inputs(synopsis, genres, studio, episodes)
+            rows = self.head_inputs(Rows(synopsis, genres, studio, episodes))
             values = coalition_values(self.net.members, rows, self._reference, groups)
         values = blended_coalitions(values, self.blend, groups, lexical_input(rows), self._reference)
         return explanation(values, groups, self.target_mean, self.target_std, (SCORE_MIN, SCORE_MAX))
 
-    def head_inputs(self, synopsis, genres, studio, episodes) -> tuple[torch.Tensor, ...]:
+    def head_inputs(self, rows: Rows) -> tuple[torch.Tensor, ...]:
         """The head's inputs (text embedding, dense, studio index[, lexical]): the text encoded
         once, through the cache. Called holding the lock."""
-        n = len(synopsis)
-        if not (len(genres) == len(studio) == len(episodes) == n):
-            raise ValueError("synopsis, genres, studio and episodes must have the same length")
-        dense, studio_index = self.features.encode(genres, studio, episodes)
-        emb = sentence_embedding(self.text_encoder.embed(synopsis))  # cleans the texts (clean_text)
-        return tuple(torch.from_numpy(a) for a in (emb, dense, studio_index, *self._extra_inputs(synopsis)))
+        dense, studio_index = rows.features(self.features)
+        emb = rows.embedding(self.text_encoder)
+        return tuple(torch.from_numpy(a) for a in (emb, dense, studio_index, *self._extra_inputs(rows.synopsis)))
 
     def _member(self, cfg: dict[str, Any]) -> torch.nn.Module:
         raise NotImplementedError

@@ -21,7 +21,7 @@ from anime_udf.explain import (GROUPS, Reference, blended_coalitions, coalition_
                                explanation, fields)
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 from anime_udf.models import BaselineNet, FusionHead
-from anime_udf.scoring import lexical_input, load_scorer
+from anime_udf.scoring import Rows, lexical_input, load_scorer
 from tests.conftest import HOLDOUT
 from tests.test_properties import register_batch, rows  # generated rows, NULLs and odd values
 
@@ -136,7 +136,7 @@ def test_a_group_at_its_reference_gets_no_part(blended, kind):
                                scorer.features.n_tabular)
     synopsis, genres, studio, episodes = (HOLDOUT_ROWS[c] for c in ("synopsis", "genres", "studio", "episodes"))
     with torch.inference_mode():
-        rows = scorer.head_inputs(synopsis, genres, studio, episodes)
+        rows = scorer.head_inputs(Rows(synopsis, genres, studio, episodes))
         at_reference = [x.clone() for x in rows]
         at_reference[0][:] = reference.text  # synopsis at its reference
         at_reference[1][:, GENRE_COLUMNS] = reference.dense[GENRE_COLUMNS]  # genres at theirs

@@ -15,7 +15,7 @@ from anime_udf.bundle import read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.devices import DeviceError, resolve_device
-from anime_udf.scoring import load_scorer
+from anime_udf.scoring import Rows, load_scorer
 from tests.conftest import CATALOG, HOLDOUT, assert_fp32_close
 from training.baseline import BaselineSettings, train_baseline
 from training.common import fit_blend, load_split
@@ -50,8 +50,8 @@ def test_an_unknown_studio_weighs_nothing(bundle):
     learned weight gave studios newer than the training rows the rare ones' (reference_fusion.py)."""
     scorer = load_scorer(bundle)
     df = read_catalog(HOLDOUT)
-    inputs = scorer.head_inputs(df["synopsis"].to_list(), df["genres"].to_list(), [None] * df.height,
-                                df["episodes"].to_list())
+    inputs = scorer.head_inputs(Rows(df["synopsis"].to_list(), df["genres"].to_list(), [None] * df.height,
+                                     df["episodes"].to_list()))
     for member in scorer.net.members:
         assert torch.count_nonzero(member.first_layer_share(member.STUDIO, *inputs)) == 0
 

@@ -31,7 +31,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections import deque
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any
@@ -58,6 +60,9 @@ from anime_udf.sqlutil import quote_ident, quote_literal
 # Rows scored at a time: large enough that the vectorised steps (lexical view, tabular
 # features, cache look-ups, the heads) run at full speed, small enough to bound memory.
 CHUNK_ROWS = 4096
+# Chunks scored at once, in threads: while one chunk's model runs torch, polars or SQLite (which
+# release the GIL), the other's Python runs; each model scores one chunk at a time (its lock).
+SCORING_THREADS = 2
 # What the run's own DuckDB (the catalog's hashes, the plan, the new scores) may hold in
 # memory; beyond it, its temporary tables spill to a temporary directory.
 WORK_MEMORY_LIMIT = "1GB"
@@ -243,7 +248,8 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
     """Score every row of rescore_todo into rescore_new, streaming: ``chunk_rows`` keys at a
     time are read, scored by each model that must score them, and appended to a Parquet
     file in ``work_dir``, which then fills rescore_new. Memory stays that of a chunk,
-    whatever the catalog's size, and the models of a chunk share its cache reads."""
+    whatever the catalog's size, and the models that score a chunk's same rows share their Rows
+    (each synopsis cleaned, hashed and read from the cache once)."""
     todo_counts = dict(con.execute("SELECT model_id, count(*) FROM rescore_todo GROUP BY model_id").fetchall())
     choices = [c for c in choices if todo_counts.get(c.model_id)]
     if not choices:
@@ -251,7 +257,7 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
     from tqdm.auto import tqdm
 
     from anime_udf.cache import EmbeddingCache
-    from anime_udf.scoring import load_scorer  # torch and transformers: only when there is work
+    from anime_udf.scoring import Rows, load_scorer  # torch and transformers: only when there is work
 
     cache = EmbeddingCache()
     scorers = [load_scorer(c.path, cache=cache, device=device, precision=precision) for c in choices]
@@ -266,23 +272,43 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
     bar = tqdm(total=sum(todo_counts[c.model_id] for c in choices), unit="row",
                desc=f"scoring ({', '.join(c.kind for c in choices)})",
                disable=None if progress is None else not progress, file=sys.stderr)
-    first = True
+
+    def score_chunk(batch: pa.RecordBatch) -> list[pa.Table]:
+        """The chunk's scores, a table per model with rows to score. Models that must score the
+        same rows share one Rows: each synopsis is cleaned, hashed and read from the cache once."""
+        same_rows: dict[bytes, list[int]] = {}
+        for i in range(len(choices)):
+            todo = batch.column(f"todo_{i}").to_numpy(zero_copy_only=False)
+            same_rows.setdefault(todo.tobytes(), []).append(i)
+        tables = []
+        for models in same_rows.values():
+            part = batch.filter(batch.column(f"todo_{models[0]}"))
+            if part.num_rows == 0:
+                continue
+            inputs = Rows(*(part.column(c).to_pylist() for c in INPUT_COLUMNS))
+            tables += [pa.table({"model_id": pa.repeat(choices[i].model_id, part.num_rows), "key": part.column("key"),
+                                 "score": scorers[i].predict_rows(inputs)}, schema=SCORED_SCHEMA) for i in models]
+        return tables
+
+    in_flight: deque[Future[list[pa.Table]]] = deque()
     try:
-        with pq.ParquetWriter(scored, SCORED_SCHEMA) as writer:
-            for batch in rows:
-                with cache.shared_reads():
-                    for i, (choice, scorer) in enumerate(zip(choices, scorers)):
-                        part = batch.filter(batch.column(f"todo_{i}"))
-                        if part.num_rows == 0:
-                            continue
-                        scores = scorer.predict(*(part.column(c).to_pylist() for c in INPUT_COLUMNS))
-                        writer.write_table(pa.table({"model_id": pa.repeat(choice.model_id, part.num_rows),
-                                                     "key": part.column("key"), "score": scores},
-                                                    schema=SCORED_SCHEMA))
-                        bar.update(part.num_rows)
+        with pq.ParquetWriter(scored, SCORED_SCHEMA) as writer, ThreadPoolExecutor(SCORING_THREADS) as pool:
+            def write_oldest(first: bool) -> None:
+                for table in in_flight.popleft().result():
+                    writer.write_table(table)
+                    bar.update(table.num_rows)
                 if first:
-                    first = False
-                    pause("score")
+                    pause("score")  # the first chunk's scores are written
+
+            written = 0
+            for batch in rows:
+                in_flight.append(pool.submit(score_chunk, batch))
+                if len(in_flight) == SCORING_THREADS:
+                    write_oldest(first=written == 0)
+                    written += 1
+            while in_flight:
+                write_oldest(first=written == 0)
+                written += 1
         con.execute("INSERT INTO rescore_new SELECT model_id, key, score FROM read_parquet(?)", [str(scored)])
     finally:
         bar.close()
