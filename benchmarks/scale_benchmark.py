@@ -8,6 +8,8 @@ The N-row catalog is the real catalog's rows (``--source``, default
 the embedding cache has seen and no text is encoded: what is measured is all the work that
 is not encoding. A warm-up run rescores ``--source`` itself first (into a throw-away store),
 which fills the cache (``$ANIME_UDF_CACHE``, default ~/.cache/anime-udf) where it is not warm.
+With ``--empty-cache`` the cache is a new one in ``--work``: the warm-up is then the cold path
+(every synopsis of ``--source`` encoded, both models), and its time is printed as such.
 
 Each step is one ``anime-udf rescore`` command in a fresh process (start-up included, as a
 scheduler runs it), with both bundles, timed end to end; its peak memory is the largest sum
@@ -88,12 +90,12 @@ def tree_rss_mb(root: int) -> float:
     return total / 1024
 
 
-def run_step(command: list[str], cwd: Path) -> tuple[float, float, dict]:
+def run_step(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> tuple[float, float, dict]:
     """Run ``command`` in ``cwd``; (seconds, peak MB of its process tree, its JSON report).
     (``python -c`` puts its working directory first on sys.path: ``cwd`` must not hold a
     checkout, so that PYTHONPATH or the installed package decides which anime_udf runs.)"""
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
     peak = [0.0]
     done = threading.Event()
 
@@ -124,6 +126,8 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32",
                         help="the text encoder's (default fp32: the precision the cache is warm for)")
     parser.add_argument("--no-warm-up", action="store_true", help="skip rescoring --source first")
+    parser.add_argument("--empty-cache", action="store_true",
+                        help="start from an empty embedding cache in --work: the warm-up times the cold path")
     parser.add_argument("--work", type=Path, help="keep catalogs and stores here (default: a temp dir)")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -133,10 +137,16 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="scale-bench-") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
+        env = None
+        if args.empty_cache:
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            env = {**os.environ, "ANIME_UDF_CACHE": str(work / "cache")}
         if not args.no_warm_up:
-            seconds, _, _ = run_step([*cli, "--catalog", str(args.source), "--store", str(work / "warm-up.duckdb")],
-                                     work)
-            print(f"warm-up over {args.source.name}: {seconds:.1f} s", flush=True)
+            seconds, peak, report = run_step([*cli, "--catalog", str(args.source), "--store",
+                                              str(work / "warm-up.duckdb")], work, env)
+            what = "from an empty embedding cache" if args.empty_cache else "warm-up"
+            print(f"{args.source.name}, {report['rows_seen']:,} rows, {what}, {args.precision}: {seconds:.1f} s "
+                  f"({report['rows_seen'] / seconds:,.1f} rows/s, peak {peak:,.0f} MB)", flush=True)
             for stale in work.glob("warm-up.duckdb*"):
                 stale.unlink()
         clock = time.perf_counter()
@@ -152,7 +162,7 @@ def main() -> int:
             for step, catalog in (("cold", plain), ("unchanged", plain), ("1% changed", changed)):
                 load = os.getloadavg()[0]
                 seconds, peak, report = run_step([*cli, *options, "--catalog", str(catalog), "--store", str(store)],
-                                                 work)
+                                                 work, env)
                 scored = sum(m["rows_scored"] for m in report["models"])
                 results.append({"engine": engine, "step": step, "rows": report["rows_seen"], "scored": scored,
                                 "seconds": round(seconds, 2), "rows_per_s": round(report["rows_seen"] / seconds),

@@ -27,6 +27,7 @@ from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
 from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
+from tests.conftest import assert_fp32_close
 
 CATALOG = Path(__file__).resolve().parents[1] / "fixtures" / "catalog.csv"
 SCORE_COLUMNS = "key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at"
@@ -254,6 +255,34 @@ def test_new_head_rescores_everything_without_encoding(tmp_path, models, baselin
     assert m["shift_mean"] == pytest.approx(m["score_mean"] - first.models[0]["score_mean"])
     assert {r[1] for r in snapshot(store)["scores"]} == {model_id(second_head)}  # the old head's rows are gone
     assert_store_matches(store, catalog_a(), second_head)
+
+
+def test_chunks_scored_two_at_once_give_each_row_its_own_score(tmp_path, baseline_bundle, fusion_bundle, warm_cache,
+                                                              monkeypatch):
+    """Chunks of 7 rows, two scored at once in threads, the models scoring different rows of each
+    (the baseline scored the odd keys the night before): every row gets the score its model gives
+    it alone. Where both models rescore the same rows, each synopsis is read from the cache once."""
+    from anime_udf.cache import EmbeddingCache
+    from anime_udf.scoring import load_scorer
+
+    catalog, store = catalog_a(), tmp_path / "scores.duckdb"
+    rescore(catalog.filter(pl.col("anime_id") % 2 == 1), store, models=str(baseline_bundle), chunk_rows=7)
+    report = rescore(catalog, store, models=[str(baseline_bundle), str(fusion_bundle)], chunk_rows=7)
+    assert [m["rows_scored"] for m in report.models] == [200, 400]
+    scores = {(key, model): score for key, model, _, _, score, *_ in snapshot(store)["scores"]}
+    columns = [catalog[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")]
+    for bundle in (baseline_bundle, fusion_bundle):
+        alone = load_scorer(bundle).predict(*columns)  # from the embeddings the runs read
+        assert_fp32_close([scores[(str(key), model_id(bundle))] for key in catalog["anime_id"]], alone)
+
+    looked_up = []
+    lookup = EmbeddingCache.lookup
+    monkeypatch.setattr(EmbeddingCache, "lookup",
+                        lambda self, encoder, keys, dim: looked_up.extend(keys) or lookup(self, encoder, keys, dim))
+    report = rescore(catalog_b().filter(~pl.col("anime_id").is_in(ADDED)), store,
+                     models=[str(baseline_bundle), str(fusion_bundle)], chunk_rows=7, allow_shrink=True)
+    assert [m["rows_scored"] for m in report.models] == [len(CHANGED)] * 2
+    assert len(looked_up) == len(CHANGED)  # once for both models
 
 
 def test_missing_inputs_are_scored_and_counted(tmp_path, models, baseline_bundle):

@@ -15,6 +15,7 @@ from anime_udf.bundle import read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.devices import DeviceError, resolve_device
+from anime_udf.models import BaselineNet, FusionHead, SeedEnsemble
 from anime_udf.scoring import Rows, load_scorer
 from tests.conftest import CATALOG, HOLDOUT, assert_fp32_close
 from training.baseline import BaselineSettings, train_baseline
@@ -84,6 +85,21 @@ def test_an_ensemble_scores_the_mean_of_its_members(baseline_bundle):
     scorer.net.members = members
     assert not np.allclose(single[0], single[1])
     np.testing.assert_allclose(together, np.mean(single, axis=0), atol=1e-5)  # no row is clamped here
+
+
+@pytest.mark.parametrize("net", [BaselineNet, FusionHead])
+@pytest.mark.parametrize("studio_dim", [0, 4])  # one-hot studio columns, or a learned embedding
+def test_the_ensemble_runs_its_members_at_once_as_each_alone(net, studio_dim):
+    """SeedEnsemble's one stacked pass gives the mean of what each member gives alone."""
+    torch.manual_seed(0)
+    members = [net(384, 12, 9, studio_dim).eval() for _ in range(3)]
+    rows = 50
+    inputs = [torch.randn(rows, 384), torch.rand(rows, 12), torch.randint(0, 9, (rows,))]
+    inputs += [torch.randn(rows)] if net is FusionHead else []
+    with torch.inference_mode():
+        together = SeedEnsemble(members)(*inputs)
+        alone = torch.stack([member(*inputs) for member in members]).mean(0)
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
 
 
 def test_device_choice(monkeypatch):

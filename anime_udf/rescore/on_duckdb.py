@@ -293,22 +293,22 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
     in_flight: deque[Future[list[pa.Table]]] = deque()
     try:
         with pq.ParquetWriter(scored, SCORED_SCHEMA) as writer, ThreadPoolExecutor(SCORING_THREADS) as pool:
-            def write_oldest(first: bool) -> None:
+            def write_oldest() -> None:
+                nonlocal written
                 for table in in_flight.popleft().result():
                     writer.write_table(table)
                     bar.update(table.num_rows)
-                if first:
+                written += 1
+                if written == 1:
                     pause("score")  # the first chunk's scores are written
 
             written = 0
             for batch in rows:
                 in_flight.append(pool.submit(score_chunk, batch))
                 if len(in_flight) == SCORING_THREADS:
-                    write_oldest(first=written == 0)
-                    written += 1
+                    write_oldest()
             while in_flight:
-                write_oldest(first=written == 0)
-                written += 1
+                write_oldest()
         con.execute("INSERT INTO rescore_new SELECT model_id, key, score FROM read_parquet(?)", [str(scored)])
     finally:
         bar.close()
