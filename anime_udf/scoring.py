@@ -21,10 +21,10 @@ SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
 
 class Rows:
-    """A batch of the four inputs, with what models derive from them alike derived once for all
-    the models that score it: the synopsis's sentence embedding per text encoder (cleaned,
-    hashed, read from the cache or encoded), the tabular features per encoding of them (the two
-    models of one catalog encode them alike)."""
+    """A batch of the four inputs. What several models derive from them the same way is derived
+    once and kept for the others: the sentence embeddings per text encoder (each synopsis
+    cleaned, hashed, read from the cache or encoded), the tabular features per TabularEncoder
+    (the two models trained on one catalog encode them alike)."""
 
     def __init__(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                  episodes: Sequence[Any]):
