@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -244,19 +245,27 @@ def _to_number(df: pl.DataFrame, column: str, label: str, dtype: type[pl.DataTyp
         col = col.str.strip_chars().replace("", None)
     as_float = col.cast(pl.Float64, strict=False)
     bad = col.is_not_null() & as_float.is_null()
-    if dtype == pl.Int64:
-        bad = bad | (as_float.is_not_null() & as_float.is_finite() & (as_float != as_float.round(0)))
     if bad.any():
         row = int(bad.arg_true()[0])
         kind = "an integer" if dtype == pl.Int64 else "a number"
         raise CatalogError(f"{label}: column {column!r} row {row + 1}: {col[row]!r} is not {kind}")
     if dtype == pl.Int64:
-        # The models' rule (features.log_episodes): NaN and ±inf are missing; huge counts are capped.
+        # The models' rule (features.log_episodes): NaN, ±inf and fractions are missing; huge counts
+        # are capped.
         values = pl.Series(column, as_float).fill_nan(None)
+        values = values.set(pl.Series(not_whole(values.fill_null(0).to_numpy())), None)
         values = pl.select(pl.when(values.is_infinite()).then(None).otherwise(values.clip(-2.0**62, 2.0**62))
                            ).to_series()
         return pl.lit(values.cast(pl.Int64)).alias(column)
     return pl.lit(pl.Series(column, as_float)).alias(column)
+
+
+def not_whole(values: np.ndarray | float) -> np.ndarray:
+    """An episode count that is no count: a finite value with a fraction (2.5). A missing value
+    wherever inputs enter, as NaN, ±inf and negative counts are (the reader makes it NULL,
+    features.log_episodes reads it as missing): one dirty row never fails a query or a file."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.isfinite(values) & (values != np.round(values))
 
 
 def _check_scores(df: pl.DataFrame, label: str, allow_missing: bool) -> None:

@@ -111,7 +111,7 @@ def scoring_options(f):
     """--device and --precision: where and how the text encoder runs."""
     f = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
                      help="The text encoder's precision: auto is bf16 on CUDA GPUs and on CPUs with native "
-                          "bf16 (AVX-512 BF16, AMX; 1.6-1.9x faster, scores within 0.01), fp32 elsewhere.")(f)
+                          "bf16 (AVX-512 BF16, AMX; 1.6-1.9x faster, scores within 0.02 of fp32), fp32 elsewhere.")(f)
     return click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                         help="Where the text encoder runs: auto is a CUDA GPU when present, else the CPU.")(f)
 

@@ -1,7 +1,7 @@
 """Tabular feature encoding and the NULL policy, shared by training and scoring.
 
 NULL policy (docs/DESIGN.md): NULL synopsis -> empty text; NULL genres -> none; NULL,
-empty or unseen studio -> the unknown studio (index 0); NULL, NaN or negative
+empty or unseen studio -> the unknown studio (index 0); NULL, NaN, negative or fractional
 episodes -> missing (imputed with the training mean, with a flag); ±inf is missing too, and huge
 counts are capped. Genre names are
 matched without regard to case or surrounding spaces; unknown names are ignored.
@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+
+from anime_udf.catalog import not_whole
 
 # Episode counts are log-scaled; this caps absurd values (1e12 episodes) at a sane range.
 MAX_LOG_EPISODES = math.log1p(10_000)
@@ -39,14 +41,14 @@ def studio_key(value: Any) -> str:
 
 
 def log_episodes(value: Any) -> float | None:
-    """log1p(episodes), capped, or None when missing (NULL, NaN, ±inf, negative)."""
+    """log1p(episodes), capped, or None when missing (NULL, NaN, ±inf, negative, a fraction)."""
     if value is None:
         return None
     try:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    if not math.isfinite(x) or x < 0:  # as the catalog reader: NaN and ±inf are missing
+    if not math.isfinite(x) or x < 0 or not_whole(x):  # as the catalog reader reads them
         return None
     return min(math.log1p(x), MAX_LOG_EPISODES)
 

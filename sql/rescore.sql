@@ -40,14 +40,15 @@
 
 -- @section macros
 -- Inputs as the models see them: blank text is the same missing value as NULL, and
--- negative or NaN episodes are missing (docs/DESIGN.md, "NULL policy"). Two rows hash alike
+-- negative, fractional, NaN and ±inf episodes are missing (docs/DESIGN.md, "NULL policy"). Two rows hash alike
 -- only if the models cannot tell them apart.
 CREATE OR REPLACE TEMP MACRO rescore_text(x) AS
     CASE WHEN x IS NULL OR regexp_full_match(CAST(x AS VARCHAR), '[\s\p{Z}]*') THEN NULL
          ELSE CAST(x AS VARCHAR) END;
 
 CREATE OR REPLACE TEMP MACRO rescore_episodes(e) AS
-    CASE WHEN e IS NULL OR isnan(CAST(e AS DOUBLE)) OR CAST(e AS DOUBLE) < 0 THEN NULL
+    CASE WHEN e IS NULL OR NOT isfinite(CAST(e AS DOUBLE)) OR CAST(e AS DOUBLE) < 0
+              OR CAST(e AS DOUBLE) <> round(CAST(e AS DOUBLE)) THEN NULL
          WHEN CAST(e AS DOUBLE) = round(CAST(e AS DOUBLE)) AND CAST(e AS DOUBLE) < 1e15
              THEN CAST(CAST(e AS DOUBLE) AS BIGINT)::VARCHAR
          ELSE CAST(CAST(e AS DOUBLE) AS VARCHAR) END;

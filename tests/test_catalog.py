@@ -56,3 +56,25 @@ def test_infinite_and_huge_episodes_follow_one_rule_in_files_and_in_sql(tmp_path
     missing = con.sql("SELECT predict_score('A story.', 'Action', 'S', NULL)").fetchall()[0][0]
     assert from_file == pytest.approx(in_sql, abs=1e-9)
     assert from_file[0] == from_file[1] == pytest.approx(missing)
+
+
+
+@pytest.mark.parametrize("episodes", ["2.5", "0.001", "-0.5", "1e-3"])
+def test_a_count_with_a_fraction_is_missing_in_files_and_in_sql(tmp_path, baseline_bundle, episodes):
+    """One input rule: an episode count with a fraction is a missing value wherever it enters (a
+    NULL from the reader, the NULL's score from the SQL functions), never an error that stops a
+    file or a query; the same count written whole (3.0) is a count everywhere."""
+    import duckdb
+
+    import anime_udf
+
+    path = tmp_path / "c.csv"
+    path.write_text(f"synopsis,genres,studio,episodes,score\nA story.,Action,S,3.0,7\nA story.,Action,S,{episodes},7\n")
+    assert read_catalog(path)["episodes"].to_list() == [3, None]
+    con = duckdb.connect()
+    anime_udf.register(con, baseline=baseline_bundle)
+    fraction, missing, whole, count = con.sql(
+        f"SELECT predict_score('A story.', 'Action', 'S', {episodes}::DOUBLE), predict_score('A story.', 'Action', 'S', NULL), "
+        "predict_score('A story.', 'Action', 'S', 3.0), predict_score('A story.', 'Action', 'S', 3)").fetchall()[0]
+    assert fraction == pytest.approx(missing, abs=1e-5) and whole == pytest.approx(count, abs=1e-5)
+    assert abs(count - missing) > 1e-3  # the count is read, the fraction is not
