@@ -101,7 +101,7 @@ def rescore(
     otherwise, dry runs included). ``device``, ``precision``: the text encoder's, as for
     ``anime_udf.register``. Raises RescoreError (StoreBusyError for a held
     store) with the store unchanged, except where its message says that the COMMIT
-    failed or that something after it did. Returns the run's report.
+    failed or that something after it did. Returns the run record.
     """
     store = Path(store)
     if isinstance(catalog, (str, Path)):

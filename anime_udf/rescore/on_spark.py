@@ -174,7 +174,7 @@ def rescore_spark(
     ``store`` (a directory). The options are those of ``rescore`` (on_duckdb.py);
     ``device`` and ``precision`` are the workers' text encoder's; ``ship`` sends the bundles
     to the executors (``anime_udf.spark.register``'s). Raises RescoreError (CatalogError for
-    an unreadable catalog) with the published snapshot unchanged. Returns the run's report."""
+    an unreadable catalog) with the published snapshot unchanged. Returns the run record."""
     store = Path(store).absolute()  # Spark resolves relative paths against its own start directory
     run = Run(store, catalog, key)
     if store.exists() and not store.is_dir():

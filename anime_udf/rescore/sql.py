@@ -21,7 +21,9 @@ from anime_udf.rescore.run import RescoreError, Run
 from anime_udf.sqlutil import sql_path
 
 SQL_FILE = "rescore.sql"
-SCHEMA_VERSION = "1"  # of the store's tables; sql/rescore.sql writes it into rescore_meta
+# The version of the store's tables, as sql/rescore.sql writes it into rescore_meta (the file
+# is its one source: a hand-run script and both engines write the same).
+SCHEMA_VERSION = re.search(r"\('schema_version', '([^']+)'\)", sql_path(SQL_FILE).read_text()).group(1)
 # A run may remove at most this share of the keys the store holds (of any kind: a
 # removed key loses every kind's rows) without --allow-shrink: a truncated or
 # header-only catalog is far likelier than a catalog that really lost most of its rows.
