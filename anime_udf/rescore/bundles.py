@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from anime_udf.bundle import KINDS, read_manifest
-from anime_udf.registry import get_model, newest, newest_of_each_kind, no_bundle_message
+from anime_udf.registry import get_model, no_bundle_message, resolve, resolve_each_kind
 from anime_udf.rescore.run import RescoreError
 
 # Manifest entries that describe a bundle without changing its predictions: they do
@@ -36,19 +36,19 @@ class ModelChoice:
 
 
 def resolve_models(specs: str | Sequence[str], models_dir: Path | str | None = None) -> list[ModelChoice]:
-    """``all`` (the newest bundle of each kind present), a kind (its newest bundle), or
+    """``all`` (each kind present), a kind (its production bundle, else its newest), or
     bundle names/paths, in the models directory (``models_dir``). Every bundle's files are checked
     against its manifest; a store keeps one model of each kind."""
     specs = [specs] if isinstance(specs, str) else list(specs) or ["all"]
     paths: list[Path] = []
     for spec in specs:
         if spec == "all":
-            found = newest_of_each_kind(models_dir)
+            found = resolve_each_kind(models_dir)
             if not found:
                 raise RescoreError(no_bundle_message(models_dir))
             paths.extend(found)
         elif spec in KINDS:
-            path = newest(spec, models_dir)
+            path = resolve(spec, models_dir)
             if path is None:
                 raise RescoreError(no_bundle_message(models_dir, spec))
             paths.append(path)
