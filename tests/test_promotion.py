@@ -1,0 +1,226 @@
+"""Promotion: the production alias of each kind, what every reader resolves, promote and roll back."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import polars as pl
+import pytest
+from click.testing import CliRunner
+
+import anime_udf
+from anime_udf.cli import cli
+from anime_udf.registry import ALIASES_FILE, AliasError, read_aliases, resolve, set_production
+from anime_udf.rescore.bundles import resolve_models
+from tests.conftest import CATALOG, FP32_TOLERANCE, HOLDOUT
+
+QUERY = "SELECT anime_id, predict_score(synopsis, genres, studio, episodes) AS p FROM anime ORDER BY anime_id"
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def other_baseline(tmp_path_factory, session_cache) -> Path:
+    """A second baseline, trained differently: it scores the fixture rows differently."""
+    from anime_udf.cache import EmbeddingCache
+    from training.baseline import BaselineSettings, train_baseline
+    from training.common import load_split
+
+    out = tmp_path_factory.mktemp("bundles") / "baseline-other"
+    train_baseline(load_split(CATALOG), out, BaselineSettings(epochs=4, seeds=1, seed=7),
+                   cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
+    return out
+
+
+@pytest.fixture
+def models(baseline_bundle, other_baseline, tmp_path) -> Path:
+    """Two baselines: ``baseline-old``, and ``baseline-new``, the newest, which serves while none is promoted."""
+    root = tmp_path / "models"
+    shutil.copytree(baseline_bundle, root / "baseline-old")
+    shutil.copytree(other_baseline, root / "baseline-new")
+    for name, created in (("baseline-old", "2026-01-01T00:00:00+00:00"), ("baseline-new", "2026-02-01T00:00:00+00:00")):
+        manifest_path = root / name / "manifest.json"  # created_at is descriptive: not checksummed
+        manifest = json.loads(manifest_path.read_text())
+        manifest_path.write_text(json.dumps({**manifest, "created_at": created}))
+    return root
+
+
+def sql_scores(*args) -> list[float]:
+    result = run("sql", QUERY, "--table", f"anime={HOLDOUT}", "--limit", "200", "--out", "p.parquet", *args)
+    assert result.exit_code == 0, result.output
+    return pl.read_parquet("p.parquet")["p"].to_list()
+
+
+def test_without_aliases_the_newest_serves_as_before(models):
+    assert not (models / ALIASES_FILE).exists()
+    assert resolve("baseline") == models / "baseline-new"
+    new, old = sql_scores("--model", "baseline-new"), sql_scores("--model", "baseline-old")
+    assert sql_scores() == new and min(abs(a - b) for a, b in zip(new, old)) > 0.001  # two models, told apart
+    listed = {r["name"]: r["serves"] for r in json.loads(run("models", "--json").output)}
+    assert listed == {"baseline-old": None, "baseline-new": "newest"}
+    assert not (models / ALIASES_FILE).exists()  # reading never writes one
+
+
+def test_every_reader_follows_the_production_alias(models, tmp_path):
+    promoted = run("promote", "baseline-old")
+    assert promoted.exit_code == 0, promoted.output
+    assert promoted.output == "baseline production: unset (the newest serves: baseline-new) -> baseline-old\n"
+    old = sql_scores("--model", "baseline-old")
+    assert sql_scores() == old  # sql
+    assert run("score", "--data", HOLDOUT, "--out", "s.parquet").exit_code == 0  # score
+    assert pl.read_parquet("s.parquet").sort("anime_id")["predict_score"].to_list() == old
+    [row] = json.loads(run("eval", "--data", HOLDOUT, "--json").output)  # eval
+    explicit = json.loads(run("eval", "--data", HOLDOUT, "--json", "--model", "baseline-old").output)
+    assert row == pytest.approx(explicit[0], abs=1e-12)  # the same scores, summed in any order
+    explained = run("explain", "--data", HOLDOUT, "--where", "anime_id = 10001", "--out", "e.csv")  # explain
+    assert explained.exit_code == 0, explained.output
+    assert pl.read_csv("e.csv")["score"][0] == pytest.approx(old[0], abs=FP32_TOLERANCE)  # heads one by one
+    # register (DuckDB, and through register_bundles the dbt plugin and Spark), rescore, get_model
+    assert anime_udf.register(duckdb.connect())["predict_score"].path == models / "baseline-old"
+    assert [c.path for c in resolve_models("all")] == [c.path for c in resolve_models("baseline")] \
+        == [models / "baseline-old"]
+    assert anime_udf.get_model("baseline") == models / "baseline-old"
+    listed = {r["name"]: r["serves"] for r in json.loads(run("models", "--json").output)}
+    assert listed == {"baseline-old": "production", "baseline-new": None}
+    assert "production" in run("models").output
+
+
+def test_an_open_connection_keeps_its_bundle_until_registered_again(models):
+    con = duckdb.connect()
+    anime_udf.register(con)
+    con.execute(f"CREATE VIEW anime AS FROM read_csv('{HOLDOUT}')")
+    before = con.sql(QUERY).pl()["p"].to_list()
+    assert run("promote", "baseline-old").exit_code == 0
+    assert con.sql(QUERY).pl()["p"].to_list() == before  # resolved when registered, not at each call
+    anime_udf.register(con)  # registering again replaces the functions with the promoted bundle's
+    assert con.sql(QUERY).pl()["p"].to_list() == sql_scores("--model", "baseline-old") != before
+
+
+def test_rollback_undoes_promotions_last_first(models):
+    assert run("promote", "baseline-old").exit_code == 0
+    assert run("promote", "baseline-new").output == "baseline production: baseline-old -> baseline-new\n"
+    assert run("promote", "baseline-new").output == "baseline production: baseline-new (unchanged)\n"
+    back = run("promote", "--rollback", "baseline")
+    assert back.exit_code == 0 and back.output == "baseline production: baseline-new -> baseline-old\n"
+    assert resolve("baseline") == models / "baseline-old"
+    back = run("promote", "--rollback", "baseline")
+    assert back.output == "baseline production: baseline-old -> unset (the newest serves: baseline-new)\n"
+    assert read_aliases().production == {}
+    nothing = run("promote", "--rollback", "baseline")
+    assert nothing.exit_code == 1 and "no promotion of baseline to roll back" in nothing.output
+    history = read_aliases().history
+    assert [(e["action"], e["from"], e["to"]) for e in history] == [
+        ("promote", None, "baseline-old"), ("promote", "baseline-old", "baseline-new"),
+        ("rollback", "baseline-new", "baseline-old"), ("rollback", "baseline-old", None)]
+
+
+def test_promote_refuses_what_it_cannot_serve(models, tmp_path):
+    broken = shutil.copytree(models / "baseline-old", models / "baseline-broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    outside = shutil.copytree(models / "baseline-old", tmp_path / "elsewhere")
+    for args, says in ((["baseline-broken"], "checksum mismatch"), ([outside], "not in the models directory"),
+                       (["nothing-here"], "unknown model 'nothing-here'"), ([], "name a BUNDLE"),
+                       (["baseline-old", "--rollback", "baseline"], "name a BUNDLE")):
+        result = run("promote", *args)
+        assert result.exit_code != 0 and says in result.output, result.output
+    assert not (models / ALIASES_FILE).exists()  # nothing changed
+
+
+def test_an_alias_pointing_nowhere_is_an_error_not_the_newest(models):
+    assert run("promote", "baseline-old").exit_code == 0
+    shutil.rmtree(models / "baseline-old")
+    for args in (["sql", QUERY, "--table", f"anime={HOLDOUT}"], ["eval", "--data", HOLDOUT], ["models"]):
+        result = run(*args)
+        assert result.exit_code == 1, result.output
+        assert "the production alias of baseline names 'baseline-old', which is not a bundle" in result.output
+    assert run("promote", "--rollback", "baseline").exit_code == 0  # the way out
+    assert resolve("baseline") == models / "baseline-new"
+
+
+def test_a_promotion_that_moved_the_alias_is_never_undone_silently(models):
+    assert run("promote", "baseline-old").exit_code == 0
+    before = (models / ALIASES_FILE).read_bytes()
+    with pytest.raises(AliasError, match="moved while this command checked it .was unset, now baseline-old."):
+        set_production("baseline", "baseline-new", None, "promote")  # checked before the promotion above
+    assert (models / ALIASES_FILE).read_bytes() == before
+
+
+def test_two_bundles_of_one_kind_are_refused(models):
+    for command in (["sql", QUERY, "--table", f"anime={HOLDOUT}"], ["eval", "--data", HOLDOUT],
+                    ["score", "--data", HOLDOUT, "--out", "s.parquet"], ["explain", "--data", HOLDOUT]):
+        result = run(*command, "--model", "baseline-old", "--model", "baseline-new")
+        assert result.exit_code == 2, result.output
+        assert "two baseline bundles" in result.output and "predict_score serves one" in result.output
+    assert run("eval", "--data", HOLDOUT, "--model", "baseline-old", "--model", "baseline-old").exit_code == 0
+
+
+# --- killed and concurrent promotions ---------------------------------------------------------------
+
+
+def promote_process(args: list[str], stderr_path: Path, **env) -> subprocess.Popen:
+    command = [sys.executable, "-c", "from anime_udf.cli import cli; cli()", "promote", *args]
+    with open(stderr_path, "w") as err:
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=err, text=True, env={**os.environ, **env})
+
+
+def wait_for(proc: subprocess.Popen, stderr_path: Path, marker: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while marker not in stderr_path.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {marker!r}:\n{stderr_path.read_text()}")
+        time.sleep(0.05)
+
+
+@pytest.mark.slow  # kills fresh CLI processes
+@pytest.mark.parametrize("phase", ["locked", "written"])
+def test_a_promotion_killed_mid_write_leaves_the_old_aliases(models, tmp_path, phase):
+    assert run("promote", "baseline-old").exit_code == 0
+    before = (models / ALIASES_FILE).read_bytes()
+    err = tmp_path / "stderr.txt"
+    proc = promote_process(["baseline-new"], err, ANIME_UDF_ALIASES_PAUSE_AT=phase)
+    wait_for(proc, err, f"promote: paused at {phase}")
+    if phase == "written":  # the new file is complete beside the old one, not yet renamed over it
+        assert json.loads((models / f".{ALIASES_FILE}.tmp").read_text())["aliases"]["production"] == {
+            "baseline": "baseline-new"}
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (models / ALIASES_FILE).read_bytes() == before
+    assert resolve("baseline") == models / "baseline-old"
+    # The kernel released the dead writer's lock: the next promotion goes through, and its file is whole.
+    again = run("promote", "baseline-new")
+    assert again.exit_code == 0, again.output
+    assert [e["to"] for e in read_aliases().history] == ["baseline-old", "baseline-new"]
+
+
+@pytest.mark.slow  # fresh CLI processes
+def test_two_promotions_at_once_leave_one_recorded_and_refuse_the_other(models, tmp_path):
+    """The first holds the lock (paused) after both have checked the alias; the second then finds
+    it moved and changes nothing: one promotion, recorded, and one clear refusal."""
+    first_err, second_err = tmp_path / "first.txt", tmp_path / "second.txt"
+    first = promote_process(["baseline-old"], first_err, ANIME_UDF_ALIASES_PAUSE_AT="locked",
+                            ANIME_UDF_ALIASES_PAUSE_SECONDS="8")
+    wait_for(first, first_err, "paused at locked")
+    second = promote_process(["baseline-new"], second_err)  # checks now, then waits for the lock
+    assert first.wait(60) == 0 and second.wait(60) == 1
+    assert "moved while this command checked it (was unset, now baseline-old)" in second_err.read_text()
+    assert read_aliases().production == {"baseline": "baseline-old"}
+    assert [(e["from"], e["to"]) for e in read_aliases().history] == [(None, "baseline-old")]
+
+
+@pytest.mark.slow  # fresh CLI processes
+def test_concurrent_promotions_of_both_kinds_are_both_recorded(models, fusion_bundle):
+    shutil.copytree(fusion_bundle, models / "fusion-a")
+    procs = [promote_process([name], models.parent / f"{name}.txt") for name in ("baseline-old", "fusion-a")]
+    assert [p.wait(120) for p in procs] == [0, 0]
+    assert read_aliases().production == {"baseline": "baseline-old", "fusion": "fusion-a"}
+    assert sorted(e["to"] for e in read_aliases().history) == ["baseline-old", "fusion-a"]
