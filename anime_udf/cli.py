@@ -1,4 +1,4 @@
-"""The anime-udf command line: train · score · eval · explain · sql · models · promote · rescore · cache."""
+"""The anime-udf command line: train · score · eval · explain · sql · models · promote · compare · rescore · cache."""
 
 from __future__ import annotations
 
@@ -618,6 +618,106 @@ def promote(bundle, rollback_kind, models_dir):
     set_production(kind, target, old, "rollback" if rollback_kind else "promote", models_dir)
     unset = f"unset (the newest serves: {getattr(newest(kind, models_dir), 'name', 'none')})"
     click.echo(f"{kind} {PRODUCTION}: {old or unset} -> {target or unset}")
+
+
+@cli.command()
+@click.argument("challenger", metavar="CHALLENGER")
+@click.option("--against", default="production", show_default=True, metavar="production|NAME|DIR",
+              help="The bundle to compare with: production is what serves the challenger's kind (its production "
+                   "bundle, else its newest), or a bundle of the same kind.")
+@click.option("--data", required=True, type=CATALOG,
+              help="Catalog with a score column (CSV, Parquet or FILE.duckdb:TABLE); the rows either bundle was "
+                   "trained on are left out.")
+@click.option("--where", "where", help="One SQL expression choosing the catalog rows, as for eval.")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=100),
+              help="Bootstrap resamples for the intervals of the differences.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Largest movers to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@models_option
+@scoring_options
+def compare(challenger, against, data, where, resamples, seed, top, as_json, models_dir, device, precision):
+    """Compare CHALLENGER (a bundle: name or directory) with the bundle it would replace, on the
+    catalog rows that neither was trained on (each bundle records its training rows' content
+    hashes): how many rows remain, MAE / RMSE / Spearman of both side by side (sql/metrics.sql)
+    with 95% paired-bootstrap intervals of the differences (challenger - incumbent), the same on
+    the newest years where the catalog has a year column, how many rows move by more than 0.5
+    and 1.0, the score distributions and the largest movers with their titles.
+
+    \b
+      anime-udf compare fusion-20261201-020000 --data catalog.parquet
+      anime-udf compare fusion-20261201-020000 --against fusion-20261101-020000 --data catalog.parquet
+    """
+    import duckdb
+
+    from anime_udf.comparison import compare as run_comparison
+    from anime_udf.registry import resolve
+    from anime_udf.udf import LazyScorer
+
+    require_file(data, "--data")
+    condition = parse_where(where) if where else "true"
+    challenger_path = get_model(challenger, models_dir)
+    kind = read_manifest(challenger_path, verify=False)["kind"]
+    incumbent_path = resolve(kind, models_dir) if against == "production" else get_model(against, models_dir)
+    if incumbent_path is None:
+        raise click.BadParameter(f"no {kind} bundle serves in {models_dir} to compare with; name one",
+                                 param_hint="--against")
+    if read_manifest(incumbent_path, verify=False)["kind"] != kind:
+        raise click.BadParameter(f"{incumbent_path} is not a {kind} bundle, as {challenger_path} is",
+                                 param_hint="--against")
+    if incumbent_path.resolve() == challenger_path.resolve():
+        raise click.BadParameter(f"{challenger_path.name} is the bundle it would be compared with", param_hint="--against")
+    scorers = {role: LazyScorer(path, device, precision) for role, path in
+               (("challenger", challenger_path), ("incumbent", incumbent_path))}
+    con = duckdb.connect()
+    add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
+    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
+    result = run_comparison(con, "catalog", condition, scorers, resamples=resamples, seed=seed, top=top)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    click.echo(format_comparison(result, against))
+
+
+def format_comparison(result, against: str) -> str:
+    """compare's screen: counts, figures side by side with the intervals, moves, distributions, movers."""
+    names = result.bundles
+    incumbent = f"{names['incumbent']}" + (" (production)" if against == "production" else "")
+    either = result.selected_rows - result.compared_rows
+    lines = [f"challenger {names['challenger']} against {incumbent}",
+             f"rows: {result.selected_rows} selected; trained on by the challenger {result.trained_rows['challenger']}, "
+             f"by the incumbent {result.trained_rows['incumbent']}, by either {either}; compared on the "
+             f"{result.compared_rows} left ({result.scored_rows} with a score)"]
+
+    def table(title: str, metrics: dict, intervals: dict) -> None:
+        percent = f"{result.level:.0%}"
+        lines.extend(["", f"{title:12} {'challenger':>11} {'incumbent':>11} {'difference':>11}  "
+                          f"{percent} interval ({result.resamples} paired resamples)",
+                      f"{'n':12} {metrics['challenger']['n']:>11} {metrics['incumbent']['n']:>11}"])
+        for m in ("mae", "rmse", "spearman"):
+            i = intervals[m]
+            lines.append(f"{m:12} {metrics['challenger'][m]:>11.4f} {metrics['incumbent'][m]:>11.4f} "
+                         f"{i['difference']:>+11.4f}  [{i['lo']:+.4f}, {i['hi']:+.4f}]"
+                         + ("  challenger better" if result.better(m) else ""))
+
+    table("all rows", result.metrics, result.intervals)
+    if result.newest:
+        table(result.newest["years"], result.newest["metrics"], result.newest["intervals"])
+    n = result.compared_rows
+    lines.extend(["", "moved: " + "; ".join(f"by more than {t}: {k} of {n} rows ({k / n:.1%})"
+                                             for t, k in result.moved.items()),
+                  f"scores {'mean':>8} {'std':>7} {'p10':>7} {'p50':>7} {'p90':>7}"])
+    for role, d in result.distribution.items():
+        lines.append(f"{role[:10]:10}" + "".join(f" {d[k]:>7.3f}" for k in ("mean", "std", "p10", "p50", "p90")))
+    if result.movers:
+        lines.extend(["", f"largest movers {'key':>10}  {'title':40} {'score':>6} {'incumbent':>9} "
+                          f"{'challenger':>10} {'change':>7}"])
+        for r in result.movers:
+            score = "" if r["score"] is None else f"{r['score']:.2f}"
+            lines.append(f"{'':14} {r['key']:>10}  {(r['title'] or '')[:40]:40} {score:>6} {r['incumbent']:>9.3f} "
+                         f"{r['challenger']:>10.3f} {r['change']:>+7.3f}")
+    return "\n".join(lines)
 
 
 @cli.command(name="rescore")

@@ -12,12 +12,12 @@ from typing import Callable
 from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
-from anime_udf.bundle import HEAD_WEIGHTS, REFERENCE_FILE
+from anime_udf.bundle import HEAD_WEIGHTS, REFERENCE_FILE, TRAINING_ROWS_FILE
 from anime_udf.explain import reference_manifest, reference_state
 from anime_udf.models import BaselineNet
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, refit_ensemble,
-                             seed_everything, select_epochs, training_record)
+                             seed_everything, select_epochs, training_record, training_rows_state)
 
 
 @dataclass
@@ -110,5 +110,6 @@ def train_baseline(
         "explain": reference_manifest("baseline"),
     }
     write_bundle(out, manifest, {HEAD_WEIGHTS["baseline"]: ensemble.state_dict(),
-                                 REFERENCE_FILE: reference_state(final_inputs)}, force=force)
+                                 REFERENCE_FILE: reference_state(final_inputs),
+                                 TRAINING_ROWS_FILE: training_rows_state(split)}, force=force)
     return manifest

@@ -15,6 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, DatabaseTable, fingerprint, read_catalog
+from anime_udf.columns import INPUT_COLUMNS
+from anime_udf.comparison import row_hashes
 from anime_udf.features import TabularEncoder
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import Blend, SeedEnsemble
@@ -204,6 +206,14 @@ def training_record(split: DataSplit, settings: dict, **extra) -> dict:
         "settings": settings,
         **extra,
     }
+
+
+def training_rows_state(split: DataSplit) -> dict[str, torch.Tensor]:
+    """The bundle's record of the rows training saw (fitted on, chose epochs on, refitted on), as
+    content hashes: `anime-udf compare` leaves them out (a model judged on its own training rows
+    wins unfairly)."""
+    rows = pl.concat([split.refit.select(INPUT_COLUMNS), split.valid.select(INPUT_COLUMNS)], how="vertical_relaxed")
+    return {"hashes": torch.from_numpy(row_hashes(rows))}
 
 
 Inputs = tuple[np.ndarray, ...]

@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 from anime_udf.bundle import (ENCODER_DIR, HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, POOLINGS, REFERENCE_FILE, TOKENIZER_DIR,
-                              check_out, write_bundle)
+                              TRAINING_ROWS_FILE, check_out, write_bundle)
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
@@ -46,7 +46,7 @@ from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, check_model_type, default_encoder_path,
                             load_encoder, load_tokenizer, weights_checksum)
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, fit_ensemble,
-                             refit_ensemble, seed_everything, select_epochs, training_record)
+                             refit_ensemble, seed_everything, select_epochs, training_record, training_rows_state)
 from training.fine_tune import Checkpoint, fine_tune
 from training.lexical import LexicalSettings, fit_lexical, out_of_fold
 
@@ -251,7 +251,8 @@ class FusionTrainer:
         in the bundle, the encoder and tokenizer saved in ``side``."""
         self.lexical.save(side)
         weights = {HEAD_WEIGHTS["fusion"]: ensemble.state_dict(), REFERENCE_FILE: reference_state(self.x["refit"]),
-                   LEXICAL_WEIGHTS_FILE: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()}}
+                   LEXICAL_WEIGHTS_FILE: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()},
+                   TRAINING_ROWS_FILE: training_rows_state(self.split)}
         extra = {"lexical": side / "lexical"} | (
             {ENCODER_DIR: side / ENCODER_DIR, TOKENIZER_DIR: side / TOKENIZER_DIR} if self.encoder_in_bundle else {})
         write_bundle(out, manifest, weights, extra_dirs=extra, force=force)
