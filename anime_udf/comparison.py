@@ -51,7 +51,7 @@ def row_hashes(rows: pl.DataFrame) -> np.ndarray:
         hexes = con.sql(f"SELECT DISTINCT {ROW_HASH_SQL} AS h FROM hashed_rows ORDER BY h").fetchall()
     finally:
         con.close()
-    return np.frombuffer(bytes.fromhex("".join(h for (h,) in hexes)), dtype=np.uint8).reshape(-1, 16)
+    return np.frombuffer(bytes.fromhex("".join(h for (h,) in hexes)), dtype=np.uint8).reshape(-1, 16).copy()
 
 
 @dataclass

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -29,13 +30,16 @@ def run(*args):
 
 @pytest.fixture(scope="module")
 def other_baseline(tmp_path_factory, session_cache) -> Path:
-    """A second baseline, trained differently: it scores the fixture rows differently."""
+    """A second baseline, trained differently and on the catalog's first 300 rows only."""
     from anime_udf.cache import EmbeddingCache
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
 
-    out = tmp_path_factory.mktemp("bundles") / "baseline-other"
-    train_baseline(load_split(CATALOG), out, BaselineSettings(epochs=4, seeds=1, seed=7),
+    directory = tmp_path_factory.mktemp("bundles")
+    first_rows = directory / "first-300.csv"
+    pl.read_csv(CATALOG).head(300).write_csv(first_rows)
+    out = directory / "baseline-other"
+    train_baseline(load_split(first_rows), out, BaselineSettings(epochs=4, seeds=1, seed=7),
                    cache=EmbeddingCache(session_cache / "embeddings.sqlite"), progress=False, log=lambda _: None)
     return out
 
@@ -224,3 +228,95 @@ def test_concurrent_promotions_of_both_kinds_are_both_recorded(models, fusion_bu
     assert [p.wait(120) for p in procs] == [0, 0]
     assert read_aliases().production == {"baseline": "baseline-old", "fusion": "fusion-a"}
     assert sorted(e["to"] for e in read_aliases().history) == ["baseline-old", "fusion-a"]
+
+
+# --- compare ------------------------------------------------------------------------------------------------
+
+
+def test_bootstrap_figures_are_those_of_the_resampled_rows():
+    """Each resample's differences, computed from counts per row, equal the figures of the rows drawn
+    (ties, the repeats of a drawn row among them, ranked by their average rank)."""
+    from scipy.stats import spearmanr
+
+    from anime_udf.comparison import resampled_differences
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(1, 20, 300) / 2.0  # many ties
+    a, b = y + rng.normal(0, 1, 300).round(1), y + rng.normal(0, 1.2, 300).round(1)
+    draws = rng.integers(0, 300, size=(5, 300))
+    counts = np.stack([np.bincount(d, minlength=300) for d in draws])
+    got = resampled_differences(counts, y, a, b)
+    for i, d in enumerate(draws):
+        ys, as_, bs = y[d], a[d], b[d]
+        assert got["mae"][i] == pytest.approx(np.abs(ys - as_).mean() - np.abs(ys - bs).mean(), abs=1e-12)
+        assert got["rmse"][i] == pytest.approx(np.sqrt(((ys - as_) ** 2).mean()) - np.sqrt(((ys - bs) ** 2).mean()),
+                                               abs=1e-12)
+        assert got["spearman"][i] == pytest.approx(spearmanr(ys, as_)[0] - spearmanr(ys, bs)[0], abs=1e-12)
+
+
+@pytest.fixture
+def both_catalogs(tmp_path) -> Path:
+    """The training catalog and the hold-out in one file, the training rows under new keys and titles."""
+    train = pl.read_csv(CATALOG).with_columns(pl.col("anime_id") + 50_000, pl.lit("renamed").alias("title"))
+    both = tmp_path / "both.csv"
+    pl.concat([train, pl.read_csv(HOLDOUT)], how="vertical_relaxed").write_csv(both)
+    return both
+
+
+def test_compare_scores_only_rows_neither_model_trained_on(models, both_catalogs):
+    result = run("compare", "baseline-new", "--against", "baseline-old", "--data", both_catalogs, "--json")
+    assert result.exit_code == 0, result.output
+    compared = json.loads(result.output)
+    assert compared["bundles"] == {"challenger": "baseline-new", "incumbent": "baseline-old"}
+    assert compared["selected_rows"] == 520 and compared["compared_rows"] == compared["scored_rows"] == 120
+    assert compared["trained_rows"] == {"challenger": 300, "incumbent": 400}  # recognised by content alone
+    # The figures are eval's on the hold-out (the same SQL functions and macros), side by side.
+    for role, bundle in (("challenger", "baseline-new"), ("incumbent", "baseline-old")):
+        [evaluated] = json.loads(run("eval", "--data", HOLDOUT, "--model", bundle, "--json").output)
+        for metric in ("n", "mae", "rmse", "spearman"):
+            assert compared["metrics"][role][metric] == pytest.approx(evaluated[metric], abs=1e-9)
+    for metric, interval in compared["intervals"].items():
+        difference = compared["metrics"]["challenger"][metric] - compared["metrics"]["incumbent"][metric]
+        assert interval["difference"] == pytest.approx(difference)
+        assert interval["lo"] < difference < interval["hi"]
+    # Moves and movers: the two models' own scores of the hold-out.
+    scores = {}
+    for bundle in ("baseline-new", "baseline-old"):
+        assert run("score", "--data", HOLDOUT, "--model", bundle, "--out", f"{bundle}.parquet").exit_code == 0
+        scores[bundle] = pl.read_parquet(f"{bundle}.parquet").sort("anime_id")
+    change = scores["baseline-new"]["predict_score"] - scores["baseline-old"]["predict_score"]
+    assert compared["moved"] == {str(t): int((change.abs() > t).sum()) for t in (0.5, 1.0)}
+    largest = int(change.abs().arg_max())
+    assert compared["movers"][0]["key"] == str(scores["baseline-new"]["anime_id"][largest])
+    assert compared["movers"][0]["title"] == scores["baseline-new"]["title"][largest]
+    assert compared["movers"][0]["change"] == pytest.approx(change[largest], abs=FP32_TOLERANCE)
+
+
+def test_compare_against_production_and_its_screen(models, both_catalogs):
+    assert run("promote", "baseline-old").exit_code == 0
+    result = run("compare", "baseline-new", "--data", both_catalogs, "--where", "anime_id < 10060 OR anime_id > 50000",
+                 "--top", "3")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "challenger baseline-new against baseline-old (production)"
+    assert lines[1] == ("rows: 459 selected; trained on by the challenger 300, by the incumbent 400, by either 400; "
+                        "compared on the 59 left (59 with a score)")
+    assert [line.split()[0] for line in lines[4:8]] == ["n", "mae", "rmse", "spearman"]
+    assert "largest movers" in result.output and "Fixture Title 100" in result.output
+    same = run("compare", "baseline-old", "--data", both_catalogs)
+    assert same.exit_code == 2 and "baseline-old is the bundle it would be compared with" in same.output
+
+
+def test_compare_refuses_a_bundle_without_its_training_rows(models, both_catalogs):
+    from anime_udf.bundle import TRAINING_ROWS_FILE
+
+    manifest_path = models / "baseline-old" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["files"][TRAINING_ROWS_FILE]
+    manifest_path.write_text(json.dumps(manifest))
+    (models / "baseline-old" / TRAINING_ROWS_FILE).unlink()
+    result = run("compare", "baseline-new", "--against", "baseline-old", "--data", both_catalogs)
+    assert result.exit_code == 1
+    assert "baseline-old: records no training rows" in result.output and "retrain it" in result.output
+    nothing = run("compare", "baseline-new", "--against", "baseline-new-copy", "--data", CATALOG)
+    assert nothing.exit_code == 1 and "unknown model" in nothing.output
