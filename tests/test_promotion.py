@@ -97,6 +97,18 @@ def test_every_reader_follows_the_production_alias(models, tmp_path):
     assert "production" in run("models").output
 
 
+def test_the_dbt_plugin_and_spark_registration_follow_the_alias(models):
+    from anime_udf.udf import bundles_to_register  # Spark's register, as DuckDB's, registers these
+
+    pytest.importorskip("dbt.adapters.duckdb")
+    from dbt.adapters.duckdb.plugins import BasePlugin
+
+    assert run("promote", "baseline-old").exit_code == 0
+    assert bundles_to_register(None, None, models) == [models / "baseline-old"]
+    plugin = BasePlugin.create("anime_udf.dbt", config={"models": str(models)})
+    assert [scorer.path for scorer in plugin.scorers] == [models / "baseline-old"]
+
+
 def test_an_open_connection_keeps_its_bundle_until_registered_again(models):
     con = duckdb.connect()
     anime_udf.register(con)
@@ -302,6 +314,14 @@ def test_compare_against_production_and_its_screen(models, both_catalogs):
     assert lines[1] == ("rows: 459 selected; trained on by the challenger 300, by the incumbent 400, by either 400; "
                         "compared on the 59 left (59 with a score)")
     assert [line.split()[0] for line in lines[4:8]] == ["n", "mae", "rmse", "spearman"]
+    compared = json.loads(run("compare", "baseline-new", "--data", both_catalogs, "--where",
+                              "anime_id < 10060 OR anime_id > 50000", "--json").output)
+    for line in lines[5:8]:  # marked where the whole interval lies on the challenger's good side of 0
+        metric = line.split()[0]
+        interval = compared["intervals"][metric]
+        better = interval["hi"] < 0 if metric in ("mae", "rmse") else interval["lo"] > 0
+        assert line.endswith("challenger better") == better
+        assert f"[{interval['lo']:+.4f}, {interval['hi']:+.4f}]" in line
     assert "largest movers" in result.output and "Fixture Title 100" in result.output
     same = run("compare", "baseline-old", "--data", both_catalogs)
     assert same.exit_code == 2 and "baseline-old is the bundle it would be compared with" in same.output
