@@ -327,6 +327,19 @@ def test_compare_against_production_and_its_screen(models, both_catalogs):
     assert same.exit_code == 2 and "baseline-old is the bundle it would be compared with" in same.output
 
 
+def test_compare_measures_the_newest_years_apart(models, tmp_path):
+    """The newest years holding at least 15% of the compared rows: of ten years of 12 rows each, the last two."""
+    dated = tmp_path / "dated.csv"
+    pl.read_csv(HOLDOUT).with_columns(year=2000 + pl.col("anime_id") % 10).write_csv(dated)
+    compared = json.loads(run("compare", "baseline-new", "--against", "baseline-old", "--data", dated,
+                              "--json").output)
+    assert compared["newest"]["years"] == "year >= 2008"
+    [evaluated] = json.loads(run("eval", "--data", dated, "--where", "year >= 2008", "--model", "baseline-new",
+                                 "--json").output)
+    assert evaluated["n"] == compared["newest"]["metrics"]["challenger"]["n"] == 24
+    assert compared["newest"]["metrics"]["challenger"]["mae"] == pytest.approx(evaluated["mae"], abs=1e-9)
+
+
 def test_compare_refuses_a_bundle_without_its_training_rows(models, both_catalogs):
     from anime_udf.bundle import TRAINING_ROWS_FILE
 
