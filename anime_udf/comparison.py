@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import duckdb
 import numpy as np
+import polars as pl
 import pyarrow as pa
 
 from anime_udf.bundle import training_row_hashes
@@ -26,8 +27,6 @@ from anime_udf.sqlutil import quote_ident
 from anime_udf.udf import FUNCTION_NAMES, register_scorer
 
 if TYPE_CHECKING:
-    import polars as pl
-
     from anime_udf.udf import LazyScorer
 
 ROW_HASH_SQL = "substr(rescore_input_hash(synopsis, genres, studio, episodes), 1, 32)"
@@ -42,16 +41,54 @@ class ComparisonError(AnimeUdfError):
     """The bundles cannot be compared (no record of their training rows), or no row is left to compare on."""
 
 
-def row_hashes(rows: pl.DataFrame) -> np.ndarray:
-    """The sorted, distinct content hashes ((n, 16) uint8) of ``rows``' inputs (read by ``read_catalog``)."""
+def input_hashes(rows: pl.DataFrame) -> list[str]:
+    """Each of ``rows``' content hash (read by ``read_catalog``), in hex, in row order."""
     con = duckdb.connect()
     try:
         con.execute(sql_sections()["macros"])
         con.register("hashed_rows", rows.select(INPUT_COLUMNS))
-        hexes = con.sql(f"SELECT DISTINCT {ROW_HASH_SQL} AS h FROM hashed_rows ORDER BY h").fetchall()
+        return [h for (h,) in con.sql(f"SELECT {ROW_HASH_SQL} FROM hashed_rows").fetchall()]
     finally:
         con.close()
-    return np.frombuffer(bytes.fromhex("".join(h for (h,) in hexes)), dtype=np.uint8).reshape(-1, 16).copy()
+
+
+def row_hashes(rows: pl.DataFrame) -> np.ndarray:
+    """The sorted, distinct content hashes ((n, 16) uint8) of ``rows``' inputs: a bundle's record."""
+    distinct = sorted(set(input_hashes(rows)))
+    return np.frombuffer(bytes.fromhex("".join(distinct)), dtype=np.uint8).reshape(-1, 16).copy()
+
+
+def trained_on(bundle: Any) -> set[str]:
+    """The hex content hashes of the rows ``bundle``'s training saw; an error where it does not record them."""
+    hashes = training_row_hashes(bundle)
+    if hashes is None:
+        raise ComparisonError(f"{bundle}: records no training rows (trained before bundles did), so the rows it "
+                              "was trained on cannot be left out; retrain it to compare it")
+    return {row.tobytes().hex() for row in hashes}
+
+
+def challenge(rows: pl.DataFrame, challenger_scores: np.ndarray, incumbent: LazyScorer, *, resamples: int = 1000,
+              level: float = 0.95, seed: int = 0) -> tuple[int, dict, dict]:
+    """Scores a challenger gave ``rows`` without having trained on them (a selection run's, on its
+    validation rows) against ``incumbent``'s, through its SQL function, on the rows with a score
+    that the incumbent never trained on. Returns (those rows, both models' figures, the intervals
+    of the differences), as ``compare``; no row left is an error."""
+    trained = trained_on(incumbent.path)
+    keep = [h not in trained for h in input_hashes(rows)]
+    left = rows.with_columns(challenger=pl.Series(challenger_scores, dtype=pl.Float64)).filter(
+        pl.Series(keep) & pl.col("score").is_not_null())
+    if left.is_empty():
+        raise ComparisonError(f"nothing to compare on: {incumbent.path.name} was trained on every validation row")
+    con = duckdb.connect()
+    try:
+        fn = register_scorer(con, incumbent, f"{FUNCTION_NAMES[incumbent.kind]}_incumbent")
+        con.register("challenged", left.select(*INPUT_COLUMNS, "score", "challenger"))
+        con.execute(f"CREATE TEMP TABLE compared AS SELECT score::DOUBLE AS y, challenger, "
+                    f"{fn}(synopsis, genres, studio, episodes) AS incumbent FROM challenged")
+        metrics, intervals = measure(con, "true", resamples, level, seed)
+    finally:
+        con.close()
+    return left.height, metrics, intervals
 
 
 @dataclass
@@ -71,29 +108,27 @@ class Comparison:
     newest: dict[str, Any] = field(default_factory=dict)  # where dated: years, metrics, intervals
 
     def better(self, metric: str) -> bool:
-        """Whether the challenger wins on ``metric`` beyond the noise: its whole interval on the good side of 0."""
-        interval = self.intervals[metric]
-        return interval["hi"] < 0 if LOWER_IS_BETTER[metric] else interval["lo"] > 0
+        return wins(metric, self.intervals[metric])
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "moved": {str(k): v for k, v in self.moved.items()}}
+
+
+def wins(metric: str, interval: dict[str, float]) -> bool:
+    """Whether the challenger wins on ``metric`` beyond the noise: its whole interval on the good side of 0."""
+    return interval["hi"] < 0 if LOWER_IS_BETTER[metric] else interval["lo"] > 0
 
 
 def compare(con: duckdb.DuckDBPyConnection, catalog: str, condition: str, scorers: dict[str, LazyScorer], *,
             resamples: int = 1000, level: float = 0.95, seed: int = 0, top: int = 10) -> Comparison:
     """Compare ``scorers['challenger']`` with ``scorers['incumbent']`` on the rows of view ``catalog``
     satisfying SQL ``condition`` that neither bundle's training saw."""
-    hashes = {}
-    for role, scorer in scorers.items():
-        hashes[role] = training_row_hashes(scorer.path)
-        if hashes[role] is None:
-            raise ComparisonError(f"{scorer.path}: records no training rows (trained before bundles did), so "
-                                  "the rows it was trained on cannot be left out; retrain it to compare it")
+    hashes = {role: trained_on(scorer.path) for role, scorer in scorers.items()}
     functions = {role: register_scorer(con, scorer, f"{FUNCTION_NAMES[scorer.kind]}_{role}")
                  for role, scorer in scorers.items()}
     con.execute(sql_sections()["macros"])
     con.register("trained_rows", pa.table({"role": [role for role, h in hashes.items() for _ in h],
-                                           "h": [row.tobytes().hex() for h in hashes.values() for row in h]}))
+                                           "h": [h for role_hashes in hashes.values() for h in role_hashes]}))
     columns = [row[0] for row in con.execute(f"DESCRIBE {quote_ident(catalog)}").fetchall()]
     key = quote_ident(DEFAULT_KEY) if DEFAULT_KEY in columns else "row_number() OVER ()"
     title = "title::VARCHAR" if "title" in columns else "NULL::VARCHAR"

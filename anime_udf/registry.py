@@ -167,10 +167,11 @@ def aliases_lock(models_dir: Path | str | None = None, wait: float = LOCK_WAIT_S
 
 
 def set_production(kind: str, name: str | None, expected: str | None, action: str,
-                   models_dir: Path | str | None = None) -> dict[str, Any]:
+                   models_dir: Path | str | None = None, **record: Any) -> dict[str, Any]:
     """Point ``kind``'s production alias at bundle ``name`` (``None``: unset it, so that the newest
     serves), provided it still names ``expected`` (what the caller checked and reports as the old
-    value); the change is appended to the history. Returns the history entry."""
+    value); the change is appended to the history, with ``record`` (the comparison that decided it).
+    Returns the history entry."""
     path = resolve_models_dir(models_dir) / ALIASES_FILE
     with aliases_lock(models_dir):
         pause_at(ALIASES_PAUSE_ENV, "locked", ALIASES_PAUSE_SECONDS_ENV, "promote")
@@ -179,7 +180,8 @@ def set_production(kind: str, name: str | None, expected: str | None, action: st
             raise AliasError(f"the {PRODUCTION} alias of {kind} moved while this command checked it "
                              f"(was {expected or 'unset'}, now {current.production.get(kind) or 'unset'}); "
                              "nothing changed: run it again to act on the new value")
-        entry = {"at": now_iso(), "kind": kind, "alias": PRODUCTION, "action": action, "from": expected, "to": name}
+        entry = {"at": now_iso(), "kind": kind, "alias": PRODUCTION, "action": action, "from": expected, "to": name,
+                 **record}
         production = {k: v for k, v in current.production.items() if k != kind} | ({kind: name} if name else {})
         content = {"aliases": {PRODUCTION: dict(sorted(production.items()))}, "history": [*current.history, entry]}
         with atomic_file(path) as tmp:

@@ -353,3 +353,50 @@ def test_compare_refuses_a_bundle_without_its_training_rows(models, both_catalog
     assert "baseline-old: records no training rows" in result.output and "retrain it" in result.output
     nothing = run("compare", "baseline-new", "--against", "baseline-new-copy", "--data", CATALOG)
     assert nothing.exit_code == 1 and "unknown model" in nothing.output
+
+
+# --- train --promote-if-better ------------------------------------------------------------------------------
+
+
+def valid_rows_unseen_by_the_first_300() -> int:
+    """The fixture catalog's validation rows (baseline's random split) outside its first 300 rows."""
+    from training.cli import BASELINE_VALID_FRACTION
+    from training.common import load_split
+
+    valid = load_split(CATALOG, default_fraction=BASELINE_VALID_FRACTION).valid
+    return valid.filter(~pl.col("anime_id").is_in(pl.read_csv(CATALOG).head(300)["anime_id"].to_list())).height
+
+
+def test_promote_if_better_refuses_a_worse_model_and_pins_what_served(tmp_path, other_baseline):
+    models = tmp_path / "models"
+    shutil.copytree(other_baseline, models / "baseline-prod")  # trained on the first 300 rows only
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "1", "--seeds", "1",
+                 "--out", models / "baseline-worse", "--promote-if-better", "mae")
+    assert result.exit_code == 0, result.output
+    rows = valid_rows_unseen_by_the_first_300()
+    assert "not promoted: mae " in result.output and f"on {rows} validation rows baseline-prod never" in result.output
+    assert "baseline production: unset -> baseline-prod (pinned" in result.output
+    assert resolve("baseline") == models / "baseline-prod"  # not the new bundle, though it is the newest
+    [entry] = read_aliases().history
+    assert entry["to"] == "baseline-prod" and entry["comparison"]["rows"] == rows
+    assert entry["comparison"]["hi"] >= 0  # the challenger did not win beyond the noise
+
+
+def test_promote_if_better_promotes_a_better_model_with_its_comparison(tmp_path):
+    models = tmp_path / "models"
+    first_rows = tmp_path / "first-300.csv"
+    pl.read_csv(CATALOG).head(300).write_csv(first_rows)
+    weak = run("train", "baseline", "--data", first_rows, "--epochs", "1", "--seeds", "1", "--out", models / "weak")
+    assert weak.exit_code == 0, weak.output
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "30", "--out", models / "strong",
+                 "--promote-if-better", "rmse")
+    assert result.exit_code == 0, result.output
+    assert "promoted strong: rmse " in result.output and "against weak's" in result.output
+    assert resolve("baseline") == models / "strong"
+    [entry] = read_aliases().history
+    assert (entry["from"], entry["to"], entry["comparison"]["metric"]) == (None, "strong", "rmse")
+    assert entry["comparison"]["rows"] == valid_rows_unseen_by_the_first_300()
+    assert entry["comparison"]["hi"] < 0
+    elsewhere = run("train", "baseline", "--data", CATALOG, "--out", tmp_path / "elsewhere", "--promote-if-better",
+                    "mae")
+    assert elsewhere.exit_code == 1 and "--out" in elsewhere.output and "is elsewhere" in elsewhere.output

@@ -327,18 +327,19 @@ def fit_blend(head: np.ndarray, y: np.ndarray, lexical: np.ndarray | None = None
 
 def blend_and_validate(enabled: bool, selection: Selection, y_valid: np.ndarray, valid_scores: np.ndarray,
                        scaler: TargetScaler, log: Callable[[str], None],
-                       lexical: np.ndarray | None = None) -> tuple[dict | None, dict]:
+                       lexical: np.ndarray | None = None) -> tuple[dict | None, dict, np.ndarray]:
     """Both trainers' last use of the selection run: with ``enabled`` (train --blend) the blend
-    is fitted (``fit_blend``) and logged. Returns it (None: the head alone) and the validation
+    is fitted (``fit_blend``) and logged. Returns it (None: the head alone), the validation
     metrics of the model as it ships: the selection run's ensemble, blended, on rows it never
-    trained on (the refitted final model has seen them; the blend's few numbers were fitted on them)."""
+    trained on (the refitted final model has seen them; the blend's few numbers were fitted on them),
+    and those scores, one per validation row (what ``train --promote-if-better`` compares)."""
     blend = fit_blend(selection.valid_predictions, y_valid, lexical) if enabled else None
     if blend:
         lexical_term = f" + {blend['lexical']:.3f} x lexical score" if lexical is not None else ""
         log(f"blend after the head: {blend['head']:.3f} x head{lexical_term} {blend['constant']:+.3f} "
             f"(least squares on {blend['fitted_on_rows']} validation rows)")
-    blended = Blend.of(blend).apply(selection.valid_predictions, lexical)
-    return blend, compute_metrics(valid_scores, scaler.unscale(blended))
+    scores = scaler.unscale(Blend.of(blend).apply(selection.valid_predictions, lexical))
+    return blend, compute_metrics(valid_scores, scores), scores
 
 
 def predict(net: nn.Module, inputs: Inputs) -> np.ndarray:

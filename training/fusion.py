@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from anime_udf.bundle import (ENCODER_DIR, HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, POOLINGS, REFERENCE_FILE, TOKENIZER_DIR,
@@ -105,13 +106,15 @@ class FusionTrainer:
 
     def __init__(self, split: DataSplit, settings: FusionSettings, *, cache: EmbeddingCache | None = None,
                  progress: bool = True, log: Callable[[str], None] = print,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None,
+                 on_validated: Callable[[np.ndarray], None] | None = None):
         if settings.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
         seed_everything(settings.seed)
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.split, self.settings, self.progress, self.log, self.on_step = split, settings, progress, log, on_step
+        self.on_validated = on_validated  # given the selection run's scores of split.valid, as the model ships
         self.device = resolve_device(settings.device)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.how = settings.head_training()
@@ -213,9 +216,11 @@ class FusionTrainer:
         """head x a + lexical score x b + c, least squares on the selection run's validation
         rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
         metrics of the model as it ships."""
-        self.blend, self.valid_metrics = blend_and_validate(
+        self.blend, self.valid_metrics, valid_scores = blend_and_validate(
             self.settings.blend, self.selection, self.y["valid"], self.split.valid["score"].to_numpy(),
             self.selection_tab.scaler, self.log, lexical=self.tabular["valid"][2])
+        if self.on_validated:
+            self.on_validated(valid_scores)
 
     def refit_head(self) -> SeedEnsemble:
         """The final head: the seed ensemble, the chosen epochs, every final row."""
@@ -292,10 +297,12 @@ def train_fusion(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    on_validated: Callable[[np.ndarray], None] | None = None,
 ) -> dict:
     """Fit the fusion model and write its bundle to ``out``; return the manifest. An existing
-    ``out`` is refused before any work, unless ``force`` and it is a fusion bundle."""
+    ``out`` is refused before any work, unless ``force`` and it is a fusion bundle. ``on_validated``
+    is given the selection run's scores of ``split.valid``'s rows, as the model ships them."""
     check_out(out, "fusion", force=force)
     trainer = FusionTrainer(split, settings or FusionSettings(), cache=cache, progress=progress, log=log,
-                            on_step=on_step)
+                            on_step=on_step, on_validated=on_validated)
     return trainer.train(out, resume=resume, name=name, force=force)
