@@ -399,4 +399,25 @@ def test_promote_if_better_promotes_a_better_model_with_its_comparison(tmp_path)
     assert entry["comparison"]["hi"] < 0
     elsewhere = run("train", "baseline", "--data", CATALOG, "--out", tmp_path / "elsewhere", "--promote-if-better",
                     "mae")
-    assert elsewhere.exit_code == 1 and "--out" in elsewhere.output and "is elsewhere" in elsewhere.output
+    assert elsewhere.exit_code == 1 and "is elsewhere" in elsewhere.output
+    assert "wrote" not in elsewhere.output and not (tmp_path / "elsewhere").exists()  # refused before training
+
+
+def test_promote_if_better_needs_rows_the_serving_bundle_never_saw(tmp_path, baseline_bundle):
+    models = tmp_path / "models"
+    shutil.copytree(baseline_bundle, models / "baseline-full")  # trained on every row of the catalog
+    assert run("promote", "baseline-full").exit_code == 0
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "1", "--seeds", "1", "--out", models / "again",
+                 "--promote-if-better", "spearman")
+    assert result.exit_code == 0, result.output
+    assert "not promoted: nothing to compare on: baseline-full was trained on every validation row" in result.output
+    assert "baseline production stays baseline-full" in result.output
+    assert resolve("baseline") == models / "baseline-full" and len(read_aliases().history) == 1
+
+
+def test_promote_if_better_promotes_the_first_bundle_of_its_kind(tmp_path):
+    result = run("train", "baseline", "--data", CATALOG, "--epochs", "1", "--seeds", "1",
+                 "--out", tmp_path / "models" / "first", "--promote-if-better", "mae")
+    assert result.exit_code == 0, result.output
+    assert "promoted first: no baseline bundle served before" in result.output
+    assert read_aliases().production == {"baseline": "first"}
