@@ -113,11 +113,9 @@ def read_aliases(models_dir: Path | str | None = None) -> Aliases:
     return Aliases(dict(production), history)
 
 
-def resolve(kind: str, models_dir: Path | str | None = None, bundle: Path | str | None = None) -> Path | None:
-    """The bundle of ``kind`` that every reader uses: ``bundle`` where given (a name or a path), else
-    the kind's production alias where one is set, else its newest bundle (``None``: there is none)."""
-    if bundle is not None:
-        return get_model(str(bundle), models_dir)
+def resolve(kind: str, models_dir: Path | str | None = None) -> Path | None:
+    """The bundle of ``kind`` that serves where a reader is given none: the kind's production alias
+    where one is set, else its newest bundle (``None``: there is none)."""
     name = read_aliases(models_dir).production.get(kind)
     if name is None:
         return newest(kind, models_dir)
