@@ -158,7 +158,7 @@ def compare(con: duckdb.DuckDBPyConnection, catalog: str, condition: str, scorer
         f"SELECT avg({role}), stddev_pop({role}), quantile_cont({role}, 0.1), median({role}), "
         f"quantile_cont({role}, 0.9) FROM compared").fetchall()[0])) for role in ROLES}
     movers = con.sql(f"SELECT key, title, y AS score, incumbent, challenger, challenger - incumbent AS change "
-                         f"FROM compared ORDER BY abs(challenger - incumbent) DESC, key LIMIT {int(top)}").pl()
+                     f"FROM compared ORDER BY abs(challenger - incumbent) DESC, key LIMIT {int(top)}").pl()
     return Comparison(
         bundles={role: scorer.path.name for role, scorer in scorers.items()}, selected_rows=selected,
         trained_rows={role: trained_rows.get(role, 0) for role in ROLES}, compared_rows=compared,
