@@ -682,6 +682,8 @@ def compare(challenger, against, data, where, resamples, seed, top, as_json, mod
 
 def format_comparison(result, against: str) -> str:
     """compare's screen: counts, figures side by side with the intervals, moves, distributions, movers."""
+    from anime_udf.comparison import wins
+
     names = result.bundles
     incumbent = f"{names['incumbent']}" + (" (production)" if against == "production" else "")
     either = result.selected_rows - result.compared_rows
@@ -699,7 +701,7 @@ def format_comparison(result, against: str) -> str:
             i = intervals[m]
             lines.append(f"{m:12} {metrics['challenger'][m]:>11.4f} {metrics['incumbent'][m]:>11.4f} "
                          f"{i['difference']:>+11.4f}  [{i['lo']:+.4f}, {i['hi']:+.4f}]"
-                         + ("  challenger better" if result.better(m) else ""))
+                         + ("  challenger better" if wins(m, i) else ""))
 
     table("all rows", result.metrics, result.intervals)
     if result.newest:

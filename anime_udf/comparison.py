@@ -107,9 +107,6 @@ class Comparison:
     movers: list[dict[str, Any]]  # the largest moves: key, title, score, incumbent, challenger, change
     newest: dict[str, Any] = field(default_factory=dict)  # where dated: years, metrics, intervals
 
-    def better(self, metric: str) -> bool:
-        return wins(metric, self.intervals[metric])
-
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "moved": {str(k): v for k, v in self.moved.items()}}
 

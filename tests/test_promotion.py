@@ -334,6 +334,13 @@ def test_compare_measures_the_newest_years_apart(models, tmp_path):
     compared = json.loads(run("compare", "baseline-new", "--against", "baseline-old", "--data", dated,
                               "--json").output)
     assert compared["newest"]["years"] == "year >= 2008"
+    screen = run("compare", "baseline-new", "--against", "baseline-old", "--data", dated).output.splitlines()
+    newest = screen[screen.index(next(line for line in screen if line.startswith("year >= 2008"))):][2:5]
+    for line in newest:  # the newest years' own intervals decide their marks
+        interval = compared["newest"]["intervals"][line.split()[0]]
+        assert f"[{interval['lo']:+.4f}, {interval['hi']:+.4f}]" in line
+        assert line.endswith("challenger better") == (interval["hi"] < 0 if line.startswith(("mae", "rmse"))
+                                                      else interval["lo"] > 0)
     [evaluated] = json.loads(run("eval", "--data", dated, "--where", "year >= 2008", "--model", "baseline-new",
                                  "--json").output)
     assert evaluated["n"] == compared["newest"]["metrics"]["challenger"]["n"] == 24
