@@ -524,7 +524,8 @@ def list_models(as_json, models_dir):
     metrics.
 
     Every file's checksum is verified: a bundle that would fail to load is listed as broken. A
-    production alias naming no usable bundle is said after the list, and the exit status is 1."""
+    production alias naming no usable bundle, or an unreadable aliases file, is said after the
+    list, and the exit status is 1."""
     from anime_udf.registry import PRODUCTION, read_aliases, resolve_each_kind
 
     def field(manifest: dict, *keys: str):
@@ -533,12 +534,12 @@ def list_models(as_json, models_dir):
             manifest = manifest.get(key) if isinstance(manifest, dict) else None
         return manifest
 
-    production = read_aliases(models_dir).production
     alias_error = None
     try:
+        production = read_aliases(models_dir).production
         serving = {path.name for path in resolve_each_kind(models_dir)}
     except AnimeUdfError as exc:  # the list is still worth showing
-        serving, alias_error = set(), exc
+        production, serving, alias_error = {}, set(), exc
     rows = []
     for b in list_bundles(models_dir, verify=True):
         m = b.manifest or {}

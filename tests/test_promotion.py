@@ -162,6 +162,14 @@ def test_an_alias_pointing_nowhere_is_an_error_not_the_newest(models):
     assert resolve("baseline") == models / "baseline-new"
 
 
+def test_an_unreadable_aliases_file_is_an_error_naming_it(models):
+    (models / ALIASES_FILE).write_text('{"aliases": {"production": {"baseline": ')  # written by hand, cut short
+    listed = run("models")
+    assert listed.exit_code == 1 and "baseline-old" in listed.output and "baseline-new" in listed.output
+    for result in (listed, run("sql", QUERY, "--table", f"anime={HOLDOUT}")):
+        assert f"{models / ALIASES_FILE}: cannot read the aliases" in result.output
+
+
 def test_a_promotion_that_moved_the_alias_is_never_undone_silently(models):
     assert run("promote", "baseline-old").exit_code == 0
     before = (models / ALIASES_FILE).read_bytes()
