@@ -26,8 +26,9 @@ from anime_udf.rescore import on_duckdb as rs
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
+from anime_udf.errors import EXIT_BUSY, EXIT_USAGE
 from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
-from tests.conftest import assert_fp32_close
+from tests.conftest import ROOT, assert_fp32_close
 
 CATALOG = Path(__file__).resolve().parents[1] / "fixtures" / "catalog.csv"
 SCORE_COLUMNS = "key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at"
@@ -375,6 +376,38 @@ def test_cli_summary_json_export_and_failure(tmp_path, models):
     assert result.exit_code == 0 and "would score" in result.output and "dry run" in result.output
 
 
+@pytest.mark.parametrize(("args", "names"), [
+    (["--store", "s.duckdb"], "--catalog"),  # a required option missing: click's own error
+    (["--catalog", "missing.csv", "--store", "s.duckdb"], "missing.csv: no such file"),
+    (["--catalog", "{catalog}", "--store", "s.duckdb", "--wait", "soon"], "--wait"),
+    (["--catalog", "{catalog}", "--store", "s", "--engine", "spark", "--export", "x.parquet"], "--export"),
+])
+def test_every_failure_of_rescore_json_is_json(tmp_path, args, names):
+    """A scheduler reading --json reads every failure as JSON too, the earliest included, with the
+    exit code of bad usage; nothing is created."""
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+    result = CliRunner().invoke(cli, ["rescore", *(a.format(catalog=catalog) for a in args), "--json"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    failed = json.loads(result.output.split("Usage:")[0].split("Error:")[0])
+    assert failed["status"] == "failed" and failed["exit_code"] == EXIT_USAGE and names in failed["error"]
+    assert not (tmp_path / "s.duckdb").exists() and not (tmp_path / "s").exists()
+
+
+def test_an_unforeseen_failure_of_rescore_json_is_json_too(tmp_path, models, monkeypatch):
+    import anime_udf.rescore
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(anime_udf.rescore, "rescore", broken)
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+    result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "s.duckdb", "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    failed = json.loads(result.output.split("Error:")[0])
+    assert failed == {"status": "failed", "exit_code": 1,
+                      "error": "ZeroDivisionError: a bug (rerun with --debug for the traceback)"}
+
+
 def test_unwritable_store_is_a_clear_error_also_under_json(tmp_path, models, monkeypatch):
     """A store that cannot be created fails naming the path and the reason, and --json
     prints the failure. The tests run as root, which chmod does not stop, so two failures
@@ -657,8 +690,10 @@ def test_concurrent_runs_fail_clearly_or_wait(tmp_path, models, baseline_bundle)
         wait_for(proc, err, "paused at score")
         with pytest.raises(StoreBusyError, match=rf"being rescored by another run \(pid {proc.pid}.*--wait"):
             rescore(catalog, store)
-        result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store)])
-        assert result.exit_code == 1 and "being rescored by another run" in result.output
+        result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store), "--json"])
+        assert result.exit_code == EXIT_BUSY and "being rescored by another run" in result.output
+        busy = json.loads(result.output.split("Error:")[0])  # a scheduler tells "try later" from "failed"
+        assert busy["status"] == "failed" and busy["exit_code"] == EXIT_BUSY
         waited = rescore(catalog, store, wait=120)  # blocks until the first run is done
         assert proc.wait(timeout=60) == 0
     finally:
@@ -722,6 +757,11 @@ USER_META = ("CREATE TABLE rescore_meta (name VARCHAR PRIMARY KEY, value VARCHAR
     ("CREATE TABLE rescore_runs AS SELECT 'r1' AS run_id", "rescore_runs",
      "it lacks column 2, started_at TIMESTAMP WITH TIME ZONE"),
     ("CREATE VIEW rescore_meta AS SELECT 'a' AS name, 'b' AS value", "rescore_meta", "it is a view"),
+    # DuckDB's names ignore case: these are rescore_meta and rescore_scores too.
+    ('CREATE TABLE "RESCORE_META" (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)', "RESCORE_META",
+     "no rescore_runs or rescore_scores beside it"),
+    ('CREATE TABLE "Rescore_Scores" (a INTEGER, b VARCHAR)', "Rescore_Scores",
+     "its column 1 is a INTEGER, not key VARCHAR"),
 ])
 def test_a_warehouse_table_named_like_the_stores_is_refused_and_never_written(tmp_path, models, statement, table,
                                                                             reason):
@@ -789,3 +829,58 @@ def test_wait_holds_for_a_table_catalog_in_a_warehouse_open_elsewhere(tmp_path, 
         holder.kill()
         holder.wait()
     assert report.models[0]["rows_scored"] == 40
+
+
+JOIN_BACK = """SELECT a.anime_id, a.title, s.score FROM anime a
+     JOIN rescore_scores s ON s.key = CAST(a.anime_id AS VARCHAR) AND s.model_kind = 'fusion'"""
+ALERT = """SELECT run_id, model_kind, rows_scored, rows_seen, score_mean
+    FROM rescore_runs WHERE started_at > now() - INTERVAL 1 DAY
+    AND (rows_scored > rows_seen / 10 OR abs(shift_mean) > 0.1)"""
+
+
+def scheduled_command(line: str, home: Path) -> str:
+    """An example's command line (examples/nightly) for this machine: its home directory a
+    temporary one, its anime-udf this environment's."""
+    anime_udf = str(Path(sys.executable).parent / "anime-udf")
+    return line.replace("/srv/anime/.venv/bin/anime-udf", anime_udf).replace(".venv/bin/anime-udf", anime_udf) \
+        .replace("/srv/anime", str(home))
+
+
+@pytest.mark.slow  # fresh processes, as cron and systemd start them
+def test_the_nightly_examples_run_as_written(tmp_path, baseline_bundle):
+    """The cron line prints nothing on success (cron mails nothing) and the failure's JSON on
+    failure; the systemd unit's command prints the run record as JSON, and exits non-zero on
+    failure (the unit fails and starts its OnFailure= alert)."""
+    home = tmp_path / "srv"
+    shutil.copytree(baseline_bundle, home / "models" / baseline_bundle.name)
+    read_catalog(CATALOG).write_parquet(home / "catalog.parquet")
+    examples = ROOT / "examples" / "nightly"
+    [cron] = [line for line in (examples / "crontab").read_text().splitlines() if line[:1].isdigit()]
+    cron = scheduled_command(cron.split(None, 5)[5], home)
+    service = dict(line.split("=", 1) for line in (examples / "anime-udf-rescore.service").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    env = {**os.environ, **dict(pair.split("=") for pair in scheduled_command(service["Environment"], home).split())}
+
+    first = subprocess.run(["bash", "-c", cron], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and first.stdout == "", first.stdout + first.stderr
+    assert json.loads((home / "last-run.json").read_text())["models"][0]["rows_scored"] == 400
+    second = subprocess.run(scheduled_command(service["ExecStart"], home).split(), cwd=home, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["models"][0]["rows_reused"] == 400
+
+    # The rescoring page's queries, as written: the join back to the catalog, the alert on a run record.
+    page = (ROOT / "docs" / "rescoring.md").read_text()
+    for query, rows in ((JOIN_BACK, 400), (ALERT, 1)):  # the first night scored every row: worth a look
+        assert " ".join(query.split()) in " ".join(page.split())
+        result = CliRunner().invoke(cli, ["sql", "--db", str(home / "scores.duckdb"), "--table",
+                                          f"anime={home / 'catalog.parquet'}", "--out", str(tmp_path / "q.csv"),
+                                          query.replace("fusion", "baseline")])
+        assert result.exit_code == 0 and pl.read_csv(tmp_path / "q.csv").height == rows, result.output
+
+    (home / "catalog.parquet").unlink()
+    mailed = subprocess.run(["bash", "-c", cron], capture_output=True, text=True, timeout=600).stdout
+    assert json.loads(mailed)["status"] == "failed" and "catalog.parquet: no such file" in json.loads(mailed)["error"]
+    failed = subprocess.run(scheduled_command(service["ExecStart"], home).split(), cwd=home, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == EXIT_USAGE and json.loads(failed.stdout)["exit_code"] == EXIT_USAGE  # the unit fails
