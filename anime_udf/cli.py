@@ -81,10 +81,11 @@ class JsonFailures(click.Command):
     ``Error: …`` line still goes to stderr): a scheduler reads one JSON document either way."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        asks_json = "--json" in args  # before parsing, which consumes args
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.ClickException as exc:
-            if "--json" in args:
+            if asks_json:
                 self.echo_failure(exc)
             raise
 
