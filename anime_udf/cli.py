@@ -610,7 +610,7 @@ def list_models(as_json, models_dir):
     Every file's checksum is verified: a bundle that would fail to load is listed as broken. A
     production alias naming no usable bundle, or an unreadable aliases file, is said after the
     list, and the exit status is 1."""
-    from anime_udf.registry import PRODUCTION, read_aliases, resolve_each_kind
+    from anime_udf.registry import serving_each_kind
 
     def field(manifest: dict, *keys: str):
         """A nested value, or None where a level is missing or not an object (hand-edited manifests)."""
@@ -620,19 +620,15 @@ def list_models(as_json, models_dir):
 
     alias_error = None
     try:
-        production = read_aliases(models_dir).production
-        serving = {path.name for path in resolve_each_kind(models_dir)}
+        serving = {s.path.name: s.via for s in serving_each_kind(models_dir)}  # production or newest
     except AnimeUdfError as exc:  # the list is still worth showing
-        production, serving, alias_error = {}, set(), exc
+        serving, alias_error = {}, exc
     rows = []
     for b in list_bundles(models_dir, verify=True):
         m = b.manifest or {}
         figures = {f"valid_{k}": field(m, "metrics", "valid", k) for k in ("mae", "rmse", "spearman")}
-        serves = None
-        if b.path.name in serving:
-            serves = PRODUCTION if production.get(b.kind) == b.path.name else "newest"
         rows.append({
-            "kind": b.kind, "name": b.path.name, "serves": serves, "created_at": b.created_at,
+            "kind": b.kind, "name": b.path.name, "serves": serving.get(b.path.name), "created_at": b.created_at,
             "data": str(field(m, "training", "data_fingerprint") or ""),
             **{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in figures.items()},
             "error": b.error,

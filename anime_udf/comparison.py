@@ -180,7 +180,7 @@ def measure(con: duckdb.DuckDBPyConnection, condition: str, resamples: int, leve
             ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
     """Both models' figures (sql/metrics.sql) on the compared rows with a score satisfying ``condition``,
     and the paired-bootstrap intervals of their differences."""
-    con.execute(f"CREATE OR REPLACE TEMP VIEW compared_pairs AS "
+    con.execute("CREATE OR REPLACE TEMP VIEW compared_pairs AS "
                 + " UNION ALL ".join(f"SELECT '{role}' AS model, y, {role} AS yhat FROM compared "
                                      f"WHERE y IS NOT NULL AND {condition}" for role in ROLES))
     table = metrics_table(con, "compared_pairs")

@@ -116,10 +116,38 @@ def read_aliases(models_dir: Path | str | None = None) -> Aliases:
 def resolve(kind: str, models_dir: Path | str | None = None) -> Path | None:
     """The bundle of ``kind`` that serves where a reader is given none: the kind's production alias
     where one is set, else its newest bundle (``None``: there is none)."""
+    found = serving(kind, models_dir)
+    return found.path if found else None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The bundle that serves a kind, and why: ``via`` is ``production`` (the kind's alias names it)
+    or ``newest`` (no alias is set: the kind's newest bundle serves)."""
+
+    kind: str
+    path: Path
+    via: str
+
+
+def serving(kind: str, models_dir: Path | str | None = None) -> Serving | None:
+    """``resolve``, saying why; ``None`` where no bundle of ``kind`` serves. Only ``kind``'s alias is
+    read: another kind's broken alias does not stop this one."""
     name = read_aliases(models_dir).production.get(kind)
-    if name is None:
-        return newest(kind, models_dir)
-    return aliased_bundle(kind, name, models_dir)
+    if name is not None:
+        return Serving(kind, aliased_bundle(kind, name, models_dir), PRODUCTION)
+    path = newest(kind, models_dir)
+    return Serving(kind, path, "newest") if path else None
+
+
+def serving_each_kind(models_dir: Path | str | None = None) -> list[Serving]:
+    """What serves each kind present (its production bundle, else its newest), in the order of KINDS;
+    the aliases file is read once, so every kind is resolved against the same aliases."""
+    production = read_aliases(models_dir).production
+    newest_by_kind = {b.kind: b.path for b in list_bundles(models_dir) if b.manifest}  # oldest first: newest wins
+    return [Serving(kind, aliased_bundle(kind, production[kind], models_dir), PRODUCTION) if kind in production
+            else Serving(kind, newest_by_kind[kind], "newest")
+            for kind in KINDS if kind in production or kind in newest_by_kind]
 
 
 def aliased_bundle(kind: str, name: str, models_dir: Path | str | None = None) -> Path:
@@ -139,10 +167,7 @@ def aliased_bundle(kind: str, name: str, models_dir: Path | str | None = None) -
 
 def resolve_each_kind(models_dir: Path | str | None = None) -> list[Path]:
     """``resolve`` for each kind present (its production bundle, else its newest), in the order of KINDS."""
-    production = read_aliases(models_dir).production
-    newest_by_kind = {b.kind: b.path for b in list_bundles(models_dir) if b.manifest}  # oldest first: newest wins
-    return [aliased_bundle(kind, production[kind], models_dir) if kind in production else newest_by_kind[kind]
-            for kind in KINDS if kind in production or kind in newest_by_kind]
+    return [s.path for s in serving_each_kind(models_dir)]
 
 
 @contextmanager

@@ -187,6 +187,54 @@ def test_two_bundles_of_one_kind_are_refused(models):
     assert run("eval", "--data", HOLDOUT, "--model", "baseline-old", "--model", "baseline-old").exit_code == 0
 
 
+def stored_scores(store: Path) -> list[float]:
+    con = duckdb.connect(str(store), read_only=True)
+    try:
+        return [r[0] for r in con.sql("SELECT score FROM rescore_scores ORDER BY CAST(key AS INTEGER)").fetchall()]
+    finally:
+        con.close()
+
+
+def test_rescore_follows_the_alias_and_its_record_names_bundle_and_alias(models):
+    """A promotion rescores the kind's rows once with the promoted bundle; a rollback scores the old
+    model's rows again (the store keeps one model of each kind) and says so; each record names both."""
+    from anime_udf.rescore import format_summary, model_id, rescore
+
+    store = Path("scores.duckdb")
+    ids = {name: model_id(models / name) for name in ("baseline-old", "baseline-new")}
+
+    def one_model(record) -> tuple:
+        [m] = record.models
+        return m["model_id"], m["bundle"], m["alias"], m["rows_scored"], m["rows_reused"], m["rows_superseded"]
+
+    assert one_model(rescore(HOLDOUT, store)) == (ids["baseline-new"], str(models / "baseline-new"), "newest",
+                                                  120, 0, 0)
+    assert run("promote", "baseline-old").exit_code == 0
+    planned = rescore(HOLDOUT, store, dry_run=True)
+    assert one_model(planned) == (ids["baseline-old"], str(models / "baseline-old"), "production", 120, 0, 120)
+    assert "replaces another baseline model's 120 rows" in format_summary(planned)
+    promoted = run("rescore", "--catalog", HOLDOUT, "--store", store)
+    assert promoted.exit_code == 0, promoted.output
+    assert f"bundle {models / 'baseline-old'} (the production alias); replaced another baseline model's 120 rows" \
+        in promoted.output
+    assert stored_scores(store) == pytest.approx(sql_scores("--model", "baseline-old"), abs=FP32_TOLERANCE)
+    again = rescore(HOLDOUT, store)  # rescored once: the next run reuses every row
+    assert one_model(again) == (ids["baseline-old"], str(models / "baseline-old"), "production", 0, 120, 0)
+    assert run("promote", "--rollback", "baseline").exit_code == 0
+    back = json.loads(run("rescore", "--catalog", HOLDOUT, "--store", store, "--json").output)
+    [m] = back["models"]
+    assert (m["model_id"], m["alias"], m["rows_scored"], m["rows_superseded"], m["prev_model_id"]) == (
+        ids["baseline-new"], "newest", 120, 120, ids["baseline-old"])
+    assert stored_scores(store) == pytest.approx(sql_scores("--model", "baseline-new"), abs=FP32_TOLERANCE)
+    named = rescore(HOLDOUT, store, models="baseline-new")
+    assert one_model(named) == (ids["baseline-new"], str(models / "baseline-new"), None, 0, 120, 0)
+    assert "(named by --model)" in format_summary(named)
+    con = duckdb.connect(str(store), read_only=True)  # the table keeps the bundle of every run
+    assert [r[0] for r in con.sql("SELECT bundle FROM rescore_runs ORDER BY started_at").fetchall()] == [
+        str(models / b) for b in ("baseline-new", "baseline-old", "baseline-old", "baseline-new", "baseline-new")]
+    con.close()
+
+
 # --- killed and concurrent promotions ---------------------------------------------------------------
 
 
