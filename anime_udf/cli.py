@@ -610,7 +610,7 @@ def list_models(as_json, models_dir):
     Every file's checksum is verified: a bundle that would fail to load is listed as broken. A
     production alias naming no usable bundle, or an unreadable aliases file, is said after the
     list, and the exit status is 1."""
-    from anime_udf.registry import serving_each_kind
+    from anime_udf.registry import decisions, read_aliases, serving_each_kind
 
     def field(manifest: dict, *keys: str):
         """A nested value, or None where a level is missing or not an object (hand-edited manifests)."""
@@ -621,8 +621,9 @@ def list_models(as_json, models_dir):
     alias_error = None
     try:
         serving = {s.path.name: s.via for s in serving_each_kind(models_dir)}  # production or newest
+        decided = decisions(read_aliases(models_dir))
     except AnimeUdfError as exc:  # the list is still worth showing
-        serving, alias_error = {}, exc
+        serving, decided, alias_error = {}, {}, exc
     rows = []
     for b in list_bundles(models_dir, verify=True):
         m = b.manifest or {}
@@ -632,6 +633,9 @@ def list_models(as_json, models_dir):
             "data": str(field(m, "training", "data_fingerprint") or ""),
             **{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in figures.items()},
             "error": b.error,
+            "decision": {k: v for k, v in decided[(b.kind, b.path.name)].items()
+                         if k in ("at", "promoted", "incumbent", "comparison", "refused")}
+            if (b.kind, b.path.name) in decided else None,
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -645,8 +649,20 @@ def list_models(as_json, models_dir):
                            if r[k] is not None)
         click.echo(f"{r['kind']:9} {r['name']:32} {r['serves'] or '':10} {r['created_at']:26} {r['data']:24} "
                    f"{figures}")
+        if r["decision"]:
+            click.echo(f"{'':9} {describe_decision(r['decision'])}")
     if alias_error:
         raise alias_error
+
+
+def describe_decision(decision: dict) -> str:
+    """One line for ``models``: what ``train --promote-if-better`` decided about a bundle, and on what."""
+    head = f"--promote-if-better ({decision['at']}): {'promoted' if decision['promoted'] else 'not promoted'}"
+    c = decision.get("comparison")
+    if not c:
+        return f"{head}: {decision.get('refused', '')}"
+    return (f"{head} against {decision['incumbent']}: {c['metric']} {c['challenger']:.4f} against {c['incumbent']:.4f}, "
+            f"difference {c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] on {c['rows']} rows")
 
 
 @cli.command()

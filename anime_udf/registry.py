@@ -88,7 +88,8 @@ class AliasError(AnimeUdfError, RuntimeError):
 @dataclass
 class Aliases:
     """The aliases file as read: ``production`` is {kind: bundle name}; ``history`` every change,
-    oldest first, each {at, kind, alias, action (promote or rollback), from, to}."""
+    oldest first, each {at, kind, alias, action (promote, rollback, or refuse: a promotion
+    ``train --promote-if-better`` refused, which changed nothing), from, to}."""
 
     production: dict[str, str] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -218,7 +219,7 @@ def rollback_entry(aliases: Aliases, kind: str) -> dict[str, Any] | None:
     latest one not already undone, as rollbacks undo promotions last first; None: nothing to undo."""
     undone = 0
     for entry in reversed(aliases.history):
-        if entry.get("kind") != kind:
+        if entry.get("kind") != kind or entry.get("action") not in ("promote", "rollback"):  # a refusal changed nothing
             continue
         if entry.get("action") == "rollback":
             undone += 1
@@ -227,6 +228,13 @@ def rollback_entry(aliases: Aliases, kind: str) -> dict[str, Any] | None:
         else:
             return entry
     return None
+
+
+def decisions(aliases: Aliases) -> dict[tuple[str, str], dict[str, Any]]:
+    """The latest ``train --promote-if-better`` decision about each bundle, by (kind, bundle name):
+    the history entry that recorded it (``promoted``, ``incumbent``, and ``comparison`` or ``refused``)."""
+    return {(e["kind"], e["challenger"]): e for e in aliases.history
+            if isinstance(e.get("challenger"), str) and "kind" in e}
 
 
 def no_bundle_message(models_dir: Path | str | None = None, kind: str | None = None) -> str:

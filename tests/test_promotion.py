@@ -443,6 +443,25 @@ def test_promote_if_better_refuses_a_worse_model_and_pins_what_served(tmp_path, 
     [entry] = read_aliases().history
     assert entry["to"] == "baseline-prod" and entry["comparison"]["rows"] == rows
     assert entry["comparison"]["hi"] >= 0  # the challenger did not win beyond the noise
+    assert (entry["challenger"], entry["incumbent"], entry["promoted"]) == ("baseline-worse", "baseline-prod", False)
+    # models shows the decision beside the challenger, with its figures
+    listed = {r["name"]: r for r in json.loads(run("models", "--json").output)}
+    assert listed["baseline-worse"]["decision"]["comparison"] == entry["comparison"]
+    assert listed["baseline-prod"]["decision"] is None
+    c = entry["comparison"]
+    assert (f"not promoted against baseline-prod: mae {c['challenger']:.4f} against {c['incumbent']:.4f}, difference "
+            f"{c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] on {rows} rows") in run("models").output
+    # Once an alias is set, a refusal leaves it as it is, is recorded all the same, and is no promotion to undo.
+    again = run("train", "baseline", "--data", CATALOG, "--epochs", "1", "--seeds", "1", "--seed", "3",
+                "--out", models / "baseline-worse-2", "--promote-if-better", "mae")
+    assert again.exit_code == 0, again.output
+    assert "not promoted: mae " in again.output and "baseline production stays baseline-prod" in again.output
+    refusal = read_aliases().history[-1]
+    assert (refusal["action"], refusal["from"], refusal["to"], refusal["challenger"]) == (
+        "refuse", "baseline-prod", "baseline-prod", "baseline-worse-2")
+    assert read_aliases().production == {"baseline": "baseline-prod"}
+    back = run("promote", "--rollback", "baseline")  # undoes the pin, not the refusal
+    assert back.output == "baseline production: baseline-prod -> unset (the newest serves: baseline-worse-2)\n"
 
 
 def test_promote_if_better_promotes_a_better_model_with_its_comparison(tmp_path):
@@ -475,7 +494,13 @@ def test_promote_if_better_needs_rows_the_serving_bundle_never_saw(tmp_path, bas
     assert result.exit_code == 0, result.output
     assert "not promoted: nothing to compare on: baseline-full was trained on every validation row" in result.output
     assert "baseline production stays baseline-full" in result.output
-    assert resolve("baseline") == models / "baseline-full" and len(read_aliases().history) == 1
+    assert resolve("baseline") == models / "baseline-full"
+    refusal = read_aliases().history[-1]  # recorded, with why, and shown by models
+    assert (refusal["action"], refusal["to"], refusal["challenger"], refusal["promoted"]) == (
+        "refuse", "baseline-full", "again", False)
+    assert "--promote-if-better (" in run("models").output
+    assert "): not promoted: nothing to compare on: baseline-full was trained on every validation row" \
+        in run("models").output
 
 
 def test_promote_if_better_promotes_the_first_bundle_of_its_kind(tmp_path):

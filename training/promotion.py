@@ -53,18 +53,25 @@ class Challenge:
         record = {"metric": self.metric, "rows": rows, **{role: metrics[role][self.metric] for role in metrics},
                   **interval}
         if wins(self.metric, interval):
-            set_production(self.kind, name, self.alias, "promote", self.models_dir, comparison=record)
+            set_production(self.kind, name, self.alias, "promote", self.models_dir, **self.decision(True, record))
             log(f"promoted {name}: {figures}")
             return True
         return self.refuse(f"not promoted: {figures}: not better beyond the noise", record, log)
+
+    def decision(self, promoted: bool, record: dict | None, why: str | None = None) -> dict:
+        """What the aliases history keeps of the decision (``models`` shows it beside the challenger)."""
+        return {"challenger": self.out.name, "incumbent": self.incumbent.name, "promoted": promoted,
+                **({"comparison": record} if record else {"refused": (why or "").removeprefix("not promoted: ")})}
 
     def refuse(self, why: str, record: dict | None, log: Callable[[str], None]) -> bool:
         log(why)
         if self.alias is None:  # the incumbent served as the newest: the new bundle is newer
             set_production(self.kind, self.incumbent.name, None, "promote", self.models_dir,
-                           **({"comparison": record} if record else {"refused": why}))
+                           **self.decision(False, record, why))
             log(f"{self.kind} {PRODUCTION}: unset -> {self.incumbent.name} (pinned, so that {self.out.name} "
                 "does not serve by being the newest)")
-        else:
+        else:  # the alias is kept as it is, the refusal recorded beside it
+            set_production(self.kind, self.alias, self.alias, "refuse", self.models_dir,
+                           **self.decision(False, record, why))
             log(f"{self.kind} {PRODUCTION} stays {self.alias}")
         return False
