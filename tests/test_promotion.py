@@ -162,6 +162,23 @@ def test_an_alias_pointing_nowhere_is_an_error_not_the_newest(models):
     assert resolve("baseline") == models / "baseline-new"
 
 
+def test_an_alias_naming_a_bundle_of_another_kind_is_refused(models, fusion_bundle):
+    shutil.copytree(fusion_bundle, models / "fusion-a")
+    assert run("promote", "baseline-old").exit_code == 0 and run("promote", "baseline-new").exit_code == 0
+    shutil.rmtree(models / "baseline-old")  # what the rollback would serve again is now a fusion bundle
+    shutil.copytree(fusion_bundle, models / "baseline-old")
+    back = run("promote", "--rollback", "baseline")
+    assert back.exit_code == 1 and "names baseline-old, a fusion bundle" in back.output, back.output
+    assert read_aliases().production == {"baseline": "baseline-new"} and len(read_aliases().history) == 2
+    aliases = json.loads((models / ALIASES_FILE).read_text())  # edited by hand
+    aliases["aliases"]["production"]["baseline"] = "fusion-a"
+    (models / ALIASES_FILE).write_text(json.dumps(aliases))
+    for args in (["sql", QUERY, "--table", f"anime={HOLDOUT}"], ["models"]):
+        result = run(*args)
+        assert result.exit_code == 1 and "the production alias of baseline names fusion-a, a fusion bundle" \
+            in result.output, result.output
+
+
 def test_an_unreadable_aliases_file_is_an_error_naming_it(models):
     (models / ALIASES_FILE).write_text('{"aliases": {"production": {"baseline": ')  # written by hand, cut short
     listed = run("models")
@@ -183,7 +200,8 @@ def test_two_bundles_of_one_kind_are_refused(models):
                     ["score", "--data", HOLDOUT, "--out", "s.parquet"], ["explain", "--data", HOLDOUT]):
         result = run(*command, "--model", "baseline-old", "--model", "baseline-new")
         assert result.exit_code == 2, result.output
-        assert "two baseline bundles" in result.output and "predict_score serves one" in result.output
+        [error] = [line for line in result.output.splitlines() if line.startswith("Error:")]  # one line says why
+        assert "two baseline bundles" in error and "predict_score serves one" in error and "anime-udf compare" in error
     assert run("eval", "--data", HOLDOUT, "--model", "baseline-old", "--model", "baseline-old").exit_code == 0
 
 
