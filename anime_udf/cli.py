@@ -657,12 +657,15 @@ def list_models(as_json, models_dir):
 
 def describe_decision(decision: dict) -> str:
     """One line for ``models``: what ``train --promote-if-better`` decided about a bundle, and on what."""
-    head = f"--promote-if-better ({decision['at']}): {'promoted' if decision['promoted'] else 'not promoted'}"
+    verdict = "promoted" if decision.get("promoted") else "not promoted"
+    head = f"--promote-if-better ({decision.get('at', '?')}): {verdict}"
     c = decision.get("comparison")
-    if not c:
-        return f"{head}: {decision.get('refused', '')}"
-    return (f"{head} against {decision['incumbent']}: {c['metric']} {c['challenger']:.4f} against {c['incumbent']:.4f}, "
-            f"difference {c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] on {c['rows']} rows")
+    try:
+        return (f"{head} against {decision['incumbent']}: {c['metric']} {c['challenger']:.4f} against "
+                f"{c['incumbent']:.4f}, difference {c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] on "
+                f"{c['rows']} rows")
+    except (KeyError, TypeError, ValueError):  # a refusal with no figures, or a history edited by hand
+        return f"{head}: {decision.get('refused') or json.dumps(c)}"
 
 
 @cli.command()

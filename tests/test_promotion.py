@@ -187,6 +187,14 @@ def test_an_unreadable_aliases_file_is_an_error_naming_it(models):
         assert f"{models / ALIASES_FILE}: cannot read the aliases" in result.output
 
 
+def test_models_shows_a_decision_edited_by_hand_without_failing(models):
+    (models / ALIASES_FILE).write_text(json.dumps({"aliases": {"production": {}}, "history": [
+        {"kind": "baseline", "challenger": "baseline-new", "comparison": {"metric": "rmse"}}]}))
+    result = run("models")
+    assert result.exit_code == 0, result.output
+    assert '--promote-if-better (?): not promoted: {"metric": "rmse"}' in result.output
+
+
 def test_a_promotion_that_moved_the_alias_is_never_undone_silently(models):
     assert run("promote", "baseline-old").exit_code == 0
     before = (models / ALIASES_FILE).read_bytes()

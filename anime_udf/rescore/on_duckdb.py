@@ -357,7 +357,8 @@ def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work:
                    if step == "COMMIT" else f"was committed to {run.store}, but {step} failed: {exc}")
         raise RescoreError(f"run {run.id} {outcome}. Rerun the same command: it completes the work and "
                            f"records run {run.id} once") from exc
-    return run_record(run, records, choices, export=str(export) if export is not None else None, export_rows=export_rows)
+    return run_record(run, records, choices, export=str(export) if export is not None else None,
+                      export_rows=export_rows)
 
 
 # --- the export -----------------------------------------------------------------------------------
