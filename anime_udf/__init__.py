@@ -8,10 +8,12 @@ from importlib import import_module
 _PUBLIC = {
     # Every error a caller may catch: the base of them all, and each of the package's own
     # (tests/test_project.py checks that none is missing). Spark's and dbt's live with their extras.
+    "AliasError": "anime_udf.registry",
     "AnimeUdfError": "anime_udf.errors",
     "BundleError": "anime_udf.bundle",
     "CacheError": "anime_udf.cache",
     "CatalogError": "anime_udf.catalog",
+    "ComparisonError": "anime_udf.comparison",
     "DeviceError": "anime_udf.devices",
     "EncoderError": "anime_udf.text",
     "NoModelsError": "anime_udf.udf",

@@ -24,6 +24,7 @@ from anime_udf.errors import AnimeUdfError
 from anime_udf.files import process_running
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 # 2: seed ensembles, the lexical view, text_model.in_bundle; 3: the fusion head of BaselineNet's
@@ -36,6 +37,9 @@ HEAD_WEIGHTS = {"baseline": "model.safetensors", "fusion": "head.safetensors"}
 LEXICAL_VOCABULARY_FILE = "lexical/vocabulary.json"
 LEXICAL_WEIGHTS_FILE = "lexical/weights.safetensors"
 REFERENCE_FILE = "explain.safetensors"
+# The content hashes of the rows training saw (anime_udf.comparison.row_hashes), so that a comparison
+# leaves them out; a bundle trained before they were recorded has none.
+TRAINING_ROWS_FILE = "training_rows.safetensors"
 ENCODER_DIR, TOKENIZER_DIR = "encoder", "tokenizer"
 KINDS = ("baseline", "fusion")
 POOLINGS = ("mean", "cls")  # how an encoder's token states become one text vector
@@ -291,6 +295,20 @@ def check_schema(path: Path, manifest: dict[str, Any]) -> None:
             value = value[key]
         if not ok(value):
             raise BundleError(f"{path}: {'.'.join(keys)} is {json.dumps(value)[:60]}; expected {expected}")
+
+
+def training_row_hashes(bundle: Path | str) -> np.ndarray | None:
+    """The sorted content hashes ((n, 16) uint8) of the rows a bundle's training saw, None where it
+    does not record them (checked against the manifest by ``read_manifest``, as every file is)."""
+    path = Path(bundle) / TRAINING_ROWS_FILE
+    if not path.is_file():
+        return None
+    from safetensors.numpy import load_file  # numpy, not torch: comparing bundles loads no model for this
+
+    try:
+        return load_file(str(path))["hashes"]
+    except Exception as exc:  # safetensors raises its own errors for a damaged file
+        raise BundleError(f"{path}: cannot read the training rows' hashes: {exc}") from exc
 
 
 def load_weights(bundle: Path | str, name: str) -> dict[str, torch.Tensor]:

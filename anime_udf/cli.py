@@ -1,4 +1,4 @@
-"""The anime-udf command line: train · score · eval · explain · sql · models · rescore · cache."""
+"""The anime-udf command line: train · score · eval · explain · sql · models · promote · compare · rescore · cache."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 
 import click
 
-from anime_udf.bundle import read_manifest
+from anime_udf.bundle import KINDS, read_manifest
 from anime_udf.columns import DEFAULT_KEY
 from anime_udf.devices import DEVICES, PRECISIONS
 from anime_udf.errors import EXIT_FAILED, AnimeUdfError
@@ -256,11 +256,18 @@ def run_query(con: duckdb.DuckDBPyConnection, query: str, scorers: dict, models_
 
 
 def chosen_bundles(model_paths: tuple[str, ...], models_dir: Path) -> dict[str, Path]:
-    """``--model`` names or paths as {kind: bundle}; none: register's default, the newest of each kind."""
-    chosen = {}
+    """``--model`` names or paths as {kind: bundle}; none: register's default, each kind's
+    production bundle, else its newest. Each SQL function serves one bundle: two of a kind are refused."""
+    from anime_udf.udf import FUNCTION_NAMES
+
+    chosen: dict[str, Path] = {}
     for name in model_paths:
         path = get_model(name, models_dir)
-        chosen[read_manifest(path, verify=False)["kind"]] = path
+        kind = read_manifest(path, verify=False)["kind"]
+        if kind in chosen and chosen[kind].resolve() != path.resolve():
+            raise click.BadParameter(f"two {kind} bundles ({chosen[kind]} and {path}): {FUNCTION_NAMES[kind]} "
+                                     "serves one; compare two with `anime-udf compare`", param_hint="--model")
+        chosen[kind] = path
     return chosen
 
 
@@ -372,7 +379,7 @@ def write_result(df: pl.DataFrame, out: Path, before_replace: Callable[[], None]
 @click.option("--table", "tables", multiple=True, metavar="NAME=FILE",
               help="Expose a catalog (CSV, Parquet or FILE.duckdb:TABLE) to the query as a view NAME (repeatable).")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
-              help="Bundle to register (default: the newest of each kind).")
+              help="Bundle to register, one per kind (default: each kind's production bundle, else its newest).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result to .parquet or .csv.")
 @click.option("--limit", default=50, show_default=True, help="Rows to print (without --out).")
 @models_option
@@ -441,7 +448,8 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
               help="Output .parquet or .csv, not the --data file: the catalog plus one score column per model "
                    "(with --engine spark, a directory of Parquet files). A column the catalog already has under "
                    "the name of a function scored (a scored file scored again) is replaced by this run's scores.")
-@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR", help="Bundle(s) to score with.")
+@click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
+              help="Bundle(s) to score with, one per kind (default: each kind's production bundle, else its newest).")
 @engine_options
 @models_option
 @scoring_options
@@ -484,7 +492,8 @@ def parse_where(where: str) -> str:
               help="Catalog with a score column (CSV, Parquet or FILE.duckdb:TABLE); rows with a NULL score are "
                    "skipped and counted.")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
-              help="Bundle(s) to evaluate (default: the newest of each kind, side by side).")
+              help="Bundle(s) to evaluate, one per kind (default: each kind's production bundle, else its newest, "
+                   "side by side).")
 @click.option("--where", "where",
               help="One SQL expression filtering the catalog, e.g. \"anime_id % 5 = 0\" (statements, "
                    "UNIONs and comments are refused; it cannot read files).")
@@ -542,7 +551,7 @@ def evaluate(data, model_paths, where, as_json, report, models_dir, device, prec
 @click.option("--data", required=True, type=CATALOG, help="Catalog to explain (CSV, Parquet or FILE.duckdb:TABLE).")
 @click.option("--where", "where", help="One SQL expression choosing the rows, e.g. \"anime_id = 5114\".")
 @click.option("--model", "model_paths", multiple=True, metavar="NAME|DIR",
-              help="Bundle(s) to explain (default: the newest of each kind).")
+              help="Bundle(s) to explain, one per kind (default: each kind's production bundle, else its newest).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every row's parts to .parquet or .csv.")
 @click.option("--limit", default=20, show_default=True, help="Rows to print (without --out).")
@@ -594,38 +603,223 @@ def explain(data, where, model_paths, out, limit, models_dir, device, precision)
 @click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
 @models_option
 def list_models(as_json, models_dir):
-    """List the bundles in the models directory: kind, name, created-at, data, metrics.
+    """List the bundles in the models directory: kind, name, which one serves its kind (production:
+    promoted with `anime-udf promote`; newest: no bundle of its kind is promoted), created-at, data,
+    metrics.
 
-    Every file's checksum is verified: a bundle that would fail to load is listed as broken."""
+    Every file's checksum is verified: a bundle that would fail to load is listed as broken. A
+    production alias naming no usable bundle, or an unreadable aliases file, is said after the
+    list, and the exit status is 1."""
+    from anime_udf.registry import decisions, read_aliases, serving_each_kind
+
     def field(manifest: dict, *keys: str):
         """A nested value, or None where a level is missing or not an object (hand-edited manifests)."""
         for key in keys:
             manifest = manifest.get(key) if isinstance(manifest, dict) else None
         return manifest
 
+    alias_error = None
+    try:
+        serving = {s.path.name: s.via for s in serving_each_kind(models_dir)}  # production or newest
+        decided = decisions(read_aliases(models_dir))
+    except AnimeUdfError as exc:  # the list is still worth showing
+        serving, decided, alias_error = {}, {}, exc
     rows = []
     for b in list_bundles(models_dir, verify=True):
         m = b.manifest or {}
         figures = {f"valid_{k}": field(m, "metrics", "valid", k) for k in ("mae", "rmse", "spearman")}
         rows.append({
-            "kind": b.kind, "name": b.path.name, "created_at": b.created_at,
+            "kind": b.kind, "name": b.path.name, "serves": serving.get(b.path.name), "created_at": b.created_at,
             "data": str(field(m, "training", "data_fingerprint") or ""),
             **{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in figures.items()},
             "error": b.error,
+            "decision": {k: v for k, v in decided[(b.kind, b.path.name)].items()
+                         if k in ("at", "promoted", "incumbent", "comparison", "refused")}
+            if (b.kind, b.path.name) in decided else None,
         })
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
+    elif not rows:
         click.echo(f"no bundles in {models_dir}; train one with `anime-udf train baseline --data CATALOG`")
-        return
-    for r in rows:
+    for r in [] if as_json else rows:
         if r["error"]:
             click.echo(f"{'broken':9} {r['name']:32} {r['error']}")
             continue
         figures = " ".join(f"{k[6:]}={r[k]:.3f}" for k in ("valid_mae", "valid_rmse", "valid_spearman")
                            if r[k] is not None)
-        click.echo(f"{r['kind']:9} {r['name']:32} {r['created_at']:26} {r['data']:24} {figures}")
+        click.echo(f"{r['kind']:9} {r['name']:32} {r['serves'] or '':10} {r['created_at']:26} {r['data']:24} "
+                   f"{figures}")
+        if r["decision"]:
+            click.echo(f"{'':9} {describe_decision(r['decision'])}")
+    if alias_error:
+        raise alias_error
+
+
+def describe_decision(decision: dict) -> str:
+    """One line for ``models``: what ``train --promote-if-better`` decided about a bundle, and on what."""
+    verdict = "promoted" if decision.get("promoted") else "not promoted"
+    head = f"--promote-if-better ({decision.get('at', '?')}): {verdict}"
+    c = decision.get("comparison")
+    try:
+        return (f"{head} against {decision['incumbent']}: {c['metric']} {c['challenger']:.4f} against "
+                f"{c['incumbent']:.4f}, difference {c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] on "
+                f"{c['rows']} rows")
+    except (KeyError, TypeError, ValueError):  # a refusal with no figures, or a history edited by hand
+        return f"{head}: {decision.get('refused') or json.dumps(c)}"
+
+
+@cli.command()
+@click.argument("bundle", required=False, metavar="[BUNDLE]")
+@click.option("--rollback", "rollback_kind", type=click.Choice(KINDS),
+              help="Undo KIND's latest promotion: its production alias goes back to the bundle it named before "
+                   "(or is unset, so that the newest serves).")
+@models_option
+def promote(bundle, rollback_kind, models_dir):
+    """Make BUNDLE (a name in the models directory) its kind's production bundle: what SQL, score,
+    eval, explain, rescore, dbt and Spark use from then on, unless told otherwise. Or, with
+    --rollback KIND, undo KIND's latest promotion.
+
+    The bundle's files are checked against their checksums first (a broken bundle is refused),
+    and the alias is changed only if it still names what this command checked: a promotion made
+    meanwhile by someone else is never silently undone. Prints the change (old -> new); every
+    change is kept in the history in the models directory's aliases.json.
+
+    \b
+      anime-udf promote fusion-20261201-020000
+      anime-udf promote --rollback fusion
+    """
+    from anime_udf.registry import (ALIASES_FILE, PRODUCTION, AliasError, aliased_bundle, newest, read_aliases,
+                                    resolve_models_dir, rollback_entry, set_production)
+    from anime_udf.text import text_encoder_dirs
+
+    if (bundle is None) == (rollback_kind is None):
+        raise click.UsageError("name a BUNDLE to promote, or --rollback KIND")
+    aliases = read_aliases(models_dir)
+    if rollback_kind:
+        kind = rollback_kind
+        undone = rollback_entry(aliases, kind)
+        if undone is None:
+            raise AliasError(f"no promotion of {kind} to roll back in {resolve_models_dir(models_dir) / ALIASES_FILE}")
+        target = undone["from"]
+        path = aliased_bundle(kind, target, models_dir) if target else None
+    else:
+        path = get_model(bundle, models_dir)
+        root = resolve_models_dir(models_dir)
+        if path.resolve().parent != root.resolve():
+            raise click.BadParameter(f"{path} is not in the models directory {root}; copy it there first",
+                                     param_hint="BUNDLE")
+        kind, target = read_manifest(path, verify=False)["kind"], path.name
+    old = aliases.production.get(kind)
+    if path is not None:
+        text_encoder_dirs(path, read_manifest(path))  # every file's checksum, and the encoder it needs
+    if old == target:
+        click.echo(f"{kind} {PRODUCTION}: {target} (unchanged)")
+        return
+    set_production(kind, target, old, "rollback" if rollback_kind else "promote", models_dir)
+    unset = f"unset (the newest serves: {getattr(newest(kind, models_dir), 'name', 'none')})"
+    click.echo(f"{kind} {PRODUCTION}: {old or unset} -> {target or unset}")
+
+
+@cli.command()
+@click.argument("challenger", metavar="CHALLENGER")
+@click.option("--against", default="production", show_default=True, metavar="production|NAME|DIR",
+              help="The bundle to compare with: production is what serves the challenger's kind (its production "
+                   "bundle, else its newest), or a bundle of the same kind.")
+@click.option("--data", required=True, type=CATALOG,
+              help="Catalog with a score column (CSV, Parquet or FILE.duckdb:TABLE); the rows either bundle was "
+                   "trained on are left out.")
+@click.option("--where", "where", help="One SQL expression choosing the catalog rows, as for eval.")
+@click.option("--resamples", default=1000, show_default=True, type=click.IntRange(min=100),
+              help="Bootstrap resamples for the intervals of the differences.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the bootstrap resamples.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(min=0),
+              help="Largest movers to list.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@models_option
+@scoring_options
+def compare(challenger, against, data, where, resamples, seed, top, as_json, models_dir, device, precision):
+    """Compare CHALLENGER (a bundle: name or directory) with the bundle it would replace, on the
+    catalog rows that neither was trained on (each bundle records its training rows' content
+    hashes): how many rows remain, MAE / RMSE / Spearman of both side by side (sql/metrics.sql)
+    with 95% paired-bootstrap intervals of the differences (challenger - incumbent), the same on
+    the newest years where the catalog has a year column, how many rows move by more than 0.5
+    and 1.0, the score distributions and the largest movers with their titles.
+
+    \b
+      anime-udf compare fusion-20261201-020000 --data catalog.parquet
+      anime-udf compare fusion-20261201-020000 --against fusion-20261101-020000 --data catalog.parquet
+    """
+    import duckdb
+
+    from anime_udf.comparison import compare as run_comparison
+    from anime_udf.registry import resolve
+    from anime_udf.udf import LazyScorer
+
+    require_file(data, "--data")
+    condition = parse_where(where) if where else "true"
+    challenger_path = get_model(challenger, models_dir)
+    kind = read_manifest(challenger_path, verify=False)["kind"]
+    incumbent_path = resolve(kind, models_dir) if against == "production" else get_model(against, models_dir)
+    if incumbent_path is None:
+        raise click.BadParameter(f"no {kind} bundle serves in {models_dir} to compare with; name one",
+                                 param_hint="--against")
+    if read_manifest(incumbent_path, verify=False)["kind"] != kind:
+        raise click.BadParameter(f"{incumbent_path} is not a {kind} bundle, as {challenger_path} is",
+                                 param_hint="--against")
+    if incumbent_path.resolve() == challenger_path.resolve():
+        raise click.BadParameter(f"{challenger_path.name} is the bundle it would be compared with", param_hint="--against")
+    scorers = {role: LazyScorer(path, device, precision) for role, path in
+               (("challenger", challenger_path), ("incumbent", incumbent_path))}
+    con = duckdb.connect()
+    add_catalog(con, "catalog", data, require_score=True, allow_missing_scores=True)
+    con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
+    result = run_comparison(con, "catalog", condition, scorers, resamples=resamples, seed=seed, top=top)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2, default=str))
+        return
+    click.echo(format_comparison(result, against))
+
+
+def format_comparison(result, against: str) -> str:
+    """compare's screen: counts, figures side by side with the intervals, moves, distributions, movers."""
+    from anime_udf.comparison import wins
+
+    names = result.bundles
+    incumbent = f"{names['incumbent']}" + (" (production)" if against == "production" else "")
+    either = result.selected_rows - result.compared_rows
+    lines = [f"challenger {names['challenger']} against {incumbent}",
+             f"rows: {result.selected_rows} selected; trained on by the challenger {result.trained_rows['challenger']}, "
+             f"by the incumbent {result.trained_rows['incumbent']}, by either {either}; compared on the "
+             f"{result.compared_rows} left ({result.scored_rows} with a score)"]
+
+    def table(title: str, metrics: dict, intervals: dict) -> None:
+        percent = f"{result.level:.0%}"
+        lines.extend(["", f"{title:12} {'challenger':>11} {'incumbent':>11} {'difference':>11}  "
+                          f"{percent} interval ({result.resamples} paired resamples)",
+                      f"{'n':12} {metrics['challenger']['n']:>11} {metrics['incumbent']['n']:>11}"])
+        for m in ("mae", "rmse", "spearman"):
+            i = intervals[m]
+            lines.append(f"{m:12} {metrics['challenger'][m]:>11.4f} {metrics['incumbent'][m]:>11.4f} "
+                         f"{i['difference']:>+11.4f}  [{i['lo']:+.4f}, {i['hi']:+.4f}]"
+                         + ("  challenger better" if wins(m, i) else ""))
+
+    table("all rows", result.metrics, result.intervals)
+    if result.newest:
+        table(result.newest["years"], result.newest["metrics"], result.newest["intervals"])
+    n = result.compared_rows
+    lines.extend(["", "moved: " + "; ".join(f"by more than {t}: {k} of {n} rows ({k / n:.1%})"
+                                             for t, k in result.moved.items()),
+                  f"scores {'mean':>8} {'std':>7} {'p10':>7} {'p50':>7} {'p90':>7}"])
+    for role, d in result.distribution.items():
+        lines.append(f"{role[:10]:10}" + "".join(f" {d[k]:>7.3f}" for k in ("mean", "std", "p10", "p50", "p90")))
+    if result.movers:
+        lines.extend(["", f"largest movers {'key':>10}  {'title':40} {'score':>6} {'incumbent':>9} "
+                          f"{'challenger':>10} {'change':>7}"])
+        for r in result.movers:
+            score = "" if r["score"] is None else f"{r['score']:.2f}"
+            lines.append(f"{'':14} {r['key']:>10}  {(r['title'] or '')[:40]:40} {score:>6} {r['incumbent']:>9.3f} "
+                         f"{r['challenger']:>10.3f} {r['change']:>+7.3f}")
+    return "\n".join(lines)
 
 
 @cli.command(name="rescore", cls=JsonFailures)
@@ -638,7 +832,8 @@ def list_models(as_json, models_dir):
                    "--engine spark, a directory of Parquet snapshots.")
 @click.option("--model", "model_specs", multiple=True, default=("all",), show_default=True,
               metavar="baseline|fusion|all|NAME|DIR",
-              help="Model(s) to rescore with: a kind (its newest bundle), all kinds present, or a bundle.")
+              help="Model(s) to rescore with: a kind (its production bundle, else its newest), all kinds "
+                   "present, or a bundle.")
 @click.option("--key", default=DEFAULT_KEY, show_default=True, help="The catalog column that identifies a row.")
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
               help="After the run, write all current scores to this Parquet file (atomically; DuckDB store).")

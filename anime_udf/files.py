@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -53,3 +55,12 @@ def process_running(pid: int) -> bool:
     except PermissionError:  # another user's process
         return True
     return True
+
+
+def pause_at(env: str, phase: str, seconds_env: str, who: str) -> None:
+    """A test hook: where ``$env`` names ``phase``, print ``<who>: paused at <phase>`` to stderr and
+    sleep ``$seconds_env`` (default an hour), so that a test can kill the process at a known place."""
+    if os.environ.get(env) == phase:
+        sys.stderr.write(f"{who}: paused at {phase} (pid {os.getpid()})\n")
+        sys.stderr.flush()
+        time.sleep(float(os.environ.get(seconds_env) or 3600))

@@ -1,16 +1,39 @@
-"""The models directory: listing bundles and resolving a model by name or path."""
+"""The models directory: listing bundles, its aliases (which bundle of a kind serves), and
+resolving a model by name, path or kind.
+
+Aliases live in ``aliases.json`` in the models directory: ``{"aliases": {"production":
+{kind: bundle name}}, "history": [...]}``. Readers read it without a lock (it is only ever
+replaced whole: ``files.atomic_file``); writers change it under ``.aliases.lock`` (an exclusive
+``flock``, released by the kernel when its holder dies) and only if the kind's alias is still
+what they checked (compare and swap), so a promotion never undoes one it did not see.
+
+Test hook: ``ANIME_UDF_ALIASES_PAUSE_AT=<phase>`` (``locked``: the lock held, nothing written;
+``written``: the new file written and fsynced beside the old one, not yet renamed over it)
+pauses a writer there (``ANIME_UDF_ALIASES_PAUSE_SECONDS``, default an hour), so that a test can
+``kill -9`` it at a known place.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
-from dataclasses import dataclass
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from anime_udf.errors import AnimeUdfError
-from anime_udf.bundle import KINDS, BundleError, read_manifest, recover_replaced
+from anime_udf.bundle import KINDS, BundleError, now_iso, read_manifest, recover_replaced
+from anime_udf.files import atomic_file, pause_at
 
 MODELS_ENV = "ANIME_UDF_MODELS"
+ALIASES_FILE = "aliases.json"
+ALIASES_LOCK = ".aliases.lock"
+ALIASES_PAUSE_ENV, ALIASES_PAUSE_SECONDS_ENV = "ANIME_UDF_ALIASES_PAUSE_AT", "ANIME_UDF_ALIASES_PAUSE_SECONDS"
+PRODUCTION = "production"  # the alias every reader follows
+LOCK_WAIT_SECONDS = 30.0
 
 
 class UnknownModelError(AnimeUdfError, LookupError):
@@ -58,10 +81,160 @@ def newest(kind: str, models_dir: Path | str | None = None) -> Path | None:
     return usable[-1].path if usable else None
 
 
-def newest_of_each_kind(models_dir: Path | str | None = None) -> list[Path]:
-    """The newest bundle of each kind present, in the order of KINDS (the directory listed once)."""
+class AliasError(AnimeUdfError, RuntimeError):
+    """The aliases file is unreadable, points at no usable bundle, or moved under a writer."""
+
+
+@dataclass
+class Aliases:
+    """The aliases file as read: ``production`` is {kind: bundle name}; ``history`` every change,
+    oldest first, each {at, kind, alias, action (promote, rollback, or refuse: a promotion
+    ``train --promote-if-better`` refused, which changed nothing), from, to}."""
+
+    production: dict[str, str] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_aliases(models_dir: Path | str | None = None) -> Aliases:
+    """The models directory's aliases; none where it has no aliases file."""
+    path = resolve_models_dir(models_dir) / ALIASES_FILE
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Aliases()
+    except (OSError, ValueError) as exc:
+        raise AliasError(f"{path}: cannot read the aliases: {exc}") from exc
+    aliases = data.get("aliases") if isinstance(data, dict) else None
+    production = aliases.get(PRODUCTION, {}) if isinstance(aliases, dict) else None
+    history = data.get("history", []) if isinstance(data, dict) else None
+    if (not isinstance(production, dict) or not all(k in KINDS and isinstance(v, str) for k, v in production.items())
+            or not isinstance(history, list) or not all(isinstance(e, dict) for e in history)):
+        raise AliasError(f"{path}: not an aliases file (expected {{\"aliases\": {{\"{PRODUCTION}\": "
+                         "{kind: bundle name}}, \"history\": [...]}})")
+    return Aliases(dict(production), history)
+
+
+def resolve(kind: str, models_dir: Path | str | None = None) -> Path | None:
+    """The bundle of ``kind`` that serves where a reader is given none: the kind's production alias
+    where one is set, else its newest bundle (``None``: there is none)."""
+    found = serving(kind, models_dir)
+    return found.path if found else None
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The bundle that serves a kind, and why: ``via`` is ``production`` (the kind's alias names it)
+    or ``newest`` (no alias is set: the kind's newest bundle serves)."""
+
+    kind: str
+    path: Path
+    via: str
+
+
+def serving(kind: str, models_dir: Path | str | None = None) -> Serving | None:
+    """``resolve``, saying why; ``None`` where no bundle of ``kind`` serves. Only ``kind``'s alias is
+    read: another kind's broken alias does not stop this one."""
+    name = read_aliases(models_dir).production.get(kind)
+    if name is not None:
+        return Serving(kind, aliased_bundle(kind, name, models_dir), PRODUCTION)
+    path = newest(kind, models_dir)
+    return Serving(kind, path, "newest") if path else None
+
+
+def serving_each_kind(models_dir: Path | str | None = None) -> list[Serving]:
+    """What serves each kind present (its production bundle, else its newest), in the order of KINDS;
+    the aliases file is read once, so every kind is resolved against the same aliases."""
+    production = read_aliases(models_dir).production
     newest_by_kind = {b.kind: b.path for b in list_bundles(models_dir) if b.manifest}  # oldest first: newest wins
-    return [newest_by_kind[kind] for kind in KINDS if kind in newest_by_kind]
+    return [Serving(kind, aliased_bundle(kind, production[kind], models_dir), PRODUCTION) if kind in production
+            else Serving(kind, newest_by_kind[kind], "newest")
+            for kind in KINDS if kind in production or kind in newest_by_kind]
+
+
+def aliased_bundle(kind: str, name: str, models_dir: Path | str | None = None) -> Path:
+    """The bundle an alias of ``kind`` names, which must be there and of that kind: an alias
+    pointing nowhere is an error, never a silent fall back to the newest bundle."""
+    root = resolve_models_dir(models_dir)
+    recover_replaced(root)
+    path = root / name
+    fix = f"promote another (`anime-udf promote BUNDLE`) or roll back (`anime-udf promote --rollback {kind}`)"
+    if Path(name).name != name or not path.is_dir():
+        raise AliasError(f"the {PRODUCTION} alias of {kind} names {name!r}, which is not a bundle in {root}; {fix}")
+    found = read_manifest(path, verify=False)["kind"]
+    if found != kind:
+        raise AliasError(f"the {PRODUCTION} alias of {kind} names {name}, a {found} bundle; {fix}")
+    return path
+
+
+def resolve_each_kind(models_dir: Path | str | None = None) -> list[Path]:
+    """``resolve`` for each kind present (its production bundle, else its newest), in the order of KINDS."""
+    return [s.path for s in serving_each_kind(models_dir)]
+
+
+@contextmanager
+def aliases_lock(models_dir: Path | str | None = None, wait: float = LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """Hold the models directory's ``.aliases.lock`` (an exclusive ``flock``) for one change."""
+    root = resolve_models_dir(models_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ALIASES_LOCK, "a") as fh:  # closing the descriptor releases the flock
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise AliasError(f"{root / ALIASES_LOCK}: another promotion has held it for {wait:.0f} s; "
+                                     "try again when it has finished") from None
+                time.sleep(0.05)
+        yield
+
+
+def set_production(kind: str, name: str | None, expected: str | None, action: str,
+                   models_dir: Path | str | None = None, **record: Any) -> dict[str, Any]:
+    """Point ``kind``'s production alias at bundle ``name`` (``None``: unset it, so that the newest
+    serves), provided it still names ``expected`` (what the caller checked and reports as the old
+    value); the change is appended to the history, with ``record`` (the comparison that decided it).
+    Returns the history entry."""
+    path = resolve_models_dir(models_dir) / ALIASES_FILE
+    with aliases_lock(models_dir):
+        pause_at(ALIASES_PAUSE_ENV, "locked", ALIASES_PAUSE_SECONDS_ENV, "promote")
+        current = read_aliases(models_dir)
+        if current.production.get(kind) != expected:
+            raise AliasError(f"the {PRODUCTION} alias of {kind} moved while this command checked it "
+                             f"(was {expected or 'unset'}, now {current.production.get(kind) or 'unset'}); "
+                             "nothing changed: run it again to act on the new value")
+        entry = {"at": now_iso(), "kind": kind, "alias": PRODUCTION, "action": action, "from": expected, "to": name,
+                 **record}
+        production = {k: v for k, v in current.production.items() if k != kind} | ({kind: name} if name else {})
+        content = {"aliases": {PRODUCTION: dict(sorted(production.items()))}, "history": [*current.history, entry]}
+        with atomic_file(path) as tmp:
+            tmp.write_text(json.dumps(content, indent=2) + "\n")
+            pause_at(ALIASES_PAUSE_ENV, "written", ALIASES_PAUSE_SECONDS_ENV, "promote")
+    return entry
+
+
+def rollback_entry(aliases: Aliases, kind: str) -> dict[str, Any] | None:
+    """The promotion of ``kind`` that a rollback undoes (its ``from`` is what serves again): the
+    latest one not already undone, as rollbacks undo promotions last first; None: nothing to undo."""
+    undone = 0
+    for entry in reversed(aliases.history):
+        if entry.get("kind") != kind or entry.get("action") not in ("promote", "rollback"):  # a refusal changed nothing
+            continue
+        if entry.get("action") == "rollback":
+            undone += 1
+        elif undone:
+            undone -= 1
+        else:
+            return entry
+    return None
+
+
+def decisions(aliases: Aliases) -> dict[tuple[str, str], dict[str, Any]]:
+    """The latest ``train --promote-if-better`` decision about each bundle, by (kind, bundle name):
+    the history entry that recorded it (``promoted``, ``incumbent``, and ``comparison`` or ``refused``)."""
+    return {(e["kind"], e["challenger"]): e for e in aliases.history
+            if isinstance(e.get("challenger"), str) and "kind" in e}
 
 
 def no_bundle_message(models_dir: Path | str | None = None, kind: str | None = None) -> str:
@@ -71,7 +244,8 @@ def no_bundle_message(models_dir: Path | str | None = None, kind: str | None = N
 
 
 def get_model(name: str, models_dir: Path | str | None = None) -> Path:
-    """A bundle by path, by directory name in the models directory, or by kind (its newest)."""
+    """A bundle by path, by directory name in the models directory, or by kind (its production
+    bundle, else its newest)."""
     path = Path(name)
     for parent in {path.parent, resolve_models_dir(models_dir)}:
         recover_replaced(parent)
@@ -81,7 +255,7 @@ def get_model(name: str, models_dir: Path | str | None = None) -> Path:
     if candidate.is_dir():
         return candidate
     if name in KINDS:
-        found = newest(name, models_dir)
+        found = resolve(name, models_dir)
         if found:
             return found
     known = ", ".join(b.path.name for b in list_bundles(models_dir)) or "none"

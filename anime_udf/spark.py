@@ -189,8 +189,8 @@ def register(
 ) -> dict[str, UserDefinedFunction]:
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` as Spark SQL
     functions, each with its ``explain_score`` / ``explain_score_fusion``, like
-    ``anime_udf.register`` does on DuckDB: the given bundles, or the newest of each kind in
-    the models directory. Returns {scoring function name: column function} (the explaining
+    ``anime_udf.register`` does on DuckDB: the given bundles, or each kind's production bundle
+    (else its newest) in the models directory. Returns {scoring function name: column function} (the explaining
     functions: ``F.call_function("explain_score", ...)``).
 
     Bundles are checked here, on the driver. The workers read them from the same path

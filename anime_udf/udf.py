@@ -16,7 +16,7 @@ from anime_udf.bundle import read_manifest
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
-from anime_udf.registry import newest_of_each_kind, no_bundle_message
+from anime_udf.registry import no_bundle_message, resolve_each_kind
 from anime_udf.text import encoder_batch_size, text_encoder_dirs
 
 if TYPE_CHECKING:
@@ -185,8 +185,10 @@ def register(
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``, each with its
     ``explain_score`` / ``explain_score_fusion`` (the score's parts, anime_udf.explain).
 
-    Without explicit bundle paths, the newest bundle of each kind in the models
-    directory (``models_dir``, ``$ANIME_UDF_MODELS`` or ``./models``) is used. ``device``
+    Without explicit bundle paths, each kind's bundle in the models directory (``models_dir``,
+    ``$ANIME_UDF_MODELS`` or ``./models``) is used: its production alias (``anime-udf promote``),
+    else its newest bundle. They are resolved now: a connection keeps the bundles it registered
+    until ``register`` is called on it again, which replaces its functions. ``device``
     runs the text encoder: ``auto`` (a CUDA GPU when present, else the CPU), ``cpu``
     or ``cuda``. ``precision`` is the text encoder's: ``auto`` (bf16 on CUDA and on CPUs
     with native bf16, else fp32), ``fp32`` or ``bf16``. Bundles are checked now and
@@ -217,10 +219,10 @@ def register_bundles(baseline: Path | str | None, fusion: Path | str | None, mod
 def bundles_to_register(baseline: Path | str | None, fusion: Path | str | None,
                         models_dir: Path | str | None) -> list[Path | str]:
     """The bundles a ``register`` (DuckDB's or Spark's) registers: those given, or without
-    any, the newest of each kind in the models directory; none at all is an error."""
+    any, each kind's (``registry.resolve_each_kind``); none at all is an error."""
     if baseline is not None or fusion is not None:
         return [path for path in (baseline, fusion) if path is not None]
-    paths = newest_of_each_kind(models_dir)
+    paths = resolve_each_kind(models_dir)
     if not paths:
         raise NoModelsError(no_bundle_message(models_dir))
     return paths

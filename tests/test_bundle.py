@@ -4,10 +4,12 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 
 from anime_udf.bundle import BundleError, load_weights, read_manifest, write_bundle
 from anime_udf.scoring import load_scorer
+from tests.conftest import CATALOG
 
 
 @pytest.fixture
@@ -17,10 +19,21 @@ def bundle(baseline_bundle, tmp_path):
 
 def test_bundle_is_safetensors_and_json_only(baseline_bundle):
     names = sorted(p.name for p in baseline_bundle.iterdir())
-    assert names == ["explain.safetensors", "manifest.json", "model.safetensors"]
+    assert names == ["explain.safetensors", "manifest.json", "model.safetensors", "training_rows.safetensors"]
     manifest = read_manifest(baseline_bundle)
     assert manifest["kind"] == "baseline" and manifest["metrics"]["valid"]["n"] == 80
     assert manifest["training"]["data_fingerprint"].startswith("sha256:")
+
+
+def test_a_bundle_records_the_rows_it_was_trained_on(baseline_bundle):
+    from anime_udf.bundle import training_row_hashes
+    from anime_udf.catalog import read_catalog
+    from anime_udf.comparison import input_hashes
+
+    recorded = training_row_hashes(baseline_bundle)  # sorted 128-bit content hashes, one per distinct row
+    assert recorded.dtype == np.uint8 and recorded.shape[1] == 16
+    hexes = [row.tobytes().hex() for row in recorded]
+    assert hexes == sorted(set(input_hashes(read_catalog(CATALOG))))  # every training row, nothing else
 
 
 def test_missing_weights_named(bundle):

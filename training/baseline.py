@@ -8,16 +8,17 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 
 from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
-from anime_udf.bundle import HEAD_WEIGHTS, REFERENCE_FILE
+from anime_udf.bundle import HEAD_WEIGHTS, REFERENCE_FILE, TRAINING_ROWS_FILE
 from anime_udf.explain import reference_manifest, reference_state
 from anime_udf.models import BaselineNet
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, refit_ensemble,
-                             seed_everything, select_epochs, training_record)
+                             seed_everything, select_epochs, training_record, training_rows_state)
 
 
 @dataclass
@@ -55,9 +56,11 @@ def train_baseline(
     cache: EmbeddingCache | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    on_validated: Callable[[np.ndarray], None] | None = None,
 ) -> dict:
     """Choose epochs on ``split.valid``, refit on ``split.refit``, write a bundle to ``out``; return its manifest.
-    An existing ``out`` is refused before any work, unless ``force`` and it is a baseline bundle."""
+    An existing ``out`` is refused before any work, unless ``force`` and it is a baseline bundle.
+    ``on_validated`` is given the selection run's scores of ``split.valid``'s rows, as the model ships them."""
     check_out(out, "baseline", force=force)
     settings = settings or BaselineSettings()
     device = resolve_device(settings.device)
@@ -84,8 +87,10 @@ def train_baseline(
     selection = select_epochs(partial(net, *sel_tab.shape()), (emb_fit, *sel_tab.inputs(split.fit)),
                               sel_tab.target(split.fit), (emb_valid, *sel_tab.inputs(split.valid)),
                               y_valid, how, settings.seed, device, progress)
-    blend, metrics = blend_and_validate(settings.blend, selection, y_valid, split.valid["score"].to_numpy(),
-                                        sel_tab.scaler, log)
+    blend, metrics, valid_scores = blend_and_validate(settings.blend, selection, y_valid,
+                                                      split.valid["score"].to_numpy(), sel_tab.scaler, log)
+    if on_validated:
+        on_validated(valid_scores)
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")
     final_inputs = (emb_final, *tab.inputs(final_rows))
@@ -110,5 +115,6 @@ def train_baseline(
         "explain": reference_manifest("baseline"),
     }
     write_bundle(out, manifest, {HEAD_WEIGHTS["baseline"]: ensemble.state_dict(),
-                                 REFERENCE_FILE: reference_state(final_inputs)}, force=force)
+                                 REFERENCE_FILE: reference_state(final_inputs),
+                                 TRAINING_ROWS_FILE: training_rows_state(split)}, force=force)
     return manifest

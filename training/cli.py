@@ -57,6 +57,14 @@ def data_options(valid_fraction: float, seeds: int):
                               "model for titles newer than any it trained on: on the real catalog 0.008-0.011 "
                               "better MAE on those, 0.03 worse on titles like the training rows (docs/performance.md, "
                               "\"The blend is a trade\").")(f)
+        f = click.option("--promote-if-better", "promote_if_better", type=click.Choice(["mae", "rmse", "spearman"]),
+                         metavar="METRIC",
+                         help="Then promote the new bundle (anime-udf promote) only if it beats the bundle that "
+                              "serves its kind on METRIC (mae, rmse or spearman) beyond the noise: the selection "
+                              "run's scores of the validation rows that the serving bundle never trained on, "
+                              "against that bundle's, the 95% paired-bootstrap interval of the difference "
+                              "excluding 0. Otherwise it says why, and production stays (a bundle that served "
+                              "as the newest is pinned as production).")(f)
         f = click.option("--seed", default=42, show_default=True, help="Seed for the split and training.")(f)
         f = click.option("--valid-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
                          help=f"Validate on this random fraction of --data instead. Default when --data has "
@@ -108,8 +116,8 @@ def train():
               help="The longest schedule; validation chooses among a quarter, half, three quarters and all of it.")
 @click.option("--batch-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--lr", type=LEARNING_RATE, callback=finite, default=1e-3, show_default=True)
-def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, blend, seeds, device,
-             precision, epochs, batch_size, lr):
+def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, promote_if_better, refit, blend,
+             seeds, device, precision, epochs, batch_size, lr):
     """Frozen all-MiniLM-L6-v2 synopsis embedding + genres, studio, episodes -> MLP.
 
     A selection run on a held-out part of --data (by default its newest years, when it
@@ -119,12 +127,17 @@ def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, s
     """
     from training.baseline import BaselineSettings, train_baseline
     from training.common import load_split
+    from training.promotion import Challenge
 
     split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=BASELINE_VALID_FRACTION)
     out = out or default_out(models_dir, "baseline")
+    challenge = Challenge("baseline", promote_if_better, out, models_dir) if promote_if_better else None
     settings = BaselineSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, refit=refit, blend=blend,
                                 seeds=seeds, device=device, precision=precision)
-    print_summary(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo), out)
+    print_summary(train_baseline(split, out, settings, force=force, progress=progress_bars(), log=click.echo,
+                                 on_validated=challenge.on_validated if challenge else None), out)
+    if challenge:
+        challenge.decide(split.valid, click.echo)
 
 
 @train.command()
@@ -151,7 +164,8 @@ def baseline(models_dir, out, force, data, valid, valid_where, valid_fraction, s
 @click.option("--batch-size", type=POSITIVE, default=32, show_default=True, help="Fine-tuning batch size.")
 @click.option("--checkpoint-every", type=POSITIVE, default=100, show_default=True, help="Checkpoint every N steps.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its checkpoint (same --out).")
-def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, refit, blend, seeds, device, precision,
+def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, seed, promote_if_better, refit, blend, seeds,
+           device, precision,
            backbone, pooling, max_length, epochs, head_epochs, lr_encoder, layer_decay, lr_head, batch_size, checkpoint_every, resume):
     """Transformer text + genres, studio, episodes + the synopsis's words (the fusion model).
 
@@ -165,11 +179,13 @@ def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, see
     from training.common import load_split
     from training.fine_tune import Checkpoint
     from training.fusion import FusionSettings, train_fusion
+    from training.promotion import Challenge
 
     if resume and out is None:
         raise click.UsageError("--resume needs the --out of the interrupted run")
     split = load_split(data, valid, valid_fraction, seed, valid_where, default_fraction=FUSION_VALID_FRACTION)
     out = out or default_out(models_dir, "fusion")
+    challenge = Challenge("fusion", promote_if_better, out, models_dir) if promote_if_better else None
     settings = FusionSettings(
         backbone=str(backbone.resolve()) if backbone else "", pooling=pooling, max_length=max_length,
         epochs=epochs, head_epochs=head_epochs, lr_encoder=lr_encoder, layer_decay=layer_decay, lr_head=lr_head,
@@ -177,10 +193,12 @@ def fusion(models_dir, out, force, data, valid, valid_where, valid_fraction, see
         device=device, precision=precision)
     try:
         manifest = train_fusion(split, out, settings, resume=resume, force=force, progress=progress_bars(),
-                                log=click.echo)
+                                log=click.echo, on_validated=challenge.on_validated if challenge else None)
     except KeyboardInterrupt:
         if Checkpoint(out).exists():
             raise click.ClickException(f"interrupted; a checkpoint is saved: continue with the same command "
                                        f"plus --resume --out {out}") from None
         raise click.ClickException("interrupted before fine-tuning began: nothing was saved") from None
     print_summary(manifest, out)
+    if challenge:
+        challenge.decide(split.valid, click.echo)

@@ -15,6 +15,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, DatabaseTable, fingerprint, read_catalog
+from anime_udf.columns import INPUT_COLUMNS
+from anime_udf.comparison import row_hashes
 from anime_udf.features import TabularEncoder
 from anime_udf.metrics import compute_metrics
 from anime_udf.models import Blend, SeedEnsemble
@@ -206,6 +208,14 @@ def training_record(split: DataSplit, settings: dict, **extra) -> dict:
     }
 
 
+def training_rows_state(split: DataSplit) -> dict[str, torch.Tensor]:
+    """The bundle's record of the rows training saw (fitted on, chose epochs on, refitted on), as
+    content hashes: `anime-udf compare` leaves them out (a model judged on its own training rows
+    wins unfairly)."""
+    rows = pl.concat([split.refit.select(INPUT_COLUMNS), split.valid.select(INPUT_COLUMNS)], how="vertical_relaxed")
+    return {"hashes": torch.from_numpy(row_hashes(rows))}
+
+
 Inputs = tuple[np.ndarray, ...]
 
 
@@ -317,18 +327,19 @@ def fit_blend(head: np.ndarray, y: np.ndarray, lexical: np.ndarray | None = None
 
 def blend_and_validate(enabled: bool, selection: Selection, y_valid: np.ndarray, valid_scores: np.ndarray,
                        scaler: TargetScaler, log: Callable[[str], None],
-                       lexical: np.ndarray | None = None) -> tuple[dict | None, dict]:
+                       lexical: np.ndarray | None = None) -> tuple[dict | None, dict, np.ndarray]:
     """Both trainers' last use of the selection run: with ``enabled`` (train --blend) the blend
-    is fitted (``fit_blend``) and logged. Returns it (None: the head alone) and the validation
+    is fitted (``fit_blend``) and logged. Returns it (None: the head alone), the validation
     metrics of the model as it ships: the selection run's ensemble, blended, on rows it never
-    trained on (the refitted final model has seen them; the blend's few numbers were fitted on them)."""
+    trained on (the refitted final model has seen them; the blend's few numbers were fitted on them),
+    and those scores, one per validation row (what ``train --promote-if-better`` compares)."""
     blend = fit_blend(selection.valid_predictions, y_valid, lexical) if enabled else None
     if blend:
         lexical_term = f" + {blend['lexical']:.3f} x lexical score" if lexical is not None else ""
         log(f"blend after the head: {blend['head']:.3f} x head{lexical_term} {blend['constant']:+.3f} "
             f"(least squares on {blend['fitted_on_rows']} validation rows)")
-    blended = Blend.of(blend).apply(selection.valid_predictions, lexical)
-    return blend, compute_metrics(valid_scores, scaler.unscale(blended))
+    scores = scaler.unscale(Blend.of(blend).apply(selection.valid_predictions, lexical))
+    return blend, compute_metrics(valid_scores, scores), scores
 
 
 def predict(net: nn.Module, inputs: Inputs) -> np.ndarray:

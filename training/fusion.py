@@ -33,10 +33,11 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from anime_udf.bundle import (ENCODER_DIR, HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, POOLINGS, REFERENCE_FILE, TOKENIZER_DIR,
-                              check_out, write_bundle)
+                              TRAINING_ROWS_FILE, check_out, write_bundle)
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
@@ -46,7 +47,7 @@ from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, check_model_type, default_encoder_path,
                             load_encoder, load_tokenizer, weights_checksum)
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, fit_ensemble,
-                             refit_ensemble, seed_everything, select_epochs, training_record)
+                             refit_ensemble, seed_everything, select_epochs, training_record, training_rows_state)
 from training.fine_tune import Checkpoint, fine_tune
 from training.lexical import LexicalSettings, fit_lexical, out_of_fold
 
@@ -105,13 +106,15 @@ class FusionTrainer:
 
     def __init__(self, split: DataSplit, settings: FusionSettings, *, cache: EmbeddingCache | None = None,
                  progress: bool = True, log: Callable[[str], None] = print,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None,
+                 on_validated: Callable[[np.ndarray], None] | None = None):
         if settings.pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {POOLINGS}, got {settings.pooling!r}")
         seed_everything(settings.seed)
         self.started = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.split, self.settings, self.progress, self.log, self.on_step = split, settings, progress, log, on_step
+        self.on_validated = on_validated  # given the selection run's scores of split.valid, as the model ships
         self.device = resolve_device(settings.device)
         self.cache = cache if cache is not None else EmbeddingCache()
         self.how = settings.head_training()
@@ -213,9 +216,11 @@ class FusionTrainer:
         """head x a + lexical score x b + c, least squares on the selection run's validation
         rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
         metrics of the model as it ships."""
-        self.blend, self.valid_metrics = blend_and_validate(
+        self.blend, self.valid_metrics, valid_scores = blend_and_validate(
             self.settings.blend, self.selection, self.y["valid"], self.split.valid["score"].to_numpy(),
             self.selection_tab.scaler, self.log, lexical=self.tabular["valid"][2])
+        if self.on_validated:
+            self.on_validated(valid_scores)
 
     def refit_head(self) -> SeedEnsemble:
         """The final head: the seed ensemble, the chosen epochs, every final row."""
@@ -251,7 +256,8 @@ class FusionTrainer:
         in the bundle, the encoder and tokenizer saved in ``side``."""
         self.lexical.save(side)
         weights = {HEAD_WEIGHTS["fusion"]: ensemble.state_dict(), REFERENCE_FILE: reference_state(self.x["refit"]),
-                   LEXICAL_WEIGHTS_FILE: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()}}
+                   LEXICAL_WEIGHTS_FILE: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()},
+                   TRAINING_ROWS_FILE: training_rows_state(self.split)}
         extra = {"lexical": side / "lexical"} | (
             {ENCODER_DIR: side / ENCODER_DIR, TOKENIZER_DIR: side / TOKENIZER_DIR} if self.encoder_in_bundle else {})
         write_bundle(out, manifest, weights, extra_dirs=extra, force=force)
@@ -291,10 +297,12 @@ def train_fusion(
     progress: bool = True,
     log: Callable[[str], None] = print,
     on_step: Callable[[int], None] | None = None,
+    on_validated: Callable[[np.ndarray], None] | None = None,
 ) -> dict:
     """Fit the fusion model and write its bundle to ``out``; return the manifest. An existing
-    ``out`` is refused before any work, unless ``force`` and it is a fusion bundle."""
+    ``out`` is refused before any work, unless ``force`` and it is a fusion bundle. ``on_validated``
+    is given the selection run's scores of ``split.valid``'s rows, as the model ships them."""
     check_out(out, "fusion", force=force)
     trainer = FusionTrainer(split, settings or FusionSettings(), cache=cache, progress=progress, log=log,
-                            on_step=on_step)
+                            on_step=on_step, on_validated=on_validated)
     return trainer.train(out, resume=resume, name=name, force=force)

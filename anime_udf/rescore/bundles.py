@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from anime_udf.bundle import KINDS, read_manifest
-from anime_udf.registry import get_model, newest, newest_of_each_kind, no_bundle_message
+from anime_udf.registry import Serving, get_model, no_bundle_message, serving, serving_each_kind
 from anime_udf.rescore.run import RescoreError
 
 # Manifest entries that describe a bundle without changing its predictions: they do
@@ -33,33 +33,36 @@ class ModelChoice:
     kind: str
     path: Path
     model_id: str
+    # Why this bundle: "production" (the kind's production alias), "newest" (no alias set),
+    # None (named by the caller).
+    alias: str | None = None
 
 
 def resolve_models(specs: str | Sequence[str], models_dir: Path | str | None = None) -> list[ModelChoice]:
-    """``all`` (the newest bundle of each kind present), a kind (its newest bundle), or
+    """``all`` (each kind present), a kind (its production bundle, else its newest), or
     bundle names/paths, in the models directory (``models_dir``). Every bundle's files are checked
     against its manifest; a store keeps one model of each kind."""
     specs = [specs] if isinstance(specs, str) else list(specs) or ["all"]
-    paths: list[Path] = []
+    found: list[tuple[Path, str | None]] = []
     for spec in specs:
         if spec == "all":
-            found = newest_of_each_kind(models_dir)
-            if not found:
+            each = serving_each_kind(models_dir)
+            if not each:
                 raise RescoreError(no_bundle_message(models_dir))
-            paths.extend(found)
+            found.extend((s.path, s.via) for s in each)
         elif spec in KINDS:
-            path = newest(spec, models_dir)
-            if path is None:
+            one: Serving | None = serving(spec, models_dir)
+            if one is None:
                 raise RescoreError(no_bundle_message(models_dir, spec))
-            paths.append(path)
+            found.append((one.path, one.via))
         else:
-            paths.append(get_model(spec, models_dir))
+            found.append((get_model(spec, models_dir), None))
     choices: dict[str, ModelChoice] = {}
-    for path in paths:
+    for path, alias in found:
         manifest = read_manifest(path)  # verifies every file's checksum
         kind = manifest["kind"]
         if kind in choices and choices[kind].path.resolve() != path.resolve():
             raise RescoreError(f"two {kind} bundles chosen ({choices[kind].path} and {path}); "
                                "a store keeps one model of each kind")
-        choices[kind] = ModelChoice(kind, path, model_id(path, manifest))
+        choices[kind] = ModelChoice(kind, path, model_id(path, manifest), alias)
     return [choices[k] for k in KINDS if k in choices]

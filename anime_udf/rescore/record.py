@@ -6,14 +6,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import duckdb
 
+from anime_udf.rescore.bundles import ModelChoice
 from anime_udf.rescore.run import Run, now
 from anime_udf.rescore.sql import catalog_fingerprint
 
 QUANTILES = ("p05", "p25", "p50", "p75", "p95")
+# Why a run scored with its bundle (ModelChoice.alias), as the summary says it.
+SERVED_AS = {"production": "the production alias", "newest": "the newest: no production alias is set",
+             None: "named by --model"}
 # Columns of rescore_runs that are the same for every model of a run: reported once.
 RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
 
@@ -52,24 +56,32 @@ def _about(run: Run) -> dict[str, Any]:
             "finished_at": now().isoformat(timespec="seconds"), "seconds": run.seconds()}
 
 
-def run_record(run: Run, records: list[dict[str, Any]], **export: Any) -> RunRecord:
+def _named(models: list[dict[str, Any]], choices: Sequence[ModelChoice]) -> list[dict[str, Any]]:
+    """Each model's entry with its bundle and why that bundle (``alias``: ``production``, ``newest``,
+    or None for a bundle named by the caller)."""
+    by_id = {c.model_id: c for c in choices}
+    return [{**m, "bundle": str(by_id[m["model_id"]].path), "alias": by_id[m["model_id"]].alias} for m in models]
+
+
+def run_record(run: Run, records: list[dict[str, Any]], choices: Sequence[ModelChoice], **export: Any) -> RunRecord:
     """The record of a finished run, from its rows of rescore_runs (one per model)."""
     first = records[0]
     return RunRecord(
         **_about(run), status="ok", catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
         rows_imputed=first["rows_imputed"],
-        models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
+        models=_named([{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records], choices),
         **export,
     )
 
 
-def dry_run_record(con: duckdb.DuckDBPyConnection, run: Run) -> RunRecord:
+def dry_run_record(con: duckdb.DuckDBPyConnection, run: Run, choices: Sequence[ModelChoice]) -> RunRecord:
     """The record of a dry run, from its planned counts (rescore_counts)."""
     counts = con.sql("SELECT * FROM rescore_counts ORDER BY model_kind").pl().to_dicts()
     return RunRecord(
         **_about(run), status="dry-run", catalog_fingerprint=catalog_fingerprint(con),
         rows_seen=counts[0]["rows_seen"] if counts else 0, rows_imputed=counts[0]["rows_imputed"] if counts else 0,
-        models=[{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
+        models=_named([{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
+                      choices),
     )
 
 
@@ -102,11 +114,16 @@ def format_summary(record: RunRecord) -> str:
     for m in record.models:
         counts = (m["rows_scored"], m["rows_reused"], m["rows_removed"], m["rows_superseded"])
         line = f"{m['model_kind']:9} {m['model_id']:22} " + " ".join(f"{c:>11}" for c in counts)
+        bundle = f"{'':9} bundle {m['bundle']} ({SERVED_AS[m['alias']]})"
+        if m["rows_superseded"]:  # the store keeps one model a kind: a model it held before is scored again
+            bundle += (f"; {'replaces' if dry else 'replaced'} another {m['model_kind']} model's "
+                       f"{m['rows_superseded']} rows (the store keeps one model of each kind: one that served "
+                       "before, as after a rollback, is scored again)")
         if dry:
-            lines.append(line)
+            lines += [line, bundle]
             continue
         figures = [m["score_mean"], *(m["score_" + q] for q in QUANTILES)]
-        lines.append(line + "  " + " ".join(f"{_num(v, '.2f'):>6}" for v in figures))
+        lines += [line + "  " + " ".join(f"{_num(v, '.2f'):>6}" for v in figures), bundle]
         if m.get("prev_run_id"):
             same = m["prev_model_id"] == m["model_id"]
             label = f"{'':9} shift vs run {m['prev_run_id']} ({'same model' if same else m['prev_model_id']})"

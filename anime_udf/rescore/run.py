@@ -11,14 +11,13 @@ Spark: the snapshot written, not yet published), ``export`` before the rename.
 from __future__ import annotations
 
 import datetime as dt
-import os
 import secrets
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from anime_udf.errors import EXIT_BUSY, AnimeUdfError
+from anime_udf.files import pause_at
 
 PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
 PAUSE_SECONDS_ENV = "ANIME_UDF_RESCORE_PAUSE_SECONDS"
@@ -59,7 +58,4 @@ class Run:
 
 def pause(phase: str) -> None:
     """The test hook of the module docstring."""
-    if os.environ.get(PAUSE_ENV) == phase:
-        sys.stderr.write(f"rescore: paused at {phase} (pid {os.getpid()})\n")
-        sys.stderr.flush()
-        time.sleep(float(os.environ.get(PAUSE_SECONDS_ENV) or 3600))
+    pause_at(PAUSE_ENV, phase, PAUSE_SECONDS_ENV, "rescore")
