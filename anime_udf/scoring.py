@@ -13,6 +13,7 @@ from anime_udf.bundle import HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, BundleError, lo
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
 from anime_udf.features import TabularEncoder
+from anime_udf.intervals import Calibration, check_levels, scale_features
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, Blend, FusionHead, SeedEnsemble
 from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
@@ -77,6 +78,7 @@ class Scorer:
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
         self._lock = threading.Lock()
         self._reference: Reference | None = None  # loaded by the first explain()
+        self._calibration: Calibration | None = None  # loaded by the first predict_interval()
 
     def predict(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                 episodes: Sequence[Any]) -> np.ndarray:
@@ -88,10 +90,35 @@ class Scorer:
         (a rescore chunk) clean, hash and look up each synopsis once."""
         if not len(rows):
             return np.zeros(0, dtype=np.float64)
+        return self.score_of(self.standardised(rows)[1])
+
+    def predict_interval(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                         episodes: Sequence[Any], level: Sequence[Any]) -> dict[str, np.ndarray]:
+        """{"lo", "hi"}: float64 bounds in [1, 10] of each row's interval at its ``level`` in (0, 1)
+        around its ``predict`` score, computed in the same pass (anime_udf.intervals)."""
+        levels = check_levels(level)
+        if self._calibration is None:
+            self._calibration = Calibration.load(self.path, self.manifest)
+        rows = Rows(synopsis, genres, studio, episodes)
+        if not len(rows):
+            return {"lo": np.zeros(0), "hi": np.zeros(0)}
+        members, standardised, inputs = self.standardised(rows)
+        score = self.score_of(standardised)
+        features = scale_features(members, standardised, *rows.features(self.features), rows.synopsis,
+                                  lexical_input(inputs))
+        half = self._calibration.half_width(features, levels)
+        return {"lo": np.clip(score - half, SCORE_MIN, SCORE_MAX), "hi": np.clip(score + half, SCORE_MIN, SCORE_MAX)}
+
+    def standardised(self, rows: Rows) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, ...]]:
+        """(each seed's head [seeds, rows], the point after the blend, float64 [rows], the head's
+        inputs), all standardised: what a score and its interval are computed from."""
         with self._lock, torch.inference_mode():
             inputs = self.head_inputs(rows)
-            head = self.net(*inputs).numpy()
-        standardised = self.blend.apply(head, lexical_input(inputs))
+            members = self.net.member_predictions(*inputs)
+            head = members.mean(0).numpy()  # the ensemble's forward
+        return members.numpy(), self.blend.apply(head, lexical_input(inputs)), inputs
+
+    def score_of(self, standardised: np.ndarray) -> np.ndarray:
         return np.clip(standardised * self.target_std + self.target_mean, SCORE_MIN, SCORE_MAX)
 
     def explain(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
