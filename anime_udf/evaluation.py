@@ -17,12 +17,14 @@ from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields, has_references
 from anime_udf.metrics import load_metric_macros
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
-from anime_udf.udf import EXPLAIN_NAMES
+from anime_udf.udf import EXPLAIN_NAMES, INTERVAL_NAMES
 
 PREDICTIONS = "predictions"
 EVALUATED = "evaluated"
 EXPLANATIONS = "explanations"
+INTERVALS = "intervals"
 REFERENCE = "training mean"
+CONSTANT_WIDTH = "constant width"  # each model's interval reference: its score ± one width, same calibration rows
 
 
 class NothingToEvaluateError(AnimeUdfError):
@@ -116,3 +118,27 @@ def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: s
         bundles={scorer.kind: scorer.name for scorer in scorers.values()},
         catalog_rows=catalog_rows, selected_rows=selected_rows, skipped_rows=selected_rows - scored_rows,
         key=DEFAULT_KEY if has_key else "row", statements=tuple(statements), unexplained=unexplained)
+
+
+def build_intervals(con: duckdb.DuckDBPyConnection, scorers: dict[str, Any], level: float) -> list[str]:
+    """After ``build_predictions``: the table ``intervals`` (model, row_id, y, yhat, lo, hi) of each
+    model's interval at ``level`` for every evaluated row, and beside each, its reference
+    (``"KIND constant width"``): the score ± the width that covers ``level`` of the same
+    calibration rows' errors. Returns the statements run."""
+    from anime_udf.intervals import check_levels
+
+    check_levels([level])
+    parts = []
+    for scorer in scorers.values():
+        kind = quote_literal(scorer.kind)
+        half = scorer.calibration().constant_half_width(level)  # a bundle without calibration: one clear error
+        parts.append(f"SELECT p.model, p.row_id, p.y, p.yhat, s.lo, s.hi FROM (\n"
+                     f"  SELECT row_id, unnest({INTERVAL_NAMES[scorer.kind]}(synopsis, genres, studio, episodes, "
+                     f"{level!r})) FROM scored_rows) s\nJOIN {PREDICTIONS} p USING (row_id) WHERE p.model = {kind}")
+        parts.append(f"SELECT {quote_literal(f'{scorer.kind} {CONSTANT_WIDTH}')}, row_id, y, yhat, "
+                     f"greatest(1.0, yhat - {half!r}), least(10.0, yhat + {half!r}) FROM {PREDICTIONS} "
+                     f"WHERE model = {kind}")
+    statements = [f"CREATE OR REPLACE TEMP TABLE {INTERVALS} AS\n" + "\nUNION ALL\n".join(parts)]
+    for statement in statements:
+        con.execute(statement)
+    return statements

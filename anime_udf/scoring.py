@@ -97,8 +97,7 @@ class Scorer:
         """{"lo", "hi"}: float64 bounds in [1, 10] of each row's interval at its ``level`` in (0, 1)
         around its ``predict`` score, computed in the same pass (anime_udf.intervals)."""
         levels = check_levels(level)
-        if self._calibration is None:
-            self._calibration = Calibration.load(self.path, self.manifest)
+        calibration = self.calibration()
         rows = Rows(synopsis, genres, studio, episodes)
         if not len(rows):
             return {"lo": np.zeros(0), "hi": np.zeros(0)}
@@ -106,8 +105,14 @@ class Scorer:
         score = self.score_of(standardised)
         features = scale_features(members, standardised, *rows.features(self.features), rows.synopsis,
                                   lexical_input(inputs))
-        half = self._calibration.half_width(features, levels)
+        half = calibration.half_width(features, levels)
         return {"lo": np.clip(score - half, SCORE_MIN, SCORE_MAX), "hi": np.clip(score + half, SCORE_MIN, SCORE_MAX)}
+
+    def calibration(self) -> Calibration:
+        """The bundle's calibration (loaded once); a bundle without one: NoCalibrationError."""
+        if self._calibration is None:
+            self._calibration = Calibration.load(self.path, self.manifest)
+        return self._calibration
 
     def standardised(self, rows: Rows) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, ...]]:
         """(each seed's head [seeds, rows], the point after the blend, float64 [rows], the head's

@@ -19,6 +19,7 @@ from anime_udf.registry import newest_of_each_kind, no_bundle_message
 from anime_udf.text import text_encoder_dirs
 
 if TYPE_CHECKING:
+    from anime_udf.intervals import Calibration
     from anime_udf.scoring import Scorer
 
 T = TypeVar("T")
@@ -79,6 +80,9 @@ class LazyScorer:
     def predict_interval(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                          episodes: Sequence[Any], level: Sequence[Any]) -> dict[str, np.ndarray]:
         return self.scorer().predict_interval(synopsis, genres, studio, episodes, level)
+
+    def calibration(self) -> Calibration:
+        return self.scorer().calibration()
 
 
 def arrow_udf(scorer: Scorer | LazyScorer, explain: bool = False):
