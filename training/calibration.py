@@ -15,20 +15,31 @@ from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 from training.common import Selection, TargetScaler
 
 FOLDS = 5  # the scale model behind each row's normalised error is fitted on the other folds
-ERROR_FLOOR = 0.05  # score units: log |error| of an exact hit would be -inf
+ERROR_FLOOR = 1e-3  # score units: an exact hit would pull its scale to 0
 SCALE_RIDGE = 10.0  # a ridge on the standardised features, as if by this many rows
 REPORTED_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
 def fit_scale(features: np.ndarray, errors: np.ndarray) -> np.ndarray:
-    """Weights over ``SCALE_FEATURES`` of log(|error| + floor), ridge on standardised features."""
+    """Weights over ``SCALE_FEATURES`` of log E|error| given the features: a Gamma (exponential)
+    regression with a log link, by Newton's method, ridge on the standardised features. Unlike
+    least squares on log |error|, its ratio of two rows' scales is unbiased for errors of any
+    one shape (least squares on log |error| + a floor narrowed the wide rows' intervals)."""
     mean, std = features[:, 1:].mean(axis=0), features[:, 1:].std(axis=0)
     std = np.where(std > 1e-12, std, 1.0)  # a constant feature (no lexical view): weight 0
     x = np.column_stack([np.ones(len(features)), (features[:, 1:] - mean) / std])
-    target = np.log(errors + ERROR_FLOOR)
-    ridge = SCALE_RIDGE * np.eye(x.shape[1])
+    e = np.maximum(errors, ERROR_FLOOR)
+    ridge = SCALE_RIDGE / len(e) * np.eye(x.shape[1])
     ridge[0, 0] = 0.0  # the intercept is not shrunk
-    w = np.linalg.solve(x.T @ x + ridge, x.T @ target)
+    w = np.zeros(x.shape[1])
+    w[0] = np.log(np.mean(e))
+    for _ in range(50):  # loss: mean(e exp(-x w) + x w) + ridge; convex
+        ratio = e * np.exp(-np.clip(x @ w, -30, 30))
+        gradient = x.T @ (1 - ratio) / len(e) + ridge @ w
+        step = np.linalg.solve((x * ratio[:, None]).T @ x / len(e) + ridge, gradient)
+        w -= np.clip(step, -1.0, 1.0)  # a damped Newton step: far from the optimum the curvature misleads
+        if np.max(np.abs(step)) < 1e-8:
+            break
     return np.concatenate([[w[0] - np.sum(w[1:] * mean / std)], w[1:] / std])  # on the raw features
 
 
@@ -64,7 +75,7 @@ def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y:
         "log_scale_centre": centre,
         "mean_absolute_error": float(np.mean(errors)),
         # The coverage split conformal promises from these rows, for titles like them.
-        "coverage": {str(level): round(guaranteed_coverage(rows, level), 5) for level in REPORTED_LEVELS},
+        "coverage": {str(level): guaranteed_coverage(rows, level) for level in REPORTED_LEVELS},
     }
     log(f"calibration: {rows} validation rows (MAE {entry['mean_absolute_error']:.3f}); for titles like them "
         "the intervals cover at least " + ", ".join(f"{c:.1%} at {lv}" for lv, c in entry["coverage"].items()))
