@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from anime_udf.sqlutil import quote_ident
 SCORE_RANGE = (1.0, 10.0)
 # A catalog path with one of these suffixes is a DuckDB database: FILE.duckdb:TABLE names its table.
 DATABASE_SUFFIXES = (".duckdb", ".ddb", ".db")
+CSV_SEPARATORS = {".csv": ",", ".tsv": "\t", ".txt": ","}
 
 
 class CatalogError(AnimeUdfError, ValueError):
@@ -56,12 +58,18 @@ def catalog_source(value: str | Path | DatabaseTable) -> Path | DatabaseTable:
     if isinstance(value, DatabaseTable):
         return value
     text = str(value)
-    database, sep, table = text.rpartition(":")
-    if sep and Path(database).suffix.lower() in DATABASE_SUFFIXES and not Path(text).exists():
-        if not table:
-            raise CatalogError(f"{text}: name the table after the colon, e.g. {database}:anime")
-        return DatabaseTable(Path(database), table)
-    return Path(text)
+    if Path(text).exists():
+        return Path(text)
+    # Each colon after a DuckDB suffix may end the database's path (a table name may hold colons,
+    # a folder name too): an existing database file decides, else the last such colon.
+    splits = [(Path(text[:i]), text[i + 1:]) for i, char in enumerate(text)
+              if char == ":" and Path(text[:i]).suffix.lower() in DATABASE_SUFFIXES]
+    if not splits:
+        return Path(text)
+    database, table = next(((d, t) for d, t in splits if d.is_file()), splits[-1])
+    if not table:
+        raise CatalogError(f"{text}: name the table after the colon, e.g. {database}:anime")
+    return DatabaseTable(database, table)
 
 
 def duckdb_path(path: Path) -> str:
@@ -95,7 +103,9 @@ def read_table(ref: DatabaseTable) -> pl.DataFrame:
             return name if schema == "main" else f"{schema}.{name}"
 
         wanted = ref.table.lower()
-        found = [(s, n) for s, n in tables if wanted in (label(s, n).lower(), f"{s}.{n}".lower())]
+        quoted = quoted_table_name(ref.table)
+        found = [(s, n) for s, n in tables if wanted in (label(s, n).lower(), f"{s}.{n}".lower())
+                 or quoted in ((None, n.lower()), (s.lower(), n.lower()))]
         if not found:
             names = ", ".join(label(s, n) for s, n in tables) or "none"
             raise CatalogError(f"{ref}: the database has no table {ref.table!r} (its tables: {names})")
@@ -104,6 +114,17 @@ def read_table(ref: DatabaseTable) -> pl.DataFrame:
         return con.sql(f"SELECT * FROM {quote_ident(schema)}.{quote_ident(name)}").pl()
     finally:
         con.close()
+
+
+def quoted_table_name(text: str) -> tuple[str | None, str] | None:
+    """``"t.y"`` or ``"s.x"."t.y"`` (SQL's quoted identifiers, ``""`` a quote) as (schema or None,
+    table), lower case as DuckDB compares names; None for a name that is not quoted so."""
+    part = r'"((?:[^"]|"")*)"'
+    match = re.fullmatch(rf"{part}(?:\.{part})?", text.strip())
+    if not match:
+        return None
+    first, second = (None if p is None else p.replace('""', '"').lower() for p in match.groups())
+    return (first, second) if second is not None else (None, first)
 
 
 def catalog_label(source: Any) -> str:
@@ -121,7 +142,31 @@ def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scor
     NULL scores through (evaluation skips and counts them).
     """
     label = name or catalog_label(source)
+    return canonical_columns(_to_polars(source, label), label, require_score, allow_missing_scores)
+
+
+def read_catalog_as_read(source: Any, *, name: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(the catalog as read, its model inputs in canonical types), row for row.
+
+    The first is what a user gets back where a command writes their catalog out again
+    (``score``, ``sql --table``): every column with its own values and type (a DOUBLE
+    ``episodes`` of 1e30 or NaN, a LIST ``genres``), checked as ``read_catalog`` checks it.
+    A CSV file has no types: its columns are typed as a CSV reader infers them."""
+    label = name or catalog_label(source)
     df = _to_polars(source, label)
+    inputs = canonical_columns(df, label).select(INPUT_COLUMNS)
+    path = catalog_source(source) if isinstance(source, (str, Path)) else None
+    if isinstance(path, Path) and path.suffix.lower() in CSV_SEPARATORS:  # read once more, every column typed
+        try:
+            df = _read_csv(path, text_columns=())
+        except Exception as exc:
+            raise CatalogError(f"{label}: cannot read: {exc}") from exc
+    return df, inputs
+
+
+def canonical_columns(df: pl.DataFrame, label: str, require_score: bool = False,
+                      allow_missing_scores: bool = False) -> pl.DataFrame:
+    """``df`` with its input columns (and ``score``) in canonical types, checked (read_catalog)."""
     missing = [c for c in INPUT_COLUMNS if c not in df.columns]
     if require_score and SCORE_COLUMN not in df.columns:
         missing.append(SCORE_COLUMN)
@@ -161,15 +206,21 @@ def _to_polars(source: Any, label: str) -> pl.DataFrame:
         if suffix in (".parquet", ".pq"):
             with open(path, "rb") as fh:
                 return pl.read_parquet(fh)
-        if suffix in (".csv", ".tsv", ".txt"):
-            # The model columns are read as text, so that a bad value can be reported by name.
-            text = {c: pl.String for c in (*INPUT_COLUMNS, SCORE_COLUMN)}
-            with open(path, "rb") as fh:
-                return pl.read_csv(fh, schema_overrides=text, infer_schema_length=10_000,
-                                   separator="\t" if suffix == ".tsv" else ",")
+        if suffix in CSV_SEPARATORS:
+            return _read_csv(path)
     except Exception as exc:  # polars raises several unrelated types for bad files
         raise CatalogError(f"{label}: cannot read: {exc}") from exc
     raise CatalogError(f"{label}: unsupported file type {suffix!r} (use .csv or .parquet)")
+
+
+def _read_csv(path: Path, text_columns: tuple[str, ...] = (*INPUT_COLUMNS, SCORE_COLUMN)) -> pl.DataFrame:
+    """A CSV file, opened by us so that a name with * [ ] ? is one file, never a glob pattern. The
+    model columns are read as text, so that a bad value can be reported by name; without
+    ``text_columns`` every column is typed from all its values (the catalog as read)."""
+    with open(path, "rb") as fh:
+        return pl.read_csv(fh, schema_overrides={c: pl.String for c in text_columns},
+                           infer_schema_length=10_000 if text_columns else None,
+                           separator=CSV_SEPARATORS[path.suffix.lower()])
 
 
 def _to_text(df: pl.DataFrame, column: str, label: str) -> pl.Expr:

@@ -7,14 +7,14 @@ import re
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import click
 
 from anime_udf.bundle import read_manifest
 from anime_udf.columns import DEFAULT_KEY
 from anime_udf.devices import DEVICES, PRECISIONS
-from anime_udf.errors import AnimeUdfError
+from anime_udf.errors import EXIT_FAILED, AnimeUdfError
 from anime_udf.files import atomic_file
 from anime_udf.registry import MODELS_ENV, get_model, list_bundles
 from anime_udf.sqlutil import quote_ident, quote_literal
@@ -58,12 +58,52 @@ class PluginGroup(click.Group):
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except Exception as exc:
-            if is_user_error(exc):
-                raise click.ClickException(str(exc)) from exc
-            # Anything unforeseen: one line, not a traceback, unless --debug asks for it.
-            if ctx.params.get("debug"):
+            if ctx.params.get("debug") and not is_user_error(exc):
                 raise
-            raise click.ClickException(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)") from exc
+            raise one_line(exc) from exc
+
+
+def one_line(exc: Exception) -> click.ClickException:
+    """The one place an error becomes what the user reads (``Error: …``) and the exit code."""
+    if isinstance(exc, click.ClickException):
+        return exc
+    if is_user_error(exc):
+        failure = click.ClickException(str(exc))
+        failure.exit_code = getattr(exc, "exit_code", EXIT_FAILED)
+        return failure
+    # Anything unforeseen: one line, not a traceback, unless --debug asks for it.
+    return click.ClickException(f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)")
+
+
+class JsonFailures(click.Command):
+    """A command whose --json output includes its failures, every one from a bad option to an
+    unforeseen error, as {"status": "failed", "error": ..., "exit_code": ...} on stdout (the
+    ``Error: …`` line still goes to stderr): a scheduler reads one JSON document either way."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent, **extra)
+        except click.ClickException as exc:
+            if "--json" in args:
+                self.echo_failure(exc)
+            raise
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            if not ctx.params.get("as_json"):
+                raise
+            failure = one_line(exc)
+            self.echo_failure(failure)
+            raise failure from exc
+
+    @staticmethod
+    def echo_failure(failure: click.ClickException) -> None:
+        click.echo(json.dumps({"status": "failed", "error": failure.format_message(),
+                               "exit_code": failure.exit_code}, indent=2))
 
 
 def scoring_options(f):
@@ -140,6 +180,10 @@ def cli(debug):
           --table anime=fixtures/catalog.csv
       anime-udf eval --data fixtures/catalog.csv
     """
+    import warnings
+
+    # A warning is one line for the user (an unusable embedding cache, say), not a source line.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"Warning: {message}\n"
 
 
 def parse_table(value: str) -> tuple[str, Path | DatabaseTable]:
@@ -225,19 +269,45 @@ def check_database(database: Path | None, write: bool) -> None:
 
 
 def check_statements(query: str, write: bool) -> None:
-    """Refuse, before anything runs, the statements that would break a --db promise: without
-    --write, ATTACH and DETACH (through them a script can reopen the read-only file for
-    writing); with --write, BEGIN / COMMIT / ROLLBACK (the script is one transaction of its own)."""
+    """Refuse, before anything runs, the statements that would break a --db promise. The script
+    works in the --db database and writes nothing else: ATTACH and DETACH (through them a script
+    can reopen a read-only file for writing, or create another), INSTALL (a download), EXPORT
+    DATABASE and COPY ... TO (files that a failed --write script could not take back; a result is
+    exported with --out) are refused; without --write, every COPY (COPY ... FROM fills a table);
+    with --write, BEGIN / COMMIT / ROLLBACK (the script is one transaction of its own)."""
     import duckdb
 
+    kinds = duckdb.StatementType
     for statement in duckdb.extract_statements(query):
         text = statement.query.strip().rstrip(";")
-        if write and statement.type == duckdb.StatementType.TRANSACTION:
-            raise click.BadParameter(f"{text}: a --write script runs as one transaction, all or nothing; "
-                                     "leave out BEGIN, COMMIT and ROLLBACK", param_hint="QUERY")
-        if not write and statement.type in (duckdb.StatementType.ATTACH, duckdb.StatementType.DETACH):
-            raise click.BadParameter(f"{text}: --db is read-only, and attaching or detaching databases could "
-                                     "reopen it for writing; pass --write to allow it", param_hint="QUERY")
+        first_word = text.split(None, 1)[0].upper() if text else ""
+        if write and statement.type == kinds.TRANSACTION:
+            reason = "a --write script runs as one transaction, all or nothing; leave out BEGIN, COMMIT and ROLLBACK"
+        elif statement.type in (kinds.ATTACH, kinds.DETACH):
+            reason = ("sql works in the --db database only: read another database with --table NAME=FILE.duckdb:TABLE"
+                      + ("" if write else "; --db is read-only, and attaching could reopen it for writing"))
+        elif statement.type == kinds.LOAD and first_word in ("INSTALL", "FORCE"):
+            reason = "installing an extension downloads it; sql installs nothing"
+        elif statement.type == kinds.EXPORT or (statement.type == kinds.COPY and (not write or copies_to_file(text))):
+            reason = ("sql writes files only through --out: export a result with --out FILE" + (
+                "" if write else "; --db is read-only (pass --write to fill a table with COPY ... FROM)"))
+        else:
+            continue
+        raise click.BadParameter(f"{text}: {reason}", param_hint="QUERY")
+
+
+def copies_to_file(copy_statement: str) -> bool:
+    """Whether a COPY statement writes a file: a TO outside its parentheses (its query's own words)."""
+    import duckdb
+
+    tokens = duckdb.tokenize(copy_statement)
+    depth = 0
+    for (start, kind), (end, _) in zip(tokens, [*tokens[1:], (len(copy_statement), None)]):
+        word = copy_statement[start:end].strip()
+        depth += word.count("(") - word.count(")") if kind == duckdb.token_type.operator else 0
+        if depth == 0 and kind == duckdb.token_type.keyword and word.upper() == "TO":
+            return True
+    return False
 
 
 def check_out_suffix(out: Path) -> str:
@@ -259,14 +329,18 @@ def check_score_out(out: Path, data: Path | DatabaseTable) -> str:
     return check_out_suffix(out)
 
 
-def write_result(df: pl.DataFrame, out: Path) -> None:
-    """Write a result to .parquet or .csv; readers never see a half-written file."""
+def write_result(df: pl.DataFrame, out: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """Write a result to .parquet or .csv; readers never see a half-written file. ``before_replace``
+    runs once the file is written, before it takes its name (sql --write commits there: the
+    result is saved with the changes, or neither is)."""
     suffix = check_out_suffix(out)
     with atomic_file(out) as tmp:
         if suffix == ".csv":
             df.write_csv(tmp)
         else:
             df.write_parquet(tmp)
+        if before_replace is not None:
+            before_replace()
 
 
 @cli.command()
@@ -310,11 +384,12 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
     check_database(database, write)
     if database:
         check_statements(query, write)
-    from anime_udf.catalog import read_catalog
+    from anime_udf.catalog import read_catalog_as_read
 
     # Read before the --db database is opened: a --table of that database reads it through a
-    # read-only connection of its own, which DuckDB refuses beside a --write one.
-    frames = [(name, read_catalog(path)) for name, path in views]
+    # read-only connection of its own, which DuckDB refuses beside a --write one. The views are
+    # the catalogs as read (checked, never rewritten): a query's result holds the user's values.
+    frames = [(name, read_catalog_as_read(path)[0]) for name, path in views]
     con, scorers = connect(models_dir, model_paths, device, precision, require_models=False, database=database,
                            read_only=not write)
     with con:  # closed at the end: a --db database is free for the next process (or the next command)
@@ -325,12 +400,14 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
             con.begin()
         result = run_query(con, query, scorers, models_dir)
         df = result.pl() if result is not None else None  # a last SELECT runs here, inside the transaction
-        if write:
-            con.commit()
+        commit = con.commit if write else None
+        if out and df is not None:
+            write_result(df, out, before_replace=commit)  # nothing is saved when --out cannot be written
+        elif commit:
+            commit()
     if df is None:
         return
     if out:
-        write_result(df, out)
         click.echo(f"wrote {df.height} rows to {out}")
     else:
         with pl.Config(tbl_rows=limit, fmt_str_lengths=40, tbl_width_chars=160):
@@ -362,30 +439,15 @@ def score(data, out, model_paths, engine, master, ship, models_dir, device, prec
         from anime_udf.spark import owned_session, score_parquet
 
         with owned_session(master, progress=True) as spark:
-            n, functions, replaced = score_parquet(spark, str(data), out, models_dir=models_dir, device=device,
-                                                   precision=precision, ship=ship,
-                                                   **chosen_bundles(model_paths, models_dir))
-        click.echo(f"scored {n} rows with {', '.join(functions)} on Spark -> {out}{replaced_note(replaced)}")
+            scored = score_parquet(spark, str(data), out, models_dir=models_dir, device=device, precision=precision,
+                                   ship=ship, **chosen_bundles(model_paths, models_dir))
+        click.echo(scored.summary(out, " on Spark"))
         return
-    from anime_udf.udf import stale_score_columns
+    from anime_udf.udf import score_file
 
-    file_format = "csv" if check_score_out(out, data) == ".csv" else "parquet"
+    check_score_out(out, data)
     con, scorers = connect(models_dir, model_paths, device, precision)
-    n = add_catalog(con, "catalog", data)
-    # Kept beside ours, DuckDB would rename the new scores predict_score_1.
-    replaced = stale_score_columns(con.table("catalog").columns, list(scorers))
-    kept = f"* EXCLUDE ({', '.join(map(quote_ident, replaced))})" if replaced else "*"
-    calls = ", ".join(f"{fn}(synopsis, genres, studio, episodes) AS {quote_ident(fn)}" for fn in scorers)
-    with atomic_file(out) as tmp:  # DuckDB streams the scored rows to the file: memory stays flat
-        con.execute(f"COPY (SELECT {kept}, {calls} FROM catalog) TO {quote_literal(tmp)} (FORMAT {file_format})")
-    click.echo(f"scored {n} rows with {', '.join(scorers)} -> {out}{replaced_note(replaced)}")
-
-
-def replaced_note(replaced: list[str]) -> str:
-    """What `score` says of the score columns it replaced (a scored catalog scored again)."""
-    if not replaced:
-        return ""
-    return f"; replaced the input's {', '.join(replaced)} column{'s' if len(replaced) > 1 else ''}"
+    click.echo(score_file(con, list(scorers), data, out).summary(out))
 
 
 def parse_where(where: str) -> str:
@@ -459,11 +521,14 @@ def evaluate(data, model_paths, where, as_json, level, report, models_dir, devic
         if skipped:
             click.echo(skipped, err=True)
     else:
-        with pl.Config(float_precision=4, tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
-            click.echo(table)
+        def shown(value) -> str:  # an undefined figure (the training mean's Spearman) as a dash
+            return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+        with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+            click.echo(pl.DataFrame({c: [shown(v) for v in table[c]] for c in table.columns}))
             if intervals is not None:
                 click.echo(f"prediction intervals at level {level:g}:")
-                click.echo(intervals)
+                click.echo(pl.DataFrame({c: [shown(v) for v in intervals[c]] for c in intervals.columns}))
         means = ", ".join(f"{mean:.4f}" for mean in evaluation.references.values())
         click.echo(f"{REFERENCE}: every row predicted as the mean score of the training data ({means})")
         if intervals is not None:
@@ -568,7 +633,7 @@ def list_models(as_json, models_dir):
         click.echo(f"{r['kind']:9} {r['name']:32} {r['created_at']:26} {r['data']:24} {figures}")
 
 
-@cli.command(name="rescore")
+@cli.command(name="rescore", cls=JsonFailures)
 @click.option("--catalog", required=True, type=CATALOG,
               help="Catalog to rescore (CSV, Parquet or a DuckDB table as FILE.duckdb:TABLE; with --engine spark, "
                    "a Parquet file, directory or glob), with a key column.")
@@ -609,6 +674,13 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     \b
       anime-udf rescore --catalog catalog.csv --store scores.duckdb --export scores.parquet
       anime-udf rescore --engine spark --catalog catalog.parquet --store scores/
+
+    \b
+    Exit codes, for a scheduler (with --json every failure is also a JSON document on stdout):
+      0   done (or a dry run)
+      1   the run failed; the store is as it was
+      2   a bad option or argument (a missing --catalog file, say); nothing was run
+      75  another run holds the store, or another process the catalog's database: try again later
     """
     from anime_udf.rescore import format_summary
 
@@ -616,25 +688,20 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
         raise click.BadParameter("a Spark store is Parquet already: read its current snapshot "
                                  "(anime_udf.rescore.on_spark.current_snapshot)", param_hint="--export")
     require_file(catalog, "--catalog", engine)
-    try:
-        if engine == "spark":
-            from anime_udf.spark import owned_session
-            from anime_udf.rescore.on_spark import rescore_spark
+    if engine == "spark":
+        from anime_udf.spark import owned_session
+        from anime_udf.rescore.on_spark import rescore_spark
 
-            with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
-                record = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
-                                       dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
-                                       precision=precision, ship=ship)
-        else:
-            from anime_udf.rescore import rescore as run_rescore
+        with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
+            record = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
+                                   dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
+                                   precision=precision, ship=ship)
+    else:
+        from anime_udf.rescore import rescore as run_rescore
 
-            record = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, export=export,
-                                 dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
-                                 device=device, precision=precision)
-    except Exception as exc:
-        if as_json and is_user_error(exc):  # a scheduler reading --json reads the failure too
-            click.echo(json.dumps({"status": "failed", "error": str(exc)}, indent=2))
-        raise  # converted to one line where every command's errors are (PluginGroup.invoke)
+        record = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, export=export,
+                             dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
+                             device=device, precision=precision)
     click.echo(json.dumps(record.to_dict(), indent=2) if as_json else format_summary(record))
 
 

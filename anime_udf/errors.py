@@ -4,5 +4,13 @@ Kept free of heavy imports, so that the CLI can recognise every such error witho
 importing torch: it reports them as one line, never as a traceback."""
 
 
+# The CLI's exit codes (docs/errors.md): a run that failed, a command used wrongly (click's own
+# code for a bad option), and a store or database that another process holds (sysexits.h's
+# EX_TEMPFAIL: try again later).
+EXIT_FAILED, EXIT_USAGE, EXIT_BUSY = 1, 2, 75
+
+
 class AnimeUdfError(Exception):
     """An error with a message meant for the user."""
+
+    exit_code = EXIT_FAILED

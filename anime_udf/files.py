@@ -7,13 +7,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from anime_udf.errors import AnimeUdfError
+
+
+class OutputError(AnimeUdfError, OSError):
+    """An output file cannot be written where it was asked for."""
+
 
 @contextmanager
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a hidden temporary path beside ``path``; once the block has written it,
-    fsync it and rename it over ``path``. On failure the temporary file is removed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    fsync it and rename it over ``path``. On failure the temporary file is removed. A place
+    that cannot be written (its folder a file, no permission) is an OutputError before the
+    block runs, so that a caller can write its result before it commits anything."""
     tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+    except OSError as exc:
+        raise OutputError(f"{path}: cannot write here: {exc.strerror or exc}") from None
     try:
         yield tmp
         with open(tmp, "rb") as fh:

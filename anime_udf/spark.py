@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from py4j.protocol import Py4JJavaError
 from pyspark.errors import PySparkException
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.udf import UserDefinedFunction
 
@@ -41,8 +41,8 @@ from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields
-from anime_udf.udf import (EXPLAIN_NAMES, FUNCTION_NAMES, INTERVAL_FIELDS, INTERVAL_NAMES, interval_batch,
-                           register_bundles, score_batch, stale_score_columns)
+from anime_udf.udf import (EXPLAIN_NAMES, FUNCTION_NAMES, INTERVAL_FIELDS, INTERVAL_NAMES, ScoredCatalog,
+                           interval_batch, register_bundles, score_batch)
 
 ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 INTERVAL_ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE, level DOUBLE)"
@@ -259,10 +259,10 @@ def batch_label(data: str) -> str:
     return f"{data} (row numbers count within one Spark batch)"
 
 
-def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
-    """A Parquet file, directory or glob as a DataFrame with the input columns in canonical
-    types (the other columns as they are), spread over at least as many partitions as
-    Spark runs tasks at once."""
+def read_catalog_parquet(spark: SparkSession, data: str) -> tuple[DataFrame, Column]:
+    """A Parquet file, directory or glob as a DataFrame of the user's columns as they are, spread
+    over at least as many partitions as Spark runs tasks at once, and the struct of its input
+    columns in canonical types (what the scoring functions are given)."""
     df = read_parquet(spark, data)
     label = batch_label(data)
 
@@ -270,9 +270,8 @@ def read_catalog_parquet(spark: SparkSession, data: str) -> DataFrame:
         return canonical_inputs(batches, label)
 
     inputs = F.arrow_udf(canonical, spark_struct(CANONICAL_TYPES))(*(df[c] for c in INPUT_COLUMNS))
-    df = df.select(*(inputs[c].alias(c) if c in INPUT_COLUMNS else df[c] for c in df.columns))
     parallelism = spark.sparkContext.defaultParallelism
-    return df.repartition(parallelism) if df.rdd.getNumPartitions() < parallelism else df
+    return (df.repartition(parallelism) if df.rdd.getNumPartitions() < parallelism else df), inputs
 
 
 def spark_struct(fields: dict[str, pa.DataType]) -> str:
@@ -324,15 +323,16 @@ def spark_path(path: str | Path) -> str:
 
 def score_parquet(spark: SparkSession, data: str, out: Path, *, models_dir: Path | str | None = None,
                   device: str = "auto", precision: str = "auto", ship: bool = False,
-                  **bundles: Path | str) -> tuple[int, list[str]]:
-    """The catalog ``data`` plus one score column per model (named after its function),
-    written to the Parquet directory ``out``; a column the catalog already has under such a name
-    (a scored catalog scored again) is replaced, as ``anime-udf score`` does on DuckDB.
-    ``bundles``, ``models_dir`` and ``ship`` choose the models and how executors read them, as in
-    ``register``. Returns (rows, function names, the replaced columns)."""
+                  **bundles: Path | str) -> ScoredCatalog:
+    """The catalog ``data`` as it is plus one score column per model (named after its function),
+    written to the Parquet directory ``out``; the score columns an earlier run left are replaced or
+    kept as ``anime-udf score`` does on DuckDB (``udf.ScoredCatalog``). ``bundles``, ``models_dir``
+    and ``ship`` choose the models and how executors read them, as in ``register``."""
     functions = register(spark, **bundles, models_dir=models_dir, device=device, precision=precision, ship=ship)
-    df = read_catalog_parquet(spark, data)
-    replaced = stale_score_columns(df.columns, list(functions))
-    scored = df.drop(*replaced).select("*", *(fn(*INPUT_COLUMNS).alias(name) for name, fn in functions.items()))
+    df, inputs = read_catalog_parquet(spark, data)
+    result = ScoredCatalog.of(df.columns, list(functions))
+    scored = df.drop(*result.replaced).select(
+        "*", *(fn(*(inputs[c] for c in INPUT_COLUMNS)).alias(name) for name, fn in functions.items()))
     write_parquet(scored, out)
-    return spark.read.parquet(spark_path(out)).count(), list(functions), replaced
+    result.rows = spark.read.parquet(spark_path(out)).count()
+    return result

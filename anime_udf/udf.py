@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
@@ -16,7 +17,7 @@ from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
 from anime_udf.registry import newest_of_each_kind, no_bundle_message
-from anime_udf.text import text_encoder_dirs
+from anime_udf.text import encoder_batch_size, text_encoder_dirs
 
 if TYPE_CHECKING:
     from anime_udf.intervals import Calibration
@@ -47,6 +48,7 @@ class LazyScorer:
         check_choice("precision", precision, PRECISIONS)
         if device == "cuda":
             resolve_device(device)  # a GPU asked for by name must be there now, not at the first query
+        encoder_batch_size()  # a bad $ANIME_UDF_ENCODER_BATCH is said now, not inside the first query
         self.path = Path(bundle)
         self.manifest = manifest if manifest is not None else read_manifest(self.path)
         text_encoder_dirs(self.path, self.manifest)
@@ -106,11 +108,61 @@ def interval_udf(scorer: Scorer | LazyScorer):
     return interval
 
 
-def stale_score_columns(columns: Sequence[str], functions: Sequence[str]) -> list[str]:
-    """The columns of a catalog named as a scoring function (SQL names ignore case): an earlier
-    run's scores, which `score` replaces on every engine, never keeps beside new ones."""
-    names = {name.lower() for name in functions}
-    return [column for column in columns if column.lower() in names]
+@dataclass
+class ScoredCatalog:
+    """What ``score`` did with a catalog, on every engine: its columns named as a scoring function
+    (SQL names ignore case) are an earlier run's scores; those of a function this run scores are
+    ``replaced`` (never a stale score beside a renamed new one), the others are the user's and
+    ``kept`` as they are, and said."""
+
+    functions: list[str]
+    replaced: list[str]
+    kept: list[str]
+    rows: int = 0
+
+    @classmethod
+    def of(cls, columns: Sequence[str], functions: Sequence[str]) -> ScoredCatalog:
+        scored = {name.lower() for name in functions}
+        others = {name.lower() for name in FUNCTION_NAMES.values()} - scored
+        return cls(list(functions), [c for c in columns if c.lower() in scored],
+                   [c for c in columns if c.lower() in others])
+
+    def summary(self, out: Path | str, engine: str = "") -> str:
+        """The line ``score`` prints."""
+        def columns(names: list[str]) -> str:
+            return f"{', '.join(names)} column{'s' if len(names) > 1 else ''}"
+
+        line = f"scored {self.rows} rows with {', '.join(self.functions)}{engine} -> {out}"
+        if self.replaced:
+            line += f"; replaced the input's {columns(self.replaced)}"
+        if self.kept:
+            line += f"; kept the input's {columns(self.kept)} as it was (not scored by this run)"
+        return line
+
+
+def score_file(con: duckdb.DuckDBPyConnection, functions: Sequence[str], data: Path | Any, out: Path
+               ) -> ScoredCatalog:
+    """``anime-udf score`` on DuckDB: the catalog ``data`` as read (``read_catalog_as_read``: the
+    user's columns value for value and type for type) plus one column per scoring function of
+    ``functions`` registered on ``con``, streamed to ``out`` (.csv or .parquet), atomically."""
+    from anime_udf.catalog import read_catalog_as_read
+    from anime_udf.columns import INPUT_COLUMNS
+    from anime_udf.files import atomic_file
+    from anime_udf.sqlutil import quote_ident, quote_literal
+
+    catalog, inputs = read_catalog_as_read(data)
+    con.register("catalog", catalog)
+    con.register("model_inputs", inputs)  # what the functions are given, row for row beside the catalog
+    result = ScoredCatalog.of(catalog.columns, functions)
+    result.rows = catalog.height
+    kept = f"c.* EXCLUDE ({', '.join(map(quote_ident, result.replaced))})" if result.replaced else "c.*"
+    arguments = ", ".join(f"i.{quote_ident(c)}" for c in INPUT_COLUMNS)
+    calls = ", ".join(f"{fn}({arguments}) AS {quote_ident(fn)}" for fn in functions)
+    file_format = "csv" if out.suffix.lower() == ".csv" else "parquet"
+    with atomic_file(out) as tmp:  # DuckDB streams the scored rows to the file: memory stays flat
+        con.execute(f"COPY (SELECT {kept}, {calls} FROM catalog c POSITIONAL JOIN model_inputs i) "
+                    f"TO {quote_literal(tmp)} (FORMAT {file_format})")
+    return result
 
 
 def score_batch(scorer: Scorer | LazyScorer, columns: list[list], explain: bool) -> pa.Array:

@@ -35,7 +35,8 @@ SELECT model,
        count(*)               AS n,
        mae(y, yhat)           AS mae,
        rmse(y, yhat)          AS rmse,
-       corr(y_rank, yhat_rank) AS spearman,
+       -- NULL, not NaN, where it is undefined (constant predictions: the training mean's).
+       CASE WHEN var_pop(y_rank) > 0 AND var_pop(yhat_rank) > 0 THEN corr(y_rank, yhat_rank) END AS spearman,
        r2(y, yhat)            AS r2
 FROM ranked
 GROUP BY model

@@ -307,3 +307,76 @@ def test_score_refuses_its_input_or_a_directory_as_out_before_scoring(models, tm
     (tmp_path / "dir.parquet").mkdir()
     result = run("score", "--data", data, "--out", tmp_path / "dir.parquet")
     assert result.exit_code == 2 and "dir.parquet: a directory" in result.output, result.output
+
+
+def test_score_gives_back_the_users_columns_value_for_value_and_type_for_type(models, tmp_path):
+    """Only score columns are added: a DOUBLE episodes with huge, NaN and infinite counts stays
+    DOUBLE with those values, genres stored as a LIST stays a LIST; the models read them by the
+    NULL policy (NaN and ±inf missing, huge counts capped) all the same."""
+    from polars.testing import assert_frame_equal
+
+    odd = [1e30, 1e300, 9223372036854775807.0, 1.7e38, float("nan"), float("inf"), float("-inf"), 12.0]
+    catalog = pl.read_csv(HOLDOUT).head(len(odd)).with_columns(episodes=pl.Series(odd),
+                                                               genres=pl.col("genres").str.split(","))
+    catalog.write_parquet(tmp_path / "odd.parquet")
+    result = run("score", "--data", tmp_path / "odd.parquet", "--out", tmp_path / "scored.parquet")
+    assert result.exit_code == 0, result.output
+    scored = pl.read_parquet(tmp_path / "scored.parquet")
+    assert_frame_equal(scored.drop("predict_score"), catalog)  # NaN equals NaN here
+    assert scored["predict_score"].is_between(1, 10).all()
+
+    as_csv = run("score", "--data", HOLDOUT, "--out", tmp_path / "scored.csv")
+    assert as_csv.exit_code == 0, as_csv.output
+    assert pl.read_csv(tmp_path / "scored.csv").drop("predict_score").equals(pl.read_csv(HOLDOUT))
+
+
+def test_sql_table_views_hold_the_users_values(models, tmp_path):
+    pl.DataFrame({"anime_id": [1, 2], "synopsis": ["a", None], "genres": ["Action", None], "studio": [None, "X"],
+                  "episodes": [1e30, float("nan")]}).write_parquet(tmp_path / "odd.parquet")
+    result = run("sql", "--table", f"anime={tmp_path / 'odd.parquet'}", "--out", tmp_path / "out.parquet",
+                 "SELECT *, predict_score(synopsis, genres, studio, episodes) AS p FROM anime")
+    assert result.exit_code == 0, result.output
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out.schema["episodes"] == pl.Float64 and out["episodes"][0] == 1e30 and out["episodes"].is_nan()[1]
+    assert out["p"].is_between(1, 10).all()
+
+
+def test_score_names_an_earlier_runs_score_column_it_keeps(models, tmp_path):
+    """A fusion score column of an earlier run passes through a baseline-only run as the user's
+    data, and the output line says so, whatever its case."""
+    pl.read_csv(HOLDOUT).with_columns(PREDICT_SCORE_FUSION=pl.lit(3.0)).write_parquet(tmp_path / "in.parquet")
+    result = run("score", "--data", tmp_path / "in.parquet", "--out", tmp_path / "out.parquet")
+    assert result.exit_code == 0, result.output
+    assert "kept the input's PREDICT_SCORE_FUSION column as it was (not scored by this run)" in result.output
+    assert pl.read_parquet(tmp_path / "out.parquet")["PREDICT_SCORE_FUSION"].unique().to_list() == [3.0]
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "abc", "1e3", "16.0"])
+@pytest.mark.parametrize("command", [["eval", "--data", HOLDOUT], ["score", "--data", HOLDOUT, "--out", "s.csv"],
+                                     ["explain", "--data", HOLDOUT], ["sql", "SELECT 1"],
+                                     ["train", "baseline", "--data", CATALOG]])
+def test_a_bad_encoder_batch_is_one_line_before_any_work(models, monkeypatch, command, value):
+    import anime_udf.scoring
+
+    monkeypatch.setattr(anime_udf.scoring, "load_scorer", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setenv("ANIME_UDF_ENCODER_BATCH", value)
+    result = run(*command)
+    assert result.exit_code == 1
+    assert result.output == f"Error: $ANIME_UDF_ENCODER_BATCH is {value!r}: expected a whole number of texts, at least 1\n"
+
+
+def test_an_unusable_cache_is_a_one_line_warning(models, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setenv("ANIME_UDF_CACHE", str(tmp_path / "afile"))
+    result = CliRunner().invoke(cli, ["sql", "SELECT predict_score('a', 'Action', NULL, 12) AS p"])
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in result.stderr.splitlines() if line]
+    assert warning.startswith("Warning: embedding cache ") and warning.endswith("continuing without it")
+
+
+def test_eval_shows_an_undefined_spearman_as_undefined(models):
+    """The training mean predicts one value: its Spearman is undefined, a dash, never NaN."""
+    result = run("eval", "--data", HOLDOUT)
+    assert result.exit_code == 0, result.output
+    [mean_row] = [line for line in result.output.splitlines() if line.startswith("│ training mean")]
+    assert "—" in mean_row and "NaN" not in result.output and "nan" not in result.output

@@ -26,6 +26,7 @@ from anime_udf.rescore import on_duckdb as rs
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
+from anime_udf.errors import EXIT_BUSY, EXIT_USAGE
 from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
 from tests.conftest import assert_fp32_close
 
@@ -375,6 +376,38 @@ def test_cli_summary_json_export_and_failure(tmp_path, models):
     assert result.exit_code == 0 and "would score" in result.output and "dry run" in result.output
 
 
+@pytest.mark.parametrize(("args", "names"), [
+    (["--store", "s.duckdb"], "--catalog"),  # a required option missing: click's own error
+    (["--catalog", "missing.csv", "--store", "s.duckdb"], "missing.csv: no such file"),
+    (["--catalog", "{catalog}", "--store", "s.duckdb", "--wait", "soon"], "--wait"),
+    (["--catalog", "{catalog}", "--store", "s", "--engine", "spark", "--export", "x.parquet"], "--export"),
+])
+def test_every_failure_of_rescore_json_is_json(tmp_path, args, names):
+    """A scheduler reading --json reads every failure as JSON too, the earliest included, with the
+    exit code of bad usage; nothing is created."""
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+    result = CliRunner().invoke(cli, ["rescore", *(a.format(catalog=catalog) for a in args), "--json"])
+    assert result.exit_code == EXIT_USAGE, result.output
+    failed = json.loads(result.output.split("Usage:")[0].split("Error:")[0])
+    assert failed["status"] == "failed" and failed["exit_code"] == EXIT_USAGE and names in failed["error"]
+    assert not (tmp_path / "s.duckdb").exists() and not (tmp_path / "s").exists()
+
+
+def test_an_unforeseen_failure_of_rescore_json_is_json_too(tmp_path, models, monkeypatch):
+    import anime_udf.rescore
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(anime_udf.rescore, "rescore", broken)
+    catalog = write(catalog_a(), tmp_path / "a.csv")
+    result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "s.duckdb", "--json"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    failed = json.loads(result.output.split("Error:")[0])
+    assert failed == {"status": "failed", "exit_code": 1,
+                      "error": "ZeroDivisionError: a bug (rerun with --debug for the traceback)"}
+
+
 def test_unwritable_store_is_a_clear_error_also_under_json(tmp_path, models, monkeypatch):
     """A store that cannot be created fails naming the path and the reason, and --json
     prints the failure. The tests run as root, which chmod does not stop, so two failures
@@ -657,8 +690,10 @@ def test_concurrent_runs_fail_clearly_or_wait(tmp_path, models, baseline_bundle)
         wait_for(proc, err, "paused at score")
         with pytest.raises(StoreBusyError, match=rf"being rescored by another run \(pid {proc.pid}.*--wait"):
             rescore(catalog, store)
-        result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store)])
-        assert result.exit_code == 1 and "being rescored by another run" in result.output
+        result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store), "--json"])
+        assert result.exit_code == EXIT_BUSY and "being rescored by another run" in result.output
+        busy = json.loads(result.output.split("Error:")[0])  # a scheduler tells "try later" from "failed"
+        assert busy["status"] == "failed" and busy["exit_code"] == EXIT_BUSY
         waited = rescore(catalog, store, wait=120)  # blocks until the first run is done
         assert proc.wait(timeout=60) == 0
     finally:
@@ -722,6 +757,11 @@ USER_META = ("CREATE TABLE rescore_meta (name VARCHAR PRIMARY KEY, value VARCHAR
     ("CREATE TABLE rescore_runs AS SELECT 'r1' AS run_id", "rescore_runs",
      "it lacks column 2, started_at TIMESTAMP WITH TIME ZONE"),
     ("CREATE VIEW rescore_meta AS SELECT 'a' AS name, 'b' AS value", "rescore_meta", "it is a view"),
+    # DuckDB's names ignore case: these are rescore_meta and rescore_scores too.
+    ('CREATE TABLE "RESCORE_META" (name VARCHAR PRIMARY KEY, value VARCHAR NOT NULL)', "RESCORE_META",
+     "no rescore_runs or rescore_scores beside it"),
+    ('CREATE TABLE "Rescore_Scores" (a INTEGER, b VARCHAR)', "Rescore_Scores",
+     "its column 1 is a INTEGER, not key VARCHAR"),
 ])
 def test_a_warehouse_table_named_like_the_stores_is_refused_and_never_written(tmp_path, models, statement, table,
                                                                             reason):

@@ -220,7 +220,7 @@ def test_read_only_db_holds_against_attach_and_detach(warehouse, tmp_path):
               f"ATTACH {quote_literal(warehouse)} AS r2 (READ_WRITE); DROP TABLE r2.studios")
     refused = run("sql", "--db", warehouse, bypass)
     assert refused.exit_code == 2, refused.output
-    assert f"ATTACH {quote_literal(other)} AS m (READ_WRITE)" in refused.output and "--write" in refused.output
+    assert f"ATTACH {quote_literal(other)} AS m (READ_WRITE)" in refused.output and "--table" in refused.output
     assert query(warehouse, "SELECT count(*) FROM studios")[0][0] > 0 and not other.exists()
     detach = run("sql", "--db", warehouse, "USE temp.main; DETACH warehouse")
     assert detach.exit_code == 2 and "DETACH warehouse" in detach.output
@@ -285,3 +285,58 @@ def test_warehouse_paths_relative_with_colons_and_dotted_table_names(tmp_path, b
     shutil.copy(CATALOG, "snap.db:1/catalog.csv")
     assert catalog_source("snap.db:1/catalog.csv") == Path("snap.db:1/catalog.csv")
     assert read_catalog("snap.db:1/catalog.csv").height == 400
+
+
+def test_a_write_script_whose_out_cannot_be_written_saves_nothing(small_table, tmp_path):
+    """--out is part of "all of it is saved, or nothing": the result is written before the commit."""
+    (tmp_path / "afile").write_text("")
+    script = "INSERT INTO t VALUES (2, 'new'); SELECT * FROM t"
+    failed = run("sql", "--db", small_table, "--write", script, "--out", tmp_path / "afile" / "result.csv")
+    assert failed.exit_code == 1 and failed.output.startswith(f"Error: {tmp_path / 'afile' / 'result.csv'}: cannot")
+    assert query(small_table, "SELECT * FROM t") == [(1, "kept")]
+    done = run("sql", "--db", small_table, "--write", script, "--out", tmp_path / "result.csv")
+    assert done.exit_code == 0, done.output
+    assert query(small_table, "SELECT count(*) FROM t") == [(2,)] and pl.read_csv(tmp_path / "result.csv").height == 2
+
+
+@pytest.mark.parametrize(("write", "script"), [
+    (False, "COPY t TO 'out.csv'"),
+    (False, "COPY (SELECT * FROM t) TO 'x.parquet' (FORMAT parquet)"),
+    (False, "EXPORT DATABASE 'dump'"),
+    (False, "INSTALL json"),
+    (True, "DELETE FROM t; COPY (SELECT 'to' AS x FROM t) TO 'out.csv'"),
+    (True, "EXPORT DATABASE 'dump'"),
+    (True, "ATTACH 'other.duckdb'"),
+])
+def test_sql_db_writes_no_file_but_out(small_table, tmp_path, write, script):
+    """Read-only or not, a --db script changes at most the database: the statements that write
+    elsewhere (files a failed --write script could not take back, a new database, a download)
+    are refused before anything runs."""
+    refused = run("sql", "--db", small_table, *(["--write"] if write else []), script)
+    assert refused.exit_code == 2, refused.output
+    assert "--out" in refused.output or "--table" in refused.output or "installs nothing" in refused.output
+    assert query(small_table, "SELECT * FROM t") == [(1, "kept")]
+    assert [name for name in ("out.csv", "x.parquet", "dump", "other.duckdb") if (tmp_path / name).exists()] == []
+
+
+def test_a_write_script_may_fill_a_table_from_a_file(small_table, tmp_path):
+    pl.DataFrame({"a": [5], "b": ["from a file"]}).write_csv(tmp_path / "rows.csv")
+    done = run("sql", "--db", small_table, "--write", "COPY t FROM 'rows.csv' (HEADER)")
+    assert done.exit_code == 0, done.output
+    assert query(small_table, "SELECT * FROM t ORDER BY a") == [(1, "kept"), (5, "from a file")]
+
+
+def test_every_table_name_the_error_lists_can_be_used(tmp_path, models):
+    """Names with colons and dots, as listed by the missing-table error, and SQL's quoted form."""
+    path = tmp_path / "q.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute('CREATE SCHEMA "s.x"')
+    for table in ('main."a:b"', '"s.x"."t.y"'):
+        con.execute(f"CREATE TABLE {table} AS SELECT * FROM read_csv({quote_literal(CATALOG)}) LIMIT 3")
+    con.close()
+    missing = run("score", "--data", f"{path}:nope", "--out", tmp_path / "x.csv")
+    assert "its tables: a:b, s.x.t.y" in missing.output, missing.output
+    for name in ("a:b", "s.x.t.y", '"s.x"."t.y"', '"A:B"'):
+        result = run("score", "--data", f"{path}:{name}", "--out", tmp_path / "scored.csv")
+        assert result.exit_code == 0, (name, result.output)
+        assert pl.read_csv(tmp_path / "scored.csv").height == 3

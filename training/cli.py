@@ -97,6 +97,9 @@ def print_summary(manifest: dict, out: Path) -> None:
 @click.group()
 def train():
     """Train a model and write a bundle into the models directory."""
+    from anime_udf.text import encoder_batch_size
+
+    encoder_batch_size()  # a bad $ANIME_UDF_ENCODER_BATCH is said before any work
 
 
 @train.command()

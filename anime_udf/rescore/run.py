@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from anime_udf.errors import AnimeUdfError
+from anime_udf.errors import EXIT_BUSY, AnimeUdfError
 
 PAUSE_ENV = "ANIME_UDF_RESCORE_PAUSE_AT"
 PAUSE_SECONDS_ENV = "ANIME_UDF_RESCORE_PAUSE_SECONDS"
@@ -30,6 +30,8 @@ class RescoreError(AnimeUdfError, RuntimeError):
 
 class StoreBusyError(RescoreError):
     """Another process holds the store, or the database of a --catalog FILE.duckdb:TABLE."""
+
+    exit_code = EXIT_BUSY
 
 
 def now() -> dt.datetime:

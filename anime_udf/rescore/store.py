@@ -173,10 +173,12 @@ def has_store_tables(con: duckdb.DuckDBPyConnection, store: Path) -> bool:
     three tables, as sql/rescore.sql creates them) and rescore_meta's schema_version: a table
     of one of their names that is not the store's is a user's (in a shared warehouse), never
     written, so it is refused by name."""
-    kinds = dict(con.execute("SELECT table_name, table_type FROM information_schema.tables "
-                             "WHERE table_catalog = 'store' AND table_schema = 'main'").fetchall())
+    # DuckDB's names ignore case: a user's "RESCORE_META" is the store's rescore_meta.
+    tables = {name.lower(): (name, kind) for name, kind in con.execute(
+        "SELECT table_name, table_type FROM information_schema.tables "
+        "WHERE table_catalog = 'store' AND table_schema = 'main'").fetchall()}
     expected = store_columns()
-    present = [name for name in expected if name in kinds]
+    present = [name for name in expected if name in tables]
     if not present:
         return False
 
@@ -186,12 +188,13 @@ def has_store_tables(con: duckdb.DuckDBPyConnection, store: Path) -> bool:
 
     found = _columns(con, "store")
     for name in present:
-        reason = "it is a view" if kinds[name] == "VIEW" else _column_difference(found[name], expected[name])
+        actual, kind = tables[name]
+        reason = "it is a view" if kind == "VIEW" else _column_difference(found[actual], expected[name])
         if reason:
-            raise foreign(name, reason)
-    missing = [name for name in expected if name not in kinds]
+            raise foreign(actual, reason)
+    missing = [name for name in expected if name not in tables]
     if missing:
-        raise foreign(present[0], f"no {' or '.join(missing)} beside it")
+        raise foreign(tables[present[0]][0], f"no {' or '.join(missing)} beside it")
     row = con.execute("SELECT value FROM store.rescore_meta WHERE name = 'schema_version'").fetchone()
     if row is None:
         raise foreign("rescore_meta", "it has no schema_version")
