@@ -26,8 +26,9 @@ from anime_udf.bundle import CALIBRATION_FILE, BundleError, load_weights
 from anime_udf.errors import AnimeUdfError
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 
-# What the scale model reads of a row, each known wherever the point score is computed, and
-# none tied to one vocabulary's layout (the selection run's and the final model's differ):
+# What the scale model reads of a row, each known wherever the point score is computed; then one
+# indicator per genre of the bundle's vocabulary (errors run from 0.36 on Kids titles to 0.83 on
+# Horror ones: docs/experiments.md, "Prediction intervals"):
 SCALE_FEATURES = (
     "constant",
     "score",             # the standardised point score, and its square: errors differ by band
@@ -63,11 +64,17 @@ def check_levels(level: Sequence[Any] | np.ndarray) -> np.ndarray:
     return values
 
 
+def scale_feature_names(genres: Sequence[str]) -> list[str]:
+    """The scale model's features for a bundle of genre vocabulary ``genres``."""
+    return [*SCALE_FEATURES, *(f"genre:{g}" for g in genres)]
+
+
 def scale_features(members: np.ndarray, point: np.ndarray, dense: np.ndarray, studio_index: np.ndarray,
                    synopsis: Sequence[Any], lexical: np.ndarray | None) -> np.ndarray:
-    """φ(x), float64 [rows, len(SCALE_FEATURES)]: ``members`` the seed heads' standardised
-    predictions [seeds, rows], ``point`` the standardised point (after the blend), ``dense`` and
-    ``studio_index`` the tabular inputs, ``lexical`` the lexical score (fusion; None: zeros)."""
+    """φ(x), float64 [rows, features] (``scale_feature_names``): ``members`` the seed heads'
+    standardised predictions [seeds, rows], ``point`` the standardised point (after the blend),
+    ``dense`` the bundle's dense tabular features, ``studio_index`` the model's studio index (0:
+    a studio it never saw), ``lexical`` the lexical score (fusion; None: zeros)."""
     n = len(point)
     point = np.asarray(point, dtype=np.float64)
     words = np.fromiter((0 if s is None else len(str(s).split()) for s in synopsis), dtype=np.float64, count=n)
@@ -81,7 +88,7 @@ def scale_features(members: np.ndarray, point: np.ndarray, dense: np.ndarray, st
         np.log1p(words),
         lexical_score, np.zeros(n) if lexical is None else np.abs(lexical_score - point),
     ]
-    return np.stack(columns, axis=1)
+    return np.column_stack([*columns, dense[:, GENRE_COLUMNS].astype(np.float64)])
 
 
 def log_scale(weights: np.ndarray, features: np.ndarray, centre: float) -> np.ndarray:
@@ -110,7 +117,7 @@ class Calibration:
 
     scores: np.ndarray  # |y - ŷ| / σ(x), sorted
     errors: np.ndarray  # |y - ŷ|, sorted
-    weights: np.ndarray  # over SCALE_FEATURES
+    weights: np.ndarray  # over scale_feature_names(the bundle's genres)
     centre: float  # the calibration rows' mean log σ
 
     @classmethod
@@ -125,11 +132,12 @@ class Calibration:
             scores, errors, weights = state["scores"], state["errors"], state["weights"]
         except KeyError as exc:
             raise BundleError(f"{bundle / CALIBRATION_FILE}: no tensor {exc}") from None
-        if (weights.shape != (len(SCALE_FEATURES),) or scores.ndim != 1 or errors.shape != scores.shape
+        features = len(scale_feature_names(manifest["features"]["genres"]))
+        if (weights.shape != (features,) or scores.ndim != 1 or errors.shape != scores.shape
                 or len(scores) == 0 or (np.diff(scores) < 0).any() or (np.diff(errors) < 0).any()
                 or scores[0] < 0 or errors[0] < 0):
             raise BundleError(f"{bundle / CALIBRATION_FILE}: expected sorted non-negative scores and errors of "
-                              f"one length and {len(SCALE_FEATURES)} scale weights")
+                              f"one length and {features} scale weights")
         return cls(scores, errors, weights, float(entry["log_scale_centre"]))
 
     @property

@@ -13,7 +13,7 @@ import anime_udf
 from anime_udf.bundle import CALIBRATION_FILE, BundleError, read_manifest
 from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
-from anime_udf.intervals import SCALE_FEATURES, conformal_quantile, guaranteed_coverage
+from anime_udf.intervals import SCALE_FEATURES, conformal_quantile, guaranteed_coverage, scale_feature_names
 from anime_udf.metrics import load_metric_macros
 from tests.conftest import CATALOG, FP32_TOLERANCE, HOLDOUT
 from tests.test_udf import EDGE_ROWS
@@ -97,7 +97,7 @@ def test_the_bundle_keeps_its_calibration_checksummed_and_states_it(bundle, tmp_
     # The selection run's validation rows, every one of them, and the coverage they promise.
     assert calibration["rows"] == manifest["training"]["rows_valid"]
     assert calibration["rows_chosen"] == manifest["training"]["validation"]
-    assert calibration["scale_features"] == list(SCALE_FEATURES)
+    assert calibration["scale_features"] == scale_feature_names(manifest["features"]["genres"])
     assert calibration["coverage"]["0.9"] == pytest.approx(guaranteed_coverage(calibration["rows"], 0.9))
     path = bundle / CALIBRATION_FILE
     path.write_bytes(path.read_bytes()[:-8])

@@ -87,9 +87,10 @@ def train_baseline(
                               y_valid, how, settings.seed, device, progress)
     blend, metrics = blend_and_validate(settings.blend, selection, y_valid, split.valid["score"].to_numpy(),
                                         sel_tab.scaler, log)
-    calibration, calibration_state = calibrate(selection, blend, sel_tab.scaler, split.valid["score"].to_numpy(),
-                                               sel_tab.inputs(split.valid), split.valid["synopsis"].to_list(), None,
-                                               split.selection, settings.seed, log)
+    calibration, calibration_state = calibrate(
+        selection, blend, sel_tab.scaler, split.valid["score"].to_numpy(), tab.inputs(split.valid)[0],
+        sel_tab.inputs(split.valid)[1], tab.features.genres, split.valid["synopsis"].to_list(), None, split.selection,
+        settings.seed, log)
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")
     final_inputs = (emb_final, *tab.inputs(final_rows))

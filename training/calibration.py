@@ -9,7 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from anime_udf.intervals import SCALE_FEATURES, guaranteed_coverage, log_scale, scale_features
+from anime_udf.intervals import guaranteed_coverage, log_scale, scale_feature_names, scale_features
 from anime_udf.models import Blend
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 from training.common import Selection, TargetScaler
@@ -21,7 +21,7 @@ REPORTED_LEVELS = (0.5, 0.8, 0.9, 0.95)
 
 
 def fit_scale(features: np.ndarray, errors: np.ndarray) -> np.ndarray:
-    """Weights over ``SCALE_FEATURES`` of log E|error| given the features: a Gamma (exponential)
+    """Weights over the scale features (``scale_feature_names``) of log E|error| given the features: a Gamma (exponential)
     regression with a log link, by Newton's method, ridge on the standardised features. Unlike
     least squares on log |error|, its ratio of two rows' scales is unbiased for errors of any
     one shape (least squares on log |error| + a floor narrowed the wide rows' intervals)."""
@@ -44,14 +44,17 @@ def fit_scale(features: np.ndarray, errors: np.ndarray) -> np.ndarray:
 
 
 def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y: np.ndarray,
-              tabular: tuple[np.ndarray, np.ndarray], synopsis: Sequence[Any], lexical: np.ndarray | None,
-              how_chosen: dict, seed: int, log: Callable[[str], None]) -> tuple[dict, dict[str, torch.Tensor]]:
+              dense: np.ndarray, studio_index: np.ndarray, genres: Sequence[str], synopsis: Sequence[Any],
+              lexical: np.ndarray | None, how_chosen: dict, seed: int,
+              log: Callable[[str], None]) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest's ``calibration`` entry and the ``CALIBRATION_FILE`` tensors, from the
-    selection run's ensemble on its validation rows (targets ``y`` in score units; ``tabular``
-    their (dense, studio index) by the selection run's encoder)."""
+    selection run's ensemble on its validation rows (targets ``y`` in score units). ``dense``
+    are their features by the bundle's encoder (its vocabulary ``genres``: the scale model's
+    layout, as where it serves); ``studio_index`` by the selection run's (a studio unknown to
+    the model that scored the row)."""
     point = Blend.of(blend).apply(selection.valid_predictions, lexical)
     errors = np.abs(y - np.clip(point * scaler.std + scaler.mean, SCORE_MIN, SCORE_MAX))
-    features = scale_features(selection.valid_members, point, *tabular, synopsis, lexical)
+    features = scale_features(selection.valid_members, point, dense, studio_index, synopsis, lexical)
     weights = fit_scale(features, errors)
     centre = float(np.mean(features @ weights))
     # Cross-fitted normalised errors: each row's scale from a model that never saw its error.
@@ -71,7 +74,7 @@ def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y:
                   f"{FOLDS} folds (docs/intervals.md)",
         "rows": rows,
         "rows_chosen": how_chosen,
-        "scale_features": list(SCALE_FEATURES),
+        "scale_features": scale_feature_names(genres),
         "log_scale_centre": centre,
         "mean_absolute_error": float(np.mean(errors)),
         # The coverage split conformal promises from these rows, for titles like them.

@@ -215,13 +215,14 @@ class FusionTrainer:
         """head x a + lexical score x b + c, least squares on the selection run's validation
         rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
         metrics of the model as it ships, and the intervals' calibration on those rows."""
-        scores, (dense, studio, lexical) = self.split.valid["score"].to_numpy(), self.tabular["valid"]
+        scores, (_, studio, lexical) = self.split.valid["score"].to_numpy(), self.tabular["valid"]
         self.blend, self.valid_metrics = blend_and_validate(
             self.settings.blend, self.selection, self.y["valid"], scores, self.selection_tab.scaler, self.log,
             lexical=lexical)
         self.calibration, self.calibration_state = calibrate(
-            self.selection, self.blend, self.selection_tab.scaler, scores, (dense, studio), self.texts["valid"],
-            lexical, self.split.selection, self.settings.seed, self.log)
+            self.selection, self.blend, self.selection_tab.scaler, scores, self.tab.inputs(self.rows["valid"])[0],
+            studio, self.tab.features.genres, self.texts["valid"], lexical, self.split.selection, self.settings.seed,
+            self.log)
 
     def refit_head(self) -> SeedEnsemble:
         """The final head: the seed ensemble, the chosen epochs, every final row."""
