@@ -2,13 +2,16 @@
 
 A trainer keeps, from the selection run's validation rows (the newest years by default: out of
 time, as the nightly job scores), each row's absolute error |y - ŷ| and a *scale* σ(x) for the
-row: how wide its errors run, from what the model knows about it (``SCALE_FEATURES``). The
-interval at level α is ŷ ± q_α σ(x), q_α the ⌈(n+1)α⌉-th smallest of the n calibration rows'
-normalised errors |y - ŷ| / σ(x); the scores are kept whole, so every level is served exactly.
+row: how wide its errors run, from what the model knows about it (``scale_feature_names``). Errors
+also lean: titles scored low tend to be better than their score, those scored high worse, so
+the interval is centred at ŷ + m(x), m a least-squares line of y - ŷ on the score and its square.
+The interval at level α is ŷ + m(x) ± q_α σ(x), q_α the ⌈(n+1)α⌉-th smallest of the n
+calibration rows' normalised errors |y - ŷ - m(x)| / σ(x), widened where needed to hold ŷ; the
+scores are kept whole, so every level is served exactly.
 
-σ(x) = exp(w · φ(x)), a linear model of log |y - ŷ| fitted on the calibration rows themselves
-(training/calibration.py: each row's normalised error uses a fit on the other folds, as cross-
-conformal prediction does, so that no row's error shrinks its own interval).
+σ(x) = exp(w · φ(x)), a Gamma regression of |y - ŷ| with a log link, fitted on the calibration
+rows themselves (training/calibration.py: each row's normalised error uses a fit on the other
+folds, so that no row's error shrinks its own interval).
 
 On the model floor: numpy only; the bundle's file is read by ``Calibration.load``.
 """
@@ -24,6 +27,7 @@ import numpy as np
 
 from anime_udf.bundle import CALIBRATION_FILE, BundleError, load_weights
 from anime_udf.errors import AnimeUdfError
+from anime_udf.columns import SCORE_MAX, SCORE_MIN
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 
 # What the scale model reads of a row, each known wherever the point score is computed; then one
@@ -42,6 +46,7 @@ SCALE_FEATURES = (
     "lexical",           # fusion: the lexical view's score and its distance from the point
     "lexical_distance",
 )
+LOCATION_FEATURES = 3  # the centre's shift m(x) reads the first three: constant, score, score squared
 SCALE_CLIP = 3.0  # log σ kept within ±3 of its mean: no row's interval collapses or explodes
 
 
@@ -113,11 +118,13 @@ def guaranteed_coverage(rows: int, level: float) -> float:
 @dataclass(frozen=True)
 class Calibration:
     """A bundle's calibration: the calibration rows' normalised errors (sorted), their absolute
-    errors (sorted: the constant-width reference), and the scale model's weights."""
+    errors |y - ŷ| (sorted: the constant-width reference), the scale model's weights and the
+    centre's shift's."""
 
-    scores: np.ndarray  # |y - ŷ| / σ(x), sorted
+    scores: np.ndarray  # |y - ŷ - m(x)| / σ(x), sorted
     errors: np.ndarray  # |y - ŷ|, sorted
-    weights: np.ndarray  # over scale_feature_names(the bundle's genres)
+    weights: np.ndarray  # log σ over scale_feature_names(the bundle's genres)
+    location: np.ndarray  # m over the first LOCATION_FEATURES scale features
     centre: float  # the calibration rows' mean log σ
 
     @classmethod
@@ -129,24 +136,27 @@ class Calibration:
                 f"retrain it with `anime-udf train {manifest['kind']}` to score intervals")
         state = {k: v.numpy().astype(np.float64) for k, v in load_weights(bundle, CALIBRATION_FILE).items()}
         try:
-            scores, errors, weights = state["scores"], state["errors"], state["weights"]
+            scores, errors, weights, location = state["scores"], state["errors"], state["weights"], state["location"]
         except KeyError as exc:
             raise BundleError(f"{bundle / CALIBRATION_FILE}: no tensor {exc}") from None
         features = len(scale_feature_names(manifest["features"]["genres"]))
-        if (weights.shape != (features,) or scores.ndim != 1 or errors.shape != scores.shape
-                or len(scores) == 0 or (np.diff(scores) < 0).any() or (np.diff(errors) < 0).any()
-                or scores[0] < 0 or errors[0] < 0):
+        if (weights.shape != (features,) or location.shape != (LOCATION_FEATURES,) or scores.ndim != 1
+                or errors.shape != scores.shape or len(scores) == 0 or (np.diff(scores) < 0).any()
+                or (np.diff(errors) < 0).any() or scores[0] < 0 or errors[0] < 0):
             raise BundleError(f"{bundle / CALIBRATION_FILE}: expected sorted non-negative scores and errors of "
-                              f"one length and {features} scale weights")
-        return cls(scores, errors, weights, float(entry["log_scale_centre"]))
+                              f"one length, {features} scale weights and {LOCATION_FEATURES} location weights")
+        return cls(scores, errors, weights, location, float(entry["log_scale_centre"]))
 
     @property
     def rows(self) -> int:
         return len(self.scores)
 
-    def half_width(self, features: np.ndarray, level: np.ndarray) -> np.ndarray:
-        """q_α σ(x): each row's half width (score units) at its level."""
-        return conformal_quantile(self.scores, level) * np.exp(log_scale(self.weights, features, self.centre))
+    def bounds(self, score: np.ndarray, features: np.ndarray, level: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) of each row's interval at its level around its ``score`` (score units), in [1, 10]."""
+        centre = score + features[:, :LOCATION_FEATURES] @ self.location
+        half = conformal_quantile(self.scores, level) * np.exp(log_scale(self.weights, features, self.centre))
+        return (np.clip(np.minimum(centre - half, score), SCORE_MIN, SCORE_MAX),
+                np.clip(np.maximum(centre + half, score), SCORE_MIN, SCORE_MAX))
 
     def constant_half_width(self, level: float) -> float:
         """The constant-width reference calibrated on the same rows: the conformal quantile of |y - ŷ|."""

@@ -13,12 +13,12 @@ from anime_udf.bundle import HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, BundleError, lo
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
 from anime_udf.features import TabularEncoder
+from anime_udf.columns import SCORE_MAX, SCORE_MIN
 from anime_udf.intervals import Calibration, check_levels, scale_features
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, Blend, FusionHead, SeedEnsemble
 from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
 
-SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
 
 class Rows:
@@ -105,8 +105,8 @@ class Scorer:
         score = self.score_of(standardised)
         features = scale_features(members, standardised, *rows.features(self.features), rows.synopsis,
                                   lexical_input(inputs))
-        half = calibration.half_width(features, levels)
-        return {"lo": np.clip(score - half, SCORE_MIN, SCORE_MAX), "hi": np.clip(score + half, SCORE_MIN, SCORE_MAX)}
+        lo, hi = calibration.bounds(score, features, levels)
+        return {"lo": lo, "hi": hi}
 
     def calibration(self) -> Calibration:
         """The bundle's calibration (loaded once); a bundle without one: NoCalibrationError."""

@@ -153,7 +153,7 @@ def test_the_conformal_quantile_is_the_ceil_n_plus_1_level_th_score():
 def test_the_scale_model_widens_intervals_where_errors_run_wider():
     """Rows of an unknown studio err three times as widely: the adaptive interval covers each
     group at its level, where one width over-covers one group and under-covers the other."""
-    from anime_udf.intervals import Calibration, log_scale
+    from anime_udf.intervals import LOCATION_FEATURES, Calibration, log_scale
     from training.calibration import fit_scale
 
     rng = np.random.default_rng(0)
@@ -170,10 +170,10 @@ def test_the_scale_model_widens_intervals_where_errors_run_wider():
     weights = fit_scale(features, errors)
     centre = float(np.mean(features @ weights))
     scores = errors / np.exp(log_scale(weights, features, centre))
-    calibration = Calibration(np.sort(scores), np.sort(errors), weights, centre)
+    calibration = Calibration(np.sort(scores), np.sort(errors), weights, np.zeros(LOCATION_FEATURES), centre)
     new, new_errors, unknown = rows(20000)
-    half = calibration.half_width(new, np.full(len(new), 0.9))
-    inside = new_errors <= half
+    lo, hi = calibration.bounds(np.full(len(new), 5.0), new, np.full(len(new), 0.9))
+    inside = (5.0 - new_errors >= lo) & (5.0 + new_errors <= hi)  # errors on either side alike
     assert inside[unknown].mean() == pytest.approx(0.9, abs=0.015)
     assert inside[~unknown].mean() == pytest.approx(0.9, abs=0.015)
     constant = new_errors <= calibration.constant_half_width(0.9)

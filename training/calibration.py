@@ -9,7 +9,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from anime_udf.intervals import guaranteed_coverage, log_scale, scale_feature_names, scale_features
+from anime_udf.intervals import (LOCATION_FEATURES, guaranteed_coverage, log_scale, scale_feature_names,
+                                 scale_features)
 from anime_udf.models import Blend
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 from training.common import Selection, TargetScaler
@@ -43,6 +44,19 @@ def fit_scale(features: np.ndarray, errors: np.ndarray) -> np.ndarray:
     return np.concatenate([[w[0] - np.sum(w[1:] * mean / std)], w[1:] / std])  # on the raw features
 
 
+def fit_location(features: np.ndarray, residuals: np.ndarray) -> np.ndarray:
+    """Weights over the first ``LOCATION_FEATURES`` scale features (constant, score, score squared)
+    of the centre's shift m(x): least squares of y - ŷ, ridge on the standardised features."""
+    x = features[:, :LOCATION_FEATURES]
+    mean, std = x[:, 1:].mean(axis=0), x[:, 1:].std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)
+    z = np.column_stack([np.ones(len(x)), (x[:, 1:] - mean) / std])
+    ridge = SCALE_RIDGE * np.eye(z.shape[1])
+    ridge[0, 0] = 0.0
+    w = np.linalg.solve(z.T @ z + ridge, z.T @ residuals)
+    return np.concatenate([[w[0] - np.sum(w[1:] * mean / std)], w[1:] / std])
+
+
 def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y: np.ndarray,
               dense: np.ndarray, studio_index: np.ndarray, genres: Sequence[str], synopsis: Sequence[Any],
               lexical: np.ndarray | None, how_chosen: dict, seed: int,
@@ -53,24 +67,27 @@ def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y:
     layout, as where it serves); ``studio_index`` by the selection run's (a studio unknown to
     the model that scored the row)."""
     point = Blend.of(blend).apply(selection.valid_predictions, lexical)
-    errors = np.abs(y - np.clip(point * scaler.std + scaler.mean, SCORE_MIN, SCORE_MAX))
+    residuals = y - np.clip(point * scaler.std + scaler.mean, SCORE_MIN, SCORE_MAX)
+    errors = np.abs(residuals)
     features = scale_features(selection.valid_members, point, dense, studio_index, synopsis, lexical)
-    weights = fit_scale(features, errors)
-    centre = float(np.mean(features @ weights))
-    # Cross-fitted normalised errors: each row's scale from a model that never saw its error.
+    # Cross-fitted: each row's shift and scale come from models fitted on the other folds, so that
+    # no row's own error moves or widens its interval (which would make its normalised error small).
     fold = np.random.default_rng(seed).permutation(len(y)) % FOLDS
-    log_sigma = np.empty(len(y))
-    for k in range(FOLDS):
-        held = fold == k
-        if held.all():  # a single calibration row: no other fold to fit on
-            log_sigma[held] = centre
-            continue
-        w = fit_scale(features[~held], errors[~held])
-        log_sigma[held] = log_scale(w, features[held], float(np.mean(features[~held] @ w)))
-    scores = errors / np.exp(log_sigma)
+    splits = [(fold == k, fold != k if (fold != k).any() else fold == k) for k in range(FOLDS)]  # (held, fitted)
+    shifted, log_sigma = np.empty(len(y)), np.empty(len(y))
+    for held, fitted in splits:
+        shift = fit_location(features[fitted], residuals[fitted])
+        shifted[held] = residuals[held] - features[held, :LOCATION_FEATURES] @ shift
+    for held, fitted in splits:
+        w = fit_scale(features[fitted], np.abs(shifted[fitted]))
+        log_sigma[held] = log_scale(w, features[held], float(np.mean(features[fitted] @ w)))
+    scores = np.abs(shifted) / np.exp(log_sigma)
+    location = fit_location(features, residuals)
+    weights = fit_scale(features, np.abs(shifted))
+    centre = float(np.mean(features @ weights))
     rows = len(y)
     entry = {
-        "method": "split conformal, |y - score| / scale(x), the scale cross-fitted in "
+        "method": "split conformal, |y - score - shift(x)| / scale(x), shift and scale cross-fitted in "
                   f"{FOLDS} folds (docs/intervals.md)",
         "rows": rows,
         "rows_chosen": how_chosen,
@@ -83,5 +100,5 @@ def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y:
     log(f"calibration: {rows} validation rows (MAE {entry['mean_absolute_error']:.3f}); for titles like them "
         "the intervals cover at least " + ", ".join(f"{c:.1%} at {lv}" for lv, c in entry["coverage"].items()))
     state = {"scores": torch.from_numpy(np.sort(scores)), "errors": torch.from_numpy(np.sort(errors)),
-             "weights": torch.from_numpy(weights)}
+             "weights": torch.from_numpy(weights), "location": torch.from_numpy(location)}
     return entry, state
