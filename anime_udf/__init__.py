@@ -6,8 +6,20 @@ torch is imported only by what scores or trains."""
 from importlib import import_module
 
 _PUBLIC = {
+    # Every error a caller may catch: the base of them all, and each of the package's own
+    # (tests/test_project.py checks that none is missing). Spark's and dbt's live with their extras.
+    "AnimeUdfError": "anime_udf.errors",
     "BundleError": "anime_udf.bundle",
+    "CacheError": "anime_udf.cache",
     "CatalogError": "anime_udf.catalog",
+    "DeviceError": "anime_udf.devices",
+    "EncoderError": "anime_udf.text",
+    "NoModelsError": "anime_udf.udf",
+    "NotOneExpressionError": "anime_udf.sqlutil",
+    "NothingToEvaluateError": "anime_udf.evaluation",
+    "OutputError": "anime_udf.files",
+    "RescoreError": "anime_udf.rescore.run",
+    "StoreBusyError": "anime_udf.rescore.run",
     "UnknownModelError": "anime_udf.registry",
     "get_model": "anime_udf.registry",
     "load_scorer": "anime_udf.scoring",

@@ -17,7 +17,7 @@ from anime_udf.devices import DEVICES, PRECISIONS
 from anime_udf.errors import EXIT_FAILED, AnimeUdfError
 from anime_udf.files import atomic_file
 from anime_udf.registry import MODELS_ENV, get_model, list_bundles
-from anime_udf.sqlutil import quote_ident, quote_literal
+from anime_udf.sqlutil import quote_ident
 
 if TYPE_CHECKING:
     import duckdb
@@ -81,10 +81,11 @@ class JsonFailures(click.Command):
     ``Error: …`` line still goes to stderr): a scheduler reads one JSON document either way."""
 
     def make_context(self, info_name, args, parent=None, **extra):
+        asks_json = "--json" in args  # before parsing, which consumes args
         try:
             return super().make_context(info_name, args, parent, **extra)
         except click.ClickException as exc:
-            if "--json" in args:
+            if asks_json:
                 self.echo_failure(exc)
             raise
 
@@ -122,8 +123,25 @@ def models_option(f):
     )(f)
 
 
+def spark_settings(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    """--conf KEY=VALUE (repeatable, as spark-submit's) as {KEY: VALUE}; Spark's engine only."""
+    settings = {}
+    for value in values:
+        key, sep, setting = value.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"{value!r}: expected KEY=VALUE, e.g. "
+                                     "spark.executorEnv.ANIME_UDF_CACHE=/local-disk/anime-udf")
+        settings[key.strip()] = setting
+    if settings and ctx.params.get("engine", "duckdb") != "spark":
+        raise click.BadParameter("Spark settings need --engine spark", param_hint="--conf")
+    return settings
+
+
 def engine_options(f):
-    """--engine and --master: the same command on DuckDB (this process) or on Spark."""
+    """--engine, --master, --conf and --ship-bundles: the same command on DuckDB (this process) or on Spark."""
+    f = click.option("--conf", "spark_conf", multiple=True, metavar="KEY=VALUE", callback=spark_settings,
+                     help="A Spark setting, with --engine spark (repeatable, as spark-submit's --conf), e.g. "
+                          "spark.executorEnv.ANIME_UDF_CACHE=/local-disk/anime-udf.")(f)
     f = click.option("--ship-bundles", "ship", is_flag=True,
                      help="With --engine spark: send the bundles to every executor (as zip archives), "
                           "for a cluster whose workers do not see the models directory.")(f)
@@ -131,6 +149,7 @@ def engine_options(f):
                      help="Spark master, with --engine spark (its workers need anime-udf installed: "
                           "see docs/spark.md, \"Running on a cluster\").")(f)
     return click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
+                        is_eager=True,  # read before --conf, which needs it
                         help="Run in an in-process DuckDB, or on Apache Spark (pip install 'anime-udf[spark]').")(f)
 
 
@@ -426,7 +445,7 @@ def sql(query, database, write, tables, model_paths, out, limit, models_dir, dev
 @engine_options
 @models_option
 @scoring_options
-def score(data, out, model_paths, engine, master, ship, models_dir, device, precision):
+def score(data, out, model_paths, engine, master, ship, spark_conf, models_dir, device, precision):
     """Score a whole catalog file with every registered model.
 
     \b
@@ -438,7 +457,7 @@ def score(data, out, model_paths, engine, master, ship, models_dir, device, prec
     if engine == "spark":
         from anime_udf.spark import owned_session, score_parquet
 
-        with owned_session(master, progress=True) as spark:
+        with owned_session(master, progress=True, conf=spark_conf) as spark:
             scored = score_parquet(spark, str(data), out, models_dir=models_dir, device=device, precision=precision,
                                    ship=ship, **chosen_bundles(model_paths, models_dir))
         click.echo(scored.summary(out, " on Spark"))
@@ -660,7 +679,7 @@ def list_models(as_json, models_dir):
 @models_option
 @scoring_options
 def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, engine, master,
-            ship, models_dir, device, precision):
+            ship, spark_conf, models_dir, device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -692,7 +711,8 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
         from anime_udf.spark import owned_session
         from anime_udf.rescore.on_spark import rescore_spark
 
-        with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty()) as spark:
+        with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty(),
+                           conf=spark_conf) as spark:
             record = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
                                    dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
                                    precision=precision, ship=ship)

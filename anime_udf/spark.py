@@ -87,10 +87,11 @@ def session(master: str | None = None, *, app_name: str = "anime-udf", progress:
 
 
 @contextmanager
-def owned_session(master: str | None = None, *, progress: bool = False) -> Iterator[SparkSession]:
+def owned_session(master: str | None = None, *, progress: bool = False,
+                  conf: dict[str, str] | None = None) -> Iterator[SparkSession]:
     """``session()`` for one command: stopped at the end if this started it."""
     existing = SparkSession.getActiveSession()
-    spark = session(master, progress=progress)
+    spark = session(master, progress=progress, conf=conf)
     try:
         yield spark
     finally:

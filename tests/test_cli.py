@@ -365,15 +365,6 @@ def test_a_bad_encoder_batch_is_one_line_before_any_work(models, monkeypatch, co
     assert result.output == f"Error: $ANIME_UDF_ENCODER_BATCH is {value!r}: expected a whole number of texts, at least 1\n"
 
 
-def test_an_unusable_cache_is_a_one_line_warning(models, tmp_path, monkeypatch):
-    (tmp_path / "afile").write_text("")
-    monkeypatch.setenv("ANIME_UDF_CACHE", str(tmp_path / "afile"))
-    result = CliRunner().invoke(cli, ["sql", "SELECT predict_score('a', 'Action', NULL, 12) AS p"])
-    assert result.exit_code == 0, result.output
-    [warning] = [line for line in result.stderr.splitlines() if line]
-    assert warning.startswith("Warning: embedding cache ") and warning.endswith("continuing without it")
-
-
 def test_eval_shows_an_undefined_spearman_as_undefined(models):
     """The training mean predicts one value: its Spearman is undefined, a dash, never NaN."""
     result = run("eval", "--data", HOLDOUT)

@@ -99,6 +99,7 @@ FENCE = re.compile(r"^\s*(```|~~~)")
 MENTION = re.compile(r"(?:^|[\s/;&|])anime-udf(?:\s|$)")
 ENV_ASSIGNMENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*=")
 SEPARATORS = {"&&", "||", ";", "|", "&", ";;"}
+REDIRECTIONS = {">", ">>", "<", ">&", "<&"}
 
 
 def code_blocks(text: str):
@@ -116,9 +117,19 @@ def code_blocks(text: str):
 
 
 def shell_words(line: str) -> list[str]:
+    """The line's words and operators, its redirections (``> out``, ``2>> log``) left out."""
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
-    return list(lexer)
+    words: list[str] = []
+    tokens = iter(lexer)
+    for token in tokens:
+        if token in REDIRECTIONS:
+            next(tokens, None)  # the redirection's file
+            if words and words[-1].isdigit():  # 2>> log: the 2 names the stream
+                words.pop()
+        else:
+            words.append(token)
+    return words
 
 
 def commands_in(path: Path):

@@ -39,8 +39,8 @@ def user(tmp_path, baseline_bundle, fusion_bundle) -> dict[str, str]:
             "DBT_SEND_ANONYMOUS_USAGE_STATS": "false"}
 
 
-def run(env: dict[str, str], *args: str, command: tuple[str, ...] = (ANIME_UDF,)) -> str:
-    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600)
+def run(env: dict[str, str], *args: str, command: tuple[str, ...] = (ANIME_UDF,), cwd: Path | None = None) -> str:
+    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     return result.stdout
@@ -111,9 +111,22 @@ def test_dbt_plugin(user, expected, tmp_path):
     warehouse = tmp_path / "warehouse.duckdb"
     with duckdb.connect(str(warehouse)) as con:
         con.execute(f"CREATE TABLE anime AS SELECT * FROM read_csv({quote_literal(HOLDOUT)})")
-    env = {**user, "ANIME_UDF_WAREHOUSE": str(warehouse)}
+    # Run from another directory than the project's, with the paths relative to it, as after the
+    # README's `export ANIME_UDF_MODELS=...`: relative paths are the working directory's everywhere.
+    models = Path(user["ANIME_UDF_MODELS"])
+    env = {**user, "ANIME_UDF_WAREHOUSE": warehouse.name, "ANIME_UDF_MODELS": models.name}
     run(env, "run", "--select", "anime_scores", "--project-dir", str(project), "--profiles-dir", str(project),
-        command=(sys.executable, "-c", "from dbt.cli.main import cli; cli()"))
+        command=(sys.executable, "-c", "from dbt.cli.main import cli; cli()"), cwd=models.parent)
     with duckdb.connect(str(warehouse), read_only=True) as con:
         table = con.sql("SELECT * FROM anime_scores").pl()
     assert_scores(table.rename({"baseline": FUNCTIONS[0], "fusion": FUNCTIONS[1]}), expected)
+
+
+def test_an_unusable_cache_is_a_one_line_warning(user, tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = subprocess.run([ANIME_UDF, "sql", "SELECT predict_score('a', 'Action', NULL, 12) AS p"],
+                            env={**user, "ANIME_UDF_CACHE": str(tmp_path / "afile")}, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    [warning] = [line for line in result.stderr.splitlines() if line]
+    assert warning.startswith("Warning: embedding cache ") and warning.endswith("continuing without it")

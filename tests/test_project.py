@@ -96,3 +96,26 @@ def test_help_and_listing_import_nothing_heavy(tmp_path):
             "heavy = [m for m in heavy if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, cwd=ROOT, capture_output=True)
+
+
+def test_every_error_of_the_package_is_exported_under_its_base():
+    """What a caller of register, load_scorer, read_catalog or get_model may catch: the base
+    AnimeUdfError and each of the package's own errors, from `import anime_udf` (Spark's and
+    dbt's errors come with their extras and their modules)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import anime_udf
+    from anime_udf.errors import AnimeUdfError
+
+    defined = {}
+    for module in pkgutil.walk_packages(anime_udf.__path__, "anime_udf."):
+        if module.name in ("anime_udf.spark", "anime_udf.dbt", "anime_udf.rescore.on_spark"):
+            continue
+        for name, value in inspect.getmembers(importlib.import_module(module.name), inspect.isclass):
+            if issubclass(value, AnimeUdfError) and value.__module__ == module.name:
+                defined[name] = value
+    assert defined.keys() <= set(anime_udf.__all__), sorted(defined.keys() - set(anime_udf.__all__))
+    assert {name: getattr(anime_udf, name) for name in defined} == defined
+    assert anime_udf.AnimeUdfError is AnimeUdfError

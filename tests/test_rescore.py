@@ -28,7 +28,7 @@ from anime_udf.cli import cli
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
 from anime_udf.errors import EXIT_BUSY, EXIT_USAGE
 from anime_udf.rescore import RescoreError, StoreBusyError, model_id, rescore
-from tests.conftest import assert_fp32_close
+from tests.conftest import ROOT, assert_fp32_close
 
 CATALOG = Path(__file__).resolve().parents[1] / "fixtures" / "catalog.csv"
 SCORE_COLUMNS = "key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at"
@@ -369,7 +369,7 @@ def test_cli_summary_json_export_and_failure(tmp_path, models):
     result = runner.invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "scores.duckdb",
                                  "--key", "nope", "--json"])
     assert result.exit_code == 1
-    assert json.loads(result.output.split("Error:")[0])["status"] == "failed"
+    assert json.loads(result.stdout)["status"] == "failed"
     assert "no key column 'nope'" in result.output
 
     result = runner.invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "scores.duckdb", "--dry-run"])
@@ -388,7 +388,7 @@ def test_every_failure_of_rescore_json_is_json(tmp_path, args, names):
     catalog = write(catalog_a(), tmp_path / "a.csv")
     result = CliRunner().invoke(cli, ["rescore", *(a.format(catalog=catalog) for a in args), "--json"])
     assert result.exit_code == EXIT_USAGE, result.output
-    failed = json.loads(result.output.split("Usage:")[0].split("Error:")[0])
+    failed = json.loads(result.stdout)
     assert failed["status"] == "failed" and failed["exit_code"] == EXIT_USAGE and names in failed["error"]
     assert not (tmp_path / "s.duckdb").exists() and not (tmp_path / "s").exists()
 
@@ -403,7 +403,7 @@ def test_an_unforeseen_failure_of_rescore_json_is_json_too(tmp_path, models, mon
     catalog = write(catalog_a(), tmp_path / "a.csv")
     result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", "s.duckdb", "--json"])
     assert result.exit_code == 1 and "Traceback" not in result.output
-    failed = json.loads(result.output.split("Error:")[0])
+    failed = json.loads(result.stdout)
     assert failed == {"status": "failed", "exit_code": 1,
                       "error": "ZeroDivisionError: a bug (rerun with --debug for the traceback)"}
 
@@ -418,8 +418,8 @@ def test_unwritable_store_is_a_clear_error_also_under_json(tmp_path, models, mon
     def failure(store: Path) -> str:
         result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store), "--json"])
         assert result.exit_code == 1, result.output
-        failed = json.loads(result.output.split("Error:")[0])
-        assert failed["status"] == "failed" and failed["error"] in result.output.split("Error:")[1]
+        failed = json.loads(result.stdout)
+        assert failed["status"] == "failed" and failed["error"] in result.stderr
         return failed["error"]
 
     (tmp_path / "afile").write_text("")
@@ -692,7 +692,7 @@ def test_concurrent_runs_fail_clearly_or_wait(tmp_path, models, baseline_bundle)
             rescore(catalog, store)
         result = CliRunner().invoke(cli, ["rescore", "--catalog", str(catalog), "--store", str(store), "--json"])
         assert result.exit_code == EXIT_BUSY and "being rescored by another run" in result.output
-        busy = json.loads(result.output.split("Error:")[0])  # a scheduler tells "try later" from "failed"
+        busy = json.loads(result.stdout)  # a scheduler tells "try later" from "failed"
         assert busy["status"] == "failed" and busy["exit_code"] == EXIT_BUSY
         waited = rescore(catalog, store, wait=120)  # blocks until the first run is done
         assert proc.wait(timeout=60) == 0
@@ -829,3 +829,58 @@ def test_wait_holds_for_a_table_catalog_in_a_warehouse_open_elsewhere(tmp_path, 
         holder.kill()
         holder.wait()
     assert report.models[0]["rows_scored"] == 40
+
+
+JOIN_BACK = """SELECT a.anime_id, a.title, s.score FROM anime a
+     JOIN rescore_scores s ON s.key = CAST(a.anime_id AS VARCHAR) AND s.model_kind = 'fusion'"""
+ALERT = """SELECT run_id, model_kind, rows_scored, rows_seen, score_mean
+    FROM rescore_runs WHERE started_at > now() - INTERVAL 1 DAY
+    AND (rows_scored > rows_seen / 10 OR abs(shift_mean) > 0.1)"""
+
+
+def scheduled_command(line: str, home: Path) -> str:
+    """An example's command line (examples/nightly) for this machine: its home directory a
+    temporary one, its anime-udf this environment's."""
+    anime_udf = str(Path(sys.executable).parent / "anime-udf")
+    line = re.sub(r"(/srv/anime/)?\.venv/bin/anime-udf", anime_udf, line)
+    return line.replace("/srv/anime", str(home))
+
+
+@pytest.mark.slow  # fresh processes, as cron and systemd start them
+def test_the_nightly_examples_run_as_written(tmp_path, baseline_bundle):
+    """The cron line prints nothing on success (cron mails nothing) and the failure's JSON on
+    failure; the systemd unit's command prints the run record as JSON, and exits non-zero on
+    failure (the unit fails and starts its OnFailure= alert)."""
+    home = tmp_path / "srv"
+    shutil.copytree(baseline_bundle, home / "models" / baseline_bundle.name)
+    read_catalog(CATALOG).write_parquet(home / "catalog.parquet")
+    examples = ROOT / "examples" / "nightly"
+    [cron] = [line for line in (examples / "crontab").read_text().splitlines() if line[:1].isdigit()]
+    cron = scheduled_command(cron.split(None, 5)[5], home)
+    service = dict(line.split("=", 1) for line in (examples / "anime-udf-rescore.service").read_text().splitlines()
+                   if "=" in line and not line.startswith("#"))
+    env = {**os.environ, **dict(pair.split("=") for pair in scheduled_command(service["Environment"], home).split())}
+
+    first = subprocess.run(["bash", "-c", cron], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0 and first.stdout == "", first.stdout + first.stderr
+    assert json.loads((home / "last-run.json").read_text())["models"][0]["rows_scored"] == 400
+    second = subprocess.run(scheduled_command(service["ExecStart"], home).split(), cwd=home, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["models"][0]["rows_reused"] == 400
+
+    # The rescoring page's queries, as written: the join back to the catalog, the alert on a run record.
+    page = (ROOT / "docs" / "rescoring.md").read_text()
+    for query, rows in ((JOIN_BACK, 400), (ALERT, 1)):  # the first night scored every row: worth a look
+        assert " ".join(query.split()) in " ".join(page.split())
+        result = CliRunner().invoke(cli, ["sql", "--db", str(home / "scores.duckdb"), "--table",
+                                          f"anime={home / 'catalog.parquet'}", "--out", str(tmp_path / "q.csv"),
+                                          query.replace("fusion", "baseline")])
+        assert result.exit_code == 0 and pl.read_csv(tmp_path / "q.csv").height == rows, result.output
+
+    (home / "catalog.parquet").unlink()
+    mailed = subprocess.run(["bash", "-c", cron], capture_output=True, text=True, timeout=600).stdout
+    assert json.loads(mailed)["status"] == "failed" and "catalog.parquet: no such file" in json.loads(mailed)["error"]
+    failed = subprocess.run(scheduled_command(service["ExecStart"], home).split(), cwd=home, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert failed.returncode == EXIT_USAGE and json.loads(failed.stdout)["exit_code"] == EXIT_USAGE  # the unit fails

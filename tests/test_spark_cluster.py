@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -46,6 +47,12 @@ SCORE = ("anime-udf score --engine spark --master spark://127.0.0.1:7077 --ship-
          "--data catalog.parquet --out scored/")
 RESCORE = ("anime-udf rescore --engine spark --master spark://127.0.0.1:7077 --ship-bundles "
            "--catalog catalog.parquet --store scores/")
+# Spark settings from the CLI (--conf, as spark-submit's) and a job that spark-submit runs (examples/spark).
+EXECUTOR_CACHE = "--conf spark.executorEnv.ANIME_UDF_CACHE=/local-disk/anime-udf"
+SCORE_WITH_CONF = SCORE.replace("--ship-bundles", f"--ship-bundles {EXECUTOR_CACHE}")
+SUBMIT = (f"$SPARK_HOME/bin/spark-submit --master spark://127.0.0.1:7077 {EXECUTOR_CACHE} "
+          "--conf spark.executorEnv.HF_HUB_OFFLINE=1 examples/spark/score_catalog.py catalog.parquet scored/ "
+          "--models models")
 WORKER_UI_PORTS = (8081, 8082)
 
 
@@ -189,7 +196,8 @@ def work_dir(tmp_path: Path, catalog: Path, baseline: Path, fusion: Path) -> Pat
 def test_the_docs_run_these_cluster_commands():
     page = (ROOT / "docs" / "spark.md").read_text()
     section = page[page.index("## Running on a cluster"):]
-    for command in (MASTER, *(WORKER.format(ui=ui) for ui in WORKER_UI_PORTS), SCORE, RESCORE):
+    for command in (MASTER, *(WORKER.format(ui=ui) for ui in WORKER_UI_PORTS), SCORE, RESCORE, SCORE_WITH_CONF,
+                    SUBMIT):
         assert command in section, command
 
 
@@ -203,6 +211,27 @@ def test_score_on_a_standalone_cluster_equals_duckdb(cluster, catalog, tmp_path,
     for column, name in (("baseline", "predict_score"), ("fusion", "predict_score_fusion")):
         np.testing.assert_allclose(spark[name].to_numpy(), expected[column].to_numpy(), rtol=0, atol=1e-5)
     assert cluster.status()["completedapps"]  # the job ran on the cluster's executors
+
+
+@pytest.mark.parametrize("command", [SCORE_WITH_CONF, SUBMIT], ids=["cli-conf", "spark-submit"])
+def test_spark_settings_reach_the_executors(cluster, catalog, tmp_path, baseline_bundle, fusion_bundle, command):
+    """The documented --conf setting of the executors' embedding cache takes effect, from the CLI and
+    from spark-submit running the example job: the executors fill that cache, not the workers' own."""
+    cwd = work_dir(tmp_path, catalog, baseline_bundle, fusion_bundle)
+    pl.read_parquet(catalog).head(24).write_parquet(cwd / "catalog.parquet")  # a cold cache: few synopses
+    cache = tmp_path / "executor-cache"
+    argv = [str(ROOT / a) if a.startswith("examples/") else a
+            for a in cluster.argv(command.replace("/local-disk/anime-udf", str(cache)))]
+    if argv[0].endswith("spark-submit"):
+        argv[0] = str(Path(cluster.env["SPARK_HOME"]) / "bin" / "spark-submit")
+        job = subprocess.Popen(argv, cwd=cwd, env={**cluster.env, "ANIME_UDF_CACHE": os.environ["ANIME_UDF_CACHE"]},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    else:
+        job = anime_udf_command(cluster, " ".join(argv), cwd, "--models", "models")
+    assert "scored 24 rows with predict_score, predict_score_fusion on Spark" in finished(job)
+    assert pl.read_parquet(str(cwd / "scored" / "*.parquet")).height == 24
+    with sqlite3.connect(cache / "embeddings.sqlite") as db:  # made by the executors: the setting took effect
+        assert db.execute("SELECT count(*) FROM embeddings").fetchone()[0] > 0
 
 
 def stored_vs_duckdb(store: Path, catalog: Path, tmp_path: Path, baseline: Path, fusion: Path):
