@@ -207,3 +207,45 @@ def test_eval_level_prints_coverage_width_and_score_beside_the_constant_width(ba
     assert "--level" in CliRunner().invoke(cli, ["eval", "--help"]).output
     bad = CliRunner().invoke(cli, [*args[:-1], "1.2"])
     assert bad.exit_code == 2 and "--level" in bad.output
+
+
+def test_the_centre_shifts_where_the_errors_lean_and_still_holds_the_score():
+    """Titles scored low turn out better than their score, those scored high worse (y - ŷ leans
+    on the score): the shift m(x) centres each band's interval on its errors, so both ends of the
+    score are covered at the level, where an interval centred on the score under-covers them."""
+    from anime_udf.intervals import LOCATION_FEATURES, Calibration, log_scale
+    from training.calibration import fit_location, fit_scale
+
+    rng = np.random.default_rng(1)
+
+    def rows(n):
+        z = rng.normal(size=n)  # the standardised score
+        features = np.zeros((n, len(SCALE_FEATURES)))
+        features[:, 0], features[:, 1], features[:, 2] = 1, z, z ** 2
+        return features, -0.4 * z + rng.normal(0, 0.3, n), z  # residuals y - ŷ lean against the score
+
+    features, residuals, _ = rows(4000)
+    location = fit_location(features, residuals)
+    assert location[1] == pytest.approx(-0.4, abs=0.03) and abs(location[2]) < 0.03
+    shifted = residuals - features[:, :LOCATION_FEATURES] @ location
+    weights = fit_scale(features, np.abs(shifted))
+    centre = float(np.mean(features @ weights))
+    scores = np.sort(np.abs(shifted) / np.exp(log_scale(weights, features, centre)))
+    new, new_residuals, z = rows(20000)
+    score = np.full(len(new), 5.0)
+    level = np.full(len(new), 0.9)
+    ends = np.abs(z) > 1
+    for shift, covers in ((location, True), (np.zeros(LOCATION_FEATURES), False)):
+        lo, hi = Calibration(scores, np.sort(np.abs(residuals)), weights, shift, centre).bounds(score, new, level)
+        assert ((lo <= score) & (score <= hi)).all()
+        inside = (score + new_residuals >= lo) & (score + new_residuals <= hi)
+        if covers:  # the ends at least at the level (where the shift outgrows the half width, the
+            # interval is widened to hold the score, and covers more)
+            assert inside[ends].mean() > 0.88
+            assert inside[~ends].mean() == pytest.approx(0.9, abs=0.02)
+        else:
+            assert inside[ends].mean() < 0.85
+    # A shift beyond the half width still leaves the score inside: the interval is widened to it.
+    far = Calibration(scores, scores, weights, np.array([3.0, 0.0, 0.0]), centre)
+    lo, hi = far.bounds(score[:10], new[:10], np.full(10, 0.5))
+    assert (lo == score[:10]).all() and (hi > score[:10] + 3.0 - 1e-9).all()
