@@ -496,7 +496,9 @@ def parse_where(where: str) -> str:
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.html",
               help="Also write a self-contained HTML report: metrics, predicted vs actual, residuals, error by "
                    "genre / episodes / studio, calibration, what each model listens to (the mean part of each "
-                   "input group) and the largest misses with their parts (opens offline).")
+                   "input group), the prediction intervals (coverage against the level from 0.5 to 0.95; "
+                   "coverage and width by band of the score, genre and episodes at --level, else 0.9) and the "
+                   "largest misses with their parts and intervals (opens offline).")
 @models_option
 @scoring_options
 def evaluate(data, model_paths, where, as_json, level, report, models_dir, device, precision):
@@ -510,7 +512,8 @@ def evaluate(data, model_paths, where, as_json, level, report, models_dir, devic
     """
     import polars as pl
 
-    from anime_udf.evaluation import CONSTANT_WIDTH, EVALUATED, INTERVALS, REFERENCE, build_intervals, build_predictions
+    from anime_udf.evaluation import (CONSTANT_WIDTH, EVALUATED, INTERVALS, REFERENCE, build_intervals,
+                                      build_predictions, build_report_intervals)
     from anime_udf.metrics import interval_metrics_table, metrics_table
 
     require_file(data, "--data")
@@ -522,9 +525,9 @@ def evaluate(data, model_paths, where, as_json, level, report, models_dir, devic
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
     evaluation = build_predictions(con, "catalog", condition, scorers, explain=report is not None)
     table = metrics_table(con, EVALUATED)
-    intervals = None
+    intervals, built = None, []
     if level is not None:
-        build_intervals(con, scorers, level)
+        built = build_intervals(con, scorers, [level])
         intervals = interval_metrics_table(con, INTERVALS, level)
     skipped = f"skipped {evaluation.skipped_rows} selected row(s) without a score" if evaluation.skipped_rows else ""
     if as_json:
@@ -558,7 +561,8 @@ def evaluate(data, model_paths, where, as_json, level, report, models_dir, devic
     if report:
         from anime_udf.report import write_report
 
-        write_report(con, evaluation, report, catalog=data, where=where)
+        write_report(con, evaluation, report, catalog=data, where=where,
+                     intervals=build_report_intervals(con, scorers, level, built))
         click.echo(f"wrote the report to {report}", err=as_json)
 
 

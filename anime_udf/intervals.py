@@ -69,6 +69,11 @@ def check_levels(level: Sequence[Any] | np.ndarray) -> np.ndarray:
     return values
 
 
+def has_calibration(manifest: dict[str, Any]) -> bool:
+    """Whether a bundle's manifest has a calibration (bundles trained before intervals have none)."""
+    return isinstance(manifest.get("calibration"), dict)
+
+
 def scale_feature_names(genres: Sequence[str]) -> list[str]:
     """The scale model's features for a bundle of genre vocabulary ``genres``."""
     return [*SCALE_FEATURES, *(f"genre:{g}" for g in genres)]
@@ -130,7 +135,7 @@ class Calibration:
     @classmethod
     def load(cls, bundle: Path, manifest: dict[str, Any]) -> "Calibration":
         entry = manifest.get("calibration")
-        if not isinstance(entry, dict):
+        if not has_calibration(manifest):
             raise NoCalibrationError(
                 f"{bundle}: this bundle has no calibration (it was trained before prediction intervals); "
                 f"retrain it with `anime-udf train {manifest['kind']}` to score intervals")

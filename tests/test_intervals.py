@@ -142,6 +142,17 @@ def test_a_bundle_without_calibration_scores_and_says_how_to_get_intervals(uncal
     assert len(result.output.strip().splitlines()) == 1
 
 
+def test_a_report_with_a_bundle_without_calibration_says_to_retrain(uncalibrated_baseline, tmp_path):
+    out = tmp_path / "old.html"
+    result = CliRunner().invoke(cli, ["eval", "--data", str(HOLDOUT), "--model", str(uncalibrated_baseline),
+                                      "--report", str(out)])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    name = json.loads((uncalibrated_baseline / "manifest.json").read_text())["name"]
+    assert f"{name} has no calibration" in page and "retrain the model to score its intervals" in page
+    assert "interval coverage" not in page and page.count('<img class="chart"') == 7
+
+
 def test_the_conformal_quantile_is_the_ceil_n_plus_1_level_th_score():
     scores = np.arange(1.0, 10.0)  # n = 9
     found = conformal_quantile(scores, np.array([0.1, 0.5, 0.9, 0.95]))
