@@ -79,15 +79,23 @@ def scale_feature_names(genres: Sequence[str]) -> list[str]:
     return [*SCALE_FEATURES, *(f"genre:{g}" for g in genres)]
 
 
+def word_counts(cleaned_synopsis: Sequence[str]) -> np.ndarray:
+    """The words of each synopsis, float64, from the synopses as ``features.clean_text`` leaves
+    them (one space between words): ``len(s.split())`` of each original, without splitting."""
+    return np.fromiter((t.count(" ") + 1 if t else 0 for t in cleaned_synopsis), dtype=np.float64,
+                       count=len(cleaned_synopsis))
+
+
 def scale_features(members: np.ndarray, point: np.ndarray, dense: np.ndarray, studio_index: np.ndarray,
-                   synopsis: Sequence[Any], lexical: np.ndarray | None) -> np.ndarray:
+                   cleaned_synopsis: Sequence[str], lexical: np.ndarray | None) -> np.ndarray:
     """φ(x), float64 [rows, features] (``scale_feature_names``): ``members`` the seed heads'
     standardised predictions [seeds, rows], ``point`` the standardised point (after the blend),
     ``dense`` the bundle's dense tabular features, ``studio_index`` the model's studio index (0:
-    a studio it never saw), ``lexical`` the lexical score (fusion; None: zeros)."""
+    a studio it never saw), ``cleaned_synopsis`` the synopses cleaned (``features.clean_text``),
+    ``lexical`` the lexical score (fusion; None: zeros)."""
     n = len(point)
     point = np.asarray(point, dtype=np.float64)
-    words = np.fromiter((0 if s is None else len(str(s).split()) for s in synopsis), dtype=np.float64, count=n)
+    words = word_counts(cleaned_synopsis)
     lexical_score = np.zeros(n) if lexical is None else np.asarray(lexical, dtype=np.float64)
     columns = [
         np.ones(n), point, point ** 2,

@@ -12,7 +12,7 @@ import torch
 from anime_udf.bundle import HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, BundleError, load_weights, read_manifest
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
-from anime_udf.features import TabularEncoder
+from anime_udf.features import TabularEncoder, clean_text, distinct_values
 from anime_udf.columns import SCORE_MAX, SCORE_MIN
 from anime_udf.intervals import Calibration, check_levels, scale_features
 from anime_udf.lexical import LexicalModel
@@ -23,9 +23,10 @@ from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
 
 class Rows:
     """A batch of the four inputs. What several models derive from them the same way is derived
-    once and kept for the others: the sentence embeddings per text encoder (each synopsis
-    cleaned, hashed, read from the cache or encoded), the tabular features per TabularEncoder
-    (the two models trained on one catalog encode them alike)."""
+    once and kept for the others: the cleaned synopses (for every text encoder and the
+    intervals' word count), the sentence embeddings per text encoder (each synopsis hashed,
+    read from the cache or encoded), the tabular features per TabularEncoder (the two models
+    trained on one catalog encode them alike)."""
 
     def __init__(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                  episodes: Sequence[Any]):
@@ -34,6 +35,7 @@ class Rows:
         self.synopsis, self.genres, self.studio, self.episodes = synopsis, genres, studio, episodes
         self._embeddings: dict[str, np.ndarray] = {}  # by encoder id
         self._features: dict[TabularEncoder, tuple[np.ndarray, np.ndarray]] = {}
+        self._cleaned: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.synopsis)
@@ -41,8 +43,17 @@ class Rows:
     def embedding(self, encoder: FrozenTextEncoder) -> np.ndarray:
         """The rows' sentence embeddings by ``encoder``, float32 [n, dim]."""
         if encoder.encoder_id not in self._embeddings:
-            self._embeddings[encoder.encoder_id] = sentence_embedding(encoder.embed(self.synopsis))
+            self._embeddings[encoder.encoder_id] = sentence_embedding(
+                encoder.embed(self.cleaned_synopsis(), already_clean=True))
         return self._embeddings[encoder.encoder_id]
+
+    def cleaned_synopsis(self) -> list[str]:
+        """Each row's synopsis as the text encoders see it (``clean_text``), each distinct one cleaned once."""
+        if self._cleaned is None:
+            values, value_of_row = distinct_values(self.synopsis)
+            cleaned = [clean_text(v) for v in values]
+            self._cleaned = [cleaned[i] for i in value_of_row]
+        return self._cleaned
 
     def features(self, encoder: TabularEncoder) -> tuple[np.ndarray, np.ndarray]:
         """The rows' (dense features, studio index) by ``encoder`` (``TabularEncoder.encode``)."""
@@ -103,7 +114,7 @@ class Scorer:
             return {"lo": np.zeros(0), "hi": np.zeros(0)}
         members, standardised, inputs = self.standardised(rows)
         score = self.score_of(standardised)
-        features = scale_features(members, standardised, *rows.features(self.features), rows.synopsis,
+        features = scale_features(members, standardised, *rows.features(self.features), rows.cleaned_synopsis(),
                                   lexical_input(inputs))
         lo, hi = calibration.bounds(score, features, levels)
         return {"lo": lo, "hi": hi}

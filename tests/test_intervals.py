@@ -260,3 +260,15 @@ def test_the_centre_shifts_where_the_errors_lean_and_still_holds_the_score():
     far = Calibration(scores, scores, weights, np.array([3.0, 0.0, 0.0]), centre)
     lo, hi = far.bounds(score[:10], new[:10], np.full(10, 0.5))
     assert (lo == score[:10]).all() and (hi > score[:10] + 3.0 - 1e-9).all()
+
+
+def test_the_word_count_is_str_split_of_the_synopsis_as_given():
+    """The scale model's word count reads the cleaned synopsis (one space between words, so no
+    split is needed): it must equal len(str(s).split()) of the synopsis as given, for any text."""
+    from anime_udf.features import clean_text
+    from anime_udf.intervals import word_counts
+
+    texts = [None, "", " ", "one", " one ", "two  words", "a\tb\nc\r\x0bd\x0ce\x1cf\x1fg", "a\xa0b\u3000c\u2003d",
+             "x\x85y", "日本語 テキスト", 12.5, "  \n ", "trailing ", *read_catalog(CATALOG)["synopsis"].to_list()]
+    assert word_counts([clean_text(t) for t in texts]).tolist() == [
+        0 if t is None else len(str(t).split()) for t in texts]

@@ -11,6 +11,7 @@ import torch
 
 from anime_udf.intervals import (LOCATION_FEATURES, guaranteed_coverage, log_scale, scale_feature_names,
                                  scale_features)
+from anime_udf.features import clean_text
 from anime_udf.models import Blend
 from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 from training.common import Selection, TargetScaler
@@ -69,7 +70,8 @@ def calibrate(selection: Selection, blend: dict | None, scaler: TargetScaler, y:
     point = Blend.of(blend).apply(selection.valid_predictions, lexical)
     residuals = y - np.clip(point * scaler.std + scaler.mean, SCORE_MIN, SCORE_MAX)
     errors = np.abs(residuals)
-    features = scale_features(selection.valid_members, point, dense, studio_index, synopsis, lexical)
+    features = scale_features(selection.valid_members, point, dense, studio_index,
+                              [clean_text(s) for s in synopsis], lexical)
     # Cross-fitted: each row's shift and scale come from models fitted on the other folds, so that
     # no row's own error moves or widens its interval (which would make its normalised error small).
     fold = np.random.default_rng(seed).permutation(len(y)) % FOLDS
