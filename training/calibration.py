@@ -9,11 +9,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from anime_udf.columns import SCORE_MAX, SCORE_MIN
+from anime_udf.features import clean_text
 from anime_udf.intervals import (LOCATION_FEATURES, guaranteed_coverage, log_scale, scale_feature_names,
                                  scale_features)
-from anime_udf.features import clean_text
 from anime_udf.models import Blend
-from anime_udf.scoring import SCORE_MAX, SCORE_MIN
 from training.common import Selection, TargetScaler
 
 FOLDS = 5  # the scale model behind each row's normalised error is fitted on the other folds
