@@ -16,6 +16,8 @@ _PUBLIC = {
     "ComparisonError": "anime_udf.comparison",
     "DeviceError": "anime_udf.devices",
     "EncoderError": "anime_udf.text",
+    "LevelError": "anime_udf.intervals",
+    "NoCalibrationError": "anime_udf.intervals",
     "NoModelsError": "anime_udf.udf",
     "NotOneExpressionError": "anime_udf.sqlutil",
     "NothingToEvaluateError": "anime_udf.evaluation",

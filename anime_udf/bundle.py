@@ -40,6 +40,9 @@ REFERENCE_FILE = "explain.safetensors"
 # The content hashes of the rows training saw (anime_udf.comparison.row_hashes), so that a comparison
 # leaves them out; a bundle trained before they were recorded has none.
 TRAINING_ROWS_FILE = "training_rows.safetensors"
+# Prediction intervals (anime_udf.intervals): the calibration rows' errors and the scale model.
+# Optional: bundles trained before intervals still score; their intervals say how to get one.
+CALIBRATION_FILE = "calibration.safetensors"
 ENCODER_DIR, TOKENIZER_DIR = "encoder", "tokenizer"
 KINDS = ("baseline", "fusion")
 POOLINGS = ("mean", "cls")  # how an encoder's token states become one text vector
@@ -282,11 +285,14 @@ _SCHEMA = {
 _FUSION_SCHEMA = {("lexical", "ngram_max"): _number(1, 5, integer=True)}
 # Optional (bundles trained before it have none: the head alone).
 _BLEND_SCHEMA = {("blend", weight): _number(-100, 100) for weight in ("head", "lexical", "constant")}
+_CALIBRATION_SCHEMA = {("calibration", "rows"): _number(1, 1e9, integer=True),
+                       ("calibration", "log_scale_centre"): _number(-100, 100)}
 
 
 def check_schema(path: Path, manifest: dict[str, Any]) -> None:
     schema = (_SCHEMA | (_FUSION_SCHEMA if manifest["kind"] == "fusion" else {})
-              | (_BLEND_SCHEMA if "blend" in manifest else {}))
+              | (_BLEND_SCHEMA if "blend" in manifest else {})
+              | (_CALIBRATION_SCHEMA if "calibration" in manifest else {}))
     for keys, (ok, expected) in schema.items():
         value: Any = manifest
         for key in keys:

@@ -498,23 +498,32 @@ def parse_where(where: str) -> str:
               help="One SQL expression filtering the catalog, e.g. \"anime_id % 5 = 0\" (statements, "
                    "UNIONs and comments are refused; it cannot read files).")
 @click.option("--json", "as_json", is_flag=True, help="Print the models' metrics as JSON.")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="LEVEL",
+              help="Also score each model's prediction intervals at LEVEL (e.g. 0.9) and print their coverage "
+                   "(the share of rows inside), mean width and interval score (lower is better), beside the "
+                   "reference of a constant width calibrated on the same rows.")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.html",
               help="Also write a self-contained HTML report: metrics, predicted vs actual, residuals, error by "
                    "genre / episodes / studio, calibration, what each model listens to (the mean part of each "
-                   "input group) and the largest misses with their parts (opens offline).")
+                   "input group), the prediction intervals (coverage against the level from 0.5 to 0.95; "
+                   "coverage and width by band of the score, genre and episodes at --level, else 0.9) and the "
+                   "largest misses with their parts and intervals (opens offline).")
 @models_option
 @scoring_options
-def evaluate(data, model_paths, where, as_json, report, models_dir, device, precision):
+def evaluate(data, model_paths, where, as_json, level, report, models_dir, device, precision):
     """n, MAE, RMSE, Spearman and R² of each model, computed in SQL (sql/metrics.sql), beside the
-    reference of predicting the training mean (what a model must beat).
+    reference of predicting the training mean (what a model must beat); with --level, the
+    coverage, mean width and interval score of its prediction intervals.
 
     \b
     anime-udf eval --data valid.parquet --where "anime_id % 5 = 0" --report report.html
+    anime-udf eval --data valid.parquet --level 0.9
     """
     import polars as pl
 
-    from anime_udf.evaluation import EVALUATED, REFERENCE, build_predictions
-    from anime_udf.metrics import metrics_table
+    from anime_udf.evaluation import (CONSTANT_WIDTH, EVALUATED, INTERVALS, REFERENCE, build_intervals,
+                                      build_predictions, build_report_intervals)
+    from anime_udf.metrics import interval_metrics_table, metrics_table
 
     require_file(data, "--data")
     condition = parse_where(where) if where else "true"
@@ -525,9 +534,21 @@ def evaluate(data, model_paths, where, as_json, report, models_dir, device, prec
     con.execute("SET enable_external_access = false")  # --where filters the catalog; it reads no files
     evaluation = build_predictions(con, "catalog", condition, scorers, explain=report is not None)
     table = metrics_table(con, EVALUATED)
+    intervals, built = None, []
+    if level is not None:
+        built = build_intervals(con, scorers, [level])
+        intervals = interval_metrics_table(con, INTERVALS, level)
     skipped = f"skipped {evaluation.skipped_rows} selected row(s) without a score" if evaluation.skipped_rows else ""
     if as_json:
-        click.echo(json.dumps(table.filter(pl.col("model").is_in(evaluation.models)).to_dicts(), indent=2))
+        rows = table.filter(pl.col("model").is_in(evaluation.models)).to_dicts()
+        if intervals is not None:  # each model's interval figures beside its metrics
+            by_model = {row.pop("model"): row for row in intervals.to_dicts()}
+            for row in rows:
+                row["interval"] = {"level": level, **{k: v for k, v in by_model[row["model"]].items() if k != "n"},
+                                   CONSTANT_WIDTH.replace(" ", "_"): {
+                                       k: v for k, v in by_model[f"{row['model']} {CONSTANT_WIDTH}"].items()
+                                       if k != "n"}}
+        click.echo(json.dumps(rows, indent=2))
         if skipped:
             click.echo(skipped, err=True)
     else:
@@ -536,14 +557,21 @@ def evaluate(data, model_paths, where, as_json, report, models_dir, device, prec
 
         with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
             click.echo(pl.DataFrame({c: [shown(v) for v in table[c]] for c in table.columns}))
+            if intervals is not None:
+                click.echo(f"prediction intervals at level {level:g}:")
+                click.echo(pl.DataFrame({c: [shown(v) for v in intervals[c]] for c in intervals.columns}))
         means = ", ".join(f"{mean:.4f}" for mean in evaluation.references.values())
         click.echo(f"{REFERENCE}: every row predicted as the mean score of the training data ({means})")
+        if intervals is not None:
+            click.echo(f"{CONSTANT_WIDTH}: the model's score ± the one width that covers {level:g} of its "
+                       "calibration rows (the adaptive interval must beat it)")
         if skipped:
             click.echo(skipped)
     if report:
         from anime_udf.report import write_report
 
-        write_report(con, evaluation, report, catalog=data, where=where)
+        write_report(con, evaluation, report, catalog=data, where=where,
+                     intervals=build_report_intervals(con, scorers, level, built))
         click.echo(f"wrote the report to {report}", err=as_json)
 
 

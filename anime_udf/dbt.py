@@ -1,5 +1,5 @@
-"""The dbt-duckdb plugin: predict_score / predict_score_fusion (with explain_score / explain_score_fusion)
-and the project's SQL macros in dbt models.
+"""The dbt-duckdb plugin: predict_score / predict_score_fusion (with explain_score / explain_score_fusion
+and predict_score_interval / predict_score_fusion_interval) and the project's SQL macros in dbt models.
 
 In ``profiles.yml`` (``pip install 'anime-udf[dbt]'``)::
 
@@ -41,7 +41,7 @@ from anime_udf.errors import AnimeUdfError
 from anime_udf.metrics import metric_macros
 from anime_udf.rescore import model_id, sql_sections
 from anime_udf.sqlutil import quote_literal
-from anime_udf.udf import LazyScorer, register_bundles, register_scorer
+from anime_udf.udf import LazyScorer, register_bundles, register_functions
 
 SETTINGS = ("models", "baseline", "fusion", "device", "precision")
 
@@ -83,8 +83,7 @@ class Plugin(BasePlugin):
 
     def configure_connection(self, conn: DuckDBPyConnection) -> None:
         for scorer in self.scorers:  # functions belong to the database: every cursor sees them
-            register_scorer(conn, scorer)
-            register_scorer(conn, scorer, explain=True)
+            register_functions(conn, scorer)
 
     def configure_cursor(self, cursor: DuckDBPyConnection) -> None:
         # Macros are TEMP, so per connection: each cursor dbt opens needs its own.

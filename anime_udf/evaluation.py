@@ -8,7 +8,7 @@ constant prediction of the training mean recorded in its bundle.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import duckdb
 
@@ -17,12 +17,17 @@ from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields, has_references
 from anime_udf.metrics import load_metric_macros
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
-from anime_udf.udf import EXPLAIN_NAMES
+from anime_udf.udf import EXPLAIN_NAMES, INTERVAL_NAMES
 
 PREDICTIONS = "predictions"
 EVALUATED = "evaluated"
 EXPLANATIONS = "explanations"
+INTERVALS = "intervals"
+RELIABILITY = "interval_levels"  # the report's intervals at each of RELIABILITY_LEVELS
+RELIABILITY_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+REPORT_LEVEL = 0.9  # the level of the report's interval figures when eval has no --level
 REFERENCE = "training mean"
+CONSTANT_WIDTH = "constant width"  # each model's interval reference: its score ± one width, same calibration rows
 
 
 class NothingToEvaluateError(AnimeUdfError):
@@ -42,6 +47,16 @@ class Evaluation:
     # Bundles that cannot explain their scores (trained before references were stored): with none,
     # `explanations` holds each model's parts of every evaluated row (when asked for).
     unexplained: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReportIntervals:
+    """What the report shows of the prediction intervals: ``intervals`` at ``level`` and
+    ``RELIABILITY`` were built by ``statements``; with ``uncalibrated`` bundles, neither."""
+
+    level: float
+    statements: tuple[str, ...]
+    uncalibrated: tuple[str, ...] = ()
 
 
 def load_report_macros(con: duckdb.DuckDBPyConnection) -> None:
@@ -116,3 +131,46 @@ def build_predictions(con: duckdb.DuckDBPyConnection, catalog: str, condition: s
         bundles={scorer.kind: scorer.name for scorer in scorers.values()},
         catalog_rows=catalog_rows, selected_rows=selected_rows, skipped_rows=selected_rows - scored_rows,
         key=DEFAULT_KEY if has_key else "row", statements=tuple(statements), unexplained=unexplained)
+
+
+def build_intervals(con: duckdb.DuckDBPyConnection, scorers: dict[str, Any], levels: Sequence[float],
+                    table: str = INTERVALS) -> list[str]:
+    """After ``build_predictions``: ``table`` (model, level, row_id, genres, episodes, y, yhat, lo, hi)
+    of each model's interval at each of ``levels`` for every evaluated row, and beside each, its
+    reference (``"KIND constant width"``): the score ± the width that covers the level of the same
+    calibration rows' errors. Returns the statements run. A bundle without calibration: one clear error."""
+    from anime_udf.intervals import check_levels
+
+    check_levels(list(levels))
+    asked = ", ".join(f"({level!r})" for level in levels)
+    parts = []
+    for scorer in scorers.values():
+        kind = quote_literal(scorer.kind)
+        calibration = scorer.calibration()
+        halves = ", ".join(f"({level!r}, {calibration.constant_half_width(level)!r})" for level in levels)
+        parts.append(f"SELECT p.model, s.level, p.row_id, p.genres, p.episodes, p.y, p.yhat, s.i.lo, s.i.hi FROM (\n"
+                     f"  SELECT row_id, l.level, {INTERVAL_NAMES[scorer.kind]}(synopsis, genres, studio, episodes, "
+                     f"l.level) AS i\n  FROM scored_rows, (VALUES {asked}) l(level)) s\n"
+                     f"JOIN {PREDICTIONS} p USING (row_id) WHERE p.model = {kind}")
+        parts.append(f"SELECT {quote_literal(f'{scorer.kind} {CONSTANT_WIDTH}')}, l.level, row_id, genres, episodes, "
+                     f"y, yhat, greatest(1.0, yhat - l.half), least(10.0, yhat + l.half)\n"
+                     f"FROM {PREDICTIONS}, (VALUES {halves}) l(level, half) WHERE model = {kind}")
+    statements = [f"CREATE OR REPLACE TEMP TABLE {table} AS\n" + "\nUNION ALL\n".join(parts)]
+    for statement in statements:
+        con.execute(statement)
+    return statements
+
+
+def build_report_intervals(con: duckdb.DuckDBPyConnection, scorers: dict[str, Any], level: float | None,
+                           built: Sequence[str] = ()) -> ReportIntervals:
+    """The report's interval tables: ``intervals`` at ``level`` (or ``REPORT_LEVEL``; ``built``: the
+    statements that already made it at ``level``) and ``RELIABILITY`` at ``RELIABILITY_LEVELS``;
+    none where a bundle has no calibration (named in the result, for the report to say so)."""
+    from anime_udf.intervals import has_calibration
+
+    uncalibrated = tuple(scorer.name for scorer in scorers.values() if not has_calibration(scorer.manifest))
+    if uncalibrated:
+        return ReportIntervals(level or REPORT_LEVEL, (), uncalibrated)
+    statements = list(built) if level is not None else build_intervals(con, scorers, [REPORT_LEVEL])
+    statements += build_intervals(con, scorers, RELIABILITY_LEVELS, RELIABILITY)
+    return ReportIntervals(level or REPORT_LEVEL, tuple(statements))

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import polars as pl
 
 METRIC_COLUMNS = ("n", "mae", "rmse", "spearman", "r2")
+INTERVAL_COLUMNS = ("n", "coverage", "mean_width", "interval_score")
 
 
 def metric_macros() -> str:
@@ -30,6 +31,13 @@ def metrics_table(con: duckdb.DuckDBPyConnection, table: str) -> pl.DataFrame:
     """One row per model: n, MAE, RMSE, Spearman, R², from a table (model, y, yhat)."""
     load_metric_macros(con)
     return con.sql("SELECT * FROM regression_metrics($tbl)", params={"tbl": table}).pl()
+
+
+def interval_metrics_table(con: duckdb.DuckDBPyConnection, table: str, level: float) -> pl.DataFrame:
+    """One row per model: n, coverage, mean width, interval score at ``level``, from a table
+    (model, y, lo, hi)."""
+    load_metric_macros(con)
+    return con.sql("SELECT * FROM interval_metrics($tbl, $level)", params={"tbl": table, "level": level}).pl()
 
 
 def compute_metrics(y: np.ndarray, yhat: np.ndarray) -> dict[str, float]:

@@ -111,10 +111,14 @@ class SeedEnsemble(nn.Module):
         self.members = nn.ModuleList(members)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        """The members' mean, computed for all of them at once (they are BaselineNet or FusionHead
-        networks of one shape): their first layers side by side, one [rows, inputs] x [inputs,
-        members x 256] product, then the later layers as batched products. A pass per member cost
-        a fifth more on a rescore chunk of 4,096 rows."""
+        return self.member_predictions(*inputs).mean(0)
+
+    def member_predictions(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Each member's prediction, [members, rows] (``forward`` is their mean; their spread
+        widens an interval, anime_udf.intervals), computed for all of them at once (they are
+        BaselineNet or FusionHead networks of one shape): their first layers side by side, one
+        [rows, inputs] x [inputs, members x 256] product, then the later layers as batched
+        products. A pass per member cost a fifth more on a rescore chunk of 4,096 rows."""
         first = self.members[0]
         studio_width = first.tabular.studio_width  # the studio block is the first layer's last
         weights = torch.cat([m.mlp[0].weight for m in self.members])  # [members x 256, inputs]
@@ -133,7 +137,7 @@ class SeedEnsemble(nn.Module):
             hidden = torch.baddbmm(torch.stack([x.bias for x in layer]).unsqueeze(1), hidden,
                                    torch.stack([x.weight for x in layer]).transpose(1, 2))
             hidden = hidden.relu_() if at == 3 else hidden
-        return hidden.squeeze(-1).mean(0)
+        return hidden.squeeze(-1)
 
 
 class FusionNet(nn.Module):

@@ -18,12 +18,14 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from anime_udf.evaluation import EVALUATED, EXPLANATIONS, PREDICTIONS, Evaluation, load_report_macros
+from anime_udf.evaluation import (CONSTANT_WIDTH, EVALUATED, EXPLANATIONS, INTERVALS, PREDICTIONS, RELIABILITY,
+                                  Evaluation, ReportIntervals, load_report_macros)
 from anime_udf.explain import GROUPS
 from anime_udf.files import atomic_file
 
 TOP_GROUPS = 12  # genres and studios shown
 CALIBRATION_BINS = 10
+SCORE_BANDS = 5  # the intervals' coverage in fifths of the predicted score
 LARGEST_MISSES = 20
 HEXBIN_ABOVE = 1000  # rows per model above which predicted vs actual is drawn as a density
 COLORS = {"baseline": "#1f77b4", "fusion": "#ff7f0e"}
@@ -46,15 +48,15 @@ details { margin: .4em 0 1em; } summary { cursor: pointer; color: #555; } p.note
 
 
 def write_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, out: Path, *,
-                 catalog: Path, where: str | None) -> None:
-    """Render the report from ``evaluation``'s tables on ``con`` and write it to ``out``."""
-    page = render_report(con, evaluation, catalog=catalog, where=where)
+                 catalog: Path, where: str | None, intervals: ReportIntervals | None = None) -> None:
+    """Render the report from ``evaluation``'s tables (and ``intervals``') on ``con`` and write it to ``out``."""
+    page = render_report(con, evaluation, catalog=catalog, where=where, intervals=intervals)
     with atomic_file(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
 
 
 def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, catalog: Path,
-                  where: str | None) -> str:
+                  where: str | None, intervals: ReportIntervals | None = None) -> str:
     import matplotlib  # here, not at the top: `import anime_udf` and --help stay light
 
     load_report_macros(con)
@@ -71,6 +73,15 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
         "calibration": f"SELECT * FROM calibration('{PREDICTIONS}', {CALIBRATION_BINS})",
         "misses": f"SELECT * FROM largest_misses('{PREDICTIONS}', {LARGEST_MISSES})",
     }
+    with_intervals = intervals is not None and not intervals.uncalibrated
+    if with_intervals:
+        queries |= {
+            "reliability": f"SELECT * FROM interval_reliability('{RELIABILITY}')",
+            "band": f"SELECT * FROM interval_by_band('{INTERVALS}', {SCORE_BANDS})",
+            "interval_genre": f"SELECT * FROM interval_by_genre('{INTERVALS}', {TOP_GROUPS})",
+            "interval_episodes": f"SELECT * FROM interval_by_episodes('{INTERVALS}')",
+            "miss_intervals": f"SELECT * FROM largest_miss_intervals('{PREDICTIONS}', '{INTERVALS}', {LARGEST_MISSES})",
+        }
     explained = not evaluation.unexplained
     if explained:
         queries["parts"] = f"SELECT * FROM mean_abs_parts('{EXPLANATIONS}')"
@@ -109,23 +120,92 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
              f"Each model's rows cut into {CALIBRATION_BINS} equal bins by prediction: the mean actual score "
              "against the mean prediction of each. Below the diagonal, titles predicted that high score lower."),
         ]
+        if with_intervals:
+            sections += _interval_sections(data, queries, evaluation, colors, intervals.level)
+        elif intervals is not None:
+            sections.append(("Prediction intervals", "reliability", "", "Not shown: "
+                             + ", ".join(intervals.uncalibrated) + " has no calibration (trained before prediction "
+                             "intervals); retrain the model to score its intervals."))
+            queries["reliability"] = ""
+        miss_intervals = data.get("miss_intervals")
         if explained:
             sections.append(("What each model listens to", "parts",
                              _chart(_parts_figure(data["parts"], colors), "mean absolute part per input group")
                              + _details(data["parts"]), PARTS_NOTE))
-            misses = _misses_table(data["misses"], evaluation) + _miss_parts_table(data["miss_parts"], evaluation)
+            misses = (_misses_table(data["misses"], evaluation, miss_intervals)
+                      + _miss_parts_table(data["miss_parts"], evaluation))
             queries["misses"] += f";\n{queries['miss_parts']}"
         else:
             sections.append(("What each model listens to", "parts", "", "Not shown: "
                              + ", ".join(evaluation.unexplained) + " cannot explain its scores (trained before "
                              "explanations were stored in bundles); retrain the model to explain it."))
-            queries["parts"], misses = "", _misses_table(data["misses"], evaluation)
+            queries["parts"], misses = "", _misses_table(data["misses"], evaluation, miss_intervals)
+        if with_intervals:
+            queries["misses"] += f";\n{queries['miss_intervals']}"
         sections.append(("Largest misses", "misses", misses,
                          f"The {LARGEST_MISSES} rows that any model missed most"
+                         + (f", each model's prediction with its interval at {intervals.level:g}"
+                            if with_intervals else "")
                          + (", then why: each model's parts of its prediction (green raised it, red lowered it)."
                             if explained else ".")))
-    return _page(evaluation, catalog, where, scored,
+    return _page(evaluation, intervals.statements if intervals else (), catalog, where, scored,
                  [_section(title, body, queries[name], note) for title, name, body, note in sections])
+
+
+def _interval_sections(data: dict[str, pl.DataFrame], queries: dict[str, str], evaluation: Evaluation,
+                       colors: dict[str, str], level: float) -> list[tuple[str, str, str, str]]:
+    """The report's sections on the prediction intervals: the reliability chart, then coverage
+    and width by band of the predicted score, genre and episodes at ``level``."""
+    groups = []
+    for name, column, what in (("band", "band", "fifth of the predicted score (1: the lowest)"),
+                               ("interval_genre", "genre", f"the {TOP_GROUPS} most frequent genres"),
+                               ("interval_episodes", "episodes", "episode count")):
+        table = data[name]
+        if table.height:
+            groups.append(_chart(_coverage_figure(table, column, evaluation, colors, level),
+                                 f"interval coverage by {column}") + _details(table))
+        else:
+            groups.append(f'<p class="note">No row has a {column}.</p>')
+    queries["interval_groups"] = ";\n".join(queries[n] for n in ("band", "interval_genre", "interval_episodes"))
+    return [
+        ("Prediction intervals", "reliability",
+         _chart(_reliability_figure(data["reliability"], evaluation, colors), "interval coverage against the level")
+         + _details(data["reliability"]),
+         "Each model's prediction intervals (predict_score_interval, predict_score_fusion_interval) at levels from "
+         "0.5 to 0.95: the share of rows inside their interval against the level asked for. On the diagonal the "
+         "coverage is the level; below it the intervals are too narrow for these rows. Dashed: the model's "
+         f"{CONSTANT_WIDTH}, its score ± the one width that covers the level of the same calibration rows."),
+        ("Interval coverage by group", "interval_groups", "".join(groups),
+         f"Coverage of the intervals at {level:g} (the line) by fifth of the predicted score, genre (a title counts "
+         "in each of its genres) and episode count; the tables add each group's mean width and each constant width."),
+    ]
+
+
+def _reliability_figure(reliability: pl.DataFrame, evaluation: Evaluation, colors: dict[str, str]):
+    fig = _figure(5.6, 5.2)
+    ax = fig.subplots()
+    ax.plot([0.45, 1.0], [0.45, 1.0], color="#333", lw=1, ls=":", label="coverage = level")
+    for model in evaluation.models:
+        for label, style in ((model, "-"), (f"{model} {CONSTANT_WIDTH}", "--")):
+            rows = reliability.filter(pl.col("model") == label)
+            ax.plot(rows["level"], rows["coverage"], marker="o", ls=style, color=colors[model], label=label)
+    lowest = min(0.4, float(reliability["coverage"].min()) - 0.05)
+    ax.set(xlabel="level", ylabel="observed coverage", xlim=(0.45, 1.0), ylim=(lowest, 1.02))
+    ax.legend(frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def _coverage_figure(table: pl.DataFrame, column: str, evaluation: Evaluation, colors: dict[str, str], level: float):
+    """Bars of each model's coverage per group of ``column`` (the groups in the table's order), a line at ``level``."""
+    names = table[column].unique(maintain_order=True).to_list()
+    counts = dict(table.filter(pl.col("model") == evaluation.models[0]).select(column, "n").iter_rows())
+    fig = _bars_figure(_values_by_model(table, list(evaluation.models), column, "coverage"), names,
+                       [f"{_literal(str(name))} (n={counts.get(name, 0)})" for name in names],
+                       f"coverage at level {level:g}", colors)
+    fig.axes[0].axvline(level, color="#333", lw=1, ls="--")
+    fig.axes[0].set_xlim(0, 1)
+    return fig
 
 
 PARTS_NOTE = ("Each prediction is the model's base score (every input at its reference: docs/sql.md, "
@@ -294,14 +374,28 @@ def _details(df: pl.DataFrame) -> str:
     return f"<details><summary>the numbers</summary>{_table(df.columns, rows)}</details>"
 
 
-def _misses_table(misses: pl.DataFrame, evaluation: Evaluation) -> str:
+def _misses_table(misses: pl.DataFrame, evaluation: Evaluation, intervals: pl.DataFrame | None = None) -> str:
+    """The largest misses, each model's prediction beside the actual score; with ``intervals``
+    (largest_miss_intervals), each prediction's interval after it."""
     wide = misses.pivot(on="model", index=["row_id", "key", "title", "actual", "largest_error"],
                         values="predicted", maintain_order=True)
+    bounds = {} if intervals is None else {(row["row_id"], row["model"]): (row["lo"], row["hi"])
+                                           for row in intervals.iter_rows(named=True)}
     has_title = wide["title"].is_not_null().any()
     headings = [evaluation.key, *(["title"] if has_title else []), "actual",
-                *(f"{m} predicted" for m in evaluation.models), "largest error"]
+                *(h for m in evaluation.models for h in (f"{m} predicted", *([f"{m} interval"] if bounds else []))),
+                "largest error"]
+
+    def interval(row_id, model) -> list[tuple[str, str]]:
+        if not bounds:
+            return []
+        lo, hi = bounds.get((row_id, model), (None, None))
+        return [(f"{_number(lo, 2)} – {_number(hi, 2)}", "num")]
+
     rows = [[(str(row["key"]), ""), *([(row["title"] or "", "")] if has_title else []),
-             (_number(row["actual"], 2), "num"), *((_number(row[m], 2), "num") for m in evaluation.models),
+             (_number(row["actual"], 2), "num"),
+             *(cell for m in evaluation.models
+               for cell in ((_number(row[m], 2), "num"), *interval(row["row_id"], m))),
              (_number(row["largest_error"], 2), "num")]
             for row in wide.iter_rows(named=True)]
     return _table(headings, rows, table_id="misses")
@@ -332,7 +426,8 @@ def _section(title: str, body: str, sql: str, note: str) -> str:
     return f"<section><h2>{html.escape(title)}</h2><p class=\"note\">{html.escape(note)}</p>{body}{shown}</section>"
 
 
-def _page(evaluation: Evaluation, catalog: Path, where: str | None, scored: int, sections: list[str]) -> str:
+def _page(evaluation: Evaluation, interval_statements: tuple[str, ...], catalog: Path, where: str | None,
+          scored: int, sections: list[str]) -> str:
     rows = f"{scored} evaluated of {evaluation.selected_rows} selected ({evaluation.catalog_rows} in the catalog)"
     if evaluation.skipped_rows:
         rows += f"; {evaluation.skipped_rows} without a score skipped"
@@ -341,7 +436,7 @@ def _page(evaluation: Evaluation, catalog: Path, where: str | None, scored: int,
              *((label, f"{mean:.4f} for every row") for label, mean in evaluation.references.items()),
              ("written", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))]
     about_html = "".join(f"<dt>{html.escape(k)}</dt><dd>{html.escape(v)}</dd>" for k, v in about)
-    statements = ";\n\n".join(evaluation.statements) + ";"
+    statements = ";\n\n".join((*evaluation.statements, *interval_statements)) + ";"
     reproduce = (
         "<section><h2>Reproducing a figure</h2><p class=\"note\">Every number above is the result of the SQL "
         "shown with it, run on the tables below (built by <code>anime-udf eval</code> from the catalog as view "

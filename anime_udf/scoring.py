@@ -12,19 +12,21 @@ import torch
 from anime_udf.bundle import HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, BundleError, load_weights, read_manifest
 from anime_udf.cache import EmbeddingCache
 from anime_udf.explain import GROUPS, Reference, blended_coalitions, coalition_values, explanation, fields
-from anime_udf.features import TabularEncoder
+from anime_udf.features import TabularEncoder, clean_text, distinct_values
+from anime_udf.columns import SCORE_MAX, SCORE_MIN
+from anime_udf.intervals import Calibration, check_levels, scale_features
 from anime_udf.lexical import LexicalModel
 from anime_udf.models import BaselineNet, Blend, FusionHead, SeedEnsemble
 from anime_udf.text import FrozenTextEncoder, text_encoder_dirs
 
-SCORE_MIN, SCORE_MAX = 1.0, 10.0
 
 
 class Rows:
     """A batch of the four inputs. What several models derive from them the same way is derived
-    once and kept for the others: the sentence embeddings per text encoder (each synopsis
-    cleaned, hashed, read from the cache or encoded), the tabular features per TabularEncoder
-    (the two models trained on one catalog encode them alike)."""
+    once and kept for the others: the cleaned synopses (for every text encoder and the
+    intervals' word count), the sentence embeddings per text encoder (each synopsis hashed,
+    read from the cache or encoded), the tabular features per TabularEncoder (the two models
+    trained on one catalog encode them alike)."""
 
     def __init__(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                  episodes: Sequence[Any]):
@@ -33,6 +35,7 @@ class Rows:
         self.synopsis, self.genres, self.studio, self.episodes = synopsis, genres, studio, episodes
         self._embeddings: dict[str, np.ndarray] = {}  # by encoder id
         self._features: dict[TabularEncoder, tuple[np.ndarray, np.ndarray]] = {}
+        self._cleaned: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.synopsis)
@@ -40,8 +43,17 @@ class Rows:
     def embedding(self, encoder: FrozenTextEncoder) -> np.ndarray:
         """The rows' sentence embeddings by ``encoder``, float32 [n, dim]."""
         if encoder.encoder_id not in self._embeddings:
-            self._embeddings[encoder.encoder_id] = sentence_embedding(encoder.embed(self.synopsis))
+            self._embeddings[encoder.encoder_id] = sentence_embedding(
+                encoder.embed(self.cleaned_synopsis(), already_clean=True))
         return self._embeddings[encoder.encoder_id]
+
+    def cleaned_synopsis(self) -> list[str]:
+        """Each row's synopsis as the text encoders see it (``clean_text``), each distinct one cleaned once."""
+        if self._cleaned is None:
+            values, value_of_row = distinct_values(self.synopsis)
+            cleaned = [clean_text(v) for v in values]
+            self._cleaned = [cleaned[i] for i in value_of_row]
+        return self._cleaned
 
     def features(self, encoder: TabularEncoder) -> tuple[np.ndarray, np.ndarray]:
         """The rows' (dense features, studio index) by ``encoder`` (``TabularEncoder.encode``)."""
@@ -77,6 +89,7 @@ class Scorer:
         # tokenizers and lazily loaded state safe (torch uses all cores inside a pass).
         self._lock = threading.Lock()
         self._reference: Reference | None = None  # loaded by the first explain()
+        self._calibration: Calibration | None = None  # loaded by the first predict_interval()
 
     def predict(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
                 episodes: Sequence[Any]) -> np.ndarray:
@@ -88,10 +101,40 @@ class Scorer:
         (a rescore chunk) clean, hash and look up each synopsis once."""
         if not len(rows):
             return np.zeros(0, dtype=np.float64)
+        return self.score_of(self.standardised(rows)[1])
+
+    def predict_interval(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                         episodes: Sequence[Any], level: Sequence[Any]) -> dict[str, np.ndarray]:
+        """{"lo", "hi"}: float64 bounds in [1, 10] of each row's interval at its ``level`` in (0, 1)
+        around its ``predict`` score, computed in the same pass (anime_udf.intervals)."""
+        levels = check_levels(level)
+        calibration = self.calibration()
+        rows = Rows(synopsis, genres, studio, episodes)
+        if not len(rows):
+            return {"lo": np.zeros(0), "hi": np.zeros(0)}
+        members, standardised, inputs = self.standardised(rows)
+        score = self.score_of(standardised)
+        features = scale_features(members, standardised, *rows.features(self.features), rows.cleaned_synopsis(),
+                                  lexical_input(inputs))
+        lo, hi = calibration.bounds(score, features, levels)
+        return {"lo": lo, "hi": hi}
+
+    def calibration(self) -> Calibration:
+        """The bundle's calibration (loaded once); a bundle without one: NoCalibrationError."""
+        if self._calibration is None:
+            self._calibration = Calibration.load(self.path, self.manifest)
+        return self._calibration
+
+    def standardised(self, rows: Rows) -> tuple[np.ndarray, np.ndarray, tuple[torch.Tensor, ...]]:
+        """(each seed's head [seeds, rows], the point after the blend, float64 [rows], the head's
+        inputs), all standardised: what a score and its interval are computed from."""
         with self._lock, torch.inference_mode():
             inputs = self.head_inputs(rows)
-            head = self.net(*inputs).numpy()
-        standardised = self.blend.apply(head, lexical_input(inputs))
+            members = self.net.member_predictions(*inputs)
+            head = members.mean(0).numpy()  # the ensemble's forward
+        return members.numpy(), self.blend.apply(head, lexical_input(inputs)), inputs
+
+    def score_of(self, standardised: np.ndarray) -> np.ndarray:
         return np.clip(standardised * self.target_std + self.target_mean, SCORE_MIN, SCORE_MAX)
 
     def explain(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],

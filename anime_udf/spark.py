@@ -41,9 +41,11 @@ from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields
-from anime_udf.udf import EXPLAIN_NAMES, FUNCTION_NAMES, ScoredCatalog, register_bundles, score_batch
+from anime_udf.udf import (EXPLAIN_NAMES, FUNCTION_NAMES, INTERVAL_FIELDS, INTERVAL_NAMES, ScoredCatalog,
+                           interval_batch, register_bundles, score_batch)
 
 ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
+INTERVAL_ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE, level DOUBLE)"
 # What each argument may be, as Arrow types: Spark passes a NULL literal as type null.
 TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_view, pa.types.is_null)
 NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
@@ -122,18 +124,20 @@ def shipped_name(bundle: Path | str) -> str:
 
 
 def arguments(name: str, columns: tuple[pa.Array, ...]) -> list[list]:
-    """The four argument columns as the scorer takes them (the DuckDB functions' types:
-    text, and episodes as DOUBLE), or a TypeError naming the function and its signature."""
+    """The argument columns as the scorer takes them (the DuckDB functions' types: text, and
+    episodes (and an interval's level) as DOUBLE), or a TypeError naming the function and its
+    signature."""
+    interval = name in INTERVAL_NAMES.values()
+    names = (*INPUT_COLUMNS, "level") if interval else INPUT_COLUMNS
     values = []
-    for column, array, allowed in zip(INPUT_COLUMNS, columns, (TEXT_TYPES,) * 3 + (NUMBER_TYPES,)):
-        if not any(check(array.type) for check in allowed):
-            expected = "a number" if column == "episodes" else "text"
-            raise TypeError(f"{name}: argument {column} has type {array.type}, expected {expected}; "
-                            f"the signature is {name}{ARGUMENTS} -> "
-                            f"{'STRUCT' if name in EXPLAIN_NAMES.values() else 'DOUBLE'}")
-        if column == "episodes":
-            array = pc.cast(array, pa.float64())
-        values.append(array.to_pylist())
+    for column, array in zip(names, columns):
+        number = column in ("episodes", "level")
+        if not any(check(array.type) for check in (NUMBER_TYPES if number else TEXT_TYPES)):
+            returns = "DOUBLE" if name in FUNCTION_NAMES.values() else "STRUCT"
+            raise TypeError(f"{name}: argument {column} has type {array.type}, expected "
+                            f"{'a number' if number else 'text'}; the signature is "
+                            f"{name}{INTERVAL_ARGUMENTS if interval else ARGUMENTS} -> {returns}")
+        values.append((pc.cast(array, pa.float64()) if number else array).to_pylist())
     return values
 
 
@@ -154,6 +158,21 @@ def scoring_udf(name: str, bundle: Path | str, device: str = "auto", precision: 
     predict.__name__ = name
     returns = spark_struct({f: pa.float64() for f in fields(explain_kind)}) if explain_kind else "double"
     return F.arrow_udf(predict, returns)
+
+
+def interval_udf(name: str, bundle: Path | str, device: str = "auto", precision: str = "auto",
+                 shipped: bool = False) -> UserDefinedFunction:
+    """An iterator Arrow UDF ``name(synopsis, genres, studio, episodes, level) -> STRUCT(lo, hi)``:
+    the prediction interval of ``bundle``'s score at ``level``."""
+    bundle = str(bundle)
+
+    def interval(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
+        for batch in batches:
+            columns = arguments(name, batch)
+            yield interval_batch(worker_scorer(_bundle_on_worker(bundle, shipped), device, precision), columns)
+
+    interval.__name__ = name
+    return F.arrow_udf(interval, spark_struct({f: pa.float64() for f in INTERVAL_FIELDS}))
 
 
 def ship_bundle(spark: SparkSession, bundle: Path) -> Path:
@@ -188,7 +207,8 @@ def register(
     ship: bool = False,
 ) -> dict[str, UserDefinedFunction]:
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` as Spark SQL
-    functions, each with its ``explain_score`` / ``explain_score_fusion``, like
+    functions, each with its ``explain_score`` / ``explain_score_fusion`` and its
+    ``predict_score_interval`` / ``predict_score_fusion_interval``, like
     ``anime_udf.register`` does on DuckDB: the given bundles, or each kind's production bundle
     (else its newest) in the models directory. Returns {scoring function name: column function} (the explaining
     functions: ``F.call_function("explain_score", ...)``).
@@ -202,6 +222,7 @@ def register(
         kind, name = manifest["kind"], FUNCTION_NAMES[manifest["kind"]]
         bundle = ship_bundle(spark, path.resolve()) if ship else path.resolve()
         spark.udf.register(EXPLAIN_NAMES[kind], scoring_udf(EXPLAIN_NAMES[kind], bundle, device, precision, ship, kind))
+        spark.udf.register(INTERVAL_NAMES[kind], interval_udf(INTERVAL_NAMES[kind], bundle, device, precision, ship))
         return spark.udf.register(name, scoring_udf(name, bundle, device, precision, ship))
 
     return register_bundles(baseline, fusion, models_dir, register_both)

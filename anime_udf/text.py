@@ -289,11 +289,12 @@ class FrozenTextEncoder:
                 # least 0.99991); pooling is still fp32.
                 self._model.to(torch.bfloat16)
 
-    def embed(self, texts: Sequence[str | None], *, progress: bool = False) -> np.ndarray:
+    def embed(self, texts: Sequence[str | None], *, progress: bool = False, already_clean: bool = False) -> np.ndarray:
         """Pooled embeddings, float32 [n, dim]; cached texts are not encoded again, and a text
-        that occurs twice is cleaned, hashed, looked up and encoded once."""
+        that occurs twice is cleaned, hashed, looked up and encoded once. ``already_clean``: the
+        texts are ``clean_text``'s output (scoring.Rows cleans once for the encoders and the intervals)."""
         values, value_of_row = distinct_values(texts)
-        cleaned = [clean_text(t) for t in values]
+        cleaned = values if already_clean else [clean_text(t) for t in values]
         keys = [text_key(t) for t in cleaned]
         distinct = dict(zip(keys, cleaned))  # key -> text, in order of first occurrence
         if self.cache:

@@ -20,13 +20,17 @@ from anime_udf.registry import no_bundle_message, resolve_each_kind
 from anime_udf.text import encoder_batch_size, text_encoder_dirs
 
 if TYPE_CHECKING:
+    from anime_udf.intervals import Calibration
     from anime_udf.scoring import Scorer
 
 T = TypeVar("T")
 
 FUNCTION_NAMES = {"baseline": "predict_score", "fusion": "predict_score_fusion"}
-# Registered beside each scoring function: its score's exact Shapley parts (anime_udf.explain).
+# Registered beside each scoring function: its score's exact Shapley parts (anime_udf.explain),
+# and its prediction interval at a level (anime_udf.intervals).
 EXPLAIN_NAMES = {"baseline": "explain_score", "fusion": "explain_score_fusion"}
+INTERVAL_NAMES = {"baseline": "predict_score_interval", "fusion": "predict_score_fusion_interval"}
+INTERVAL_FIELDS = ("lo", "hi")
 
 
 class NoModelsError(AnimeUdfError, LookupError):
@@ -75,6 +79,13 @@ class LazyScorer:
                 episodes: Sequence[Any]) -> dict[str, np.ndarray]:
         return self.scorer().explain(synopsis, genres, studio, episodes)
 
+    def predict_interval(self, synopsis: Sequence[Any], genres: Sequence[Any], studio: Sequence[Any],
+                         episodes: Sequence[Any], level: Sequence[Any]) -> dict[str, np.ndarray]:
+        return self.scorer().predict_interval(synopsis, genres, studio, episodes, level)
+
+    def calibration(self) -> Calibration:
+        return self.scorer().calibration()
+
 
 def arrow_udf(scorer: Scorer | LazyScorer, explain: bool = False):
     """A DuckDB Arrow UDF (synopsis, genres, studio, episodes) -> DOUBLE for ``scorer``, or with
@@ -86,6 +97,15 @@ def arrow_udf(scorer: Scorer | LazyScorer, explain: bool = False):
         return score_batch(scorer, [c.to_pylist() for c in (synopsis, genres, studio, episodes)], explain)
 
     return predict
+
+
+def interval_udf(scorer: Scorer | LazyScorer):
+    """A DuckDB Arrow UDF (synopsis, genres, studio, episodes, level) -> STRUCT(lo, hi) for ``scorer``."""
+
+    def interval(synopsis, genres, studio, episodes, level) -> pa.Array:
+        return interval_batch(scorer, [c.to_pylist() for c in (synopsis, genres, studio, episodes, level)])
+
+    return interval
 
 
 @dataclass
@@ -153,25 +173,49 @@ def score_batch(scorer: Scorer | LazyScorer, columns: list[list], explain: bool)
     return pa.array(scorer.predict(*columns), type=pa.float64())
 
 
-def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None,
-                    explain: bool = False) -> str:
-    """Register ``scorer``'s scoring function (or with ``explain``, its explaining function)."""
-    name = name or (EXPLAIN_NAMES if explain else FUNCTION_NAMES)[scorer.kind]
-    returns = duckdb.struct_type({field: DOUBLE for field in fields(scorer.kind)}) if explain else DOUBLE
+def interval_batch(scorer: Scorer | LazyScorer, columns: list[list]) -> pa.StructArray:
+    """The body of every engine's interval UDF: the four inputs and the level in, STRUCT(lo, hi) out."""
+    return arrow_struct(scorer.predict_interval(*columns))
+
+
+def replace_function(con: duckdb.DuckDBPyConnection, name: str, function: Callable, arguments: list,
+                     returns: Any) -> str:
     try:
         con.remove_function(name)
     except duckdb.Error:
         pass  # nothing registered under that name yet
     con.create_function(
         name,
-        arrow_udf(scorer, explain),
-        [VARCHAR, VARCHAR, VARCHAR, DOUBLE],
+        function,
+        arguments,
         returns,
         type="arrow",
         null_handling="special",  # NULL inputs are missing values, scored per the NULL policy
         side_effects=False,
     )
     return name
+
+
+def register_scorer(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None,
+                    explain: bool = False) -> str:
+    """Register ``scorer``'s scoring function (or with ``explain``, its explaining function)."""
+    name = name or (EXPLAIN_NAMES if explain else FUNCTION_NAMES)[scorer.kind]
+    returns = duckdb.struct_type({field: DOUBLE for field in fields(scorer.kind)}) if explain else DOUBLE
+    return replace_function(con, name, arrow_udf(scorer, explain), [VARCHAR, VARCHAR, VARCHAR, DOUBLE], returns)
+
+
+def register_interval(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer, name: str | None = None) -> str:
+    """Register ``scorer``'s interval function, ``INTERVAL_NAMES[kind]`` unless ``name``."""
+    return replace_function(con, name or INTERVAL_NAMES[scorer.kind], interval_udf(scorer),
+                            [VARCHAR, VARCHAR, VARCHAR, DOUBLE, DOUBLE],
+                            duckdb.struct_type({field: DOUBLE for field in INTERVAL_FIELDS}))
+
+
+def register_functions(con: duckdb.DuckDBPyConnection, scorer: Scorer | LazyScorer) -> None:
+    """A bundle's three functions: its score, its score's parts and its interval."""
+    register_scorer(con, scorer)
+    register_scorer(con, scorer, explain=True)
+    register_interval(con, scorer)
 
 
 def register(
@@ -183,7 +227,9 @@ def register(
     precision: str = "auto",
 ) -> dict[str, LazyScorer]:
     """Register ``predict_score`` (baseline) and ``predict_score_fusion`` on ``con``, each with its
-    ``explain_score`` / ``explain_score_fusion`` (the score's parts, anime_udf.explain).
+    ``explain_score`` / ``explain_score_fusion`` (the score's parts, anime_udf.explain) and its
+    ``predict_score_interval`` / ``predict_score_fusion_interval`` (a prediction interval,
+    anime_udf.intervals).
 
     Without explicit bundle paths, each kind's bundle in the models directory (``models_dir``,
     ``$ANIME_UDF_MODELS`` or ``./models``) is used: its production alias (``anime-udf promote``),
@@ -195,9 +241,8 @@ def register(
     loaded on their function's first call. Returns {scoring function name: scorer}.
     """
     def register_both(path: Path, manifest: dict[str, Any]) -> LazyScorer:
-        scorer = LazyScorer(path, device, precision, manifest)  # one load serves both functions
-        register_scorer(con, scorer)
-        register_scorer(con, scorer, explain=True)
+        scorer = LazyScorer(path, device, precision, manifest)  # one load serves its three functions
+        register_functions(con, scorer)
         return scorer
 
     return register_bundles(baseline, fusion, models_dir, register_both)

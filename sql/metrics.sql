@@ -41,3 +41,30 @@ SELECT model,
 FROM ranked
 GROUP BY model
 ORDER BY model;
+
+-- Prediction intervals (lo, hi) at a level (predict_score_interval(…, level) returns them):
+--   SELECT interval_coverage(score, i.lo, i.hi), interval_width(i.lo, i.hi), interval_score(score, i.lo, i.hi, 0.9)
+--   FROM (SELECT score, predict_score_interval(synopsis, genres, studio, episodes, 0.9) AS i FROM anime);
+-- Coverage: the share of rows inside their interval; width: the mean of hi - lo.
+CREATE OR REPLACE TEMP MACRO interval_coverage(y, lo, hi) AS avg(CASE WHEN y BETWEEN lo AND hi THEN 1.0 ELSE 0.0 END);
+
+CREATE OR REPLACE TEMP MACRO interval_width(lo, hi) AS avg(hi - lo);
+
+-- The interval score (Gneiting & Raftery 2007, the proper scoring rule for central intervals at
+-- `level`): the width plus 2 / (1 - level) times the distance by which y falls outside. Lower is better;
+-- narrowing an interval pays only where it still covers.
+CREATE OR REPLACE TEMP MACRO interval_score(y, lo, hi, level) AS
+    avg((hi - lo) + 2.0 / (1 - level) * (greatest(lo - y, 0) + greatest(y - hi, 0)));
+
+-- All three per model, from a table or view with columns model, y, lo, hi:
+--   SELECT * FROM interval_metrics('intervals', 0.9);
+CREATE OR REPLACE TEMP MACRO interval_metrics(tbl, level) AS TABLE
+SELECT model,
+       count(*)                          AS n,
+       interval_coverage(y, lo, hi)      AS coverage,
+       interval_width(lo, hi)            AS mean_width,
+       interval_score(y, lo, hi, level)  AS interval_score
+FROM query_table(tbl)
+WHERE y IS NOT NULL AND lo IS NOT NULL AND hi IS NOT NULL
+GROUP BY model
+ORDER BY model;

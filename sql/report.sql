@@ -118,3 +118,68 @@ CREATE OR REPLACE TEMP MACRO largest_miss_parts(predictions, explanations, k) AS
 SELECT m.row_id, m.key, m.title, m.actual, m.model, m.predicted, e.* EXCLUDE (model, row_id, key, title)
 FROM largest_misses(predictions, k) m JOIN query_table(explanations) e USING (model, row_id)
 ORDER BY m.largest_error DESC, m.row_id, m.model;
+
+-- Prediction intervals, from a table of intervals, one row per (model, level, catalog row):
+--   model, level, row_id, genres, episodes, y, yhat, lo, hi
+-- (`anime-udf eval --report` builds `interval_levels` at several levels and `intervals` at one,
+-- each model beside its constant width: docs/intervals.md).
+--
+--   SELECT * FROM interval_reliability('interval_levels');
+--   SELECT * FROM interval_by_band('intervals', 5);
+
+-- Reliability: each model's observed coverage and mean width at each nominal level.
+CREATE OR REPLACE TEMP MACRO interval_reliability(tbl) AS TABLE
+SELECT model, level, count(*) AS n, interval_coverage(y, lo, hi) AS coverage, interval_width(lo, hi) AS mean_width
+FROM query_table(tbl)
+GROUP BY model, level
+ORDER BY model, level;
+
+-- Coverage and width in `bands` equal-count bands of the predicted score (1: the lowest).
+CREATE OR REPLACE TEMP MACRO interval_by_band(tbl, bands) AS TABLE
+WITH banded AS (
+    SELECT model, y, yhat, lo, hi, ntile(bands) OVER (PARTITION BY model, level ORDER BY yhat, row_id) AS band
+    FROM query_table(tbl)
+)
+SELECT band, model, count(*) AS n, min(yhat) AS lowest_predicted, max(yhat) AS highest_predicted,
+       interval_coverage(y, lo, hi) AS coverage, interval_width(lo, hi) AS mean_width
+FROM banded
+GROUP BY band, model
+ORDER BY band, model;
+
+-- Coverage and width in the k most frequent genres (as error_by_genre counts them).
+CREATE OR REPLACE TEMP MACRO interval_by_genre(tbl, k) AS TABLE
+WITH tagged AS (
+    SELECT model, row_id, y, lo, hi, trim(g) AS genre, lower(trim(g)) AS grp
+    FROM query_table(tbl), unnest(string_split(genres, ',')) AS t(g)
+    WHERE trim(g) <> ''
+),
+top AS (
+    SELECT grp, min(genre) AS genre, count(DISTINCT row_id) AS titles
+    FROM tagged GROUP BY grp
+    ORDER BY titles DESC, grp LIMIT k
+)
+SELECT top.genre, t.model, count(*) AS n, interval_coverage(t.y, t.lo, t.hi) AS coverage,
+       interval_width(t.lo, t.hi) AS mean_width
+FROM tagged t JOIN top USING (grp)
+GROUP BY top.genre, top.titles, top.grp, t.model
+ORDER BY top.titles DESC, top.grp, t.model;
+
+-- Coverage and width in the episode-count buckets of error_by_episodes.
+CREATE OR REPLACE TEMP MACRO interval_by_episodes(tbl) AS TABLE
+WITH bucketed AS (
+    SELECT model, y, lo, hi, episode_bucket(episodes) AS grp,
+           CASE WHEN episodes IS NULL OR episodes < 0 THEN NULL ELSE episodes END AS known
+    FROM query_table(tbl)
+),
+bucket_order AS (SELECT grp, min(known) AS lowest FROM bucketed GROUP BY grp)
+SELECT b.grp AS episodes, b.model, count(*) AS n, interval_coverage(b.y, b.lo, b.hi) AS coverage,
+       interval_width(b.lo, b.hi) AS mean_width
+FROM bucketed b JOIN bucket_order USING (grp)
+GROUP BY b.grp, bucket_order.lowest, b.model
+ORDER BY bucket_order.lowest NULLS LAST, b.grp, b.model;
+
+-- The k largest misses (largest_misses) with each model's interval from a table of intervals.
+CREATE OR REPLACE TEMP MACRO largest_miss_intervals(predictions, intervals, k) AS TABLE
+SELECT m.row_id, m.key, m.title, m.actual, m.model, m.predicted, m.largest_error, i.lo, i.hi
+FROM largest_misses(predictions, k) m LEFT JOIN query_table(intervals) i USING (model, row_id)
+ORDER BY m.largest_error DESC, m.row_id, m.model;

@@ -19,7 +19,8 @@ def bundle(baseline_bundle, tmp_path):
 
 def test_bundle_is_safetensors_and_json_only(baseline_bundle):
     names = sorted(p.name for p in baseline_bundle.iterdir())
-    assert names == ["explain.safetensors", "manifest.json", "model.safetensors", "training_rows.safetensors"]
+    assert names == ["calibration.safetensors", "explain.safetensors", "manifest.json", "model.safetensors",
+                     "training_rows.safetensors"]
     manifest = read_manifest(baseline_bundle)
     assert manifest["kind"] == "baseline" and manifest["metrics"]["valid"]["n"] == 80
     assert manifest["training"]["data_fingerprint"].startswith("sha256:")

@@ -201,15 +201,19 @@ print(row[0][:8], row[1], row[2], *(m in sys.modules for m in ("torch", "transfo
 print(cursor.execute("SELECT predict_score('A story.', 'Action', NULL, 12)").fetchone()[0],
       *(m in sys.modules for m in ("torch", "transformers")))
 print(cursor.execute("SELECT explain_score('A story.', 'Action', NULL, 12).score").fetchone()[0])
+print(*cursor.execute("SELECT i.lo, i.hi FROM (SELECT predict_score_interval('A story.', 'Action', NULL, 12, 0.9) AS i)")
+      .fetchone())
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr
-    before, after, explained = (line.split() for line in result.stdout.splitlines()[-3:])
+    before, after, explained, interval = (line.split() for line in result.stdout.splitlines()[-4:])
     assert before[1:] == ["1.5", str(((1 + 4) / 2) ** 0.5), "False", "False"]
     # The call loaded the model (torch); transformers too, unless the synopsis's embedding was cached.
     assert 1 <= float(after[0]) <= 10 and after[1] == "True"
     assert float(explained[0]) == pytest.approx(float(after[0]), abs=1e-5)  # explain_score is there too
+    lo, hi = map(float, interval)  # and the interval, around the score
+    assert 1 <= lo < float(after[0]) < hi <= 10
 
 
 def test_plugin_settings_are_checked():

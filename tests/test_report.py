@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from scipy.stats import spearmanr
 
 from anime_udf.cli import cli
+from anime_udf.evaluation import RELIABILITY_LEVELS
 from anime_udf.scoring import load_scorer
 from tests.browser import chromium_path, visit
 from tests.conftest import HOLDOUT, ROOT
@@ -149,7 +150,9 @@ def test_report_renders_offline_in_a_browser_with_every_chart_drawn(two_model_re
     assert [box["label"] for box in page.boxes] == [
         "predicted vs actual score per model", "histogram of the residuals per model", "mean absolute error by genre",
         "mean absolute error by episodes", "mean absolute error by studio",
-        "calibration: mean actual per bin of prediction", "mean absolute part per input group"]
+        "calibration: mean actual per bin of prediction", "interval coverage against the level",
+        "interval coverage by band", "interval coverage by genre", "interval coverage by episodes",
+        "mean absolute part per input group"]
     shot = Image.open(io.BytesIO(page.screenshot)).convert("RGB")
     for box in page.boxes:
         chart = np.asarray(shot.crop((int(box["x"]), int(box["y"]), int(box["x"] + box["width"]),
@@ -178,8 +181,9 @@ def test_report_of_one_model_with_null_scores_skips_and_counts_them(baseline_bun
     assert {r["model"]: int(r["n"]) for r in tables.find("model", "n", "MAE")} == {"baseline": 114,
                                                                                   "training mean": 114}
     assert tables.find("anime_id", "title", "actual")[0].keys() == {
-        "anime_id", "title", "actual", "baseline predicted", "largest error"}
-    assert page.count('<img class="chart"') == 7
+        "anime_id", "title", "actual", "baseline predicted", "baseline interval", "largest error"}
+    assert page.count('<img class="chart"') == 11  # seven, and the intervals' four
+    assert {int(r["n"]) for r in tables.find("model", "level", "n", "coverage")} == {114}  # the scored rows only
     # the figures agree with eval on the same rows
     [row] = json.loads(run("eval", "--data", data, "--model", baseline_bundle, "--json").stdout)
     assert row["n"] == 114
@@ -245,7 +249,7 @@ def test_dollar_signs_in_studios_and_genres_are_drawn_as_text(baseline_bundle, t
     charts = [base64.b64decode(src).decode() for src in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"',
                                                                      out.read_text())]
     # a literal "$" is drawn as the font's dollar glyph; as math it is not drawn, and x is in italics
-    assert sum('id="DejaVuSans-7"' in svg for svg in charts) == 2  # the genre and the studio charts
+    assert sum('id="DejaVuSans-7"' in svg for svg in charts) == 3  # the genre, studio and interval-by-genre charts
     assert not any("Oblique" in svg for svg in charts)
 
 
@@ -285,5 +289,74 @@ def test_report_with_a_bundle_that_cannot_explain_says_to_retrain(unexplainable_
     page = out.read_text()
     name = json.loads((unexplainable_baseline / "manifest.json").read_text())["name"]
     assert f"{name} cannot explain its scores" in page and "retrain the model to explain it" in page
-    assert page.count('<img class="chart"') == 6
+    assert page.count('<img class="chart"') == 10  # no parts; the intervals' four charts
     assert Tables(page).find("anime_id", "title", "actual")[0]["actual"]
+
+
+def holdout_columns() -> list[list]:
+    df = pl.read_csv(HOLDOUT)
+    return [df[c].to_list() for c in ("synopsis", "genres", "studio", "episodes")]
+
+
+def test_report_intervals_are_the_interval_functions_counted(two_model_report, baseline_bundle, fusion_bundle,
+                                                             warm_cache):
+    """The reliability table, the coverage by fifth of the score and each largest miss's interval
+    against the bounds of the interval functions (Scorer.predict_interval), counted in numpy, and
+    each constant width against its calibration's half width."""
+    out, _ = two_model_report
+    tables = Tables(out.read_text())
+    holdout = pl.read_csv(HOLDOUT)
+    y, columns = holdout["score"].to_numpy(), holdout_columns()
+    reliability = {(r["model"], float(r["level"])): r for r in tables.find("model", "level", "n", "coverage")}
+    assert len(reliability) == 4 * len(RELIABILITY_LEVELS)
+    misses = tables.find("anime_id", "title", "actual")
+    assert misses and all(f"{kind} interval" in misses[0] for kind in ("baseline", "fusion"))
+    for kind, bundle in (("baseline", baseline_bundle), ("fusion", fusion_bundle)):
+        scorer = load_scorer(bundle)
+        score = scorer.predict(*columns)
+        coverages = []
+        for level in RELIABILITY_LEVELS:
+            bounds = scorer.predict_interval(*columns, [level] * len(y))
+            inside = (y >= bounds["lo"]) & (y <= bounds["hi"])
+            row = reliability[(kind, level)]
+            assert int(row["n"]) == len(y)
+            assert float(row["coverage"]) == pytest.approx(inside.mean(), abs=5e-5)
+            assert float(row["mean_width"]) == pytest.approx(np.mean(bounds["hi"] - bounds["lo"]), abs=5e-5)
+            coverages.append(float(row["coverage"]))
+            half = scorer.calibration().constant_half_width(level)
+            lo, hi = np.maximum(1.0, score - half), np.minimum(10.0, score + half)
+            constant = reliability[(f"{kind} constant width", level)]
+            assert float(constant["coverage"]) == pytest.approx(np.mean((y >= lo) & (y <= hi)), abs=5e-5)
+            assert float(constant["mean_width"]) == pytest.approx(np.mean(hi - lo), abs=5e-5)
+        assert coverages == sorted(coverages)  # a higher level covers at least as many rows
+        # at the report's level (0.9 without --level): fifths of the score, ties in row order
+        bounds = scorer.predict_interval(*columns, [0.9] * len(y))
+        inside = (y >= bounds["lo"]) & (y <= bounds["hi"])
+        bands = [r for r in tables.find("band", "model", "n") if r["model"] == kind]
+        assert [r["band"] for r in bands] == ["1", "2", "3", "4", "5"]
+        for fifth, row in zip(np.split(np.argsort(score, kind="stable"), 5), bands):
+            assert int(row["n"]) == len(fifth)
+            assert float(row["coverage"]) == pytest.approx(inside[fifth].mean(), abs=5e-5)
+            assert float(row["lowest_predicted"]) == pytest.approx(score[fifth].min(), abs=5e-5)
+        by_key = dict(zip(holdout["anime_id"].to_list(), zip(bounds["lo"], bounds["hi"])))
+        for miss in misses:
+            lo, hi = (float(v) for v in miss[f"{kind} interval"].split(" – "))
+            assert (lo, hi) == pytest.approx(by_key[int(miss["anime_id"])], abs=0.006)  # shown to 2 decimals
+
+
+def test_report_intervals_follow_eval_level(baseline_bundle, tmp_path, warm_cache):
+    out = tmp_path / "level.html"
+    result = run("eval", "--data", HOLDOUT, "--model", baseline_bundle, "--level", "0.8", "--report", out)
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert "Coverage of the intervals at 0.8" in page and "with its interval at 0.8" in page
+    holdout = pl.read_csv(HOLDOUT)
+    y = holdout["score"].to_numpy()
+    bounds = load_scorer(baseline_bundle).predict_interval(*holdout_columns(), [0.8] * len(y))
+    inside = (y >= bounds["lo"]) & (y <= bounds["hi"])
+    genres = holdout["genres"].str.split(",").list.eval(pl.element().str.strip_chars().str.to_lowercase())
+    for row in Tables(page).find("genre", "model", "n"):
+        if row["model"] == "baseline":
+            has = genres.list.contains(row["genre"].lower()).to_numpy()
+            assert int(row["n"]) == has.sum()
+            assert float(row["coverage"]) == pytest.approx(inside[has].mean(), abs=5e-5)

@@ -136,6 +136,18 @@ def test_explaining_functions_give_the_structs_duckdb_gives(spark, functions, an
     assert_same(api, on_spark.select(api.columns), "anime_id", api.columns[1:])
 
 
+def test_interval_functions_give_the_intervals_duckdb_gives(spark, functions, anime, baseline_bundle, fusion_bundle):
+    """predict_score_interval / predict_score_fusion_interval, a level constant or per row, edge rows included."""
+    query = ("SELECT anime_id, predict_score_interval(synopsis, genres, studio, episodes, 0.9) AS b, "
+             "predict_score_fusion_interval(synopsis, genres, studio, episodes, "
+             "CASE WHEN anime_id % 2 = 0 THEN 0.5 ELSE 0.8 END) AS f FROM anime")
+    flat = [pl.col(c).struct.field(f).alias(f"{c}_{f}") for c in ("b", "f") for f in ("lo", "hi")]
+    on_spark = spark_sql(spark, query, anime).select("anime_id", *flat)
+    assert_same(on_spark, duckdb_scores(baseline_bundle, fusion_bundle, query, anime).select("anime_id", *flat),
+                "anime_id", [c for c in on_spark.columns if c != "anime_id"])
+    assert on_spark.select((pl.col("b_lo") < pl.col("b_hi")).all(), pl.col("f_hi").le(10).all()).row(0) == (True, True)
+
+
 def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functions, anime):
     from pyspark.errors import PythonException
 
@@ -144,6 +156,12 @@ def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functio
     assert spark_udf.job_error(caught.value) == (
         "TypeError: predict_score: argument episodes has type string, expected a number; the signature is "
         "predict_score(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE) -> DOUBLE")
+    with pytest.raises(PythonException) as caught:
+        spark_sql(spark, "SELECT predict_score_interval(synopsis, genres, studio, episodes, 'high') FROM anime", anime)
+    assert spark_udf.job_error(caught.value) == (
+        "TypeError: predict_score_interval: argument level has type string, expected a number; the signature is "
+        "predict_score_interval(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE, level DOUBLE) "
+        "-> STRUCT")
 
 
 def test_shipped_bundles_are_loaded_from_the_copy_spark_sends(spark, anime, tmp_path, baseline_bundle,

@@ -13,10 +13,11 @@ import numpy as np
 from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
 from anime_udf.devices import resolve_device
-from anime_udf.bundle import HEAD_WEIGHTS, REFERENCE_FILE, TRAINING_ROWS_FILE
+from anime_udf.bundle import CALIBRATION_FILE, HEAD_WEIGHTS, REFERENCE_FILE, TRAINING_ROWS_FILE
 from anime_udf.explain import reference_manifest, reference_state
 from anime_udf.models import BaselineNet
 from anime_udf.text import DEFAULT_ENCODER_NAME, FrozenTextEncoder, default_encoder_path
+from training.calibration import calibrate
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, refit_ensemble,
                              seed_everything, select_epochs, training_record, training_rows_state)
 
@@ -91,6 +92,10 @@ def train_baseline(
                                                       split.valid["score"].to_numpy(), sel_tab.scaler, log)
     if on_validated:
         on_validated(valid_scores)
+    calibration, calibration_state = calibrate(
+        selection, blend, sel_tab.scaler, split.valid["score"].to_numpy(), tab.inputs(split.valid)[0],
+        sel_tab.inputs(split.valid)[1], tab.features.genres, split.valid["synopsis"].to_list(), None, split.selection,
+        settings.seed, log)
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")
     final_inputs = (emb_final, *tab.inputs(final_rows))
@@ -113,8 +118,10 @@ def train_baseline(
             fit_seconds=round(time.perf_counter() - fit_started, 1), history=selection.history),
         "metrics": {"valid": metrics},
         "explain": reference_manifest("baseline"),
+        "calibration": calibration,
     }
     write_bundle(out, manifest, {HEAD_WEIGHTS["baseline"]: ensemble.state_dict(),
                                  REFERENCE_FILE: reference_state(final_inputs),
+                                 CALIBRATION_FILE: calibration_state,
                                  TRAINING_ROWS_FILE: training_rows_state(split)}, force=force)
     return manifest

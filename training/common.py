@@ -280,6 +280,7 @@ class Selection:
 
     best_epochs: int
     valid_predictions: np.ndarray  # standardised, the chosen ensemble's
+    valid_members: np.ndarray  # standardised, each seed's [seeds, rows] (their mean is valid_predictions)
     history: list[dict]  # validation RMSE (standardised) of each schedule tried
 
 
@@ -296,14 +297,15 @@ def select_epochs(make_net: Callable[[], nn.Module], train_inputs: Inputs, y_tra
     with tqdm(total=how.seeds * sum(lengths), desc=f"choosing epochs of {lengths}", unit="epoch",
               disable=not progress) as bar:
         for epochs in lengths:
-            pred = predict(fit_ensemble(make_net, train_inputs, y_train, epochs, how, seed, device, bar),
-                           valid_inputs)
+            members = predict_members(fit_ensemble(make_net, train_inputs, y_train, epochs, how, seed, device, bar),
+                                      valid_inputs)
+            pred = members.mean(0).numpy()
             rmse = float(np.sqrt(np.mean((pred - y_valid) ** 2)))
             history.append({"epochs": epochs, "valid_rmse_std": round(rmse, 5)})
             bar.set_postfix(valid_rmse=f"{rmse:.4f}")
             if best is None or rmse < best[0]:
-                best = (rmse, epochs, pred)
-    return Selection(best[1], best[2], history)
+                best = (rmse, epochs, pred, members.numpy())
+    return Selection(best[1], best[2], best[3], history)
 
 
 # The blend's least squares is shrunk toward the head alone as if by this many rows: a few
@@ -342,9 +344,10 @@ def blend_and_validate(enabled: bool, selection: Selection, y_valid: np.ndarray,
     return blend, compute_metrics(valid_scores, scores), scores
 
 
-def predict(net: nn.Module, inputs: Inputs) -> np.ndarray:
+def predict_members(ensemble: SeedEnsemble, inputs: Inputs) -> torch.Tensor:
+    """Each seed's predictions, [seeds, rows] (the ensemble's are their mean)."""
     with torch.inference_mode():
-        return net.eval()(*(torch.from_numpy(a) for a in inputs)).numpy()
+        return ensemble.eval().member_predictions(*(torch.from_numpy(a) for a in inputs))
 
 
 def fit_ensemble(make_net: Callable[[], nn.Module], inputs: Inputs, y: np.ndarray, epochs: int,

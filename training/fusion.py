@@ -14,7 +14,8 @@ recorded in the bundle:
    (training/fine_tune.py). An epoch is kept only if it beats stage 1 on validation RMSE;
    on a 2-core CPU none has, so the default is 0;
 4. ``choose_blend`` (``blend``): what follows the head, head x a + lexical score x b + c, fitted
-   on the selection run's validation predictions (anime_udf.models.Blend);
+   on the selection run's validation predictions (anime_udf.models.Blend); then the intervals'
+   calibration on the same rows (training/calibration.py);
 5. ``refit_head``: the final head, a seed ensemble refitted on every training row, on the
    features of the chosen encoder, for the chosen number of epochs;
 6. ``write_bundle``: the manifest and the files, written atomically.
@@ -36,8 +37,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from anime_udf.bundle import (ENCODER_DIR, HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, POOLINGS, REFERENCE_FILE, TOKENIZER_DIR,
-                              TRAINING_ROWS_FILE, check_out, write_bundle)
+from anime_udf.bundle import (CALIBRATION_FILE, ENCODER_DIR, HEAD_WEIGHTS, LEXICAL_WEIGHTS_FILE, POOLINGS,
+                              REFERENCE_FILE, TOKENIZER_DIR, TRAINING_ROWS_FILE, check_out, write_bundle)
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
 from anime_udf.devices import resolve_device
@@ -46,6 +47,7 @@ from anime_udf.features import clean_text
 from anime_udf.models import FusionHead, FusionNet, SeedEnsemble
 from anime_udf.text import (DEFAULT_ENCODER_NAME, FrozenTextEncoder, check_model_type, default_encoder_path,
                             load_encoder, load_tokenizer, weights_checksum)
+from training.calibration import calibrate
 from training.common import (DataSplit, HeadTraining, Tabular, blend_and_validate, embed_frozen, fit_ensemble,
                              refit_ensemble, seed_everything, select_epochs, training_record, training_rows_state)
 from training.fine_tune import Checkpoint, fine_tune
@@ -215,12 +217,17 @@ class FusionTrainer:
     def choose_blend(self) -> None:
         """head x a + lexical score x b + c, least squares on the selection run's validation
         rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
-        metrics of the model as it ships."""
+        metrics of the model as it ships, and the intervals' calibration on those rows."""
+        scores, (_, studio, lexical) = self.split.valid["score"].to_numpy(), self.tabular["valid"]
         self.blend, self.valid_metrics, valid_scores = blend_and_validate(
-            self.settings.blend, self.selection, self.y["valid"], self.split.valid["score"].to_numpy(),
-            self.selection_tab.scaler, self.log, lexical=self.tabular["valid"][2])
+            self.settings.blend, self.selection, self.y["valid"], scores, self.selection_tab.scaler, self.log,
+            lexical=lexical)
         if self.on_validated:
             self.on_validated(valid_scores)
+        self.calibration, self.calibration_state = calibrate(
+            self.selection, self.blend, self.selection_tab.scaler, scores, self.tab.inputs(self.rows["valid"])[0],
+            studio, self.tab.features.genres, self.texts["valid"], lexical, self.split.selection, self.settings.seed,
+            self.log)
 
     def refit_head(self) -> SeedEnsemble:
         """The final head: the seed ensemble, the chosen epochs, every final row."""
@@ -249,15 +256,16 @@ class FusionTrainer:
                 seconds=round(time.perf_counter() - self.started, 1), history=self.selection.history),
             "metrics": {"valid": self.valid_metrics},
             "explain": reference_manifest("fusion"),
+            "calibration": self.calibration,
         }
 
     def write_bundle(self, out: Path, side: Path, manifest: dict, ensemble: SeedEnsemble, force: bool) -> None:
-        """The bundle: the heads, the explanation references, the lexical view and, where it is
-        in the bundle, the encoder and tokenizer saved in ``side``."""
+        """The bundle: the heads, the explanation references, the calibration, the lexical view
+        and, where it is in the bundle, the encoder and tokenizer saved in ``side``."""
         self.lexical.save(side)
         weights = {HEAD_WEIGHTS["fusion"]: ensemble.state_dict(), REFERENCE_FILE: reference_state(self.x["refit"]),
                    LEXICAL_WEIGHTS_FILE: {k: torch.from_numpy(v) for k, v in self.lexical.state().items()},
-                   TRAINING_ROWS_FILE: training_rows_state(self.split)}
+                   CALIBRATION_FILE: self.calibration_state, TRAINING_ROWS_FILE: training_rows_state(self.split)}
         extra = {"lexical": side / "lexical"} | (
             {ENCODER_DIR: side / ENCODER_DIR, TOKENIZER_DIR: side / TOKENIZER_DIR} if self.encoder_in_bundle else {})
         write_bundle(out, manifest, weights, extra_dirs=extra, force=force)
