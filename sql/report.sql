@@ -16,21 +16,23 @@ SELECT model, grp, count(*) AS n, mae(y, yhat) AS mae, rmse(y, yhat) AS rmse, av
 FROM query_table(tbl)
 GROUP BY model, grp;
 
--- The k most frequent genres (case and spaces around names do not matter, as for the models);
--- a title counts in each of its genres.
+-- Each title once per genre it names (case and spaces around names do not matter, as for the
+-- models), its genre as first written and the group it counts in.
+CREATE OR REPLACE TEMP MACRO genre_rows(tbl) AS TABLE
+SELECT q.*, trim(g) AS genre, lower(trim(g)) AS grp
+FROM query_table(tbl) q, unnest(string_split(q.genres, ',')) AS t(g)
+WHERE trim(g) <> '';
+
+-- The k most frequent genres of genre_rows: a title counts in each of its genres.
+CREATE OR REPLACE TEMP MACRO top_genres(tbl, k) AS TABLE
+SELECT grp, min(genre) AS genre, count(DISTINCT row_id) AS titles
+FROM genre_rows(tbl) GROUP BY grp
+ORDER BY titles DESC, grp LIMIT k;
+
 CREATE OR REPLACE TEMP MACRO error_by_genre(tbl, k) AS TABLE
-WITH tagged AS (
-    SELECT model, row_id, y, yhat, trim(g) AS genre, lower(trim(g)) AS grp
-    FROM query_table(tbl), unnest(string_split(genres, ',')) AS t(g)
-    WHERE trim(g) <> ''
-),
-top AS (
-    SELECT grp, min(genre) AS genre, count(DISTINCT row_id) AS titles
-    FROM tagged GROUP BY grp
-    ORDER BY titles DESC, grp LIMIT k
-)
+WITH tagged AS (SELECT model, grp, y, yhat FROM genre_rows(tbl))
 SELECT e.model, top.genre, e.n, e.mae, e.rmse, e.bias
-FROM group_errors('tagged') e JOIN top USING (grp)
+FROM group_errors('tagged') e JOIN top_genres(tbl, k) top USING (grp)
 ORDER BY top.titles DESC, top.grp, e.model;
 
 -- Episode-count buckets (NULL and negative counts are missing, as for the models).
@@ -148,19 +150,9 @@ ORDER BY band, model;
 
 -- Coverage and width in the k most frequent genres (as error_by_genre counts them).
 CREATE OR REPLACE TEMP MACRO interval_by_genre(tbl, k) AS TABLE
-WITH tagged AS (
-    SELECT model, row_id, y, lo, hi, trim(g) AS genre, lower(trim(g)) AS grp
-    FROM query_table(tbl), unnest(string_split(genres, ',')) AS t(g)
-    WHERE trim(g) <> ''
-),
-top AS (
-    SELECT grp, min(genre) AS genre, count(DISTINCT row_id) AS titles
-    FROM tagged GROUP BY grp
-    ORDER BY titles DESC, grp LIMIT k
-)
 SELECT top.genre, t.model, count(*) AS n, interval_coverage(t.y, t.lo, t.hi) AS coverage,
        interval_width(t.lo, t.hi) AS mean_width
-FROM tagged t JOIN top USING (grp)
+FROM genre_rows(tbl) t JOIN top_genres(tbl, k) top USING (grp)
 GROUP BY top.genre, top.titles, top.grp, t.model
 ORDER BY top.titles DESC, top.grp, t.model;
 

@@ -97,20 +97,25 @@ def fusion_bundle(tmp_path_factory, session_cache) -> Path:
     return out
 
 
-@pytest.fixture
-def unexplainable_baseline(baseline_bundle, tmp_path) -> Path:
-    """The fixture baseline as a bundle trained before explanation references were stored."""
+def older_bundle(bundle: Path, out: Path, file: str, manifest_key: str) -> Path:
+    """A copy of ``bundle`` as trained before ``file`` (and its manifest entry) existed."""
     import json
     import shutil
 
-    from anime_udf.bundle import REFERENCE_FILE
-
-    old = shutil.copytree(baseline_bundle, tmp_path / "old-baseline")
-    (old / REFERENCE_FILE).unlink()
+    old = shutil.copytree(bundle, out)
+    (old / file).unlink()
     manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["explain"], manifest["files"][REFERENCE_FILE]
+    del manifest[manifest_key], manifest["files"][file]
     (old / "manifest.json").write_text(json.dumps(manifest))
     return old
+
+
+@pytest.fixture
+def unexplainable_baseline(baseline_bundle, tmp_path) -> Path:
+    """The fixture baseline as a bundle trained before explanation references were stored."""
+    from anime_udf.bundle import REFERENCE_FILE
+
+    return older_bundle(baseline_bundle, tmp_path / "old-baseline", REFERENCE_FILE, "explain")
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ from anime_udf.catalog import read_catalog
 from anime_udf.cli import cli
 from anime_udf.intervals import SCALE_FEATURES, conformal_quantile, guaranteed_coverage, scale_feature_names
 from anime_udf.metrics import load_metric_macros
-from tests.conftest import CATALOG, FP32_TOLERANCE, HOLDOUT
+from tests.conftest import CATALOG, FP32_TOLERANCE, HOLDOUT, older_bundle
 from tests.test_udf import EDGE_ROWS
 
 INTERVALS = {"baseline": "predict_score_interval", "fusion": "predict_score_fusion_interval"}
@@ -121,12 +121,7 @@ def test_training_says_what_the_calibration_promises(tmp_path):
 @pytest.fixture
 def uncalibrated_baseline(baseline_bundle, tmp_path):
     """The fixture baseline as a bundle trained before intervals existed."""
-    old = shutil.copytree(baseline_bundle, tmp_path / "old-baseline")
-    (old / CALIBRATION_FILE).unlink()
-    manifest = json.loads((old / "manifest.json").read_text())
-    del manifest["calibration"], manifest["files"][CALIBRATION_FILE]
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    return old
+    return older_bundle(baseline_bundle, tmp_path / "old-baseline", CALIBRATION_FILE, "calibration")
 
 
 def test_a_bundle_without_calibration_scores_and_says_how_to_get_intervals(uncalibrated_baseline):
