@@ -863,6 +863,10 @@ def format_comparison(result, against: str) -> str:
               help="Model(s) to rescore with: a kind (its production bundle, else its newest), all kinds "
                    "present, or a bundle.")
 @click.option("--key", default=DEFAULT_KEY, show_default=True, help="The catalog column that identifies a row.")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), metavar="LEVEL",
+              help="Store each score's prediction interval at this level (0.9: 90 %) as lo and hi beside it; "
+                   "rows stored without one, or at another level, are scored again. Without it a run computes "
+                   "no interval (rows it does not score keep theirs).")
 @click.option("--export", type=click.Path(dir_okay=False, path_type=Path),
               help="After the run, write all current scores to this Parquet file (atomically; DuckDB store).")
 @click.option("--dry-run", is_flag=True, help="Say how many rows would be scored; score nothing and leave the store "
@@ -877,8 +881,8 @@ def format_comparison(result, against: str) -> str:
 @engine_options
 @models_option
 @scoring_options
-def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wait, as_json, progress, engine, master,
-            ship, spark_conf, models_dir, device, precision):
+def rescore(catalog, store, model_specs, key, level, export, dry_run, allow_shrink, wait, as_json, progress, engine,
+            master, ship, spark_conf, models_dir, device, precision):
     """Incrementally rescore a catalog into a DuckDB store (the nightly job).
 
     Rows whose inputs and model are unchanged keep their scores; changed and new rows
@@ -890,7 +894,7 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
     switch (same hashes, counts and run records as the DuckDB store).
 
     \b
-      anime-udf rescore --catalog catalog.csv --store scores.duckdb --export scores.parquet
+      anime-udf rescore --catalog catalog.csv --store scores.duckdb --level 0.9 --export scores.parquet
       anime-udf rescore --engine spark --catalog catalog.parquet --store scores/
 
     \b
@@ -913,12 +917,13 @@ def rescore(catalog, store, model_specs, key, export, dry_run, allow_shrink, wai
         with owned_session(master, progress=progress if progress is not None else sys.stderr.isatty(),
                            conf=spark_conf) as spark:
             record = rescore_spark(spark, str(catalog), store, models=model_specs, models_dir=models_dir, key=key,
-                                   dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
+                                   level=level, dry_run=dry_run, wait=wait, allow_shrink=allow_shrink, device=device,
                                    precision=precision, ship=ship)
     else:
         from anime_udf.rescore import rescore as run_rescore
 
-        record = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, export=export,
+        record = run_rescore(catalog, store, models=model_specs, models_dir=models_dir, key=key, level=level,
+                             export=export,
                              dry_run=dry_run, wait=wait, progress=progress, allow_shrink=allow_shrink,
                              device=device, precision=precision)
     click.echo(json.dumps(record.to_dict(), indent=2) if as_json else format_summary(record))

@@ -107,17 +107,21 @@ class Scorer:
                          episodes: Sequence[Any], level: Sequence[Any]) -> dict[str, np.ndarray]:
         """{"lo", "hi"}: float64 bounds in [1, 10] of each row's interval at its ``level`` in (0, 1)
         around its ``predict`` score, computed in the same pass (anime_udf.intervals)."""
+        _, lo, hi = self.predict_rows_with_interval(Rows(synopsis, genres, studio, episodes), level)
+        return {"lo": lo, "hi": hi}
+
+    def predict_rows_with_interval(self, rows: Rows, level: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(score, lo, hi) of each row of a ``Rows``: its ``predict`` score and its interval at its
+        ``level``, from one pass (what a rescore run with a level stores)."""
         levels = check_levels(level)
         calibration = self.calibration()
-        rows = Rows(synopsis, genres, studio, episodes)
         if not len(rows):
-            return {"lo": np.zeros(0), "hi": np.zeros(0)}
+            return np.zeros(0), np.zeros(0), np.zeros(0)
         members, standardised, inputs = self.standardised(rows)
         score = self.score_of(standardised)
         features = scale_features(members, standardised, *rows.features(self.features), rows.cleaned_synopsis(),
                                   lexical_input(inputs))
-        lo, hi = calibration.bounds(score, features, levels)
-        return {"lo": lo, "hi": hi}
+        return (score, *calibration.bounds(score, features, levels))
 
     def calibration(self) -> Calibration:
         """The bundle's calibration (loaded once); a bundle without one: NoCalibrationError."""

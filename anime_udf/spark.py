@@ -40,7 +40,7 @@ from pyspark.sql.udf import UserDefinedFunction
 from anime_udf.catalog import CatalogError, read_catalog
 from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
-from anime_udf.explain import fields
+from anime_udf.explain import arrow_struct, fields
 from anime_udf.udf import (EXPLAIN_NAMES, FUNCTION_NAMES, INTERVAL_FIELDS, INTERVAL_NAMES, ScoredCatalog,
                            interval_batch, register_bundles, score_batch)
 
@@ -58,6 +58,8 @@ SPARK_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.bool_(): "boolean
 
 # What a failed Spark job raises in the driver (most failures are converted to the first).
 SPARK_ERRORS = (PySparkException, Py4JJavaError)
+# What score_with_interval_udf returns: a score and its interval.
+SCORE_WITH_INTERVAL = ("score", *INTERVAL_FIELDS)
 
 
 class SparkJobError(AnimeUdfError, RuntimeError):
@@ -173,6 +175,26 @@ def interval_udf(name: str, bundle: Path | str, device: str = "auto", precision:
 
     interval.__name__ = name
     return F.arrow_udf(interval, spark_struct({f: pa.float64() for f in INTERVAL_FIELDS}))
+
+
+def score_with_interval_udf(name: str, bundle: Path | str, level: float, device: str = "auto",
+                            precision: str = "auto", shipped: bool = False) -> UserDefinedFunction:
+    """An iterator Arrow UDF (synopsis, genres, studio, episodes) -> STRUCT(score, lo, hi): ``bundle``'s
+    score (that of the function ``name``) and its interval at ``level``, from one pass: what a
+    Spark rescore run with a level stores."""
+    bundle = str(bundle)
+
+    def predict(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
+        from anime_udf.scoring import Rows
+
+        for batch in batches:
+            rows = Rows(*arguments(name, batch))
+            scorer = worker_scorer(_bundle_on_worker(bundle, shipped), device, precision)
+            scored = scorer.predict_rows_with_interval(rows, [level] * len(rows))
+            yield arrow_struct(dict(zip(SCORE_WITH_INTERVAL, scored)))
+
+    predict.__name__ = name
+    return F.arrow_udf(predict, spark_struct({f: pa.float64() for f in SCORE_WITH_INTERVAL}))
 
 
 def ship_bundle(spark: SparkSession, bundle: Path) -> Path:

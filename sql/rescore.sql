@@ -14,21 +14,26 @@
 --     CREATE TEMP VIEW rescore_catalog AS             -- key + the four model inputs
 --       SELECT anime_id AS key, synopsis, genres, studio, episodes FROM read_csv('catalog.csv');
 --     CREATE TEMP MACRO rescore_predict(s, g, st, e) AS predict_score(s, g, st, e);
+--     CREATE TEMP MACRO rescore_interval(s, g, st, e, level) AS predict_score_interval(s, g, st, e, level);
 --     SET VARIABLE rescore_model_id   = '<r.model_id(bundle)>';   -- e.g. baseline-3f2a9c1d7e4b
 --     SET VARIABLE rescore_model_kind = 'baseline';
 --     SET VARIABLE rescore_key_column = 'anime_id';
 --     SET VARIABLE rescore_catalog    = 'catalog.csv';             -- recorded, optional
 --     SET VARIABLE rescore_bundle     = 'models/baseline-r2';      -- recorded, optional
+--     SET VARIABLE rescore_level      = 0.9;   -- optional: each score's interval at this level
 --   """)
 --   con.execute(open("sql/rescore.sql").read())      -- this file, top to bottom
 --
--- (for the fusion model: predict_score_fusion and rescore_model_kind = 'fusion').
+-- (for the fusion model: predict_score_fusion, predict_score_fusion_interval and
+-- rescore_model_kind = 'fusion').
 -- A failure anywhere before COMMIT changes nothing in the store (close the connection,
 -- or ROLLBACK, to end the failed transaction). Run one such job at a time per store.
 --
 -- Store tables:
 --   rescore_scores  one row per (key, model_id): the score, the input hash it was
---                   computed from, whether an input was imputed, the run that wrote it.
+--                   computed from, whether an input was imputed, the run that wrote it,
+--                   and the score's prediction interval [lo, hi] at its level (NULL for
+--                   a row scored by a run without a level).
 --                   It holds the current model of each kind only: a new bundle's rows
 --                   replace the old bundle's rows of that kind (counted as superseded).
 --                   Keys gone from the catalog lose their rows of every kind (counted
@@ -36,6 +41,10 @@
 --   rescore_runs    one row per (run_id, model_kind): counts, score distribution, and
 --                   its shift against the previous run of that kind.
 --   rescore_meta    schema version and the key column the store is keyed by.
+--
+-- The tables are created as the first release made them (schema version 1) and then
+-- altered to this version's: a store of an earlier version is upgraded in place by
+-- its next run, in the run's one transaction (a run killed midway leaves it as it was).
 
 
 -- @section macros
@@ -131,6 +140,14 @@ CREATE TABLE IF NOT EXISTS rescore_runs (
     PRIMARY KEY (run_id, model_kind)
 );
 
+-- Version 2: prediction intervals. A row stored before has none (NULL): a run with a
+-- level computes them; a run without one keeps them where the row is not rescored.
+ALTER TABLE rescore_scores ADD COLUMN IF NOT EXISTS level DOUBLE;  -- the interval's level
+ALTER TABLE rescore_scores ADD COLUMN IF NOT EXISTS lo DOUBLE;
+ALTER TABLE rescore_scores ADD COLUMN IF NOT EXISTS hi DOUBLE;
+ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS level DOUBLE;   -- the run's level, NULL: none
+ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS width_mean DOUBLE;  -- mean hi - lo of the stored rows at it
+
 
 -- @section start
 SET VARIABLE rescore_run_id = coalesce(getvariable('rescore_run_id'),
@@ -138,6 +155,8 @@ SET VARIABLE rescore_run_id = coalesce(getvariable('rescore_run_id'),
 SET VARIABLE rescore_started_at = coalesce(getvariable('rescore_started_at'), now());
 SELECT error('rescore: SET VARIABLE rescore_key_column (the catalog column the store is keyed by) first')
 WHERE getvariable('rescore_key_column') IS NULL;
+SELECT error('rescore: the level ' || getvariable('rescore_level') || ' is not between 0 and 1')
+WHERE NOT (CAST(getvariable('rescore_level') AS DOUBLE) > 0 AND CAST(getvariable('rescore_level') AS DOUBLE) < 1);
 CREATE OR REPLACE TEMP TABLE rescore_models (
     model_id   VARCHAR NOT NULL PRIMARY KEY,
     model_kind VARCHAR NOT NULL UNIQUE,
@@ -179,19 +198,23 @@ FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_ke
 
 
 -- @section plan
--- The rows each model must score: new keys, and keys whose inputs changed since that model
--- scored them (keys and hashes only: the inputs stay in rescore_input, read again when scoring).
+-- The rows each model must score: new keys, keys whose inputs changed since that model
+-- scored them, and, in a run with a level, keys without an interval at that level (keys and
+-- hashes only: the inputs stay in rescore_input, read again when scoring).
 CREATE OR REPLACE TEMP TABLE rescore_todo AS
 SELECT m.model_id, i.key, i.input_hash, i.imputed
 FROM rescore_models m
 CROSS JOIN rescore_input i
 LEFT JOIN rescore_scores s ON s.model_id = m.model_id AND s.key = i.key
-WHERE s.input_hash IS DISTINCT FROM i.input_hash;
+WHERE s.input_hash IS DISTINCT FROM i.input_hash
+   OR (getvariable('rescore_level') IS NOT NULL AND s.level IS DISTINCT FROM getvariable('rescore_level'));
 
 CREATE OR REPLACE TEMP TABLE rescore_new (
     model_id VARCHAR NOT NULL,
     key      VARCHAR NOT NULL,
-    score    DOUBLE
+    score    DOUBLE,
+    lo       DOUBLE,  -- the interval at the run's level; NULL without one
+    hi       DOUBLE
 );
 
 
@@ -207,8 +230,16 @@ SET VARIABLE rescore_catalog_fingerprint = (
 -- @section score
 -- The slow step, and the only one outside SQL in the CLI (same scorer, chunked).
 INSERT INTO rescore_new
-SELECT t.model_id, t.key, rescore_predict(i.synopsis, i.genres, i.studio, i.episodes)
-FROM rescore_todo t JOIN rescore_input i USING (key);
+SELECT t.model_id, t.key, rescore_predict(i.synopsis, i.genres, i.studio, i.episodes), NULL, NULL
+FROM rescore_todo t JOIN rescore_input i USING (key)
+WHERE getvariable('rescore_level') IS NULL;
+
+INSERT INTO rescore_new
+SELECT model_id, key, rescore_predict(synopsis, genres, studio, episodes), interval.lo, interval.hi
+FROM (SELECT t.model_id, t.key, i.synopsis, i.genres, i.studio, i.episodes,
+             rescore_interval(i.synopsis, i.genres, i.studio, i.episodes, getvariable('rescore_level')) AS interval
+      FROM rescore_todo t JOIN rescore_input i USING (key)
+      WHERE getvariable('rescore_level') IS NOT NULL);
 
 
 -- @section begin
@@ -233,10 +264,12 @@ FROM rescore_models m;
 
 
 -- @section apply
--- Every row to score has a finite score, or nothing is applied.
+-- Every row to score has a finite score (and, in a run with a level, an interval around
+-- it), or nothing is applied.
 SELECT error('rescore: ' || count(*) || ' row(s) to score have no score; nothing was applied')
 FROM rescore_todo t LEFT JOIN rescore_new n USING (model_id, key)
-WHERE n.score IS NULL OR isnan(n.score) OR isinf(n.score)
+WHERE n.score IS NULL OR NOT isfinite(n.score)
+   OR (getvariable('rescore_level') IS NOT NULL AND NOT coalesce(n.lo <= n.score AND n.score <= n.hi, false))
 HAVING count(*) > 0;
 
 -- Keys gone from the catalog (a key gone has no score of any kind, so every kind's
@@ -248,24 +281,28 @@ DELETE FROM rescore_scores
 WHERE model_kind IN (SELECT model_kind FROM rescore_models)
   AND model_id NOT IN (SELECT model_id FROM rescore_models);
 
-INSERT OR REPLACE INTO rescore_scores (key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at)
-SELECT t.key, t.model_id, m.model_kind, t.input_hash, n.score, t.imputed, getvariable('rescore_run_id'), now()
+INSERT OR REPLACE INTO rescore_scores
+    (key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at, level, lo, hi)
+SELECT t.key, t.model_id, m.model_kind, t.input_hash, n.score, t.imputed, getvariable('rescore_run_id'), now(),
+       getvariable('rescore_level'), n.lo, n.hi
 FROM rescore_todo t
 JOIN rescore_new n USING (model_id, key)
 JOIN rescore_models m USING (model_id);
 
 INSERT OR REPLACE INTO rescore_meta
-VALUES ('schema_version', '1'), ('key_column', getvariable('rescore_key_column'));
+VALUES ('schema_version', '2'), ('key_column', getvariable('rescore_key_column'));
 
 -- @section record
 -- The run record: counts, the score distribution of each model's stored rows, and its
--- shift against the previous run of that kind.
+-- shift against the previous run of that kind; the run's level and the mean width of the
+-- stored intervals at it.
 -- A retry of a run whose COMMIT failed reuses its run id: if that COMMIT took effect
 -- after all, its record stays the only one.
 INSERT OR IGNORE INTO rescore_runs
 WITH stats AS (
     SELECT model_id, count(*) AS n, avg(score) AS mean, stddev_pop(score) AS std,
-           quantile_cont(score, [0.05, 0.25, 0.5, 0.75, 0.95]) AS q
+           quantile_cont(score, [0.05, 0.25, 0.5, 0.75, 0.95]) AS q,
+           avg(hi - lo) FILTER (level = getvariable('rescore_level')) AS width_mean
     FROM rescore_scores
     WHERE model_id IN (SELECT model_id FROM rescore_models)
     GROUP BY model_id
@@ -285,7 +322,8 @@ SELECT getvariable('rescore_run_id'), getvariable('rescore_started_at'), now(),
        p.run_id, p.model_id,
        s.mean - p.score_mean, s.std - p.score_std,
        s.q[1] - p.score_p05, s.q[2] - p.score_p25, s.q[3] - p.score_p50,
-       s.q[4] - p.score_p75, s.q[5] - p.score_p95
+       s.q[4] - p.score_p75, s.q[5] - p.score_p95,
+       getvariable('rescore_level'), s.width_mean
 FROM rescore_counts c
 LEFT JOIN stats s USING (model_id)
 LEFT JOIN prev p ON p.model_kind = c.model_kind;
@@ -301,7 +339,7 @@ COMMIT;
 -- with the key in its catalog type; up_to_date is false for a model kind not rescored
 -- since its inputs changed.
 SELECT i.catalog_key AS key, s.model_kind AS model, s.model_id, s.score, s.imputed AS imputed_inputs,
-       s.input_hash = i.input_hash AS up_to_date, s.input_hash, s.run_id, s.scored_at
+       s.input_hash = i.input_hash AS up_to_date, s.input_hash, s.run_id, s.scored_at, s.level, s.lo, s.hi
 FROM rescore_scores s
 JOIN rescore_input i USING (key)
 ORDER BY model, s.key

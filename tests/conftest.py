@@ -84,6 +84,16 @@ def baseline_bundle(tmp_path_factory, session_cache) -> Path:
     return out
 
 
+@pytest.fixture
+def models(tmp_path, baseline_bundle) -> Path:
+    """The models directory ($ANIME_UDF_MODELS) with the session's fixture baseline in it."""
+    import shutil
+
+    directory = tmp_path / "models"
+    shutil.copytree(baseline_bundle, directory / baseline_bundle.name)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def fusion_bundle(tmp_path_factory, session_cache) -> Path:
     """A fusion model with the defaults (frozen MiniLM, lexical view, refit, seeds) on the fixture catalog."""

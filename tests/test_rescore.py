@@ -41,14 +41,6 @@ ADDED = (100001, 100002)  # new keys in catalog B
 # --- helpers ---------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def models(tmp_path, baseline_bundle) -> Path:
-    """The models directory ($ANIME_UDF_MODELS) with the session's fixture baseline in it."""
-    directory = tmp_path / "models"
-    shutil.copytree(baseline_bundle, directory / baseline_bundle.name)
-    return directory
-
-
 @pytest.fixture(scope="session")
 def second_head(tmp_path_factory, session_cache, baseline_bundle) -> Path:
     """Another baseline head on the same frozen encoder: its embeddings are all cached."""
@@ -467,8 +459,9 @@ def add_fusion_rows(store: Path, df: pl.DataFrame) -> None:
     con = duckdb.connect(str(store))
     try:
         con.register("h", pl.DataFrame(list(hashes(df).items()), schema=["key", "input_hash"], orient="row"))
-        con.execute("INSERT OR REPLACE INTO rescore_scores SELECT key, 'fusion-000000000000', 'fusion', input_hash, 5.0, "
-                    "false, 'an-earlier-run', now() FROM h")
+        con.execute("INSERT OR REPLACE INTO rescore_scores BY NAME SELECT key, 'fusion-000000000000' AS model_id, "
+                    "'fusion' AS model_kind, input_hash, 5.0 AS score, false AS imputed, 'an-earlier-run' AS run_id, "
+                    "now() AS scored_at FROM h")
     finally:
         con.close()
 
@@ -543,7 +536,7 @@ def test_shrinking_catalog_is_refused_unless_allowed(tmp_path, models):
     assert snapshot(store)["scores"] == [] and pl.read_parquet(export).height == 0
 
 
-def run_sql_script(store: Path, catalog: Path, bundle: Path) -> None:
+def run_sql_script(store: Path, catalog: Path, bundle: Path, level: float | None = None) -> None:
     """sql/rescore.sql run as its header says a scheduler would, without the CLI."""
     from anime_udf.udf import register
 
@@ -554,10 +547,13 @@ def run_sql_script(store: Path, catalog: Path, bundle: Path) -> None:
             CREATE TEMP VIEW rescore_catalog AS
                 SELECT anime_id AS key, synopsis, genres, studio, episodes FROM read_csv('{catalog}');
             CREATE TEMP MACRO rescore_predict(s, g, st, e) AS predict_score(s, g, st, e);
+            CREATE TEMP MACRO rescore_interval(s, g, st, e, level) AS predict_score_interval(s, g, st, e, level);
             SET VARIABLE rescore_model_id = '{model_id(bundle)}';
             SET VARIABLE rescore_model_kind = 'baseline';
             SET VARIABLE rescore_key_column = 'anime_id';
         """)
+        if level is not None:
+            con.execute("SET VARIABLE rescore_level = ?", [level])
         con.execute(sql_path("rescore.sql").read_text())
     finally:
         con.close()

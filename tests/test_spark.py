@@ -16,6 +16,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
 
@@ -313,6 +314,54 @@ def test_a_run_killed_before_publishing_leaves_the_previous_snapshot_and_the_nex
     done = rescore_spark(spark, str(catalog), store, models=[str(baseline_bundle)])
     assert done.models[0]["rows_scored"] == 3
     assert sorted(p.name for p in (store / SNAPSHOTS).iterdir()) == sorted([published.run_id, done.run_id])
+
+
+def as_first_release(spark, store: Path) -> None:
+    """The published snapshot as the first release wrote it: without the columns added since
+    (anime_udf.rescore.sql.ADDED_COLUMNS), schema version 1. Spark rewrites the scores, in its types."""
+    from anime_udf.rescore.sql import ADDED_COLUMNS
+
+    snapshot = current_snapshot(store)
+    scores = spark.read.parquet(str(snapshot / "scores"))
+    assert scores.where(" OR ".join(f"{c} IS NOT NULL" for c in ADDED_COLUMNS["rescore_scores"])).count() == 0
+    scores.drop(*ADDED_COLUMNS["rescore_scores"]).write.parquet(str(snapshot / "scores-v1"))
+    shutil.rmtree(snapshot / "scores")
+    (snapshot / "scores-v1").rename(snapshot / "scores")
+    runs = pq.read_table(snapshot / "runs.parquet")  # written by DuckDB
+    assert all(runs[c].null_count == runs.num_rows for c in ADDED_COLUMNS["rescore_runs"])
+    pq.write_table(runs.drop_columns(ADDED_COLUMNS["rescore_runs"]), snapshot / "runs.parquet")
+    meta = json.loads((snapshot / "meta.json").read_text())
+    (snapshot / "meta.json").write_text(json.dumps({**meta, "schema_version": "1"}))
+
+
+def test_intervals_in_a_spark_store_as_in_a_duckdb_store_and_a_first_release_store_upgraded(
+        spark, tmp_path, baseline_bundle):
+    store, catalog = tmp_path / "store", tmp_path / "catalog.parquet"
+    catalog_with().write_parquet(catalog)
+    models = [str(baseline_bundle)]
+    first = rescore_spark(spark, str(catalog), store, models=models)
+    as_first_release(spark, store)
+    before = stored(store).sort("key")
+
+    upgraded = rescore_spark(spark, str(catalog), store, models=models)  # no row needs rescoring
+    assert upgraded.models[0]["rows_scored"] == 0 and upgraded.models[0]["prev_run_id"] == first.run_id
+    assert stored(store).sort("key").drop("level", "lo", "hi").equals(before)
+    assert json.loads((current_snapshot(store) / "meta.json").read_text())["schema_version"] == "2"
+
+    with_level = rescore_spark(spark, str(catalog), store, models=models, level=0.9)
+    assert (with_level.level, with_level.models[0]["rows_scored"]) == (0.9, 400)
+    assert rescore_spark(spark, str(catalog), store, models=models, level=0.9).models[0]["rows_scored"] == 0
+    scores = stored(store)
+    duck = rescore(catalog, tmp_path / "scores.duckdb", models=models, level=0.9)
+    assert duck.models[0]["width_mean"] == pytest.approx(with_level.models[0]["width_mean"], abs=1e-5)
+    con = duckdb.connect(str(tmp_path / "scores.duckdb"), read_only=True)
+    expected = con.sql("SELECT key, level, score, lo, hi FROM rescore_scores").pl()
+    con.close()
+    joined = scores.join(expected, on="key", suffix="_duckdb")
+    assert joined.height == 400 and (joined["level"] == joined["level_duckdb"]).all()
+    for column in ("score", "lo", "hi"):
+        np.testing.assert_allclose(joined[column].to_numpy(), joined[f"{column}_duckdb"].to_numpy(), rtol=0,
+                                   atol=1e-5)
 
 
 def test_rescoring_refuses_bad_input_before_writing(spark, tmp_path, baseline_bundle):

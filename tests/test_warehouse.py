@@ -30,13 +30,6 @@ def run(*args):
 
 
 @pytest.fixture
-def models(tmp_path, baseline_bundle) -> Path:
-    directory = tmp_path / "models"
-    shutil.copytree(baseline_bundle, directory / baseline_bundle.name)
-    return directory
-
-
-@pytest.fixture
 def warehouse(tmp_path) -> Path:
     """A warehouse file with the fixture catalog as table `anime` (DuckDB's own column types) and
     another table of its own."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from anime_udf.bundle import KINDS, read_manifest
+from anime_udf.intervals import has_calibration
 from anime_udf.registry import Serving, get_model, no_bundle_message, serving, serving_each_kind
 from anime_udf.rescore.run import RescoreError
 
@@ -38,10 +39,12 @@ class ModelChoice:
     alias: str | None = None
 
 
-def resolve_models(specs: str | Sequence[str], models_dir: Path | str | None = None) -> list[ModelChoice]:
+def resolve_models(specs: str | Sequence[str], models_dir: Path | str | None = None,
+                   level: float | None = None) -> list[ModelChoice]:
     """``all`` (each kind present), a kind (its production bundle, else its newest), or
     bundle names/paths, in the models directory (``models_dir``). Every bundle's files are checked
-    against its manifest; a store keeps one model of each kind."""
+    against its manifest; a store keeps one model of each kind. With a ``level``, every bundle
+    must have its calibration (to score intervals)."""
     specs = [specs] if isinstance(specs, str) else list(specs) or ["all"]
     found: list[tuple[Path, str | None]] = []
     for spec in specs:
@@ -61,6 +64,10 @@ def resolve_models(specs: str | Sequence[str], models_dir: Path | str | None = N
     for path, alias in found:
         manifest = read_manifest(path)  # verifies every file's checksum
         kind = manifest["kind"]
+        if level is not None and not has_calibration(manifest):
+            raise RescoreError(f"{path}: this bundle has no calibration (it was trained before prediction "
+                               f"intervals), so it cannot store intervals at --level {level:g}; rescore without "
+                               f"--level, or retrain it with `anime-udf train {kind}`")
         if kind in choices and choices[kind].path.resolve() != path.resolve():
             raise RescoreError(f"two {kind} bundles chosen ({choices[kind].path} and {path}); "
                                "a store keeps one model of each kind")

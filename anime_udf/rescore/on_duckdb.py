@@ -70,7 +70,8 @@ WORK_MEMORY_LIMIT = "1GB"
 # for a reader to close it: failing there would throw the scoring away.
 APPLY_WAIT_SECONDS = 60.0
 # A chunk of scores, as score() writes them to its work directory.
-SCORED_SCHEMA = pa.schema([("model_id", pa.string()), ("key", pa.string()), ("score", pa.float64())])
+SCORED_SCHEMA = pa.schema([("model_id", pa.string()), ("key", pa.string()), ("score", pa.float64()),
+                           ("lo", pa.float64()), ("hi", pa.float64())])
 
 
 def rescore(
@@ -80,6 +81,7 @@ def rescore(
     models: str | Sequence[str] = ("all",),
     models_dir: Path | str | None = None,
     key: str = DEFAULT_KEY,
+    level: float | None = None,
     export: Path | str | None = None,
     dry_run: bool = False,
     wait: float = 0.0,
@@ -94,6 +96,8 @@ def rescore(
     then sit beside the warehouse's, changed by the same one transaction a run).
 
     ``models``: ``all``, ``baseline``, ``fusion`` or bundle names/paths, in ``models_dir``.
+    ``level``: store each score's prediction interval at this level in (0, 1) beside it
+    (rows stored without one, or at another level, are scored again); None: compute none.
     ``wait``: seconds to wait for a concurrent run (or another process holding the store)
     before failing; applying the scored rows waits at least ``APPLY_WAIT_SECONDS``.
     ``progress``: a progress bar on stderr (None: only on a terminal). ``allow_shrink``:
@@ -106,10 +110,10 @@ def rescore(
     store = Path(store)
     if isinstance(catalog, (str, Path)):
         catalog = catalog_source(catalog)  # a file, or a table of a DuckDB database
-    run = Run(store, catalog_label(catalog), key)
+    run = Run(store, catalog_label(catalog), key, level)
     export = Path(export) if export is not None else None
-    refuse_bad_arguments(catalog, store, export, chunk_rows, device, precision)
-    choices = resolve_models(models, models_dir)
+    refuse_bad_arguments(catalog, store, export, chunk_rows, device, precision, level)
+    choices = resolve_models(models, models_dir, level)
     rows = read_catalog_rows(catalog, run.catalog, wait)
     if key not in rows.columns:
         raise RescoreError(f"{run.catalog}: no key column {key!r} (it has: {', '.join(rows.columns)}); "
@@ -126,7 +130,7 @@ def rescore(
                 if dry_run:
                     return dry_run_record(con, run, choices)
                 work = resume_unfinished(con, run, choices, previous)
-                score(con, choices, progress, chunk_rows, device, precision, Path(work_dir))
+                score(con, choices, level, progress, chunk_rows, device, precision, Path(work_dir))
                 apply(con, store, wait)
                 return publish(con, run, export, work, choices)
         except duckdb.Error as exc:
@@ -153,7 +157,7 @@ def work_directory() -> tempfile.TemporaryDirectory:
 
 
 def refuse_bad_arguments(catalog: Any, store: Path, export: Path | None, chunk_rows: int, device: str,
-                         precision: str) -> None:
+                         precision: str, level: float | None) -> None:
     """Everything refused before a catalog is read. Two of catalog, store and export that are one
     file would lose data with exit 0 (the export written over the catalog or the store). The
     store's lock file and DuckDB's write-ahead log count as the store; a catalog that is a table
@@ -180,6 +184,8 @@ def refuse_bad_arguments(catalog: Any, store: Path, export: Path | None, chunk_r
         raise RescoreError(f"{store}: is a directory; --store is a DuckDB file")
     if chunk_rows < 1:
         raise RescoreError("chunk_rows must be at least 1")
+    if level is not None and not 0 < level < 1:
+        raise RescoreError(f"the level {level} is not between 0 and 1 (0.9 for 90 % intervals)")
     check_choice("device", device, DEVICES)
     check_choice("precision", precision, PRECISIONS)
 
@@ -243,13 +249,14 @@ def resume_unfinished(con: duckdb.DuckDBPyConnection, run: Run, choices: list[Mo
     return work
 
 
-def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: bool | None, chunk_rows: int,
-          device: str, precision: str, work_dir: Path) -> None:
+def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], level: float | None, progress: bool | None,
+          chunk_rows: int, device: str, precision: str, work_dir: Path) -> None:
     """Score every row of rescore_todo into rescore_new, streaming: ``chunk_rows`` keys at a
     time are read, scored by each model that must score them, and appended to a Parquet
     file in ``work_dir``, which then fills rescore_new. Memory stays that of a chunk,
     whatever the catalog's size, and the models that score a chunk's same rows share their Rows
-    (each synopsis cleaned, hashed and read from the cache once)."""
+    (each synopsis cleaned, hashed and read from the cache once). With a ``level``, each score's
+    interval at it comes from the same pass."""
     todo_counts = dict(con.execute("SELECT model_id, count(*) FROM rescore_todo GROUP BY model_id").fetchall())
     choices = [c for c in choices if todo_counts.get(c.model_id)]
     if not choices:
@@ -257,7 +264,7 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
     from tqdm.auto import tqdm
 
     from anime_udf.cache import EmbeddingCache
-    from anime_udf.scoring import Rows, load_scorer  # torch and transformers: only when there is work
+    from anime_udf.scoring import Rows, Scorer, load_scorer  # torch and transformers: only when there is work
 
     cache = EmbeddingCache()
     scorers = [load_scorer(c.path, cache=cache, device=device, precision=precision) for c in choices]
@@ -268,7 +275,7 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
         f"SELECT t.*, i.synopsis, i.genres, i.studio, i.episodes FROM (SELECT key, {todo_flags} FROM "
         "rescore_todo GROUP BY key) t JOIN rescore_input i USING (key)", params=[c.model_id for c in choices]
     ).to_arrow_reader(chunk_rows)
-    scored = work_dir / "scored.parquet"
+    scored_file = work_dir / "scored.parquet"
     bar = tqdm(total=sum(todo_counts[c.model_id] for c in choices), unit="row",
                desc=f"scoring ({', '.join(c.kind for c in choices)})",
                disable=None if progress is None else not progress, file=sys.stderr)
@@ -287,12 +294,17 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
                 continue
             inputs = Rows(*(part.column(c).to_pylist() for c in INPUT_COLUMNS))
             tables += [pa.table({"model_id": pa.repeat(choices[i].model_id, part.num_rows), "key": part.column("key"),
-                                 "score": scorers[i].predict_rows(inputs)}, schema=SCORED_SCHEMA) for i in models]
+                                 **scored(scorers[i], inputs)}, schema=SCORED_SCHEMA) for i in models]
         return tables
+
+    def scored(scorer: Scorer, inputs: Rows) -> dict[str, Any]:
+        if level is None:
+            return {"score": scorer.predict_rows(inputs), "lo": pa.nulls(len(inputs)), "hi": pa.nulls(len(inputs))}
+        return dict(zip(("score", "lo", "hi"), scorer.predict_rows_with_interval(inputs, [level] * len(inputs))))
 
     in_flight: deque[Future[list[pa.Table]]] = deque()
     try:
-        with pq.ParquetWriter(scored, SCORED_SCHEMA) as writer, ThreadPoolExecutor(SCORING_THREADS) as pool:
+        with pq.ParquetWriter(scored_file, SCORED_SCHEMA) as writer, ThreadPoolExecutor(SCORING_THREADS) as pool:
             def write_oldest() -> None:
                 nonlocal written
                 for table in in_flight.popleft().result():
@@ -309,7 +321,8 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], progress: 
                     write_oldest()
             while in_flight:
                 write_oldest()
-        con.execute("INSERT INTO rescore_new SELECT model_id, key, score FROM read_parquet(?)", [str(scored)])
+        con.execute("INSERT INTO rescore_new SELECT model_id, key, score, lo, hi FROM read_parquet(?)",
+                    [str(scored_file)])
     finally:
         bar.close()
 

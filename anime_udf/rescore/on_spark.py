@@ -24,9 +24,10 @@ The store is a directory::
     STORE/CURRENT                         the published snapshot's name (replaced atomically)
     STORE/snapshots/<run id>/scores/      Parquet: one row per (key, model id), the columns of
                                           rescore_scores (key, model_id, model_kind, input_hash,
-                                          score, imputed, run_id, scored_at)
+                                          score, imputed, run_id, scored_at, level, lo, hi)
     STORE/snapshots/<run id>/runs.parquet every run record so far (the columns of rescore_runs)
-    STORE/snapshots/<run id>/meta.json    schema version and key column
+    STORE/snapshots/<run id>/meta.json    schema version and key column (a snapshot of an earlier
+                                          version lacks the columns added since: read as NULL)
     STORE.lock                            the run lock (an flock, as for a DuckDB store)
 
 A run writes a new snapshot beside the published one and then publishes it by
@@ -53,7 +54,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from anime_udf.catalog import read_catalog
@@ -62,11 +63,11 @@ from anime_udf.files import atomic_file
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
 from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
-from anime_udf.rescore.sql import (SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
+from anime_udf.rescore.sql import (ADDED_COLUMNS, SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
                                    run_section, sql_sections, start)
-from anime_udf.rescore.store import store_lock
-from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet, scoring_udf,
-                             ship_bundle, spark_struct)
+from anime_udf.rescore.store import store_columns, store_lock
+from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet,
+                             score_with_interval_udf, scoring_udf, ship_bundle, spark_struct)
 from anime_udf.sqlutil import quote_literal
 from anime_udf.udf import FUNCTION_NAMES
 
@@ -80,10 +81,10 @@ RUNS_FILE = "runs.parquet"
 INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_(),
                 "row_digest": pa.int64()}
 INPUT_STRUCT = spark_struct(INPUT_FIELDS)
-# A snapshot's scores: the columns of sql/rescore.sql's rescore_scores.
-SCORES_SCHEMA = ("key string, model_id string, model_kind string, input_hash string, score double, "
-                 "imputed boolean, run_id string, scored_at timestamp")
-SCORES_COLUMNS = [column.split()[0] for column in SCORES_SCHEMA.split(", ")]
+# A snapshot's scores: the columns of sql/rescore.sql's rescore_scores, in Spark's types.
+SPARK_TYPE_OF = {"VARCHAR": "string", "DOUBLE": "double", "BOOLEAN": "boolean", "TIMESTAMP WITH TIME ZONE": "timestamp"}
+SCORES_COLUMNS = [column for column, _ in store_columns()["rescore_scores"]]
+SCORES_SCHEMA = ", ".join(f"{column} {SPARK_TYPE_OF[t]}" for column, t in store_columns()["rescore_scores"])
 # Rows a scoring task takes at most (more tasks than cores where the work is large).
 TASK_ROWS = 50_000
 # What a failed run says: the published snapshot is the previous run's.
@@ -163,6 +164,7 @@ def rescore_spark(
     models: str | Sequence[str] = ("all",),
     models_dir: Path | str | None = None,
     key: str = DEFAULT_KEY,
+    level: float | None = None,
     dry_run: bool = False,
     wait: float = 0.0,
     allow_shrink: bool = False,
@@ -176,12 +178,14 @@ def rescore_spark(
     to the executors (``anime_udf.spark.register``'s). Raises RescoreError (CatalogError for
     an unreadable catalog) with the published snapshot unchanged. Returns the run record."""
     store = Path(store).absolute()  # Spark resolves relative paths against its own start directory
-    run = Run(store, catalog, key)
+    run = Run(store, catalog, key, level)
+    if level is not None and not 0 < level < 1:
+        raise RescoreError(f"the level {level} is not between 0 and 1 (0.9 for 90 % intervals)")
     if store.exists() and not store.is_dir():
         raise RescoreError(f"{store}: is a file; a Spark store is a directory (a DuckDB store needs --engine duckdb)")
     if Path(catalog).resolve().is_relative_to(store.resolve()):
         raise RescoreError(f"--catalog {catalog} is inside --store {store}; keep the catalog outside the store")
-    choices = resolve_models(models, models_dir)
+    choices = resolve_models(models, models_dir, level)
     if not dry_run:
         try:
             (store / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
@@ -248,9 +252,15 @@ def hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
 
 
 def stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
-    if snapshot is not None:
-        return spark.read.parquet(str(snapshot / "scores"))
-    return spark.createDataFrame([], SCORES_SCHEMA)
+    """The published snapshot's scores in this version's columns: those a snapshot of an earlier
+    version lacks (ADDED_COLUMNS), NULL, as the DuckDB store's upgrade fills them."""
+    if snapshot is None:
+        return spark.createDataFrame([], SCORES_SCHEMA)
+    scores = spark.read.parquet(str(snapshot / "scores"))
+    for column in ADDED_COLUMNS["rescore_scores"]:
+        if column not in scores.columns:
+            scores = scores.withColumn(column, F.lit(None).cast("double"))
+    return scores
 
 
 def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
@@ -269,7 +279,7 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
         con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
         register_parquet(con, "rescore_scores", previous / "scores")
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
-        con.execute("INSERT INTO rescore_runs SELECT * FROM previous_runs")
+        con.execute("INSERT INTO rescore_runs BY NAME SELECT * FROM previous_runs")  # an earlier version's too
         con.execute("INSERT INTO rescore_meta VALUES ('schema_version', ?), ('key_column', ?)",
                     [SCHEMA_VERSION, meta["key_column"]])
     start(con, run, choices)
@@ -280,8 +290,10 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
         raise RescoreError(guard_words(exc)) from None
     chosen = spark.createDataFrame([(c.model_id, c.kind) for c in choices], "model_id string, model_kind string")
     todo = (inputs.crossJoin(F.broadcast(chosen))
-            .join(old.select("model_id", "key", F.col("input_hash").alias("stored_hash")), ["model_id", "key"], "left")
-            .where(~F.col("stored_hash").eqNullSafe(F.col("input_hash"))).drop("stored_hash"))
+            .join(old.select("model_id", "key", F.col("input_hash").alias("stored_hash"),
+                             F.col("level").alias("stored_level")), ["model_id", "key"], "left")
+            .where(~F.col("stored_hash").eqNullSafe(F.col("input_hash")) | needs_interval(run.level))
+            .drop("stored_hash", "stored_level"))
     todo.select("model_id", "key").write.parquet(str(work / "plan" / "todo"))
     register_parquet(con, "rescore_todo", work / "plan" / "todo")
     # The catalog fingerprint of sql/rescore.sql, its sum computed on the executors: the
@@ -293,6 +305,11 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
         refuse_shrink(con, run)
     run_section(con, "counts")
     return todo
+
+
+def needs_interval(level: float | None) -> Column:
+    """A stored row without an interval at the run's level (sql/rescore.sql's plan)."""
+    return F.lit(False) if level is None else ~F.col("stored_level").eqNullSafe(F.lit(level))
 
 
 def score(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
@@ -309,22 +326,29 @@ def score(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices
     for choice in choices:
         if to_score[choice.model_id]:
             snapshot = snapshot.unionByName(
-                scored_rows(spark, todo, choice, to_score[choice.model_id], run.id, device, precision, ship))
+                scored_rows(spark, todo, choice, to_score[choice.model_id], run, device, precision, ship))
     snapshot.write.parquet(str(work / "scores"))
 
 
-def scored_rows(spark: SparkSession, todo: DataFrame, choice: ModelChoice, rows: int, run_id: str, device: str,
+def scored_rows(spark: SparkSession, todo: DataFrame, choice: ModelChoice, rows: int, run: Run, device: str,
                 precision: str, ship: bool) -> DataFrame:
-    """The todo rows of one model, scored by the SQL function's UDF, in the store's columns.
-    Spread over the cluster's cores, shortest synopses first within a task (less padding)."""
+    """The todo rows of one model, scored by the SQL function's UDF (with the run's level, and
+    each score's interval, from one pass), in the store's columns. Spread over the cluster's
+    cores, shortest synopses first within a task (less padding)."""
     bundle = ship_bundle(spark, choice.path.resolve()) if ship else choice.path
-    predict = scoring_udf(FUNCTION_NAMES[choice.kind], bundle, device, precision, ship)
+    name = FUNCTION_NAMES[choice.kind]
+    if run.level is None:
+        scored = F.struct(scoring_udf(name, bundle, device, precision, ship)(*INPUT_COLUMNS).alias("score"),
+                          F.lit(None).cast("double").alias("lo"), F.lit(None).cast("double").alias("hi"))
+    else:
+        scored = score_with_interval_udf(name, bundle, run.level, device, precision, ship)(*INPUT_COLUMNS)
     tasks = max(spark.sparkContext.defaultParallelism, math.ceil(rows / TASK_ROWS))
     mine = (todo.where(F.col("model_id") == choice.model_id).repartition(tasks)
             .sortWithinPartitions(F.length(F.coalesce("synopsis", F.lit("")))))
-    return mine.select("key", "model_id", "model_kind", "input_hash",
-                       predict(*INPUT_COLUMNS).alias("score"), "imputed", F.lit(run_id).alias("run_id"),
-                       F.current_timestamp().alias("scored_at"))
+    return (mine.select("*", scored.alias("scored"))
+            .select("key", "model_id", "model_kind", "input_hash", "scored.score", "imputed",
+                    F.lit(run.id).alias("run_id"), F.current_timestamp().alias("scored_at"),
+                    F.lit(run.level).cast("double").alias("level"), "scored.lo", "scored.hi"))
 
 
 def record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dict[str, Any]]:
@@ -334,14 +358,17 @@ def record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dict
     con.execute("DROP TABLE IF EXISTS store.main.rescore_scores")  # a new store's empty table
     register_parquet(con, "rescore_scores", work / "scores")
     bad = con.execute(
-        "SELECT m.model_kind, count(s.key), count(DISTINCT s.key), count(*) FILTER (NOT isfinite(s.score)), "
+        "SELECT m.model_kind, count(s.key), count(DISTINCT s.key), count(*) FILTER (NOT isfinite(s.score) OR "
+        "(s.run_id = getvariable('rescore_run_id') AND s.level IS NOT NULL AND NOT coalesce(s.lo <= s.score "
+        "AND s.score <= s.hi, false))), "
         "(SELECT count(*) FROM rescore_input) FROM rescore_models m LEFT JOIN rescore_scores s USING (model_id) "
         "GROUP BY m.model_kind HAVING count(s.key) <> count(DISTINCT s.key) OR count(s.key) <> "
         "(SELECT count(*) FROM rescore_input) OR count(*) FILTER (NOT isfinite(s.score)) > 0").fetchall()
     if bad:
         kind, n, distinct, nonfinite, expected = bad[0]
         raise RescoreError(f"{NOT_PUBLISHED}: the new {kind} scores have {n} rows "
-                           f"({distinct} keys, {nonfinite} not finite) for {expected} catalog keys")
+                           f"({distinct} keys, {nonfinite} not finite or outside their interval) for "
+                           f"{expected} catalog keys")
     run_section(con, "record")
     con.execute(f"COPY rescore_runs TO {quote_literal(work / RUNS_FILE)} (FORMAT parquet)")
     return run_records(con, run_id)

@@ -19,7 +19,8 @@ QUANTILES = ("p05", "p25", "p50", "p75", "p95")
 SERVED_AS = {"production": "the production alias", "newest": "the newest: no production alias is set",
              None: "named by --model"}
 # Columns of rescore_runs that are the same for every model of a run: reported once.
-RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed")
+RUN_WIDE_COLUMNS = ("started_at", "finished_at", "seconds", "catalog_fingerprint", "rows_seen", "rows_imputed",
+                    "level")
 
 
 @dataclass
@@ -35,6 +36,7 @@ class RunRecord:
     catalog_fingerprint: str
     rows_seen: int
     rows_imputed: int
+    level: float | None  # the level of the intervals the run stores; None: it computed none
     models: list[dict[str, Any]] = field(default_factory=list)
     export: str | None = None
     export_rows: int | None = None
@@ -53,7 +55,7 @@ def _about(run: Run) -> dict[str, Any]:
     """What every run record says of its run."""
     return {"run_id": run.id, "store": str(run.store), "catalog": run.catalog, "key": run.key,
             "started_at": run.started.isoformat(timespec="seconds"),
-            "finished_at": now().isoformat(timespec="seconds"), "seconds": run.seconds()}
+            "finished_at": now().isoformat(timespec="seconds"), "seconds": run.seconds(), "level": run.level}
 
 
 def _named(models: list[dict[str, Any]], choices: Sequence[ModelChoice]) -> list[dict[str, Any]]:
@@ -103,7 +105,8 @@ def format_summary(record: RunRecord) -> str:
         + f" in {record.seconds:.1f} s",
         (f"catalog  {record.catalog}: {record.rows_seen} rows, {record.rows_imputed} with imputed inputs, "
          f"fingerprint {record.catalog_fingerprint}"),
-        f"store    {record.store} (keyed by {record.key})",
+        f"store    {record.store} (keyed by {record.key})"
+        + (f", with each score's {record.level:.0%} interval" if record.level is not None else ""),
     ]
     verbs = ("would score", "reuse", "remove", "supersede") if dry else ("scored", "reused", "removed", "superseded")
     head = f"{'model':9} {'model id':22} " + " ".join(f"{v:>11}" for v in verbs)
@@ -124,6 +127,8 @@ def format_summary(record: RunRecord) -> str:
             continue
         figures = [m["score_mean"], *(m["score_" + q] for q in QUANTILES)]
         lines += [line + "  " + " ".join(f"{_num(v, '.2f'):>6}" for v in figures), bundle]
+        if m["width_mean"] is not None:
+            lines.append(f"{'':9} {record.level:.0%} intervals: mean width {m['width_mean']:.2f}")
         if m.get("prev_run_id"):
             same = m["prev_model_id"] == m["model_id"]
             label = f"{'':9} shift vs run {m['prev_run_id']} ({'same model' if same else m['prev_model_id']})"

@@ -45,6 +45,7 @@ class Run:
     store: Path
     catalog: str  # how messages and records name the catalog
     key: str  # the catalog column the store is keyed by
+    level: float | None = None  # the level of the intervals it stores; None: it computes none
     started: dt.datetime = field(default_factory=now)
     clock: float = field(default_factory=time.perf_counter)  # for the run's seconds
     id: str = ""

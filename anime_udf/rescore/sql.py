@@ -24,6 +24,11 @@ SQL_FILE = "rescore.sql"
 # The version of the store's tables, as sql/rescore.sql writes it into rescore_meta (the file
 # is its one source: a hand-run script and both engines write the same).
 SCHEMA_VERSION = re.search(r"\('schema_version', '([^']+)'\)", sql_path(SQL_FILE).read_text()).group(1)
+# Earlier versions the file's schema section upgrades in place: their tables lack the columns
+# its ALTER statements add (ADDED_COLUMNS, by table), which hold NULL in the rows they had.
+UPGRADES = ("1",)
+ADDED_COLUMNS = {table: re.findall(rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+)", sql_path(SQL_FILE).read_text())
+                 for table in ("rescore_scores", "rescore_runs")}
 # A run may remove at most this share of the keys the store holds (of any kind: a
 # removed key loses every kind's rows) without --allow-shrink: a truncated or
 # header-only catalog is far likelier than a catalog that really lost most of its rows.
@@ -60,6 +65,7 @@ def start(con: duckdb.DuckDBPyConnection, run: Run, choices: Sequence[ModelChoic
     set_variable(con, "rescore_started_at", run.started.isoformat(), "::TIMESTAMPTZ")
     set_variable(con, "rescore_key_column", run.key)
     set_variable(con, "rescore_catalog", run.catalog)
+    set_variable(con, "rescore_level", run.level, "::DOUBLE")
     run_section(con, "start")
     for choice in choices:
         set_variable(con, "rescore_model_id", choice.model_id)
@@ -75,11 +81,11 @@ def guard_words(exc: duckdb.Error) -> str:
 
 
 def check_schema_version(found: Any) -> None:
-    """The store's tables must be of the schema this anime-udf writes (``found``: what its
-    rescore_meta says; None before its first run)."""
-    if found is not None and found != SCHEMA_VERSION:
+    """The store's tables must be of the schema this anime-udf writes, or of one it upgrades
+    (``found``: what its rescore_meta says; None before its first run)."""
+    if found is not None and found != SCHEMA_VERSION and found not in UPGRADES:
         raise RescoreError(f"the store has rescore schema version {found}; this anime-udf writes "
-                           f"version {SCHEMA_VERSION}")
+                           f"version {SCHEMA_VERSION} and upgrades version {', '.join(UPGRADES)}")
 
 
 def catalog_fingerprint(con: duckdb.DuckDBPyConnection) -> str:

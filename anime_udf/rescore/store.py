@@ -26,7 +26,7 @@ import duckdb
 
 from anime_udf.catalog import CatalogError, DatabaseTable, duckdb_path
 from anime_udf.rescore.run import RescoreError, StoreBusyError, now
-from anime_udf.rescore.sql import check_schema_version, run_section
+from anime_udf.rescore.sql import ADDED_COLUMNS, check_schema_version, run_section
 from anime_udf.sqlutil import quote_literal
 
 
@@ -190,6 +190,8 @@ def has_store_tables(con: duckdb.DuckDBPyConnection, store: Path) -> bool:
     for name in present:
         actual, kind = tables[name]
         reason = "it is a view" if kind == "VIEW" else _column_difference(found[actual], expected[name])
+        if kind != "VIEW" and not _column_difference(found[actual], _before_upgrade(name, expected[name])):
+            reason = ""  # an earlier version's table, which the run upgrades
         if reason:
             raise foreign(actual, reason)
     missing = [name for name in expected if name not in tables]
@@ -203,6 +205,25 @@ def has_store_tables(con: duckdb.DuckDBPyConnection, store: Path) -> bool:
     except RescoreError as exc:
         raise RescoreError(f"{store}: {exc}") from None
     return True
+
+
+def _before_upgrade(table: str, columns: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """A store table's columns as an earlier version made them: without the columns added since."""
+    return [c for c in columns if c[0] not in ADDED_COLUMNS.get(table, ())]
+
+
+def upgrade_views(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """For planning on a store of an earlier version (attached read-only, upgraded only when the
+    run applies): temporary views of its tables with the columns added since, NULL, as the
+    upgrade fills them. Returns the views' names, to drop before the store is written."""
+    views, found = [], _columns(con, "store")
+    for table, columns in store_columns().items():
+        have = {c for c, _ in found.get(table, [])}
+        missing = [f"NULL::{data_type} AS {column}" for column, data_type in columns if column not in have]
+        if missing:
+            con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM store.main.{table}")
+            views.append(table)
+    return views
 
 
 def _column_difference(found: list[tuple[str, str]], expected: list[tuple[str, str]]) -> str:
@@ -243,7 +264,10 @@ def store_for_planning(con: duckdb.DuckDBPyConnection, store: Path, wait: float,
         con.execute("ATTACH ':memory:' AS store")
         con.execute("USE store")
         run_section(con, "schema")
+    views = upgrade_views(con) if exists else []
     try:
         yield
     finally:
+        for view in views:
+            con.execute(f"DROP VIEW temp.main.{view}")
         detach(con)
