@@ -178,12 +178,12 @@ def test_train_with_a_header_only_validation_catalog_is_a_clear_error(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch):
-    import anime_udf.cli
+    import anime_udf.registry
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(anime_udf.cli, "list_bundles", broken)
+    monkeypatch.setattr(anime_udf.registry, "list_bundles", broken)
     result = run("models")
     assert result.exit_code == 1
     assert result.output.strip() == "Error: ZeroDivisionError: boom (rerun with --debug for the traceback)"
