@@ -217,6 +217,15 @@ def test_sql_refuses_a_repeated_view_name_and_score_a_bad_out_before_scoring(mod
     assert result.exit_code == 2 and "use a .parquet or .csv file name" in result.output
 
 
+def test_a_bad_option_the_library_finds_reads_as_clicks_own():
+    """An OptionError (sql's --write without --db) is said as click says a bad option: under the
+    command's usage, naming the option, exit 2."""
+    result = run("sql", "--write", "SELECT 1")
+    assert result.exit_code == 2
+    assert "sql [OPTIONS] QUERY" in result.output and "Try 'cli sql --help' for help." in result.output
+    assert "Error: Invalid value for --write: --write opens the --db database for writing" in result.output
+
+
 def test_constant_scores_give_strict_json_and_no_progress_bars_in_a_log(tmp_path):
     catalog = tmp_path / "constant.csv"
     pl.read_csv(CATALOG).with_columns(score=pl.lit(7.0)).write_csv(catalog)
