@@ -247,3 +247,65 @@ class EmbeddingCache:
                 con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         finally:
             con.close()
+
+
+# --- anime-udf cache ----------------------------------------------------------------------------
+
+def usable_cache() -> EmbeddingCache:
+    """The embedding cache the scoring commands use ($ANIME_UDF_CACHE); an unusable one is an error here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the error says it
+        cache = EmbeddingCache()
+    cache.require_usable()
+    return cache
+
+
+def cache_summary() -> dict[str, Any]:
+    """``anime-udf cache``: the file, its size and its entries per encoder id (``EmbeddingCache.stats``)."""
+    cache = usable_cache()
+    encoders = cache.stats()
+    return {"path": str(cache.path), "bytes": cache.size_bytes(), "encoders": encoders}
+
+
+def format_cache_summary(summary: dict[str, Any]) -> str:
+    """``cache_summary`` as ``anime-udf cache`` prints it: the totals, then a line per encoder id."""
+    encoders = summary["encoders"]
+    total = sum(e["entries"] for e in encoders)
+    lines = [f"{summary['path']}: {summary['bytes'] / 1e6:,.1f} MB, {total:,} entries, {len(encoders)} encoder(s)"]
+    for e in encoders:
+        undated = f", {e['undated']:,} undated" if e["undated"] else ""
+        lines.append(f"  {e['entries']:>10,} entries {e['vector_bytes'] / 1e6:>9,.1f} MB  written "
+                     f"{_when(e['oldest'])} .. {_when(e['newest'])}{undated}  {e['encoder']}")
+    return "\n".join(lines)
+
+
+def _when(seconds: float | None) -> str:
+    import datetime as dt
+
+    return "-" if seconds is None else dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%d %H:%M")
+
+
+def prune_cache(*, older_than: float | None = None, encoder: str | None = None, dry_run: bool = False) -> str:
+    """``anime-udf cache prune`` (``EmbeddingCache.prune``): what it removed, or would, per encoder id,
+    and the file's size before and after."""
+    cache = usable_cache()
+    before = cache.size_bytes()
+    removed = cache.prune(older_than=older_than, encoder=encoder or None, dry_run=dry_run)
+    verb = "would remove" if dry_run else "removed"
+    lines = [f"{verb} {sum(removed.values()):,} entries" + (":" if removed else "")]
+    lines += [f"  {n:>10,}  {enc}" for enc, n in sorted(removed.items(), key=lambda item: -item[1])]
+    if not dry_run:
+        lines.append(_size_change(cache, before))
+    return "\n".join(lines)
+
+
+def compact_cache() -> str:
+    """``anime-udf cache compact`` (``EmbeddingCache.compact``): the file's size before and after."""
+    cache = usable_cache()
+    before = cache.size_bytes()
+    cache.compact()
+    return _size_change(cache, before)
+
+
+def _size_change(cache: EmbeddingCache, before: int) -> str:
+    return f"{cache.path}: {before / 1e6:,.1f} MB -> {cache.size_bytes() / 1e6:,.1f} MB"

@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
@@ -22,6 +22,9 @@ import pyarrow as pa
 from anime_udf.columns import INPUT_COLUMNS, SCORE_COLUMN
 from anime_udf.errors import AnimeUdfError
 from anime_udf.sqlutil import quote_ident
+
+if TYPE_CHECKING:
+    import duckdb
 
 SCORE_RANGE = (1.0, 10.0)
 # A catalog path with one of these suffixes is a DuckDB database: FILE.duckdb:TABLE names its table.
@@ -144,6 +147,14 @@ def read_catalog(source: Any, *, require_score: bool = False, allow_missing_scor
     """
     label = name or catalog_label(source)
     return canonical_columns(_to_polars(source, label), label, require_score, allow_missing_scores)
+
+
+def add_catalog(con: duckdb.DuckDBPyConnection, source: Any, **checks: bool) -> None:
+    """Read a catalog (validated; ``checks`` as for read_catalog) into the DuckDB connection ``con``
+    as the view ``catalog``, then shut ``con`` off from files: a condition the user gives (``--where``)
+    filters the catalog and reads nothing else."""
+    con.register("catalog", read_catalog(source, **checks))
+    con.execute("SET enable_external_access = false")
 
 
 def read_catalog_as_read(source: Any, *, name: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:

@@ -11,6 +11,7 @@ the models see them, so a training row is recognised under any key or title.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import duckdb
@@ -18,16 +19,18 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from anime_udf.bundle import training_row_hashes
+from anime_udf.bundle import read_manifest, training_row_hashes
+from anime_udf.catalog import add_catalog
 from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
-from anime_udf.errors import AnimeUdfError
+from anime_udf.errors import AnimeUdfError, OptionError
 from anime_udf.metrics import metrics_table
+from anime_udf.registry import get_model, resolve
 from anime_udf.rescore import sql_sections
 from anime_udf.sqlutil import quote_ident
-from anime_udf.udf import FUNCTION_NAMES, register_scorer
+from anime_udf.udf import FUNCTION_NAMES, LazyScorer, register_scorer
 
 if TYPE_CHECKING:
-    from anime_udf.udf import LazyScorer
+    from anime_udf.catalog import DatabaseTable
 
 ROW_HASH_SQL = "substr(rescore_input_hash(synopsis, genres, studio, episodes), 1, 32)"
 ROLES = ("challenger", "incumbent")
@@ -114,6 +117,68 @@ class Comparison:
 def wins(metric: str, interval: dict[str, float]) -> bool:
     """Whether the challenger wins on ``metric`` beyond the noise: its whole interval on the good side of 0."""
     return interval["hi"] < 0 if LOWER_IS_BETTER[metric] else interval["lo"] > 0
+
+
+def compare_bundles(challenger: str, data: Path | DatabaseTable, condition: str = "true", *,
+                    against: str = "production", models_dir: Path | str | None = None, device: str = "auto",
+                    precision: str = "auto", resamples: int = 1000, seed: int = 0, top: int = 10) -> Comparison:
+    """``anime-udf compare``: the bundle ``challenger`` (a name or directory) against ``against``, the
+    bundle that serves its kind (``production``) or one named, on the catalog ``data``'s rows that
+    satisfy SQL ``condition``; the bundles are checked before anything is read."""
+    challenger_path = get_model(challenger, models_dir)
+    kind = read_manifest(challenger_path, verify=False)["kind"]
+    incumbent_path = resolve(kind, models_dir) if against == "production" else get_model(against, models_dir)
+    if incumbent_path is None:
+        raise OptionError(f"no {kind} bundle serves in {models_dir} to compare with; name one", "--against")
+    if read_manifest(incumbent_path, verify=False)["kind"] != kind:
+        raise OptionError(f"{incumbent_path} is not a {kind} bundle, as {challenger_path} is", "--against")
+    if incumbent_path.resolve() == challenger_path.resolve():
+        raise OptionError(f"{challenger_path.name} is the bundle it would be compared with", "--against")
+    scorers = {role: LazyScorer(path, device, precision) for role, path in
+               (("challenger", challenger_path), ("incumbent", incumbent_path))}
+    con = duckdb.connect()
+    add_catalog(con, data, require_score=True, allow_missing_scores=True)
+    return compare(con, "catalog", condition, scorers, resamples=resamples, seed=seed, top=top)
+
+
+def format_comparison(result: Comparison, against: str) -> str:
+    """compare's screen: counts, figures side by side with the intervals, moves, distributions, movers."""
+    names = result.bundles
+    incumbent = f"{names['incumbent']}" + (" (production)" if against == "production" else "")
+    either = result.selected_rows - result.compared_rows
+    lines = [f"challenger {names['challenger']} against {incumbent}",
+             f"rows: {result.selected_rows} selected; trained on by the challenger {result.trained_rows['challenger']}, "
+             f"by the incumbent {result.trained_rows['incumbent']}, by either {either}; compared on the "
+             f"{result.compared_rows} left ({result.scored_rows} with a score)"]
+
+    def table(title: str, metrics: dict, intervals: dict) -> None:
+        percent = f"{result.level:.0%}"
+        lines.extend(["", f"{title:12} {'challenger':>11} {'incumbent':>11} {'difference':>11}  "
+                          f"{percent} interval ({result.resamples} paired resamples)",
+                      f"{'n':12} {metrics['challenger']['n']:>11} {metrics['incumbent']['n']:>11}"])
+        for m in ("mae", "rmse", "spearman"):
+            i = intervals[m]
+            lines.append(f"{m:12} {metrics['challenger'][m]:>11.4f} {metrics['incumbent'][m]:>11.4f} "
+                         f"{i['difference']:>+11.4f}  [{i['lo']:+.4f}, {i['hi']:+.4f}]"
+                         + ("  challenger better" if wins(m, i) else ""))
+
+    table("all rows", result.metrics, result.intervals)
+    if result.newest:
+        table(result.newest["years"], result.newest["metrics"], result.newest["intervals"])
+    n = result.compared_rows
+    lines.extend(["", "moved: " + "; ".join(f"by more than {t}: {k} of {n} rows ({k / n:.1%})"
+                                             for t, k in result.moved.items()),
+                  f"scores {'mean':>8} {'std':>7} {'p10':>7} {'p50':>7} {'p90':>7}"])
+    for role, d in result.distribution.items():
+        lines.append(f"{role[:10]:10}" + "".join(f" {d[k]:>7.3f}" for k in ("mean", "std", "p10", "p50", "p90")))
+    if result.movers:
+        lines.extend(["", f"largest movers {'key':>10}  {'title':40} {'score':>6} {'incumbent':>9} "
+                          f"{'challenger':>10} {'change':>7}"])
+        for r in result.movers:
+            score = "" if r["score"] is None else f"{r['score']:.2f}"
+            lines.append(f"{'':14} {r['key']:>10}  {(r['title'] or '')[:40]:40} {score:>6} {r['incumbent']:>9.3f} "
+                         f"{r['challenger']:>10.3f} {r['change']:>+7.3f}")
+    return "\n".join(lines)
 
 
 def compare(con: duckdb.DuckDBPyConnection, catalog: str, condition: str, scorers: dict[str, LazyScorer], *,

@@ -14,3 +14,14 @@ class AnimeUdfError(Exception):
     """An error with a message meant for the user."""
 
     exit_code = EXIT_FAILED
+
+
+class OptionError(AnimeUdfError, ValueError):
+    """A command's option or argument (``option``, e.g. ``--out``) that the library refuses before
+    any work: the CLI says it as click says a bad option, under the command's usage, and exits 2."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str, option: str):
+        super().__init__(message)
+        self.option = option

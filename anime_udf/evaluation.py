@@ -1,4 +1,5 @@
-"""What `anime-udf eval` measures: the predictions table every figure is computed from, in SQL.
+"""What `anime-udf eval` measures: the predictions table every figure is computed from, in SQL;
+and what `anime-udf explain` shows, the parts of the scores of chosen rows.
 
 ``predictions`` holds one row per (model, evaluated catalog row) with the columns the macros
 of sql/report.sql read; the view ``evaluated`` adds the reference every model must beat, a
@@ -8,16 +9,20 @@ constant prediction of the training mean recorded in its bundle.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
 import duckdb
+import polars as pl
 
+from anime_udf.catalog import DatabaseTable, add_catalog
 from anime_udf.columns import DEFAULT_KEY
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import fields, has_references
-from anime_udf.metrics import load_metric_macros
+from anime_udf.files import check_out_suffix, write_result
+from anime_udf.metrics import interval_metrics_table, load_metric_macros, metrics_table
 from anime_udf.sqlutil import quote_ident, quote_literal, sql_path
-from anime_udf.udf import EXPLAIN_NAMES, INTERVAL_NAMES
+from anime_udf.udf import EXPLAIN_NAMES, INTERVAL_NAMES, connect
 
 PREDICTIONS = "predictions"
 EVALUATED = "evaluated"
@@ -31,7 +36,7 @@ CONSTANT_WIDTH = "constant width"  # each model's interval reference: its score 
 
 
 class NothingToEvaluateError(AnimeUdfError):
-    """The selection holds no row with a score."""
+    """The selection holds no row (to evaluate: none with a score)."""
 
 
 @dataclass(frozen=True)
@@ -174,3 +179,110 @@ def build_report_intervals(con: duckdb.DuckDBPyConnection, scorers: dict[str, An
     statements = list(built) if level is not None else build_intervals(con, scorers, [REPORT_LEVEL])
     statements += build_intervals(con, scorers, RELIABILITY_LEVELS, RELIABILITY)
     return ReportIntervals(level or REPORT_LEVEL, tuple(statements))
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What ``evaluate`` computed on ``con``: each model's metrics beside the reference's and, at
+    ``level``, its intervals' figures; what eval prints (``screen``, ``json_rows``) and what its
+    report reads (``report.write_eval_report``)."""
+
+    con: duckdb.DuckDBPyConnection
+    scorers: dict[str, Any]
+    evaluation: Evaluation
+    metrics: pl.DataFrame
+    level: float | None = None
+    intervals: pl.DataFrame | None = None
+    interval_statements: tuple[str, ...] = ()  # what built the ``intervals`` table at ``level``
+
+    @property
+    def skipped(self) -> str:
+        """The line saying how many selected rows had no score, or nothing."""
+        n = self.evaluation.skipped_rows
+        return f"skipped {n} selected row(s) without a score" if n else ""
+
+    def json_rows(self) -> list[dict[str, Any]]:
+        """eval --json: each model's metrics and, with a level, its interval figures and its reference's."""
+        rows = self.metrics.filter(pl.col("model").is_in(self.evaluation.models)).to_dicts()
+        if self.intervals is not None:
+            by_model = {row.pop("model"): row for row in self.intervals.to_dicts()}
+            for row in rows:
+                row["interval"] = {"level": self.level, **without_n(by_model[row["model"]]),
+                                   CONSTANT_WIDTH.replace(" ", "_"): without_n(
+                                       by_model[f"{row['model']} {CONSTANT_WIDTH}"])}
+        return rows
+
+    def screen(self) -> str:
+        """eval's tables and the lines that say what the references are."""
+        with pl.Config(tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+            lines = [str(shown_table(self.metrics))]
+            if self.intervals is not None:
+                lines += [f"prediction intervals at level {self.level:g}:", str(shown_table(self.intervals))]
+        means = ", ".join(f"{mean:.4f}" for mean in self.evaluation.references.values())
+        lines.append(f"{REFERENCE}: every row predicted as the mean score of the training data ({means})")
+        if self.intervals is not None:
+            lines.append(f"{CONSTANT_WIDTH}: the model's score ± the one width that covers {self.level:g} of its "
+                         "calibration rows (the adaptive interval must beat it)")
+        if self.skipped:
+            lines.append(self.skipped)
+        return "\n".join(lines)
+
+
+def without_n(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in row.items() if k != "n"}
+
+
+def shown_table(table: pl.DataFrame) -> pl.DataFrame:
+    """``table`` as text, figures to 4 decimals, an undefined one (the training mean's Spearman) a dash."""
+    def shown(value) -> str:
+        return "—" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    return pl.DataFrame({c: [shown(v) for v in table[c]] for c in table.columns})
+
+
+def evaluate(data: Path | DatabaseTable, condition: str = "true", *, model_paths: Sequence[str] = (),
+             models_dir: Path | str | None = None, device: str = "auto", precision: str = "auto",
+             level: float | None = None, explain: bool = False) -> EvalResult:
+    """``anime-udf eval``: the catalog rows that satisfy SQL ``condition`` scored by the bundles
+    ``model_paths`` names (``udf.chosen_bundles``), measured (sql/metrics.sql) and, with ``level``,
+    their intervals too; with ``explain``, the parts of the scores for the report."""
+    con, scorers = connect(models_dir, model_paths, device, precision)
+    add_catalog(con, data, require_score=True, allow_missing_scores=True)
+    evaluation = build_predictions(con, "catalog", condition, scorers, explain=explain)
+    metrics = metrics_table(con, EVALUATED)
+    if level is None:
+        return EvalResult(con, scorers, evaluation, metrics)
+    built = tuple(build_intervals(con, scorers, [level]))
+    intervals = interval_metrics_table(con, INTERVALS, level)
+    return EvalResult(con, scorers, evaluation, metrics, level, intervals, built)
+
+
+def explain_rows(data: Path | DatabaseTable, condition: str = "true", *, model_paths: Sequence[str] = (),
+                 models_dir: Path | str | None = None, device: str = "auto", precision: str = "auto",
+                 out: Path | None = None) -> pl.DataFrame:
+    """``anime-udf explain``: one row per (catalog row satisfying SQL ``condition``, model) with the
+    row's number, its key and title where the catalog has them, and its score's parts; written to
+    ``out`` (.parquet or .csv, its name checked before any work) where given."""
+    if out:
+        check_out_suffix(out)
+    con, scorers = connect(models_dir, model_paths, device, precision)
+    add_catalog(con, data)
+    columns = [row[0] for row in con.execute("DESCRIBE catalog").fetchall()]
+    keep = [quote_ident(c) for c in ("row", DEFAULT_KEY, "title") if c == "row" or c in columns]
+    con.execute("CREATE TEMP TABLE selected AS SELECT * FROM "
+                f"(SELECT row_number() OVER () AS \"row\", * FROM catalog) WHERE {condition}")
+    df = con.sql(f"SELECT * FROM ({explanations_sql(scorers, 'selected', keep)}) ORDER BY \"row\", model").pl()
+    if df.is_empty():
+        raise NothingToEvaluateError("nothing to explain: the selection holds no catalog row (check --where)")
+    if out:
+        write_result(df, out)
+    return df
+
+
+def format_explanations(df: pl.DataFrame, limit: int) -> str:
+    """explain's screen: the first ``limit`` rows of ``explain_rows``, then how the parts add up."""
+    with pl.Config(tbl_rows=limit, tbl_cols=-1, float_precision=3, fmt_str_lengths=30, tbl_width_chars=250,
+                   tbl_hide_dataframe_shape=True, tbl_hide_column_data_types=True):
+        table = str(df.head(limit))
+    return (table + "\nbase + parts = unclamped; score = unclamped clamped to [1, 10]"
+            + (f"; {limit} of {df.height} rows shown (--limit, --out)" if df.height > limit else ""))

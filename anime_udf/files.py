@@ -7,9 +7,12 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from anime_udf.errors import AnimeUdfError
+from anime_udf.errors import AnimeUdfError, OptionError
+
+if TYPE_CHECKING:
+    import polars as pl
 
 
 class OutputError(AnimeUdfError, OSError):
@@ -44,6 +47,29 @@ def atomic_file(path: Path) -> Iterator[Path]:
             os.close(dir_fd)
     except OSError:
         pass  # some file systems cannot fsync a directory; the rename is atomic all the same
+
+
+def check_out_suffix(out: Path) -> str:
+    """A result file's name (``--out``): .parquet, .pq or .csv, checked before any work, so that a bad
+    name costs nothing."""
+    suffix = out.suffix.lower()
+    if suffix not in (".parquet", ".pq", ".csv"):
+        raise OptionError(f"{out}: use a .parquet or .csv file name", "--out")
+    return suffix
+
+
+def write_result(df: pl.DataFrame, out: Path, before_replace: Callable[[], None] | None = None) -> None:
+    """Write a result to .parquet or .csv; readers never see a half-written file.
+    ``before_replace`` runs once the file is written, before it takes its name (sql --write commits
+    there: the result is saved with the changes, or neither is)."""
+    suffix = check_out_suffix(out)
+    with atomic_file(out) as tmp:
+        if suffix == ".csv":
+            df.write_csv(tmp)
+        else:
+            df.write_parquet(tmp)
+        if before_replace is not None:
+            before_replace()
 
 
 def process_running(pid: int) -> bool:

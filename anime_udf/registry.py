@@ -262,3 +262,68 @@ def get_model(name: str, models_dir: Path | str | None = None) -> Path:
     raise UnknownModelError(
         f"unknown model {name!r}: not a bundle directory, and not in {resolve_models_dir(models_dir)} (bundles there: {known})"
     )
+
+
+def model_list(models_dir: Path | str | None = None) -> tuple[list[dict[str, Any]], AnimeUdfError | None]:
+    """``anime-udf models``: a row per bundle (every file's checksum verified: one that would fail to
+    load is listed with its error), which one serves its kind and its latest promotion decision; and
+    the error of an alias naming no usable bundle or an unreadable aliases file, where there is one
+    (the list is still worth showing)."""
+    alias_error = None
+    try:
+        serves = {s.path.name: s.via for s in serving_each_kind(models_dir)}  # production or newest
+        decided = decisions(read_aliases(models_dir))
+    except AnimeUdfError as exc:
+        serves, decided, alias_error = {}, {}, exc
+    rows = []
+    for b in list_bundles(models_dir, verify=True):
+        m = b.manifest or {}
+        figures = {f"valid_{k}": manifest_value(m, "metrics", "valid", k) for k in ("mae", "rmse", "spearman")}
+        rows.append({
+            "kind": b.kind, "name": b.path.name, "serves": serves.get(b.path.name), "created_at": b.created_at,
+            "data": str(manifest_value(m, "training", "data_fingerprint") or ""),
+            **{k: v if isinstance(v, (int, float)) and not isinstance(v, bool) else None for k, v in figures.items()},
+            "error": b.error,
+            "decision": {k: v for k, v in decided[(b.kind, b.path.name)].items()
+                         if k in ("at", "promoted", "incumbent", "comparison", "refused")}
+            if (b.kind, b.path.name) in decided else None,
+        })
+    return rows, alias_error
+
+
+def manifest_value(manifest: dict[str, Any], *keys: str) -> Any:
+    """A nested value, or None where a level is missing or not an object (hand-edited manifests)."""
+    for key in keys:
+        manifest = manifest.get(key) if isinstance(manifest, dict) else None
+    return manifest
+
+
+def format_model_list(rows: list[dict[str, Any]], models_dir: Path | str | None = None) -> str:
+    """``models``' screen: a line per bundle of ``model_list`` (and its decision), or what to run."""
+    if not rows:
+        return f"no bundles in {models_dir}; train one with `anime-udf train baseline --data CATALOG`"
+    lines = []
+    for r in rows:
+        if r["error"]:
+            lines.append(f"{'broken':9} {r['name']:32} {r['error']}")
+            continue
+        figures = " ".join(f"{k[6:]}={r[k]:.3f}" for k in ("valid_mae", "valid_rmse", "valid_spearman")
+                           if r[k] is not None)
+        lines.append(f"{r['kind']:9} {r['name']:32} {r['serves'] or '':10} {r['created_at']:26} {r['data']:24} "
+                     f"{figures}")
+        if r["decision"]:
+            lines.append(f"{'':9} {describe_decision(r['decision'])}")
+    return "\n".join(lines)
+
+
+def describe_decision(decision: dict[str, Any]) -> str:
+    """One line for ``models``: what ``train --promote-if-better`` decided about a bundle, and on what."""
+    verdict = "promoted" if decision.get("promoted") else "not promoted"
+    head = f"--promote-if-better ({decision.get('at', '?')}): {verdict}"
+    c = decision.get("comparison")
+    try:
+        return (f"{head} against {decision['incumbent']}: {c['metric']} {c['challenger']:.4f} against "
+                f"{c['incumbent']:.4f}, difference {c['difference']:+.4f} [{c['lo']:+.4f}, {c['hi']:+.4f}] on "
+                f"{c['rows']} rows")
+    except (KeyError, TypeError, ValueError):  # a refusal with no figures, or a history edited by hand
+        return f"{head}: {decision.get('refused') or json.dumps(c)}"

@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 
 from anime_udf.evaluation import (CONSTANT_WIDTH, EVALUATED, EXPLANATIONS, INTERVALS, PREDICTIONS, RELIABILITY,
-                                  Evaluation, ReportIntervals, load_report_macros)
+                                  EvalResult, Evaluation, ReportIntervals, build_report_intervals, load_report_macros)
 from anime_udf.explain import GROUPS
 from anime_udf.files import atomic_file
 
@@ -47,6 +47,13 @@ details { margin: .4em 0 1em; } summary { cursor: pointer; color: #555; } p.note
 """
 
 
+def write_eval_report(result: EvalResult, out: Path, *, catalog: Path, where: str | None) -> None:
+    """eval --report: the report of what ``evaluation.evaluate`` computed, with the intervals at its
+    level (else ``REPORT_LEVEL``)."""
+    intervals = build_report_intervals(result.con, result.scorers, result.level, result.interval_statements)
+    write_report(result.con, result.evaluation, out, catalog=catalog, where=where, intervals=intervals)
+
+
 def write_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, out: Path, *,
                  catalog: Path, where: str | None, intervals: ReportIntervals | None = None) -> None:
     """Render the report from ``evaluation``'s tables (and ``intervals``') on ``con`` and write it to ``out``."""
@@ -63,6 +70,26 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
     colors = _colors(evaluation)
     scored = con.execute(f"SELECT count(DISTINCT row_id) FROM {PREDICTIONS}").fetchall()[0][0]
     residual_width = 0.1 if scored >= HEXBIN_ABOVE else 0.25
+    with_intervals = intervals is not None and not intervals.uncalibrated
+    queries = _report_queries(residual_width, with_intervals, explained=not evaluation.unexplained)
+    data = {name: con.sql(sql).pl() for name, sql in queries.items()}
+    # Glyphs as paths: the SVGs need no font; a fixed salt keeps their element ids the same run to run.
+    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "anime-udf", "font.size": 10}):
+        sections = _error_sections(data, evaluation, colors, scored, residual_width)
+        if with_intervals:
+            sections += _interval_sections(data, queries, evaluation, colors, intervals.level)
+        elif intervals is not None:
+            sections.append(("Prediction intervals", "reliability", "", "Not shown: "
+                             + ", ".join(intervals.uncalibrated) + " has no calibration (trained before prediction "
+                             "intervals); retrain the model to score its intervals."))
+            queries["reliability"] = ""
+        sections += _miss_sections(data, queries, evaluation, colors, intervals if with_intervals else None)
+    return _page(evaluation, intervals.statements if intervals else (), catalog, where, scored,
+                 [_section(title, body, queries[name], note) for title, name, body, note in sections])
+
+
+def _report_queries(residual_width: float, with_intervals: bool, explained: bool) -> dict[str, str]:
+    """The query of each of the report's tables, by name."""
     queries = {
         "metrics": f"SELECT * FROM regression_metrics('{EVALUATED}')",
         "points": f"SELECT model, y, yhat FROM {PREDICTIONS}",
@@ -73,7 +100,6 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
         "calibration": f"SELECT * FROM calibration('{PREDICTIONS}', {CALIBRATION_BINS})",
         "misses": f"SELECT * FROM largest_misses('{PREDICTIONS}', {LARGEST_MISSES})",
     }
-    with_intervals = intervals is not None and not intervals.uncalibrated
     if with_intervals:
         queries |= {
             "reliability": f"SELECT * FROM interval_reliability('{RELIABILITY}')",
@@ -82,74 +108,75 @@ def render_report(con: duckdb.DuckDBPyConnection, evaluation: Evaluation, *, cat
             "interval_episodes": f"SELECT * FROM interval_by_episodes('{INTERVALS}')",
             "miss_intervals": f"SELECT * FROM largest_miss_intervals('{PREDICTIONS}', '{INTERVALS}', {LARGEST_MISSES})",
         }
-    explained = not evaluation.unexplained
     if explained:
         queries["parts"] = f"SELECT * FROM mean_abs_parts('{EXPLANATIONS}')"
         queries["miss_parts"] = f"SELECT * FROM largest_miss_parts('{PREDICTIONS}', '{EXPLANATIONS}', {LARGEST_MISSES})"
-    data = {name: con.sql(sql).pl() for name, sql in queries.items()}
+    return queries
+
+
+def _error_sections(data: dict[str, pl.DataFrame], evaluation: Evaluation, colors: dict[str, str], scored: int,
+                    residual_width: float) -> list[tuple[str, str, str, str]]:
+    """The report's sections on the errors: metrics, predicted vs actual, residuals, error by group, calibration."""
     density = (f" Above {HEXBIN_ABOVE} rows a model's chart is a density: hexagons shaded by their number of rows."
                if scored > HEXBIN_ABOVE else "")
-    # Glyphs as paths: the SVGs need no font; a fixed salt keeps their element ids the same run to run.
-    with matplotlib.rc_context({"svg.fonttype": "path", "svg.hashsalt": "anime-udf", "font.size": 10}):
-        sections = [
-            ("Metrics", "metrics", _metrics_table(data["metrics"], evaluation),
-             "The best value of each column is highlighted. The reference predicts every row as the mean score "
-             "of the models' training data: a model must beat it to have learned anything."),
-            ("Predicted vs actual", "points",
-             _chart(_scatter_figure(data["points"], evaluation, colors), "predicted vs actual score per model"),
-             "Each model's predictions against the true scores; on the dashed diagonal a prediction is exact."
-             + density),
-            ("Residuals", "residuals",
-             _chart(_residual_figure(data["residuals"], evaluation, colors, residual_width),
-                    "histogram of the residuals per model") + _details(data["residuals"]),
-             "Predicted minus actual score: right of zero a model scored a title too high, left too low."),
-        ]
-        for name, title, note in (
-            ("genre", "Error by genre", f"The {TOP_GROUPS} most frequent genres; a title counts in each of its genres."),
-            ("episodes", "Error by episode count", "Buckets of the episode count; 'unknown' is missing or negative."),
-            ("studio", "Error by studio", f"The {TOP_GROUPS} studios with the most titles."),
-        ):
-            groups = data[name]
-            body = (_chart(_group_figure(groups, name, colors), f"mean absolute error by {name}") + _details(groups)
-                    if groups.height else f'<p class="note">No row has a {name}.</p>')
-            sections.append((title, name, body, note + " Bars: mean absolute error per model (n: rows)."))
-        sections += [
-            ("Calibration", "calibration",
-             _chart(_calibration_figure(data["calibration"], evaluation, colors),
-                    "calibration: mean actual per bin of prediction") + _details(data["calibration"]),
-             f"Each model's rows cut into {CALIBRATION_BINS} equal bins by prediction: the mean actual score "
-             "against the mean prediction of each. Below the diagonal, titles predicted that high score lower."),
-        ]
-        if with_intervals:
-            sections += _interval_sections(data, queries, evaluation, colors, intervals.level)
-        elif intervals is not None:
-            sections.append(("Prediction intervals", "reliability", "", "Not shown: "
-                             + ", ".join(intervals.uncalibrated) + " has no calibration (trained before prediction "
-                             "intervals); retrain the model to score its intervals."))
-            queries["reliability"] = ""
-        miss_intervals = data.get("miss_intervals")
-        if explained:
-            sections.append(("What each model listens to", "parts",
-                             _chart(_parts_figure(data["parts"], colors), "mean absolute part per input group")
-                             + _details(data["parts"]), PARTS_NOTE))
-            misses = (_misses_table(data["misses"], evaluation, miss_intervals)
-                      + _miss_parts_table(data["miss_parts"], evaluation))
-            queries["misses"] += f";\n{queries['miss_parts']}"
-        else:
-            sections.append(("What each model listens to", "parts", "", "Not shown: "
-                             + ", ".join(evaluation.unexplained) + " cannot explain its scores (trained before "
-                             "explanations were stored in bundles); retrain the model to explain it."))
-            queries["parts"], misses = "", _misses_table(data["misses"], evaluation, miss_intervals)
-        if with_intervals:
-            queries["misses"] += f";\n{queries['miss_intervals']}"
-        sections.append(("Largest misses", "misses", misses,
-                         f"The {LARGEST_MISSES} rows that any model missed most"
-                         + (f", each model's prediction with its interval at {intervals.level:g}"
-                            if with_intervals else "")
-                         + (", then why: each model's parts of its prediction (green raised it, red lowered it)."
-                            if explained else ".")))
-    return _page(evaluation, intervals.statements if intervals else (), catalog, where, scored,
-                 [_section(title, body, queries[name], note) for title, name, body, note in sections])
+    sections = [
+        ("Metrics", "metrics", _metrics_table(data["metrics"], evaluation),
+         "The best value of each column is highlighted. The reference predicts every row as the mean score "
+         "of the models' training data: a model must beat it to have learned anything."),
+        ("Predicted vs actual", "points",
+         _chart(_scatter_figure(data["points"], evaluation, colors), "predicted vs actual score per model"),
+         "Each model's predictions against the true scores; on the dashed diagonal a prediction is exact."
+         + density),
+        ("Residuals", "residuals",
+         _chart(_residual_figure(data["residuals"], evaluation, colors, residual_width),
+                "histogram of the residuals per model") + _details(data["residuals"]),
+         "Predicted minus actual score: right of zero a model scored a title too high, left too low."),
+    ]
+    for name, title, note in (
+        ("genre", "Error by genre", f"The {TOP_GROUPS} most frequent genres; a title counts in each of its genres."),
+        ("episodes", "Error by episode count", "Buckets of the episode count; 'unknown' is missing or negative."),
+        ("studio", "Error by studio", f"The {TOP_GROUPS} studios with the most titles."),
+    ):
+        groups = data[name]
+        body = (_chart(_group_figure(groups, name, colors), f"mean absolute error by {name}") + _details(groups)
+                if groups.height else f'<p class="note">No row has a {name}.</p>')
+        sections.append((title, name, body, note + " Bars: mean absolute error per model (n: rows)."))
+    sections.append(
+        ("Calibration", "calibration",
+         _chart(_calibration_figure(data["calibration"], evaluation, colors),
+                "calibration: mean actual per bin of prediction") + _details(data["calibration"]),
+         f"Each model's rows cut into {CALIBRATION_BINS} equal bins by prediction: the mean actual score "
+         "against the mean prediction of each. Below the diagonal, titles predicted that high score lower."))
+    return sections
+
+
+def _miss_sections(data: dict[str, pl.DataFrame], queries: dict[str, str], evaluation: Evaluation,
+                   colors: dict[str, str], intervals: ReportIntervals | None) -> list[tuple[str, str, str, str]]:
+    """What each model listens to (where the bundles can explain), then the largest misses with their
+    parts and, with ``intervals`` (calibrated), their intervals."""
+    explained = not evaluation.unexplained
+    miss_intervals = data.get("miss_intervals")
+    if explained:
+        sections = [("What each model listens to", "parts",
+                     _chart(_parts_figure(data["parts"], colors), "mean absolute part per input group")
+                     + _details(data["parts"]), PARTS_NOTE)]
+        misses = (_misses_table(data["misses"], evaluation, miss_intervals)
+                  + _miss_parts_table(data["miss_parts"], evaluation))
+        queries["misses"] += f";\n{queries['miss_parts']}"
+    else:
+        sections = [("What each model listens to", "parts", "", "Not shown: "
+                     + ", ".join(evaluation.unexplained) + " cannot explain its scores (trained before "
+                     "explanations were stored in bundles); retrain the model to explain it.")]
+        queries["parts"], misses = "", _misses_table(data["misses"], evaluation, miss_intervals)
+    if intervals is not None:
+        queries["misses"] += f";\n{queries['miss_intervals']}"
+    sections.append(("Largest misses", "misses", misses,
+                     f"The {LARGEST_MISSES} rows that any model missed most"
+                     + (f", each model's prediction with its interval at {intervals.level:g}"
+                        if intervals is not None else "")
+                     + (", then why: each model's parts of its prediction (green raised it, red lowered it)."
+                        if explained else ".")))
+    return sections
 
 
 def _interval_sections(data: dict[str, pl.DataFrame], queries: dict[str, str], evaluation: Evaluation,

@@ -27,7 +27,7 @@ import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterator, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -42,7 +42,7 @@ from anime_udf.columns import INPUT_COLUMNS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
 from anime_udf.udf import (EXPLAIN_NAMES, FUNCTION_NAMES, INTERVAL_FIELDS, INTERVAL_NAMES, ScoredCatalog,
-                           interval_batch, register_bundles, score_batch)
+                           chosen_bundles, interval_batch, register_bundles, score_batch)
 
 ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE)"
 INTERVAL_ARGUMENTS = "(synopsis STRING, genres STRING, studio STRING, episodes DOUBLE, level DOUBLE)"
@@ -359,3 +359,15 @@ def score_parquet(spark: SparkSession, data: str, out: Path, *, models_dir: Path
     write_parquet(scored, out)
     result.rows = spark.read.parquet(spark_path(out)).count()
     return result
+
+
+def score_catalog(data: Path | str, out: Path, *, model_paths: Sequence[str] = (),
+                  models_dir: Path | str | None = None, device: str = "auto", precision: str = "auto",
+                  master: str | None = None, conf: dict[str, str] | None = None, ship: bool = False
+                  ) -> ScoredCatalog:
+    """``anime-udf score --engine spark`` (DuckDB's is ``udf.score_catalog``): ``score_parquet`` in a
+    session of its own (``owned_session``: ``master``, ``conf``), with the bundles ``model_paths``
+    names (``udf.chosen_bundles``)."""
+    with owned_session(master, progress=True, conf=conf) as spark:
+        return score_parquet(spark, str(data), out, models_dir=models_dir, device=device, precision=precision,
+                             ship=ship, **chosen_bundles(model_paths, models_dir))

@@ -14,12 +14,13 @@ from duckdb.sqltypes import DOUBLE, VARCHAR
 
 from anime_udf.bundle import read_manifest
 from anime_udf.devices import DEVICES, PRECISIONS, check_choice, resolve_device
-from anime_udf.errors import AnimeUdfError
+from anime_udf.errors import AnimeUdfError, OptionError
 from anime_udf.explain import arrow_struct, fields
-from anime_udf.registry import no_bundle_message, resolve_each_kind
+from anime_udf.registry import get_model, no_bundle_message, resolve_each_kind
 from anime_udf.text import encoder_batch_size, text_encoder_dirs
 
 if TYPE_CHECKING:
+    from anime_udf.catalog import DatabaseTable
     from anime_udf.intervals import Calibration
     from anime_udf.scoring import Scorer
 
@@ -34,7 +35,7 @@ INTERVAL_FIELDS = ("lo", "hi")
 
 
 class NoModelsError(AnimeUdfError, LookupError):
-    """register() found no bundle to register."""
+    """register() found no bundle to register, or a query calls the function of a kind without one."""
 
 
 class LazyScorer:
@@ -165,6 +166,28 @@ def score_file(con: duckdb.DuckDBPyConnection, functions: Sequence[str], data: P
     return result
 
 
+def score_catalog(data: Path | DatabaseTable, out: Path, *, model_paths: Sequence[str] = (),
+                  models_dir: Path | str | None = None, device: str = "auto", precision: str = "auto"
+                  ) -> ScoredCatalog:
+    """``anime-udf score`` on DuckDB (Spark's is ``spark.score_catalog``): ``out`` checked before any
+    scoring, then the catalog scored by the bundles ``model_paths`` names (``chosen_bundles``)."""
+    check_score_out(out, data)
+    con, scorers = connect(models_dir, model_paths, device, precision)
+    return score_file(con, list(scorers), data, out)
+
+
+def check_score_out(out: Path, data: Path | DatabaseTable) -> None:
+    """score's --out, checked before any scoring: a .parquet or .csv file, not a directory and not
+    the --data file itself (through a link or not)."""
+    from anime_udf.files import check_out_suffix
+
+    if out.is_dir():
+        raise OptionError(f"{out}: a directory; name a .parquet or .csv file", "--out")
+    if isinstance(data, Path) and out.exists() and out.samefile(data):
+        raise OptionError(f"{out} is the --data file {data}; write the scores to another file", "--out")
+    check_out_suffix(out)
+
+
 def score_batch(scorer: Scorer | LazyScorer, columns: list[list], explain: bool) -> pa.Array:
     """The body of every engine's UDF: one batch's four argument columns in, its scores (DOUBLE)
     or, with ``explain``, the STRUCT of their parts out."""
@@ -271,3 +294,35 @@ def bundles_to_register(baseline: Path | str | None, fusion: Path | str | None,
     if not paths:
         raise NoModelsError(no_bundle_message(models_dir))
     return paths
+
+
+def connect(models_dir: Path | str | None, model_paths: Sequence[str] = (), device: str = "auto",
+            precision: str = "auto", *, require_models: bool = True, database: Path | None = None,
+            read_only: bool = True) -> tuple[duckdb.DuckDBPyConnection, dict[str, LazyScorer]]:
+    """An in-process DuckDB (on ``database``, a DuckDB file, where given) with the scoring
+    functions registered (none, where there is no bundle and ``require_models`` is false)."""
+    from anime_udf.catalog import duckdb_path
+
+    con = duckdb.connect(duckdb_path(database), read_only=read_only) if database else duckdb.connect()
+    try:
+        scorers = register(con, models_dir=models_dir, device=device, precision=precision,
+                           **chosen_bundles(model_paths, models_dir))
+    except NoModelsError:
+        if require_models:
+            raise
+        scorers = {}
+    return con, scorers
+
+
+def chosen_bundles(model_paths: Sequence[str], models_dir: Path | str | None) -> dict[str, Path]:
+    """``--model`` names or paths as {kind: bundle}; none: register's default, each kind's
+    production bundle, else its newest. Each SQL function serves one bundle: two of a kind are refused."""
+    chosen: dict[str, Path] = {}
+    for name in model_paths:
+        path = get_model(name, models_dir)
+        kind = read_manifest(path, verify=False)["kind"]
+        if kind in chosen and chosen[kind].resolve() != path.resolve():
+            raise OptionError(f"two {kind} bundles ({chosen[kind]} and {path}): {FUNCTION_NAMES[kind]} "
+                              "serves one; compare two with `anime-udf compare`", "--model")
+        chosen[kind] = path
+    return chosen

@@ -178,12 +178,12 @@ def test_train_with_a_header_only_validation_catalog_is_a_clear_error(tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_unless_debug(monkeypatch):
-    import anime_udf.cli
+    import anime_udf.registry
 
     def broken(*args, **kwargs):
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(anime_udf.cli, "list_bundles", broken)
+    monkeypatch.setattr(anime_udf.registry, "list_bundles", broken)
     result = run("models")
     assert result.exit_code == 1
     assert result.output.strip() == "Error: ZeroDivisionError: boom (rerun with --debug for the traceback)"
@@ -215,6 +215,15 @@ def test_sql_refuses_a_repeated_view_name_and_score_a_bad_out_before_scoring(mod
     assert result.exit_code == 2 and "given more than once: anime" in result.output
     result = run("score", "--data", HOLDOUT, "--out", "scores.txt")
     assert result.exit_code == 2 and "use a .parquet or .csv file name" in result.output
+
+
+def test_a_bad_option_the_library_finds_reads_as_clicks_own():
+    """An OptionError (sql's --write without --db) is said as click says a bad option: under the
+    command's usage, naming the option, exit 2."""
+    result = run("sql", "--write", "SELECT 1")
+    assert result.exit_code == 2
+    assert "sql [OPTIONS] QUERY" in result.output and "Try 'cli sql --help' for help." in result.output
+    assert "Error: Invalid value for --write: --write opens the --db database for writing" in result.output
 
 
 def test_constant_scores_give_strict_json_and_no_progress_bars_in_a_log(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from anime_udf.cli import CATALOG, models_option
+from anime_udf.cli_common import CATALOG, models_option
 from anime_udf.devices import DEVICES, PRECISIONS
 
 
