@@ -121,3 +121,18 @@ def test_every_error_of_the_package_is_exported_under_its_base():
     assert defined.keys() <= set(anime_udf.__all__), sorted(defined.keys() - set(anime_udf.__all__))
     assert {name: getattr(anime_udf, name) for name in defined} == defined
     assert anime_udf.AnimeUdfError is AnimeUdfError
+
+
+# DESIGN.md, "Style": thin commands over library functions, and functions short enough to read.
+CLI_MAX_LINES = 400
+FUNCTION_MAX_LINES = 60
+
+
+def test_the_cli_is_thin_and_no_function_is_long():
+    assert len((ROOT / "anime_udf" / "cli.py").read_text().splitlines()) < CLI_MAX_LINES
+    long = [f"{file.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for file in sorted((ROOT / "anime_udf").rglob("*.py"))
+            for node in ast.walk(ast.parse(file.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > FUNCTION_MAX_LINES]
+    assert long == []

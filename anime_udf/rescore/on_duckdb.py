@@ -32,11 +32,11 @@ import shutil
 import sys
 import tempfile
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext, suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import duckdb
 import polars as pl
@@ -56,6 +56,12 @@ from anime_udf.rescore.sql import sql_sections, start
 from anime_udf.rescore.store import attach, detach, has_store_tables, in_store, lock_path, note_unfinished
 from anime_udf.rescore.store import store_for_planning, store_lock, waiting_while_open_elsewhere
 from anime_udf.sqlutil import quote_ident, quote_literal
+
+if TYPE_CHECKING:
+    from anime_udf.scoring import Rows, Scorer  # torch: imported only when there is work
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 # Rows scored at a time: large enough that the vectorised steps (lexical view, tabular
 # features, cache look-ups, the heads) run at full speed, small enough to bound memory.
@@ -112,12 +118,9 @@ def rescore(
         catalog = catalog_source(catalog)  # a file, or a table of a DuckDB database
     run = Run(store, catalog_label(catalog), key, level)
     export = Path(export) if export is not None else None
-    refuse_bad_arguments(catalog, store, export, chunk_rows, device, precision, level)
+    refuse_bad_arguments(catalog, store, export, chunk_rows, device, precision)
     choices = resolve_models(models, models_dir, level)
-    rows = read_catalog_rows(catalog, run.catalog, wait)
-    if key not in rows.columns:
-        raise RescoreError(f"{run.catalog}: no key column {key!r} (it has: {', '.join(rows.columns)}); "
-                           "pass --key COLUMN")
+    rows = read_catalog_rows(catalog, run, wait)
     if not dry_run:
         make_store_directory(store)
     with work_directory() as work_dir:
@@ -157,7 +160,7 @@ def work_directory() -> tempfile.TemporaryDirectory:
 
 
 def refuse_bad_arguments(catalog: Any, store: Path, export: Path | None, chunk_rows: int, device: str,
-                         precision: str, level: float | None) -> None:
+                         precision: str) -> None:
     """Everything refused before a catalog is read. Two of catalog, store and export that are one
     file would lose data with exit 0 (the export written over the catalog or the store). The
     store's lock file and DuckDB's write-ahead log count as the store; a catalog that is a table
@@ -184,18 +187,22 @@ def refuse_bad_arguments(catalog: Any, store: Path, export: Path | None, chunk_r
         raise RescoreError(f"{store}: is a directory; --store is a DuckDB file")
     if chunk_rows < 1:
         raise RescoreError("chunk_rows must be at least 1")
-    if level is not None and not 0 < level < 1:
-        raise RescoreError(f"the level {level} is not between 0 and 1 (0.9 for 90 % intervals)")
     check_choice("device", device, DEVICES)
     check_choice("precision", precision, PRECISIONS)
 
 
-def read_catalog_rows(catalog: Any, label: str, wait: float) -> pl.DataFrame:
-    """The catalog's rows; a table of a database that another process has open is waited for, as the store is."""
-    if not isinstance(catalog, DatabaseTable):
-        return read_catalog(catalog, name=label)
-    return waiting_while_open_elsewhere(lambda: read_catalog(catalog, name=label), catalog.database,
-                                        f"--catalog {label} cannot be read", wait)
+def read_catalog_rows(catalog: Any, run: Run, wait: float) -> pl.DataFrame:
+    """The catalog's rows, with the run's key column; a table of a database that another process
+    has open is waited for, as the store is."""
+    if isinstance(catalog, DatabaseTable):
+        rows = waiting_while_open_elsewhere(lambda: read_catalog(catalog, name=run.catalog), catalog.database,
+                                            f"--catalog {run.catalog} cannot be read", wait)
+    else:
+        rows = read_catalog(catalog, name=run.catalog)
+    if run.key not in rows.columns:
+        raise RescoreError(f"{run.catalog}: no key column {run.key!r} (it has: {', '.join(rows.columns)}); "
+                           "pass --key COLUMN")
+    return rows
 
 
 def make_store_directory(store: Path) -> None:
@@ -264,7 +271,7 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], level: flo
     from tqdm.auto import tqdm
 
     from anime_udf.cache import EmbeddingCache
-    from anime_udf.scoring import Rows, Scorer, load_scorer  # torch and transformers: only when there is work
+    from anime_udf.scoring import load_scorer  # torch and transformers: only when there is work
 
     cache = EmbeddingCache()
     scorers = [load_scorer(c.path, cache=cache, device=device, precision=precision) for c in choices]
@@ -279,52 +286,59 @@ def score(con: duckdb.DuckDBPyConnection, choices: list[ModelChoice], level: flo
     bar = tqdm(total=sum(todo_counts[c.model_id] for c in choices), unit="row",
                desc=f"scoring ({', '.join(c.kind for c in choices)})",
                disable=None if progress is None else not progress, file=sys.stderr)
-
-    def score_chunk(batch: pa.RecordBatch) -> list[pa.Table]:
-        """The chunk's scores, a table per model with rows to score. Models that must score the
-        same rows share one Rows: each synopsis is cleaned, hashed and read from the cache once."""
-        same_rows: dict[bytes, list[int]] = {}
-        for i in range(len(choices)):
-            todo = batch.column(f"todo_{i}").to_numpy(zero_copy_only=False)
-            same_rows.setdefault(todo.tobytes(), []).append(i)
-        tables = []
-        for models in same_rows.values():
-            part = batch.filter(batch.column(f"todo_{models[0]}"))
-            if part.num_rows == 0:
-                continue
-            inputs = Rows(*(part.column(c).to_pylist() for c in INPUT_COLUMNS))
-            tables += [pa.table({"model_id": pa.repeat(choices[i].model_id, part.num_rows), "key": part.column("key"),
-                                 **scored(scorers[i], inputs)}, schema=SCORED_SCHEMA) for i in models]
-        return tables
-
-    def scored(scorer: Scorer, inputs: Rows) -> dict[str, Any]:
-        if level is None:
-            return {"score": scorer.predict_rows(inputs), "lo": pa.nulls(len(inputs)), "hi": pa.nulls(len(inputs))}
-        return dict(zip(("score", "lo", "hi"), scorer.predict_rows_with_interval(inputs, [level] * len(inputs))))
-
-    in_flight: deque[Future[list[pa.Table]]] = deque()
     try:
-        with pq.ParquetWriter(scored_file, SCORED_SCHEMA) as writer, ThreadPoolExecutor(SCORING_THREADS) as pool:
-            def write_oldest() -> None:
-                nonlocal written
-                for table in in_flight.popleft().result():
+        with pq.ParquetWriter(scored_file, SCORED_SCHEMA) as writer:
+            for chunk, tables in enumerate(in_order(rows, lambda batch: score_chunk(batch, choices, scorers, level))):
+                for table in tables:
                     writer.write_table(table)
                     bar.update(table.num_rows)
-                written += 1
-                if written == 1:
+                if chunk == 0:
                     pause("score")  # the first chunk's scores are written
-
-            written = 0
-            for batch in rows:
-                in_flight.append(pool.submit(score_chunk, batch))
-                if len(in_flight) == SCORING_THREADS:
-                    write_oldest()
-            while in_flight:
-                write_oldest()
         con.execute("INSERT INTO rescore_new SELECT model_id, key, score, lo, hi FROM read_parquet(?)",
                     [str(scored_file)])
     finally:
         bar.close()
+
+
+def in_order(batches: Iterable[T], work: Callable[[T], R]) -> Iterator[R]:
+    """``work`` of each batch, SCORING_THREADS batches at once, in the batches' order."""
+    in_flight: deque[Future[R]] = deque()
+    with ThreadPoolExecutor(SCORING_THREADS) as pool:
+        for batch in batches:
+            in_flight.append(pool.submit(work, batch))
+            if len(in_flight) == SCORING_THREADS:
+                yield in_flight.popleft().result()
+        while in_flight:
+            yield in_flight.popleft().result()
+
+
+def score_chunk(batch: pa.RecordBatch, choices: list[ModelChoice], scorers: list[Scorer],
+                level: float | None) -> list[pa.Table]:
+    """A chunk's scores (and intervals at ``level``), a table per model with rows to score (column
+    ``todo_<i>``: model i must score the row). Models that must score the same rows share one
+    Rows: each synopsis is cleaned, hashed and read from the cache once."""
+    from anime_udf.scoring import Rows
+
+    same_rows: dict[bytes, list[int]] = {}
+    for i in range(len(choices)):
+        todo = batch.column(f"todo_{i}").to_numpy(zero_copy_only=False)
+        same_rows.setdefault(todo.tobytes(), []).append(i)
+    tables = []
+    for models in same_rows.values():
+        part = batch.filter(batch.column(f"todo_{models[0]}"))
+        if part.num_rows == 0:
+            continue
+        inputs = Rows(*(part.column(c).to_pylist() for c in INPUT_COLUMNS))
+        tables += [pa.table({"model_id": pa.repeat(choices[i].model_id, part.num_rows), "key": part.column("key"),
+                             **scores_of(scorers[i], inputs, level)}, schema=SCORED_SCHEMA) for i in models]
+    return tables
+
+
+def scores_of(scorer: Scorer, inputs: Rows, level: float | None) -> dict[str, Any]:
+    """score, lo and hi of each row (lo and hi NULL without a level), from one pass."""
+    if level is None:
+        return {"score": scorer.predict_rows(inputs), "lo": pa.nulls(len(inputs)), "hi": pa.nulls(len(inputs))}
+    return dict(zip(("score", "lo", "hi"), scorer.predict_rows_with_interval(inputs, [level] * len(inputs))))
 
 
 def apply(con: duckdb.DuckDBPyConnection, store: Path, wait: float) -> None:

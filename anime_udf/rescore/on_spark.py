@@ -179,18 +179,10 @@ def rescore_spark(
     an unreadable catalog) with the published snapshot unchanged. Returns the run record."""
     store = Path(store).absolute()  # Spark resolves relative paths against its own start directory
     run = Run(store, catalog, key, level)
-    if level is not None and not 0 < level < 1:
-        raise RescoreError(f"the level {level} is not between 0 and 1 (0.9 for 90 % intervals)")
-    if store.exists() and not store.is_dir():
-        raise RescoreError(f"{store}: is a file; a Spark store is a directory (a DuckDB store needs --engine duckdb)")
-    if Path(catalog).resolve().is_relative_to(store.resolve()):
-        raise RescoreError(f"--catalog {catalog} is inside --store {store}; keep the catalog outside the store")
+    refuse_bad_paths(catalog, store)
     choices = resolve_models(models, models_dir, level)
     if not dry_run:
-        try:
-            (store / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise RescoreError(f"{store}: cannot create the store directory: {exc.strerror or exc}") from exc
+        make_store_directory(store)
     work = (store.parent / f".{store.name}.dry-run-{run.id}") if dry_run else store / SNAPSHOTS / run.id
     con = duckdb.connect()
     published = False
@@ -219,6 +211,20 @@ def rescore_spark(
         con.close()
         if not published:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def refuse_bad_paths(catalog: str, store: Path) -> None:
+    if store.exists() and not store.is_dir():
+        raise RescoreError(f"{store}: is a file; a Spark store is a directory (a DuckDB store needs --engine duckdb)")
+    if Path(catalog).resolve().is_relative_to(store.resolve()):
+        raise RescoreError(f"--catalog {catalog} is inside --store {store}; keep the catalog outside the store")
+
+
+def make_store_directory(store: Path) -> None:
+    try:
+        (store / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RescoreError(f"{store}: cannot create the store directory: {exc.strerror or exc}") from exc
 
 
 def read_meta(snapshot: Path | None) -> dict[str, Any] | None:

@@ -52,6 +52,8 @@ class Run:
 
     def __post_init__(self) -> None:
         self.id = self.id or self.started.strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+        if self.level is not None and not 0 < self.level < 1:
+            raise RescoreError(f"the level {self.level} is not between 0 and 1 (0.9 for 90 % intervals)")
 
     def seconds(self) -> float:
         return round(time.perf_counter() - self.clock, 3)
