@@ -20,6 +20,7 @@
 --     SET VARIABLE rescore_key_column = 'anime_id';
 --     SET VARIABLE rescore_catalog    = 'catalog.csv';             -- recorded, optional
 --     SET VARIABLE rescore_bundle     = 'models/baseline-r2';      -- recorded, optional
+--     SET VARIABLE rescore_alias      = 'production';  -- recorded, optional: why this bundle
 --     SET VARIABLE rescore_level      = 0.9;   -- optional: each score's interval at this level
 --   """)
 --   con.execute(open("sql/rescore.sql").read())      -- this file, top to bottom
@@ -147,6 +148,9 @@ ALTER TABLE rescore_scores ADD COLUMN IF NOT EXISTS lo DOUBLE;
 ALTER TABLE rescore_scores ADD COLUMN IF NOT EXISTS hi DOUBLE;
 ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS level DOUBLE;   -- the run's level, NULL: none
 ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS width_mean DOUBLE;  -- mean hi - lo of the stored rows at it
+-- Why the run scored with its bundle: 'production' (the kind's alias), 'newest' (no alias
+-- set), NULL (a bundle named by the caller); docs/promotion.md.
+ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS alias VARCHAR;
 
 
 -- @section start
@@ -160,7 +164,8 @@ WHERE NOT (CAST(getvariable('rescore_level') AS DOUBLE) > 0 AND CAST(getvariable
 CREATE OR REPLACE TEMP TABLE rescore_models (
     model_id   VARCHAR NOT NULL PRIMARY KEY,
     model_kind VARCHAR NOT NULL UNIQUE,
-    bundle     VARCHAR
+    bundle     VARCHAR,
+    alias      VARCHAR
 );
 
 
@@ -169,7 +174,8 @@ CREATE OR REPLACE TEMP TABLE rescore_models (
 SELECT error('rescore: SET VARIABLE rescore_model_id and rescore_model_kind first')
 WHERE getvariable('rescore_model_id') IS NULL OR getvariable('rescore_model_kind') IS NULL;
 INSERT INTO rescore_models
-VALUES (getvariable('rescore_model_id'), getvariable('rescore_model_kind'), getvariable('rescore_bundle'));
+VALUES (getvariable('rescore_model_id'), getvariable('rescore_model_kind'), getvariable('rescore_bundle'),
+        getvariable('rescore_alias'));
 
 
 -- @section input
@@ -248,7 +254,7 @@ BEGIN TRANSACTION;
 
 -- @section counts
 CREATE OR REPLACE TEMP TABLE rescore_counts AS
-SELECT m.model_id, m.model_kind, m.bundle,
+SELECT m.model_id, m.model_kind, m.bundle, m.alias,
        (SELECT count(*) FROM rescore_input) AS rows_seen,
        (SELECT count(*) FROM rescore_todo t WHERE t.model_id = m.model_id) AS rows_scored,
        (SELECT count(*) FROM rescore_input) - (SELECT count(*) FROM rescore_todo t WHERE t.model_id = m.model_id)
@@ -323,7 +329,7 @@ SELECT getvariable('rescore_run_id'), getvariable('rescore_started_at'), now(),
        s.mean - p.score_mean, s.std - p.score_std,
        s.q[1] - p.score_p05, s.q[2] - p.score_p25, s.q[3] - p.score_p50,
        s.q[4] - p.score_p75, s.q[5] - p.score_p95,
-       getvariable('rescore_level'), s.width_mean
+       getvariable('rescore_level'), s.width_mean, c.alias
 FROM rescore_counts c
 LEFT JOIN stats s USING (model_id)
 LEFT JOIN prev p ON p.model_kind = c.model_kind;

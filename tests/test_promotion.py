@@ -255,9 +255,11 @@ def test_rescore_follows_the_alias_and_its_record_names_bundle_and_alias(models)
     named = rescore(HOLDOUT, store, models="baseline-new")
     assert one_model(named) == (ids["baseline-new"], str(models / "baseline-new"), None, 0, 120, 0)
     assert "(named by --model)" in format_summary(named)
-    con = duckdb.connect(str(store), read_only=True)  # the table keeps the bundle of every run
-    assert [r[0] for r in con.sql("SELECT bundle FROM rescore_runs ORDER BY started_at").fetchall()] == [
-        str(models / b) for b in ("baseline-new", "baseline-old", "baseline-old", "baseline-new", "baseline-new")]
+    con = duckdb.connect(str(store), read_only=True)  # the table keeps the bundle and alias of every run
+    assert con.sql("SELECT bundle, alias FROM rescore_runs ORDER BY started_at").fetchall() == [
+        (str(models / b), alias) for b, alias in (("baseline-new", "newest"), ("baseline-old", "production"),
+                                                  ("baseline-old", "production"), ("baseline-new", "newest"),
+                                                  ("baseline-new", None))]
     con.close()
 
 

@@ -131,11 +131,11 @@ def rescore(
                      export=export is not None, allow_shrink=allow_shrink, dry_run=dry_run)
                 del rows  # the plan holds what it needs (rescore_input): the catalog is not held twice
                 if dry_run:
-                    return dry_run_record(con, run, choices)
+                    return dry_run_record(con, run)
                 work = resume_unfinished(con, run, choices, previous)
                 score(con, choices, level, progress, chunk_rows, device, precision, Path(work_dir))
                 apply(con, store, wait)
-                return publish(con, run, export, work, choices)
+                return publish(con, run, export, work)
         except duckdb.Error as exc:
             raise RescoreError(f"rescore failed, the store is unchanged: {guard_words(exc)}") from exc
         finally:
@@ -359,8 +359,7 @@ def apply(con: duckdb.DuckDBPyConnection, store: Path, wait: float) -> None:
         raise
 
 
-def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work: dict[str, Any],
-            choices: list[ModelChoice]) -> RunRecord:
+def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work: dict[str, Any]) -> RunRecord:
     """COMMIT, then the export, then close the store. From COMMIT on, a failure may leave the
     run applied: it says what is known, and notes the run so that a retry of the same
     ``work`` does not record it twice."""
@@ -384,7 +383,7 @@ def publish(con: duckdb.DuckDBPyConnection, run: Run, export: Path | None, work:
                    if step == "COMMIT" else f"was committed to {run.store}, but {step} failed: {exc}")
         raise RescoreError(f"run {run.id} {outcome}. Rerun the same command: it completes the work and "
                            f"records run {run.id} once") from exc
-    return run_record(run, records, choices, export=str(export) if export is not None else None,
+    return run_record(run, records, export=str(export) if export is not None else None,
                       export_rows=export_rows)
 
 

@@ -195,7 +195,7 @@ def rescore_spark(
                 old = stored_scores(spark, previous)
                 todo = plan(spark, con, run, choices, inputs, old, previous, meta, work, allow_shrink)
                 if dry_run:
-                    return dry_run_record(con, run, choices)
+                    return dry_run_record(con, run)
                 score(spark, con, run, choices, inputs, old, todo, work, device, precision, ship)
             finally:
                 inputs.unpersist()
@@ -203,7 +203,7 @@ def rescore_spark(
             publish(store, work, run.id, key)
             published = True
             prune(store, keep={run.id, previous.name if previous else run.id})
-            return run_record(run, records, choices)
+            return run_record(run, records)
     except (duckdb.Error, *SPARK_ERRORS) as exc:
         words = guard_words(exc) if isinstance(exc, duckdb.Error) else job_error(exc)
         raise RescoreError(f"{NOT_PUBLISHED}: {words}") from exc

@@ -6,11 +6,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import duckdb
 
-from anime_udf.rescore.bundles import ModelChoice
 from anime_udf.rescore.run import Run, now
 from anime_udf.rescore.sql import catalog_fingerprint
 
@@ -58,32 +57,24 @@ def _about(run: Run) -> dict[str, Any]:
             "finished_at": now().isoformat(timespec="seconds"), "seconds": run.seconds(), "level": run.level}
 
 
-def _named(models: list[dict[str, Any]], choices: Sequence[ModelChoice]) -> list[dict[str, Any]]:
-    """Each model's entry with its bundle and why that bundle (``alias``: ``production``, ``newest``,
-    or None for a bundle named by the caller)."""
-    by_id = {c.model_id: c for c in choices}
-    return [{**m, "bundle": str(by_id[m["model_id"]].path), "alias": by_id[m["model_id"]].alias} for m in models]
-
-
-def run_record(run: Run, records: list[dict[str, Any]], choices: Sequence[ModelChoice], **export: Any) -> RunRecord:
+def run_record(run: Run, records: list[dict[str, Any]], **export: Any) -> RunRecord:
     """The record of a finished run, from its rows of rescore_runs (one per model)."""
     first = records[0]
     return RunRecord(
         **_about(run), status="ok", catalog_fingerprint=first["catalog_fingerprint"], rows_seen=first["rows_seen"],
         rows_imputed=first["rows_imputed"],
-        models=_named([{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records], choices),
+        models=[{k: v for k, v in r.items() if k not in RUN_WIDE_COLUMNS} for r in records],
         **export,
     )
 
 
-def dry_run_record(con: duckdb.DuckDBPyConnection, run: Run, choices: Sequence[ModelChoice]) -> RunRecord:
+def dry_run_record(con: duckdb.DuckDBPyConnection, run: Run) -> RunRecord:
     """The record of a dry run, from its planned counts (rescore_counts)."""
     counts = con.sql("SELECT * FROM rescore_counts ORDER BY model_kind").pl().to_dicts()
     return RunRecord(
         **_about(run), status="dry-run", catalog_fingerprint=catalog_fingerprint(con),
         rows_seen=counts[0]["rows_seen"] if counts else 0, rows_imputed=counts[0]["rows_imputed"] if counts else 0,
-        models=_named([{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
-                      choices),
+        models=[{k: v for k, v in c.items() if k not in ("rows_seen", "rows_imputed")} for c in counts],
     )
 
 

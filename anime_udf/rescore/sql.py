@@ -71,6 +71,7 @@ def start(con: duckdb.DuckDBPyConnection, run: Run, choices: Sequence[ModelChoic
         set_variable(con, "rescore_model_id", choice.model_id)
         set_variable(con, "rescore_model_kind", choice.kind)
         set_variable(con, "rescore_bundle", str(choice.path))
+        set_variable(con, "rescore_alias", choice.alias)
         run_section(con, "model")
 
 
