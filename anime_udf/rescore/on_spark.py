@@ -10,10 +10,11 @@ work runs on Spark; the definitions are those of ``sql/rescore.sql``:
   both engines;
 - the catalog fingerprint is that file's order-independent aggregate, summed on the
   executors: the driver receives one row;
-- the key checks, the counts and the run record (score distribution and its shift against
-  the previous run) are that file's ``checks``, ``counts`` and ``record`` sections, run by
-  DuckDB on the driver over the Parquet files Spark wrote (keys, input hashes and scores
-  only: no synopsis reaches the driver).
+- the key checks, the rows each model must score, the counts and the run record (score
+  distribution and its shift against the previous run) are that file's ``checks``, ``plan``,
+  ``counts`` and ``record`` sections, run by DuckDB on the driver over the Parquet files Spark
+  wrote (keys, input hashes and scores only: no synopsis reaches the driver); Spark scores the
+  planned rows.
 
 A run's phases: *plan* (hash the catalog on the executors, check it, list the rows to
 score, count), *score* (the new snapshot: the rows kept and the rows scored), *record*
@@ -46,7 +47,7 @@ import math
 import re
 import shutil
 from collections.abc import Sequence
-from contextlib import nullcontext, suppress
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Tuple
 
@@ -54,7 +55,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from anime_udf.catalog import read_catalog
@@ -65,7 +66,7 @@ from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
 from anime_udf.rescore.sql import (ADDED_COLUMNS, SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
                                    run_section, sql_sections, start)
-from anime_udf.rescore.store import store_columns, store_lock
+from anime_udf.rescore.store import as_this_version, store_columns, store_lock
 from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet,
                              score_with_interval_udf, scoring_udf, ship_bundle, spark_struct)
 from anime_udf.sqlutil import quote_literal
@@ -193,7 +194,7 @@ def rescore_spark(
             inputs = hashed_catalog(spark, catalog, key).persist()
             try:
                 old = stored_scores(spark, previous)
-                todo = plan(spark, con, run, choices, inputs, old, previous, meta, work, allow_shrink)
+                todo = plan(spark, con, run, choices, inputs, previous, meta, work, allow_shrink)
                 if dry_run:
                     return dry_run_record(con, run)
                 score(spark, con, run, choices, inputs, old, todo, work, device, precision, ship)
@@ -270,12 +271,13 @@ def stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
 
 
 def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
-         inputs: DataFrame, old: DataFrame, previous: Path | None, meta: dict[str, Any] | None, work: Path,
+         inputs: DataFrame, previous: Path | None, meta: dict[str, Any] | None, work: Path,
          allow_shrink: bool) -> DataFrame:
-    """The plan, as the DuckDB rescoring makes it: the hashed catalog checked (its keys, and
-    the store's key column), the rows each model must score (returned, and written for the
-    driver), the fingerprint, the counts. The driver's DuckDB is left as sql/rescore.sql
-    expects after its ``counts`` section."""
+    """The plan, by sql/rescore.sql's sections as the DuckDB rescoring makes it, run by DuckDB on
+    the driver over the keys and input hashes Spark wrote (no synopsis reaches the driver): the
+    hashed catalog checked (its keys, and the store's key column), the rows each model must score
+    (the ``plan`` section; returned with their inputs, for Spark to score), the fingerprint, the
+    counts. The driver's DuckDB is left as the file expects after its ``counts`` section."""
     inputs.select("key", "input_hash", "imputed").write.parquet(str(work / "plan" / "input"))
     con.execute("ATTACH ':memory:' AS store")
     con.execute("USE store")
@@ -283,7 +285,9 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
     run_section(con, "schema")  # empty tables: a new store's
     if previous is not None:
         con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
-        register_parquet(con, "rescore_scores", previous / "scores")
+        register_parquet(con, "snapshot_scores", previous / "scores")
+        if not as_this_version(con, "rescore_scores", "snapshot_scores"):
+            register_parquet(con, "rescore_scores", previous / "scores")
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
         con.execute("INSERT INTO rescore_runs BY NAME SELECT * FROM previous_runs")  # an earlier version's too
         con.execute("INSERT INTO rescore_meta VALUES ('schema_version', ?), ('key_column', ?)",
@@ -294,14 +298,12 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
         run_section(con, "checks")
     except duckdb.Error as exc:  # the catalog's keys or the --key option: the guard's words say it
         raise RescoreError(guard_words(exc)) from None
+    run_section(con, "plan")
+    con.execute(f"COPY (SELECT model_id, key FROM rescore_todo) TO {quote_literal(work / 'plan' / 'todo.parquet')} "
+                "(FORMAT parquet)")
     chosen = spark.createDataFrame([(c.model_id, c.kind) for c in choices], "model_id string, model_kind string")
-    todo = (inputs.crossJoin(F.broadcast(chosen))
-            .join(old.select("model_id", "key", F.col("input_hash").alias("stored_hash"),
-                             F.col("level").alias("stored_level")), ["model_id", "key"], "left")
-            .where(~F.col("stored_hash").eqNullSafe(F.col("input_hash")) | needs_interval(run.level))
-            .drop("stored_hash", "stored_level"))
-    todo.select("model_id", "key").write.parquet(str(work / "plan" / "todo"))
-    register_parquet(con, "rescore_todo", work / "plan" / "todo")
+    todo = (spark.read.parquet(str(work / "plan" / "todo.parquet"))
+            .join(inputs, "key").join(F.broadcast(chosen), "model_id"))
     # The catalog fingerprint of sql/rescore.sql, its sum computed on the executors: the
     # driver receives one row, whatever the catalog's size.
     n, digest_sum = inputs.agg(F.count("*"), F.sum(F.col("row_digest").cast("decimal(38,0)"))).first()
@@ -311,11 +313,6 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
         refuse_shrink(con, run)
     run_section(con, "counts")
     return todo
-
-
-def needs_interval(level: float | None) -> Column:
-    """A stored row without an interval at the run's level (sql/rescore.sql's plan)."""
-    return F.lit(False) if level is None else ~F.col("stored_level").eqNullSafe(F.lit(level))
 
 
 def score(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
@@ -398,8 +395,7 @@ def register_parquet(con: duckdb.DuckDBPyConnection, name: str, directory: Path)
     files = sorted(str(f) for f in directory.glob("*.parquet"))
     if not files:
         raise RescoreError(f"{directory}: no Parquet files; the store is damaged")
-    with suppress(duckdb.Error):
-        con.unregister(name)
+    con.execute(f"DROP VIEW IF EXISTS temp.main.{name}")  # registered before, or an earlier version's view
     con.register(name, pads.dataset(files, format="parquet"))
 
 
