@@ -16,9 +16,10 @@ work runs on Spark; the definitions are those of ``sql/rescore.sql``:
   wrote (keys, input hashes and scores only: no synopsis reaches the driver); Spark scores the
   planned rows.
 
-A run's phases: *plan* (hash the catalog on the executors, check it, list the rows to
-score, count), *score* (the new snapshot: the rows kept and the rows scored), *record*
-(check the snapshot, append the run record), *publish*.
+A run's phases: *plan* (hash the catalog on the executors; on the driver, copy the published
+snapshot into DuckDB, check the catalog, list the rows to score, count), *score* (the listed
+rows, on Spark), *record* (the ``apply`` and ``record`` sections on the driver's copy, written
+as a new snapshot), *publish*.
 
 The store is a directory::
 
@@ -48,6 +49,7 @@ import re
 import shutil
 from collections.abc import Sequence
 from contextlib import nullcontext
+from functools import reduce
 from pathlib import Path
 from typing import Any, Iterator, Tuple
 
@@ -64,9 +66,9 @@ from anime_udf.files import atomic_file
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
 from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
-from anime_udf.rescore.sql import (ADDED_COLUMNS, SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
+from anime_udf.rescore.sql import (SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
                                    run_section, sql_sections, start)
-from anime_udf.rescore.store import as_this_version, store_columns, store_lock
+from anime_udf.rescore.store import store_lock
 from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet,
                              score_with_interval_udf, scoring_udf, ship_bundle, spark_struct)
 from anime_udf.sqlutil import quote_literal
@@ -82,10 +84,8 @@ RUNS_FILE = "runs.parquet"
 INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_(),
                 "row_digest": pa.int64()}
 INPUT_STRUCT = spark_struct(INPUT_FIELDS)
-# A snapshot's scores: the columns of sql/rescore.sql's rescore_scores, in Spark's types.
-SPARK_TYPE_OF = {"VARCHAR": "string", "DOUBLE": "double", "BOOLEAN": "boolean", "TIMESTAMP WITH TIME ZONE": "timestamp"}
-SCORES_COLUMNS = [column for column, _ in store_columns()["rescore_scores"]]
-SCORES_SCHEMA = ", ".join(f"{column} {SPARK_TYPE_OF[t]}" for column, t in store_columns()["rescore_scores"])
+# What Spark returns of the rows it scores: sql/rescore.sql's rescore_new.
+SCORED_COLUMNS = ("model_id", "key", "score", "lo", "hi")
 # Rows a scoring task takes at most (more tasks than cores where the work is large).
 TASK_ROWS = 50_000
 # What a failed run says: the published snapshot is the previous run's.
@@ -193,11 +193,10 @@ def rescore_spark(
             meta = read_meta(previous)
             inputs = hashed_catalog(spark, catalog, key).persist()
             try:
-                old = stored_scores(spark, previous)
                 todo = plan(spark, con, run, choices, inputs, previous, meta, work, allow_shrink)
                 if dry_run:
                     return dry_run_record(con, run)
-                score(spark, con, run, choices, inputs, old, todo, work, device, precision, ship)
+                score(spark, con, run, choices, todo, work, device, precision, ship)
             finally:
                 inputs.unpersist()
             records = record(con, work, run.id)
@@ -258,18 +257,6 @@ def hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
     return df.select(row.alias("row")).select("row.*")
 
 
-def stored_scores(spark: SparkSession, snapshot: Path | None) -> DataFrame:
-    """The published snapshot's scores in this version's columns: those a snapshot of an earlier
-    version lacks (ADDED_COLUMNS), NULL, as the DuckDB store's upgrade fills them."""
-    if snapshot is None:
-        return spark.createDataFrame([], SCORES_SCHEMA)
-    scores = spark.read.parquet(str(snapshot / "scores"))
-    for column in ADDED_COLUMNS["rescore_scores"]:
-        if column not in scores.columns:
-            scores = scores.withColumn(column, F.lit(None).cast("double"))
-    return scores
-
-
 def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
          inputs: DataFrame, previous: Path | None, meta: dict[str, Any] | None, work: Path,
          allow_shrink: bool) -> DataFrame:
@@ -282,14 +269,12 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
     con.execute("ATTACH ':memory:' AS store")
     con.execute("USE store")
     run_section(con, "macros")
-    run_section(con, "schema")  # empty tables: a new store's
-    if previous is not None:
-        con.execute("DROP TABLE store.main.rescore_scores")  # the published snapshot's Parquet files instead
-        register_parquet(con, "snapshot_scores", previous / "scores")
-        if not as_this_version(con, "rescore_scores", "snapshot_scores"):
-            register_parquet(con, "rescore_scores", previous / "scores")
+    run_section(con, "schema")  # the driver's copy of the store: a new store's empty tables, then filled
+    if previous is not None:  # the published snapshot, of this version or an earlier one (BY NAME: NULL where
+        register_parquet(con, "snapshot_scores", previous / "scores")  # it lacks a column)
+        con.execute("INSERT INTO rescore_scores BY NAME SELECT * FROM snapshot_scores")
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
-        con.execute("INSERT INTO rescore_runs BY NAME SELECT * FROM previous_runs")  # an earlier version's too
+        con.execute("INSERT INTO rescore_runs BY NAME SELECT * FROM previous_runs")
         con.execute("INSERT INTO rescore_meta VALUES ('schema_version', ?), ('key_column', ?)",
                     [SCHEMA_VERSION, meta["key_column"]])
     start(con, run, choices)
@@ -316,28 +301,24 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
 
 
 def score(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices: list[ModelChoice],
-          inputs: DataFrame, old: DataFrame, todo: DataFrame, work: Path, device: str, precision: str,
-          ship: bool) -> None:
-    """The new snapshot's scores: the stored rows that stay (their key still in the catalog,
-    of a chosen model or a kind not rescored, not to be scored again) and the rows scored."""
+          todo: DataFrame, work: Path, device: str, precision: str, ship: bool) -> None:
+    """The planned rows scored on Spark (SCORED_COLUMNS, as Parquet in ``work/new``), then into the
+    driver's rescore_new, where sql/rescore.sql's ``apply`` section reads them."""
     to_score = dict(con.execute("SELECT model_id, rows_scored FROM rescore_counts").fetchall())
-    kept = (old.join(inputs.select("key"), "key", "left_semi")  # keys gone from the catalog drop out
-            .where(~F.col("model_kind").isin([c.kind for c in choices])  # an older bundle's rows go
-                   | F.col("model_id").isin([c.model_id for c in choices]))
-            .join(todo.select("model_id", "key"), ["model_id", "key"], "left_anti"))
-    snapshot = kept.select(SCORES_COLUMNS)
-    for choice in choices:
-        if to_score[choice.model_id]:
-            snapshot = snapshot.unionByName(
-                scored_rows(spark, todo, choice, to_score[choice.model_id], run, device, precision, ship))
-    snapshot.write.parquet(str(work / "scores"))
+    scored = [scored_rows(spark, todo, c, to_score[c.model_id], run, device, precision, ship)
+              for c in choices if to_score[c.model_id]]
+    if not scored:
+        return
+    reduce(DataFrame.unionByName, scored).write.parquet(str(work / "new"))
+    register_parquet(con, "scored_on_spark", work / "new")
+    con.execute(f"INSERT INTO rescore_new SELECT {', '.join(SCORED_COLUMNS)} FROM scored_on_spark")
 
 
 def scored_rows(spark: SparkSession, todo: DataFrame, choice: ModelChoice, rows: int, run: Run, device: str,
                 precision: str, ship: bool) -> DataFrame:
     """The todo rows of one model, scored by the SQL function's UDF (with the run's level, and
-    each score's interval, from one pass), in the store's columns. Spread over the cluster's
-    cores, shortest synopses first within a task (less padding)."""
+    each score's interval, from one pass). Spread over the cluster's cores, shortest synopses
+    first within a task (less padding)."""
     bundle = ship_bundle(spark, choice.path.resolve()) if ship else choice.path
     name = FUNCTION_NAMES[choice.kind]
     if run.level is None:
@@ -348,39 +329,26 @@ def scored_rows(spark: SparkSession, todo: DataFrame, choice: ModelChoice, rows:
     tasks = max(spark.sparkContext.defaultParallelism, math.ceil(rows / TASK_ROWS))
     mine = (todo.where(F.col("model_id") == choice.model_id).repartition(tasks)
             .sortWithinPartitions(F.length(F.coalesce("synopsis", F.lit("")))))
-    return (mine.select("*", scored.alias("scored"))
-            .select("key", "model_id", "model_kind", "input_hash", "scored.score", "imputed",
-                    F.lit(run.id).alias("run_id"), F.current_timestamp().alias("scored_at"),
-                    F.lit(run.level).cast("double").alias("level"), "scored.lo", "scored.hi"))
+    return mine.select("model_id", "key", scored.alias("scored")).select("model_id", "key", "scored.*")
 
 
 def record(con: duckdb.DuckDBPyConnection, work: Path, run_id: str) -> list[dict[str, Any]]:
-    """Check the new snapshot (every key of the catalog, once, with a finite score, for each
-    chosen model), append the run record (sql/rescore.sql's record section) and write all
-    records beside the scores. Returns this run's records."""
-    con.execute("DROP TABLE IF EXISTS store.main.rescore_scores")  # a new store's empty table
-    register_parquet(con, "rescore_scores", work / "scores")
-    bad = con.execute(
-        "SELECT m.model_kind, count(s.key), count(DISTINCT s.key), count(*) FILTER (NOT isfinite(s.score) OR "
-        "(s.run_id = getvariable('rescore_run_id') AND s.level IS NOT NULL AND NOT coalesce(s.lo <= s.score "
-        "AND s.score <= s.hi, false))), "
-        "(SELECT count(*) FROM rescore_input) FROM rescore_models m LEFT JOIN rescore_scores s USING (model_id) "
-        "GROUP BY m.model_kind HAVING count(s.key) <> count(DISTINCT s.key) OR count(s.key) <> "
-        "(SELECT count(*) FROM rescore_input) OR count(*) FILTER (NOT isfinite(s.score)) > 0").fetchall()
-    if bad:
-        kind, n, distinct, nonfinite, expected = bad[0]
-        raise RescoreError(f"{NOT_PUBLISHED}: the new {kind} scores have {n} rows "
-                           f"({distinct} keys, {nonfinite} not finite or outside their interval) for "
-                           f"{expected} catalog keys")
+    """sql/rescore.sql's ``apply`` and ``record`` sections on the driver's copy of the store (every
+    row to score has a finite score, or nothing is written; gone keys and superseded rows out, the
+    new rows in; the run record appended), then the new snapshot's files. Returns this run's records."""
+    run_section(con, "apply")
     run_section(con, "record")
+    (work / "scores").mkdir()
+    con.execute(f"COPY rescore_scores TO {quote_literal(work / 'scores' / 'scores.parquet')} (FORMAT parquet)")
     con.execute(f"COPY rescore_runs TO {quote_literal(work / RUNS_FILE)} (FORMAT parquet)")
     return run_records(con, run_id)
 
 
 def publish(store: Path, work: Path, run_id: str, key: str) -> None:
-    """The snapshot complete (its meta beside it, the plan gone), then published: ``CURRENT``
-    replaced by one rename."""
+    """The snapshot complete (its meta beside it, the plan and Spark's scored rows gone), then
+    published: ``CURRENT`` replaced by one rename."""
     shutil.rmtree(work / "plan")
+    shutil.rmtree(work / "new", ignore_errors=True)  # none where nothing was scored
     with atomic_file(work / META_FILE) as tmp:
         tmp.write_text(json.dumps({"schema_version": SCHEMA_VERSION, "key_column": key}))
     pause("commit")

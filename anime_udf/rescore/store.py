@@ -220,9 +220,8 @@ def upgrade_views(con: duckdb.DuckDBPyConnection) -> list[str]:
 
 
 def as_this_version(con: duckdb.DuckDBPyConnection, table: str, source: str) -> bool:
-    """Where ``source`` (a store table, or a Spark snapshot's files) is of an earlier version, the
-    temporary view ``table`` over it with the columns added since, NULL, as the upgrade fills them.
-    Returns whether it made one."""
+    """Where ``source`` (a store table) is of an earlier version, the temporary view ``table`` over
+    it with the columns added since, NULL, as the upgrade fills them. Returns whether it made one."""
     have = {d[0] for d in con.execute(f"SELECT * FROM {source} LIMIT 0").description}
     missing = [f"NULL::{data_type} AS {column}" for column, data_type in store_columns()[table] if column not in have]
     if missing:
