@@ -10,11 +10,10 @@ work runs on Spark; the definitions are those of ``sql/rescore.sql``:
   both engines;
 - the catalog fingerprint is that file's order-independent aggregate, summed on the
   executors: the driver receives one row;
-- the key checks, the rows each model must score, the counts and the run record (score
-  distribution and its shift against the previous run) are that file's ``checks``, ``plan``,
-  ``counts`` and ``record`` sections, run by DuckDB on the driver over the Parquet files Spark
-  wrote (keys, input hashes and scores only: no synopsis reaches the driver); Spark scores the
-  planned rows.
+- every decision is that file's, as the DuckDB store makes it: the ``checks``, ``plan``,
+  ``counts``, ``apply`` and ``record`` sections, run by DuckDB on the driver over a copy of
+  the published snapshot and the keys and input hashes Spark wrote (no synopsis reaches the
+  driver); Spark scores the planned rows.
 
 A run's phases: *plan* (hash the catalog on the executors; on the driver, copy the published
 snapshot into DuckDB, check the catalog, list the rows to score, count), *score* (the listed
@@ -228,7 +227,8 @@ def make_store_directory(store: Path) -> None:
 
 
 def read_meta(snapshot: Path | None) -> dict[str, Any] | None:
-    """The published snapshot's meta.json, of this schema; None before the store's first run."""
+    """The published snapshot's meta.json, of this schema or one it upgrades; None before the
+    store's first run."""
     if snapshot is None:
         return None
     path = snapshot / META_FILE

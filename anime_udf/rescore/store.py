@@ -214,19 +214,16 @@ def _before_upgrade(table: str, columns: list[tuple[str, str]]) -> list[tuple[st
 
 def upgrade_views(con: duckdb.DuckDBPyConnection) -> list[str]:
     """For planning on a store of an earlier version (attached read-only, upgraded only when the
-    run applies): temporary views of its tables as this version's. Returns the views' names, to
-    drop before the store is written."""
-    return [table for table in store_columns() if as_this_version(con, table, f"store.main.{table}")]
-
-
-def as_this_version(con: duckdb.DuckDBPyConnection, table: str, source: str) -> bool:
-    """Where ``source`` (a store table) is of an earlier version, the temporary view ``table`` over
-    it with the columns added since, NULL, as the upgrade fills them. Returns whether it made one."""
-    have = {d[0] for d in con.execute(f"SELECT * FROM {source} LIMIT 0").description}
-    missing = [f"NULL::{data_type} AS {column}" for column, data_type in store_columns()[table] if column not in have]
-    if missing:
-        con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM {source}")
-    return bool(missing)
+    run applies): temporary views of its tables with the columns added since, NULL, as the
+    upgrade fills them. Returns the views' names, to drop before the store is written."""
+    views, found = [], {name.lower(): columns for name, columns in _columns(con, "store").items()}
+    for table, columns in store_columns().items():
+        have = {column for column, _ in found[table]}
+        missing = [f"NULL::{data_type} AS {column}" for column, data_type in columns if column not in have]
+        if missing:
+            con.execute(f"CREATE TEMP VIEW {table} AS SELECT *, {', '.join(missing)} FROM store.main.{table}")
+            views.append(table)
+    return views
 
 
 def _column_difference(found: list[tuple[str, str]], expected: list[tuple[str, str]]) -> str:
