@@ -19,7 +19,7 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
-from anime_udf.columns import INPUT_COLUMNS, SCORE_COLUMN
+from anime_udf.columns import EPISODES, GENRES, INPUT_COLUMNS, SCORE_COLUMN, STUDIO, SYNOPSIS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.sqlutil import quote_ident
 
@@ -186,8 +186,8 @@ def canonical_columns(df: pl.DataFrame, label: str, require_score: bool = False,
         raise CatalogError(
             f"{label}: missing column(s) {', '.join(missing)} (it has: {', '.join(df.columns) or 'none'})"
         )
-    casts = [_to_text(df, c, label) for c in ("synopsis", "genres", "studio")]
-    casts.append(_to_number(df, "episodes", label, pl.Int64))
+    casts = [_to_text(df, c, label) for c in (SYNOPSIS, GENRES, STUDIO)]
+    casts.append(_to_number(df, EPISODES, label, pl.Int64))
     if SCORE_COLUMN in df.columns:
         casts.append(_to_number(df, SCORE_COLUMN, label, pl.Float64))
     df = df.with_columns(casts)
@@ -243,7 +243,7 @@ def _to_text(df: pl.DataFrame, column: str, label: str) -> pl.Expr:
         return pl.col(column).cast(pl.List(pl.String)).list.join(",").alias(column)
     if dtype.is_nested() or dtype == pl.Binary or dtype == pl.Object:
         raise CatalogError(f"{label}: column {column!r} is {dtype}; expected text"
-                           + (" (or a list of names)" if column == "genres" else ""))
+                           + (" (or a list of names)" if column == GENRES else ""))
     return pl.col(column).cast(pl.String)
 
 

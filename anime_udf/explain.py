@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 
 from anime_udf.bundle import REFERENCE_FILE, BundleError, load_weights, shape_mismatch
+from anime_udf.columns import EPISODES, GENRES, INPUT_COLUMNS, STUDIO, SYNOPSIS
 from anime_udf.features import EPISODE_COLUMNS, GENRE_COLUMNS
 
 if TYPE_CHECKING:
@@ -45,11 +46,10 @@ if TYPE_CHECKING:
 
     from anime_udf.models import Blend
 
-GROUPS = {"baseline": ("synopsis", "genres", "studio", "episodes"),
-          "fusion": ("synopsis", "genres", "studio", "episodes", "lexical")}
+GROUPS = {"baseline": INPUT_COLUMNS, "fusion": (*INPUT_COLUMNS, "lexical")}
 # Which head input (text, dense, studio index, lexical) and which of its columns each group is.
-GROUP_INPUTS = {"synopsis": (0, slice(None)), "genres": (1, GENRE_COLUMNS), "studio": (2, slice(None)),
-                "episodes": (1, EPISODE_COLUMNS), "lexical": (3, slice(None))}
+GROUP_INPUTS = {SYNOPSIS: (0, slice(None)), GENRES: (1, GENRE_COLUMNS), STUDIO: (2, slice(None)),
+                EPISODES: (1, EPISODE_COLUMNS), "lexical": (3, slice(None))}
 ROWS_PER_PASS = 256  # rows x coalitions x 256 hidden units a pass: 8 MB for fusion
 # References are means of unit-length text embeddings, of 0/1 flags and standardised episode
 # counts, and of standardised lexical scores: within about 1. Far larger values are damage: the

@@ -38,7 +38,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.udf import UserDefinedFunction
 
 from anime_udf.catalog import CatalogError, read_catalog
-from anime_udf.columns import INPUT_COLUMNS
+from anime_udf.columns import EPISODES, GENRES, INPUT_COLUMNS, STUDIO, SYNOPSIS
 from anime_udf.errors import AnimeUdfError
 from anime_udf.explain import arrow_struct, fields
 from anime_udf.udf import (EXPLAIN_NAMES, FUNCTION_NAMES, INTERVAL_FIELDS, INTERVAL_NAMES, ScoredCatalog,
@@ -51,7 +51,7 @@ TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_string_v
 NUMBER_TYPES = (pa.types.is_integer, pa.types.is_floating, pa.types.is_decimal, pa.types.is_null)
 # The input columns as read_catalog makes them (episodes an integer), for the rescoring's hash
 # on the workers; not the SQL functions' argument types (ARGUMENTS: episodes DOUBLE).
-CANONICAL_TYPES = {"synopsis": pa.string(), "genres": pa.string(), "studio": pa.string(), "episodes": pa.int64()}
+CANONICAL_TYPES = {SYNOPSIS: pa.string(), GENRES: pa.string(), STUDIO: pa.string(), EPISODES: pa.int64()}
 # Spark's names of the Arrow types the UDFs return in a struct.
 SPARK_TYPES = {pa.string(): "string", pa.int64(): "bigint", pa.bool_(): "boolean", pa.float64(): "double"}
 
@@ -133,7 +133,7 @@ def arguments(name: str, columns: tuple[pa.Array, ...]) -> list[list]:
     names = (*INPUT_COLUMNS, "level") if interval else INPUT_COLUMNS
     values = []
     for column, array in zip(names, columns):
-        number = column in ("episodes", "level")
+        number = column in (EPISODES, "level")
         if not any(check(array.type) for check in (NUMBER_TYPES if number else TEXT_TYPES)):
             returns = "DOUBLE" if name in FUNCTION_NAMES.values() else "STRUCT"
             raise TypeError(f"{name}: argument {column} has type {array.type}, expected "

@@ -12,6 +12,7 @@ import numpy as np
 
 from anime_udf.bundle import check_out, write_bundle
 from anime_udf.cache import EmbeddingCache
+from anime_udf.columns import SCORE_COLUMN, SYNOPSIS
 from anime_udf.devices import resolve_device
 from anime_udf.bundle import CALIBRATION_FILE, HEAD_WEIGHTS, REFERENCE_FILE, TRAINING_ROWS_FILE
 from anime_udf.explain import reference_manifest, reference_state
@@ -89,12 +90,12 @@ def train_baseline(
                               sel_tab.target(split.fit), (emb_valid, *sel_tab.inputs(split.valid)),
                               y_valid, how, settings.seed, device, progress)
     blend, metrics, valid_scores = blend_and_validate(settings.blend, selection, y_valid,
-                                                      split.valid["score"].to_numpy(), sel_tab.scaler, log)
+                                                      split.valid[SCORE_COLUMN].to_numpy(), sel_tab.scaler, log)
     if on_validated:
         on_validated(valid_scores)
     calibration, calibration_state = calibrate(
-        selection, blend, sel_tab.scaler, split.valid["score"].to_numpy(), tab.inputs(split.valid)[0],
-        sel_tab.inputs(split.valid)[1], tab.features.genres, split.valid["synopsis"].to_list(), None, split.selection,
+        selection, blend, sel_tab.scaler, split.valid[SCORE_COLUMN].to_numpy(), tab.inputs(split.valid)[0],
+        sel_tab.inputs(split.valid)[1], tab.features.genres, split.valid[SYNOPSIS].to_list(), None, split.selection,
         settings.seed, log)
     log(f"chose {selection.best_epochs} epochs; final model: {settings.seeds} seed(s) x {selection.best_epochs} "
         f"epochs on {final_rows.height} rows")

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anime_udf.catalog import CatalogError, DatabaseTable, fingerprint, read_catalog
-from anime_udf.columns import INPUT_COLUMNS
+from anime_udf.columns import EPISODES, GENRES, INPUT_COLUMNS, SCORE_COLUMN, STUDIO, SYNOPSIS
 from anime_udf.comparison import row_hashes
 from anime_udf.features import TabularEncoder
 from anime_udf.metrics import compute_metrics
@@ -147,7 +147,7 @@ def newest_years(train: pl.DataFrame) -> str | None:
 
 def embed_frozen(encoder: FrozenTextEncoder, frames: list[pl.DataFrame], progress: bool) -> list[np.ndarray]:
     """Sentence embeddings of each frame's synopses, every distinct text encoded once (cached by content)."""
-    texts = [t for df in frames for t in df["synopsis"].to_list()]
+    texts = [t for df in frames for t in df[SYNOPSIS].to_list()]
     emb = sentence_embedding(encoder.embed(texts, progress=progress))
     bounds = np.cumsum([0] + [df.height for df in frames])
     return [emb[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
@@ -179,9 +179,9 @@ class Tabular:
 
     @classmethod
     def fit(cls, rows: pl.DataFrame, min_studio_count: int) -> "Tabular":
-        features = TabularEncoder.fit(rows["genres"].to_list(), rows["studio"].to_list(),
-                                      rows["episodes"].to_list(), min_studio_count)
-        return cls(features, TargetScaler.fit(rows["score"].to_numpy()))
+        features = TabularEncoder.fit(rows[GENRES].to_list(), rows[STUDIO].to_list(),
+                                      rows[EPISODES].to_list(), min_studio_count)
+        return cls(features, TargetScaler.fit(rows[SCORE_COLUMN].to_numpy()))
 
     def shape(self) -> tuple[int, int]:
         """(dense feature width, number of studio indices): what a network's tabular input needs."""
@@ -189,10 +189,10 @@ class Tabular:
 
     def inputs(self, df: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
         """(dense features, studio index) of ``df``."""
-        return self.features.encode(df["genres"].to_list(), df["studio"].to_list(), df["episodes"].to_list())
+        return self.features.encode(df[GENRES].to_list(), df[STUDIO].to_list(), df[EPISODES].to_list())
 
     def target(self, df: pl.DataFrame) -> np.ndarray:
-        return self.scaler.scale(df["score"].to_numpy())
+        return self.scaler.scale(df[SCORE_COLUMN].to_numpy())
 
 
 def training_record(split: DataSplit, settings: dict, **extra) -> dict:

@@ -41,6 +41,7 @@ from anime_udf.bundle import (CALIBRATION_FILE, ENCODER_DIR, HEAD_WEIGHTS, LEXIC
                               REFERENCE_FILE, TOKENIZER_DIR, TRAINING_ROWS_FILE, check_out, write_bundle)
 from anime_udf.cache import EmbeddingCache
 from anime_udf.catalog import fingerprint
+from anime_udf.columns import SCORE_COLUMN, SYNOPSIS
 from anime_udf.devices import resolve_device
 from anime_udf.explain import reference_manifest, reference_state
 from anime_udf.features import clean_text
@@ -127,7 +128,7 @@ class FusionTrainer:
         self.selection_tab = Tabular.fit(self.rows["fit"], settings.min_studio_count)
         self.tab = Tabular.fit(self.rows["refit"], settings.min_studio_count)
         self.tabs = {"fit": self.selection_tab, "valid": self.selection_tab, "refit": self.tab}
-        self.texts = {k: [clean_text(t) for t in df["synopsis"].to_list()] for k, df in self.rows.items()}
+        self.texts = {k: [clean_text(t) for t in df[SYNOPSIS].to_list()] for k, df in self.rows.items()}
         self.y = {k: self.tabs[k].target(df) for k, df in self.rows.items()}
 
     def train(self, out: Path, *, resume: bool = False, name: str | None = None, force: bool = False) -> dict:
@@ -218,7 +219,7 @@ class FusionTrainer:
         """head x a + lexical score x b + c, least squares on the selection run's validation
         rows (training.common.fit_blend); ``blend`` off: the head alone. Also the validation
         metrics of the model as it ships, and the intervals' calibration on those rows."""
-        scores, (_, studio, lexical) = self.split.valid["score"].to_numpy(), self.tabular["valid"]
+        scores, (_, studio, lexical) = self.split.valid[SCORE_COLUMN].to_numpy(), self.tabular["valid"]
         self.blend, self.valid_metrics, valid_scores = blend_and_validate(
             self.settings.blend, self.selection, self.y["valid"], scores, self.selection_tab.scaler, self.log,
             lexical=lexical)

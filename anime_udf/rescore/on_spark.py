@@ -60,7 +60,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from anime_udf.catalog import read_catalog
-from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS
+from anime_udf.columns import DEFAULT_KEY, INPUT_COLUMNS, SYNOPSIS
 from anime_udf.files import atomic_file
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
 from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
@@ -328,7 +328,7 @@ def scored_rows(spark: SparkSession, todo: DataFrame, choice: ModelChoice, rows:
         scored = score_with_interval_udf(name, bundle, run.level, device, precision, ship)(*INPUT_COLUMNS)
     tasks = max(spark.sparkContext.defaultParallelism, math.ceil(rows / TASK_ROWS))
     mine = (todo.where(F.col("model_id") == choice.model_id).repartition(tasks)
-            .sortWithinPartitions(F.length(F.coalesce("synopsis", F.lit("")))))
+            .sortWithinPartitions(F.length(F.coalesce(SYNOPSIS, F.lit("")))))
     return mine.select("model_id", "key", scored.alias("scored")).select("model_id", "key", "scored.*")
 
 
