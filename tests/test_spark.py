@@ -366,6 +366,45 @@ def test_intervals_in_a_spark_store_as_in_a_duckdb_store_and_a_first_release_sto
                                    atol=1e-5)
 
 
+def test_both_engines_keep_the_same_store_through_a_sequence_of_catalogs(spark, tmp_path, baseline_bundle):
+    """One catalog sequence (first run; rows changed, new and gone, with a level; a NULL key; a
+    repeated key) on both engines: the same rows in the stores after each run, the same refusals."""
+    catalog, duck, sparks = tmp_path / "catalog.parquet", tmp_path / "scores.duckdb", tmp_path / "store"
+    models = [str(baseline_bundle)]
+    changed = catalog_with(changed=(11, 22), removed=(33, 44))
+    added = pl.concat([changed, changed.head(2).with_columns(anime_id=pl.Series([90001, 90002]))])
+    columns = ["key", "model_id", "input_hash", "imputed", "level"]
+    for df, level in [(catalog_with(), None), (added, 0.9)]:
+        df.write_parquet(catalog)
+        on_spark = rescore_spark(spark, str(catalog), sparks, models=models, level=level)
+        on_duckdb = rescore(catalog, duck, models=models, level=level)
+        counts = ("rows_scored", "rows_reused", "rows_removed", "rows_superseded")
+        assert [on_spark.models[0][c] for c in counts] == [on_duckdb.models[0][c] for c in counts]
+        assert (on_spark.rows_imputed, on_spark.catalog_fingerprint) == (on_duckdb.rows_imputed,
+                                                                         on_duckdb.catalog_fingerprint)
+        with duckdb.connect(str(duck), read_only=True) as con:
+            expected = con.sql("SELECT * FROM rescore_scores ORDER BY key").pl()
+        got = stored(sparks).sort("key")
+        assert got.select(columns).equals(expected.select(columns))
+        for c in ("score", "lo", "hi"):  # recomputed on other workers and batches: the fp32 contract
+            np.testing.assert_allclose(got[c].to_numpy().astype(float), expected[c].to_numpy().astype(float),
+                                       rtol=0, atol=1e-5)
+    for bad, message in [(added.with_columns(anime_id=pl.when(pl.col("anime_id") == 5).then(None)
+                                             .otherwise(pl.col("anime_id"))), "is NULL in 1 row"),
+                         (pl.concat([added, added.head(1)]), "is not unique: 1 occurs 2 times")]:
+        bad.write_parquet(catalog)
+        before_spark = stored(sparks)
+        with duckdb.connect(str(duck), read_only=True) as con:
+            rows_before = con.execute("SELECT count(*) FROM rescore_scores").fetchone()
+        for run in (lambda: rescore_spark(spark, str(catalog), sparks, models=models),
+                    lambda: rescore(catalog, duck, models=models)):
+            with pytest.raises(RescoreError, match=message):
+                run()
+        assert stored(sparks).equals(before_spark)
+        with duckdb.connect(str(duck), read_only=True) as con:
+            assert con.execute("SELECT count(*) FROM rescore_scores").fetchone() == rows_before
+
+
 def test_rescoring_refuses_bad_input_before_writing(spark, tmp_path, baseline_bundle):
     catalog = tmp_path / "catalog.parquet"
     pl.concat([catalog_with(), catalog_with().head(1)]).write_parquet(catalog)
