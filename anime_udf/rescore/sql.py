@@ -23,12 +23,14 @@ from anime_udf.sqlutil import sql_path
 SQL_FILE = "rescore.sql"
 # The version of the store's tables, as sql/rescore.sql writes it into rescore_meta (the file
 # is its one source: a hand-run script and both engines write the same).
-SCHEMA_VERSION = re.search(r"\('schema_version', '([^']+)'\)", sql_path(SQL_FILE).read_text()).group(1)
+_SQL_TEXT = sql_path(SQL_FILE).read_text()
+SCHEMA_VERSION = re.search(r"\('schema_version', '([^']+)'\)", _SQL_TEXT).group(1)
 # Earlier versions the file's schema section upgrades in place: their tables lack the columns
 # its ALTER statements add (ADDED_COLUMNS, by table), which hold NULL in the rows they had.
 UPGRADES = ("1",)
-ADDED_COLUMNS = {table: re.findall(rf"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS (\w+)", sql_path(SQL_FILE).read_text())
-                 for table in ("rescore_scores", "rescore_runs")}
+ADDED_COLUMNS: dict[str, list[str]] = {}
+for _table, _column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", _SQL_TEXT):
+    ADDED_COLUMNS.setdefault(_table, []).append(_column)
 # A run may remove at most this share of the keys the store holds (of any kind: a
 # removed key loses every kind's rows) without --allow-shrink: a truncated or
 # header-only catalog is far likelier than a catalog that really lost most of its rows.
@@ -40,7 +42,7 @@ def sql_sections() -> dict[str, str]:
     """The sections of sql/rescore.sql, by name (``-- @section NAME`` lines); read once."""
     sections: dict[str, str] = {}
     name = None
-    for line in sql_path(SQL_FILE).read_text().splitlines():
+    for line in _SQL_TEXT.splitlines():
         match = re.fullmatch(r"--\s*@section\s+(\w+)\s*", line)
         if match:
             name = match.group(1)
