@@ -8,6 +8,7 @@ import os
 import signal
 
 import duckdb
+import numpy as np
 import polars as pl
 import pytest
 from click.testing import CliRunner
@@ -205,3 +206,25 @@ def test_a_store_of_an_unknown_version_is_refused_naming_both(tmp_path, models):
     with pytest.raises(RescoreError, match="the store has rescore schema version 3; this anime-udf writes "
                                            "version 2 and upgrades version 1"):
         rescore(a, store)
+
+
+def test_a_score_not_finite_or_outside_its_interval_applies_nothing(tmp_path, models, monkeypatch):
+    """The apply section's guard (both engines run it): a row scored NaN, or outside its interval,
+    fails the run with the store as it was."""
+    from anime_udf.rescore import on_duckdb
+
+    store, a = tmp_path / "scores.duckdb", write(catalog_a().head(20), tmp_path / "a.csv")
+    rescore(a, store)
+    before = rows(store)
+    real = on_duckdb.scores_of
+    for broken in ({"score": np.nan}, {"lo": 10.0}):
+        def scores_of(scorer, inputs, level, broken=broken):
+            scored = {k: np.array(v, dtype=float) for k, v in real(scorer, inputs, level).items()}
+            for column, value in broken.items():
+                scored[column][0] = value
+            return scored
+
+        monkeypatch.setattr(on_duckdb, "scores_of", scores_of)
+        with pytest.raises(RescoreError, match=r"1 row\(s\) to score have no score; nothing was applied"):
+            rescore(a, store, level=0.9)
+        assert rows(store) == before
