@@ -272,7 +272,7 @@ FROM rescore_models m;
 -- @section apply
 -- Every row to score has a finite score (and, in a run with a level, an interval around
 -- it), or nothing is applied.
-SELECT error('rescore: ' || count(*) || ' row(s) to score have no score; nothing was applied')
+SELECT error('rescore: ' || count(*) || ' row(s) to score have no finite score, or no interval holding it; nothing was applied')
 FROM rescore_todo t LEFT JOIN rescore_new n USING (model_id, key)
 WHERE n.score IS NULL OR NOT isfinite(n.score)
    OR (getvariable('rescore_level') IS NOT NULL AND NOT coalesce(n.lo <= n.score AND n.score <= n.hi, false))

@@ -225,6 +225,6 @@ def test_a_score_not_finite_or_outside_its_interval_applies_nothing(tmp_path, mo
             return scored
 
         monkeypatch.setattr(on_duckdb, "scores_of", scores_of)
-        with pytest.raises(RescoreError, match=r"1 row\(s\) to score have no score; nothing was applied"):
+        with pytest.raises(RescoreError, match=r"1 row\(s\) to score have no finite score, or no interval holding it; nothing was applied"):
             rescore(a, store, level=0.9)
         assert rows(store) == before
