@@ -1,4 +1,4 @@
-"""The two networks (docs/DESIGN.md, "The two models"). Both predict a standardised score."""
+"""The two networks (docs/training.md, "The two models"). Both predict a standardised score."""
 
 from __future__ import annotations
 

@@ -275,7 +275,7 @@ def register_bundles(baseline: Path | str | None, fusion: Path | str | None, mod
                      register_both: Callable[[Path, dict[str, Any]], T]) -> dict[str, T]:
     """The registration loop of every engine (DuckDB's ``register``, Spark's): each bundle to
     register, its files checked once (``read_manifest``), handed with its manifest to the engine's
-    ``register_both``, which registers its scoring and explaining functions. Returns {scoring
+    ``register_both``, which registers its functions (score, parts, interval). Returns {scoring
     function name: what ``register_both`` returned}."""
     registered = {}
     for path in bundles_to_register(baseline, fusion, models_dir):

@@ -37,6 +37,17 @@ def test_a_bundle_records_the_rows_it_was_trained_on(baseline_bundle):
     assert hexes == sorted(set(input_hashes(read_catalog(CATALOG))))  # every training row, nothing else
 
 
+def test_the_manifest_holds_the_entries_design_lists(baseline_bundle, fusion_bundle):
+    """DESIGN.md, "Bundle format": every entry of either kind's manifest, and only those, is in the
+    tree's list; ``blend`` is there with --blend (which the fixtures leave off) and nowhere else."""
+    from tests.test_project import design_bundle_tree
+
+    entries = design_bundle_tree()[1]
+    found = set(read_manifest(baseline_bundle)) | set(read_manifest(fusion_bundle))
+    assert set(entries) == found | {"blend"} and len(entries) == len(set(entries))
+    assert "lexical" in read_manifest(fusion_bundle) and "lexical" not in read_manifest(baseline_bundle)
+
+
 def test_missing_weights_named(bundle):
     (bundle / "model.safetensors").unlink()
     with pytest.raises(BundleError, match=r"model\.safetensors: missing"):

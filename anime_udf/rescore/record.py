@@ -126,7 +126,7 @@ def format_summary(record: RunRecord) -> str:
             shifts = [m["shift_mean"], *(m["shift_" + q] for q in QUANTILES)]
             lines.append(f"{label:{width}}  " + " ".join(f"{_num(v, '.2f', True):>6}" for v in shifts))
         else:
-            lines.append(f"{'':9} first run of this kind: no shift to report")
+            lines.append(f"{'':9} first run of this kind: no shift to show")
     if record.export:
         lines.append(f"export   {record.export}: {record.export_rows} rows")
     return "\n".join(lines)

@@ -39,7 +39,7 @@ def now() -> dt.datetime:
 
 @dataclass
 class Run:
-    """One run: what it works on (recorded in its report and in rescore_runs), when it
+    """One run: what it works on (recorded in its run record, the rows of rescore_runs), when it
     started, and its id (``20261129T210000Z-a1b2c3``: runs sort by time)."""
 
     store: Path

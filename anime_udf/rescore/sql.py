@@ -96,7 +96,7 @@ def catalog_fingerprint(con: duckdb.DuckDBPyConnection) -> str:
 
 
 def run_records(con: duckdb.DuckDBPyConnection, run_id: str) -> list[dict[str, Any]]:
-    """The run's rows of rescore_runs, one per model, without what the report says once."""
+    """The run's rows of rescore_runs, one per model, without what the run record says once."""
     return con.sql("SELECT * EXCLUDE (catalog, key_column, run_id) FROM rescore_runs WHERE run_id = ? "
                    "ORDER BY model_kind", params=[run_id]).pl().to_dicts()
 
