@@ -4,8 +4,8 @@ from sql/metrics.sql, paired-bootstrap intervals of their differences and the ro
 
 A row is "trained on" when its inputs hash as a row of the model's training did: each bundle
 records those hashes (``bundle.TRAINING_ROWS_FILE``, written by the trainers with
-``row_hashes``), the first 128 bits of ``rescore_input_hash`` (sql/rescore.sql) of the inputs as
-the models see them, so a training row is recognised under any key or title.
+``row_hashes``), the first 128 bits of ``rescore_input_hash_v1`` (sql/rescore.sql) of the inputs
+(blank text as NULL), so a training row is recognised under any key or title.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from anime_udf.udf import FUNCTION_NAMES, LazyScorer, register_scorer
 if TYPE_CHECKING:
     from anime_udf.catalog import DatabaseTable
 
-ROW_HASH_SQL = "substr(rescore_input_hash(synopsis, genres, studio, episodes), 1, 32)"
+# The v1 hash: the one bundles have recorded since they record their rows (sql/rescore.sql).
+ROW_HASH_SQL = "substr(rescore_input_hash_v1(synopsis, genres, studio, episodes), 1, 32)"
 ROLES = ("challenger", "incumbent")
 METRICS = ("mae", "rmse", "spearman")
 LOWER_IS_BETTER = {"mae": True, "rmse": True, "spearman": False}

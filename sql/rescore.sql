@@ -49,28 +49,71 @@
 
 
 -- @section macros
--- Inputs as the models see them: blank text is the same missing value as NULL, and
--- negative, fractional, NaN and ±inf episodes are missing (docs/DESIGN.md, "NULL policy"). Two rows hash alike
--- only if the models cannot tell them apart.
-CREATE OR REPLACE TEMP MACRO rescore_text(x) AS
-    CASE WHEN x IS NULL OR regexp_full_match(CAST(x AS VARCHAR), '[\s\p{Z}]*') THEN NULL
-         ELSE CAST(x AS VARCHAR) END;
+-- The inputs as the models read them (anime_udf/features.py; docs/DESIGN.md, "NULL policy"),
+-- so that two rows hash alike only if every model scores them alike, and a respelling no model
+-- reads is no change:
+-- - synopsis: blank is NULL, other text as written (a change of its whitespace alone hashes
+--   apart and is rescored, to the same score: collapsing the runs would read every long text
+--   once more, a third of the hash's time);
+-- - genres: the set of names, each stripped, in ASCII lower case, sorted; none is NULL;
+-- - studio: whitespace runs as one space, stripped, in ASCII lower case; blank is NULL;
+-- - episodes: NULL, negative, fractional, NaN and ±inf missing; counts from the cap on alike.
+-- Case is folded for ASCII letters only: Python's casefold and DuckDB's lower differ beyond
+-- them, so other letters differing in case hash apart (rescored, to the same score).
+CREATE OR REPLACE TEMP MACRO rescore_whitespace() AS  -- what Python's str.split() and str.strip() take
+    chr(9) || chr(10) || chr(11) || chr(12) || chr(13) || chr(28) || chr(29) || chr(30) || chr(31) || chr(32) || chr(133) || chr(160) || chr(5760) || chr(8192) || chr(8193) || chr(8194) || chr(8195) || chr(8196) || chr(8197) || chr(8198) || chr(8199) || chr(8200) || chr(8201) || chr(8202) || chr(8232) || chr(8233) || chr(8239) || chr(8287) || chr(12288);
 
-CREATE OR REPLACE TEMP MACRO rescore_episodes(e) AS
+CREATE OR REPLACE TEMP MACRO rescore_ascii_lower(x) AS
+    translate(CAST(x AS VARCHAR), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');
+
+CREATE OR REPLACE TEMP MACRO rescore_synopsis(x) AS
+    CASE WHEN NOT regexp_full_match(CAST(x AS VARCHAR), '[' || rescore_whitespace() || ']*') THEN CAST(x AS VARCHAR) END;
+
+CREATE OR REPLACE TEMP MACRO rescore_genres(g) AS  -- features.parse_genres, as a set
+    nullif(array_to_string(list_sort(list_distinct(list_filter(string_split(regexp_replace(rescore_ascii_lower(g),
+        '[' || rescore_whitespace() || ']*,[' || rescore_whitespace() || ']*|^[' || rescore_whitespace() || ']+|['
+        || rescore_whitespace() || ']+$', ',', 'g'), ','), lambda n: n <> ''))), ','), '');
+
+CREATE OR REPLACE TEMP MACRO rescore_studio(x) AS  -- features.studio_key
+    nullif(trim(regexp_replace(rescore_ascii_lower(x), '[' || rescore_whitespace() || ']+', ' ', 'g')), '');
+
+CREATE OR REPLACE TEMP MACRO rescore_episodes(e) AS  -- features.log_episodes: capped at 10,000
     CASE WHEN e IS NULL OR NOT isfinite(CAST(e AS DOUBLE)) OR CAST(e AS DOUBLE) < 0
               OR CAST(e AS DOUBLE) <> round(CAST(e AS DOUBLE)) THEN NULL
-         WHEN CAST(e AS DOUBLE) = round(CAST(e AS DOUBLE)) AND CAST(e AS DOUBLE) < 1e15
-             THEN CAST(CAST(e AS DOUBLE) AS BIGINT)::VARCHAR
-         ELSE CAST(CAST(e AS DOUBLE) AS VARCHAR) END;
+         ELSE CAST(least(CAST(e AS DOUBLE), 10000) AS BIGINT)::VARCHAR END;
 
 -- sha256 over a length-prefixed encoding ('N' for a missing value, 'S<bytes>:<text>'
 -- otherwise), so no choice of text can make two different rows encode alike.
 CREATE OR REPLACE TEMP MACRO rescore_field(x) AS
     CASE WHEN x IS NULL THEN 'N' ELSE 'S' || strlen(x) || ':' || x END;
 
+CREATE OR REPLACE TEMP MACRO rescore_hash(synopsis, genres, studio, episodes) AS  -- of the inputs as read
+    sha256('rescore-v2|' || rescore_field(synopsis) || rescore_field(genres) || rescore_field(studio)
+           || rescore_field(episodes));
+
 CREATE OR REPLACE TEMP MACRO rescore_input_hash(synopsis, genres, studio, episodes) AS
-    sha256('rescore-v1|' || rescore_field(rescore_text(synopsis)) || rescore_field(rescore_text(genres))
-           || rescore_field(rescore_text(studio)) || rescore_field(rescore_episodes(episodes)));
+    rescore_hash(rescore_synopsis(synopsis), rescore_genres(genres), rescore_studio(studio),
+                 rescore_episodes(episodes));
+
+-- The hash stores of schema versions 1 and 2 hold (rescore-v1: text as written, blank text
+-- NULL), which bundles record of their training rows (anime_udf/comparison.py). A stored row
+-- whose hash is its inputs' v1 hash is unchanged: the plan reuses it and the run stores its
+-- new hash, so an old store moves to this hash without a row rescored.
+CREATE OR REPLACE TEMP MACRO rescore_text_v1(x) AS
+    CASE WHEN x IS NULL OR regexp_full_match(CAST(x AS VARCHAR), '[\s\p{Z}]*') THEN NULL
+         ELSE CAST(x AS VARCHAR) END;
+
+CREATE OR REPLACE TEMP MACRO rescore_episodes_v1(e) AS
+    CASE WHEN e IS NULL OR NOT isfinite(CAST(e AS DOUBLE)) OR CAST(e AS DOUBLE) < 0
+              OR CAST(e AS DOUBLE) <> round(CAST(e AS DOUBLE)) THEN NULL
+         WHEN CAST(e AS DOUBLE) < 1e15 THEN CAST(CAST(e AS DOUBLE) AS BIGINT)::VARCHAR
+         ELSE CAST(CAST(e AS DOUBLE) AS VARCHAR) END;
+
+CREATE OR REPLACE TEMP MACRO rescore_input_hash_v1(synopsis, genres, studio, episodes) AS
+    sha256('rescore-v1|' || rescore_field(rescore_text_v1(synopsis)) || rescore_field(rescore_text_v1(genres))
+           || rescore_field(rescore_text_v1(studio)) || rescore_field(rescore_episodes_v1(episodes)));
+
+CREATE OR REPLACE TEMP MACRO rescore_v1_hashed(schema_version) AS schema_version IN ('1', '2');
 
 -- The catalog fingerprint is an order-independent aggregate, so that it can be computed
 -- anywhere, in any order, in constant memory (the Spark rescoring sums on its executors):
@@ -80,10 +123,6 @@ CREATE OR REPLACE TEMP MACRO rescore_row_digest(key, input_hash) AS
 
 CREATE OR REPLACE TEMP MACRO rescore_fingerprint(n, digest_sum) AS
     'sha256:' || substr(sha256('rescore-fingerprint-v2|' || n || '|' || CAST(digest_sum AS HUGEINT)), 1, 16);
-
-CREATE OR REPLACE TEMP MACRO rescore_imputed(synopsis, genres, studio, episodes) AS
-    rescore_text(synopsis) IS NULL OR rescore_text(genres) IS NULL
-    OR rescore_text(studio) IS NULL OR rescore_episodes(episodes) IS NULL;
 
 
 -- @section schema
@@ -151,6 +190,8 @@ ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS width_mean DOUBLE;  -- mean hi
 -- Why the run scored with its bundle: 'production' (the kind's alias), 'newest' (no alias
 -- set), NULL (a bundle named by the caller); docs/promotion.md.
 ALTER TABLE rescore_runs ADD COLUMN IF NOT EXISTS alias VARCHAR;
+-- Version 3: input_hash is rescore_input_hash's, of the inputs as read (section macros); the
+-- first run on a store of version 1 or 2 rewrites its v1 hashes.
 
 
 -- @section start
@@ -161,6 +202,8 @@ SELECT error('rescore: SET VARIABLE rescore_key_column (the catalog column the s
 WHERE getvariable('rescore_key_column') IS NULL;
 SELECT error('rescore: the level ' || getvariable('rescore_level') || ' is not between 0 and 1')
 WHERE NOT (CAST(getvariable('rescore_level') AS DOUBLE) > 0 AND CAST(getvariable('rescore_level') AS DOUBLE) < 1);
+-- A store of schema version 1 or 2 holds v1 hashes (section macros): this run carries them over.
+SET VARIABLE rescore_v1_hashes = (SELECT rescore_v1_hashed(value) FROM rescore_meta WHERE name = 'schema_version');
 CREATE OR REPLACE TEMP TABLE rescore_models (
     model_id   VARCHAR NOT NULL PRIMARY KEY,
     model_kind VARCHAR NOT NULL UNIQUE,
@@ -179,12 +222,24 @@ VALUES (getvariable('rescore_model_id'), getvariable('rescore_model_kind'), getv
 
 
 -- @section input
--- The catalog with its input hashes.
+-- The catalog with its input hashes (rescore_input_hash: genres and studio, which repeat, read
+-- once per distinct value), whether an input is missing, and, where the store holds v1
+-- hashes, each row's v1 hash. The Spark rescoring runs it on its workers, a batch at a time.
 CREATE OR REPLACE TEMP TABLE rescore_input AS
+WITH genres AS (SELECT genres, rescore_genres(genres) AS genres_read FROM (SELECT DISTINCT genres FROM rescore_catalog)),
+     studios AS (SELECT studio, rescore_studio(studio) AS studio_read FROM (SELECT DISTINCT studio FROM rescore_catalog)),
+     rows_read AS (
+    SELECT c.*, rescore_synopsis(c.synopsis) AS synopsis_read, g.genres_read, s.studio_read,
+           rescore_episodes(c.episodes) AS episodes_read
+    FROM rescore_catalog c
+    JOIN genres g ON c.genres IS NOT DISTINCT FROM g.genres
+    JOIN studios s ON c.studio IS NOT DISTINCT FROM s.studio)
 SELECT CAST(key AS VARCHAR) AS key, key AS catalog_key, synopsis, genres, studio, episodes,
-       rescore_input_hash(synopsis, genres, studio, episodes) AS input_hash,
-       rescore_imputed(synopsis, genres, studio, episodes) AS imputed
-FROM rescore_catalog;
+       rescore_hash(synopsis_read, genres_read, studio_read, episodes_read) AS input_hash,
+       synopsis_read IS NULL OR genres_read IS NULL OR studio_read IS NULL OR episodes_read IS NULL AS imputed,
+       CASE WHEN getvariable('rescore_v1_hashes') THEN rescore_input_hash_v1(synopsis, genres, studio, episodes)
+       END AS v1_hash
+FROM rows_read;
 
 
 -- @section checks
@@ -205,14 +260,15 @@ FROM rescore_meta WHERE name = 'key_column' AND value <> getvariable('rescore_ke
 
 -- @section plan
 -- The rows each model must score: new keys, keys whose inputs changed since that model
--- scored them, and, in a run with a level, keys without an interval at that level (keys and
--- hashes only: the inputs stay in rescore_input, read again when scoring).
+-- scored them (a stored v1 hash of the same inputs is no change), and, in a run with a level,
+-- keys without an interval at that level (keys and hashes only: the inputs stay in
+-- rescore_input, read again when scoring).
 CREATE OR REPLACE TEMP TABLE rescore_todo AS
 SELECT m.model_id, i.key, i.input_hash, i.imputed
 FROM rescore_models m
 CROSS JOIN rescore_input i
 LEFT JOIN rescore_scores s ON s.model_id = m.model_id AND s.key = i.key
-WHERE s.input_hash IS DISTINCT FROM i.input_hash
+WHERE NOT coalesce(s.input_hash IN (i.input_hash, i.v1_hash), false)
    OR (getvariable('rescore_level') IS NOT NULL AND s.level IS DISTINCT FROM getvariable('rescore_level'));
 
 CREATE OR REPLACE TEMP TABLE rescore_new (
@@ -287,6 +343,11 @@ DELETE FROM rescore_scores
 WHERE model_kind IN (SELECT model_kind FROM rescore_models)
   AND model_id NOT IN (SELECT model_id FROM rescore_models);
 
+-- Rows stored with their inputs' v1 hash, of every kind, take the new hash (section macros).
+UPDATE rescore_scores SET input_hash = i.input_hash, imputed = i.imputed
+FROM rescore_input i
+WHERE getvariable('rescore_v1_hashes') AND rescore_scores.key = i.key AND rescore_scores.input_hash = i.v1_hash;
+
 INSERT OR REPLACE INTO rescore_scores
     (key, model_id, model_kind, input_hash, score, imputed, run_id, scored_at, level, lo, hi)
 SELECT t.key, t.model_id, m.model_kind, t.input_hash, n.score, t.imputed, getvariable('rescore_run_id'), now(),
@@ -296,7 +357,7 @@ JOIN rescore_new n USING (model_id, key)
 JOIN rescore_models m USING (model_id);
 
 INSERT OR REPLACE INTO rescore_meta
-VALUES ('schema_version', '2'), ('key_column', getvariable('rescore_key_column'));
+VALUES ('schema_version', '3'), ('key_column', getvariable('rescore_key_column'));
 
 -- @section record
 -- The run record: counts, the score distribution of each model's stored rows, and its

@@ -147,10 +147,21 @@ def test_input_hash_tells_apart_exactly_what_the_model_does():
     con.execute(rs.sql_sections()["macros"])
 
     def h(*row):
-        return con.execute("SELECT rescore_input_hash(?, ?, ?, ?)", list(row)).fetchone()[0]
+        return con.execute("SELECT rescore_input_hash(?, ?, ?, ?)", list(row)).fetchall()[0][0]
 
     base = h("A story.", "Action", "Gray Tide", 12)
     assert base == h("A story.", "Action", "Gray Tide", 12.0)
+    # What the models normalise: the genres' case (ASCII), order, repeats and surrounding whitespace,
+    # the studio's case (ASCII) and whitespace runs, counts from the cap (10,000) on.
+    assert h("A story.", "Action, Comedy", "Gray Tide", 1) == h("A story.", " comedy,ACTION,action\t,", "gray \u3000tide ", 1)
+    assert h("A story.", "Action", "Gray Tide", 10_000) == h("A story.", "Action", "Gray Tide", 1e12)
+    # What they do not: a synopsis's case (a cased text encoder reads it), inner spaces of a genre
+    # name; and what the hash leaves apart though no model reads it: a synopsis's whitespace runs,
+    # non-ASCII case (rescored, to the same score).
+    assert len({base, h("a story.", "Action", "Gray Tide", 12), h("A story.", "Sci  Fi", "Gray Tide", 12),
+                h("A story.", "Sci Fi", "Gray Tide", 12), h("A story.", "Ächtung", "Gray Tide", 12),
+                h("A story.", "ächtung", "Gray Tide", 12), h("A  story.", "Action", "Gray Tide", 12),
+                h("A story.", "Action", "Gray Tide", 9_999)}) == 8
     # Missing values the model cannot tell apart: NULL and blank text; NULL, negative, fractional,
     # NaN and infinite episodes.
     assert h(None, None, None, None) == h("  ", "", "\t", -3)
@@ -162,10 +173,15 @@ def test_input_hash_tells_apart_exactly_what_the_model_does():
     # The length-prefixed encoding cannot be fooled by text that looks like a field boundary.
     assert h("ab", "c", None, 1) != h("a", "bc", None, 1)
     assert h("aS1:b", None, None, 1) != h("a", "b", None, 1)
-    flags = con.execute("SELECT rescore_imputed('x', 'Action', 'S', 1), rescore_imputed(' ', 'Action', 'S', 1), "
-                        "rescore_imputed('x', 'Action', 'S', -1), rescore_imputed('x', NULL, 'S', 1), "
-                        "rescore_imputed('x', 'Action', 'S', 2.5)").fetchone()
-    assert flags == (False, True, True, True, True)
+    rows = [("x", "Action", "S", 1), (" ", "Action", "S", 1), ("x", "Action", "S", -1), ("x", None, "S", 1),
+            ("x", " , ", "S", 1), ("x", "Action", "S", 2.5)]
+    con.register("rescore_catalog", pl.DataFrame([(i, *r) for i, r in enumerate(rows)], orient="row", schema={
+        "key": pl.Int64, "synopsis": pl.Utf8, "genres": pl.Utf8, "studio": pl.Utf8, "episodes": pl.Float64}))
+    con.execute(rs.sql_sections()["input"])
+    read = con.execute("SELECT key, imputed, input_hash, v1_hash FROM rescore_input ORDER BY key::INTEGER").fetchall()
+    assert [r[1] for r in read] == [False, True, True, True, True, True]
+    assert [r[2] for r in read] == [h(*r) for r in rows]  # the section hashes as the macro does
+    assert all(r[3] is None for r in read)  # no v1 hash where the store holds none
 
 
 def test_model_choice(models, baseline_bundle, second_head, tmp_path):

@@ -77,11 +77,11 @@ CURRENT = "CURRENT"
 SNAPSHOTS = "snapshots"
 META_FILE = "meta.json"
 RUNS_FILE = "runs.parquet"
-# The hashed catalog, one struct a row: the key as text (as CAST(key AS VARCHAR) in DuckDB),
-# the canonical inputs, their hash, whether one was imputed, and the row's share of the
-# catalog fingerprint (sql/rescore.sql's rescore_row_digest).
+# The hashed catalog, one struct a row: sql/rescore.sql's rescore_input (the key as text, the
+# canonical inputs, their hash, whether one was imputed, their v1 hash where the store holds
+# v1 hashes) and the row's share of the catalog fingerprint (rescore_row_digest).
 INPUT_FIELDS = {"key": pa.string(), **CANONICAL_TYPES, "input_hash": pa.string(), "imputed": pa.bool_(),
-                "row_digest": pa.int64()}
+                "v1_hash": pa.string(), "row_digest": pa.int64()}
 INPUT_STRUCT = spark_struct(INPUT_FIELDS)
 # What Spark returns of the rows it scores: sql/rescore.sql's rescore_new.
 SCORED_COLUMNS = ("model_id", "key", "score", "lo", "hi")
@@ -135,18 +135,20 @@ def _recovery(store: Path) -> str:
 # --- on the workers ------------------------------------------------------------------------------
 
 
-def hashed_inputs(batches: Iterator[Tuple[pa.Array, ...]], label: str) -> Iterator[pa.Array]:
+def hashed_inputs(batches: Iterator[Tuple[pa.Array, ...]], label: str, schema_version: str | None
+                  ) -> Iterator[pa.Array]:
     """(key, synopsis, genres, studio, episodes) batches -> INPUT_STRUCT, by read_catalog and
-    the SQL macros of sql/rescore.sql, as the DuckDB rescoring computes them."""
+    sql/rescore.sql's ``input`` section, as the DuckDB rescoring computes them (with v1 hashes
+    where the store's ``schema_version`` holds them)."""
     con = duckdb.connect()
     con.execute(sql_sections()["macros"])
-    args = ", ".join(INPUT_COLUMNS)
+    con.execute("SET VARIABLE rescore_v1_hashes = rescore_v1_hashed(?)", [schema_version])
     for batch in batches:
         rows = read_catalog(pa.Table.from_arrays(list(batch), names=["key", *INPUT_COLUMNS]), name=label)
         con.register("rescore_batch", rows)
-        out = con.sql(f"SELECT *, rescore_row_digest(key, input_hash) AS row_digest FROM ("
-                      f"SELECT CAST(key AS VARCHAR) AS key, {args}, rescore_input_hash({args}) AS input_hash, "
-                      f"rescore_imputed({args}) AS imputed FROM rescore_batch)").to_arrow_table()
+        con.execute("CREATE OR REPLACE TEMP VIEW rescore_catalog AS SELECT * FROM rescore_batch")
+        con.execute(sql_sections()["input"])
+        out = con.sql("SELECT *, rescore_row_digest(key, input_hash) AS row_digest FROM rescore_input").to_arrow_table()
         con.unregister("rescore_batch")
         yield pa.StructArray.from_arrays([out[n].combine_chunks().cast(t) for n, t in INPUT_FIELDS.items()],
                                          names=list(INPUT_FIELDS))
@@ -190,7 +192,7 @@ def rescore_spark(
         with nullcontext() if dry_run else store_lock(store, wait, run.id):
             previous = current_snapshot(store)
             meta = read_meta(previous)
-            inputs = hashed_catalog(spark, catalog, key).persist()
+            inputs = hashed_catalog(spark, catalog, key, meta and meta["schema_version"]).persist()
             try:
                 todo = plan(spark, con, run, choices, inputs, previous, meta, work, allow_shrink)
                 if dry_run:
@@ -245,13 +247,14 @@ def read_meta(snapshot: Path | None) -> dict[str, Any] | None:
     return meta
 
 
-def hashed_catalog(spark: SparkSession, catalog: str, key: str) -> DataFrame:
-    """The catalog's keys and inputs with their hashes (INPUT_FIELDS), computed on the executors."""
+def hashed_catalog(spark: SparkSession, catalog: str, key: str, schema_version: str | None) -> DataFrame:
+    """The catalog's keys and inputs with their hashes (INPUT_FIELDS), computed on the executors
+    (``schema_version``: the published snapshot's; None before the store's first run)."""
     df = read_parquet(spark, catalog, key)
     label = batch_label(catalog)
 
     def hashed(batches: Iterator[Tuple[pa.Array, pa.Array, pa.Array, pa.Array, pa.Array]]) -> Iterator[pa.Array]:
-        return hashed_inputs(batches, label)
+        return hashed_inputs(batches, label, schema_version)
 
     row = F.arrow_udf(hashed, INPUT_STRUCT)(df[key], *(df[c] for c in INPUT_COLUMNS))
     return df.select(row.alias("row")).select("row.*")
@@ -265,7 +268,7 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
     hashed catalog checked (its keys, and the store's key column), the rows each model must score
     (the ``plan`` section; returned with their inputs, for Spark to score), the fingerprint, the
     counts. The driver's DuckDB is left as the file expects after its ``counts`` section."""
-    inputs.select("key", "input_hash", "imputed").write.parquet(str(work / "plan" / "input"))
+    inputs.select("key", "input_hash", "imputed", "v1_hash").write.parquet(str(work / "plan" / "input"))
     con.execute("ATTACH ':memory:' AS store")
     con.execute("USE store")
     run_section(con, "macros")
@@ -276,7 +279,7 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
         con.register("previous_runs", pq.read_table(previous / RUNS_FILE))
         con.execute("INSERT INTO rescore_runs BY NAME SELECT * FROM previous_runs")
         con.execute("INSERT INTO rescore_meta VALUES ('schema_version', ?), ('key_column', ?)",
-                    [SCHEMA_VERSION, meta["key_column"]])
+                    [meta["schema_version"], meta["key_column"]])
     start(con, run, choices)
     register_parquet(con, "rescore_input", work / "plan" / "input")
     try:

@@ -25,9 +25,10 @@ SQL_FILE = "rescore.sql"
 # is its one source: a hand-run script and both engines write the same).
 _SQL_TEXT = sql_path(SQL_FILE).read_text()
 SCHEMA_VERSION = re.search(r"\('schema_version', '([^']+)'\)", _SQL_TEXT).group(1)
-# Earlier versions the file's schema section upgrades in place: their tables lack the columns
-# its ALTER statements add (ADDED_COLUMNS, by table), which hold NULL in the rows they had.
-UPGRADES = ("1",)
+# Earlier versions the file upgrades in place: their tables lack the columns its schema section's
+# ALTER statements add (ADDED_COLUMNS, by table), which hold NULL in the rows they had, and
+# their rows' input hashes are v1 hashes, which a run carries over (rescore_v1_hashed).
+UPGRADES = ("1", "2")
 ADDED_COLUMNS: dict[str, list[str]] = {}
 for _table, _column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", _SQL_TEXT):
     ADDED_COLUMNS.setdefault(_table, []).append(_column)
