@@ -254,6 +254,55 @@ def test_changed_new_and_gone_rows(tmp_path, models, baseline_bundle):
     assert first.catalog_fingerprint != report.catalog_fingerprint
 
 
+def as_schema_version_2(store: Path, catalog: Path) -> None:
+    """Rewrite a store as schema version 2 wrote it: each row's hash the v1 hash of its inputs."""
+    con = duckdb.connect(str(store))
+    con.execute(rs.sql_sections()["macros"])
+    con.register("c", read_catalog(catalog))
+    con.execute("UPDATE rescore_scores SET input_hash = rescore_input_hash_v1(synopsis, genres, studio, episodes) "
+                "FROM c WHERE rescore_scores.key = CAST(c.anime_id AS VARCHAR)")
+    con.execute("UPDATE rescore_meta SET value = '2' WHERE name = 'schema_version'")
+    con.close()
+
+
+def test_a_store_hashed_by_version_2_is_carried_over_without_rescoring(tmp_path, models):
+    """A store of schema version 2 (v1 hashes) keeps every score whose inputs did not change, bit
+    for bit: its next run scores only the edited rows and stores every row's new hash (version 3);
+    from then on a respelling no model reads (genres' case, order and spaces, the studio's case)
+    is no change, and a synopsis's whitespace runs are (the hash's one exception)."""
+    store, catalog = tmp_path / "scores.duckdb", write(catalog_a(), tmp_path / "a.csv")
+    rescore(catalog, store)
+    unchanged_store = tmp_path / "unchanged.duckdb"
+    as_schema_version_2(store, catalog)
+    shutil.copy(store, unchanged_store)
+    before = {r[0]: r for r in snapshot(store)["scores"]}
+
+    (m,) = rescore(catalog, unchanged_store).models
+    assert (m["rows_scored"], m["rows_reused"]) == (0, 400)
+    after = {r[0]: r for r in snapshot(unchanged_store)["scores"]}
+    assert {k: r[4] for k, r in after.items()} == {k: r[4] for k, r in before.items()}  # the same scores
+    assert {k: r[3] for k, r in after.items()} == hashes(catalog_a())  # the new hashes
+
+    edited = write(catalog_b(), tmp_path / "b.csv")
+    run = rescore(edited, store)
+    (m,) = run.models
+    assert (m["rows_scored"], m["rows_reused"]) == (len(CHANGED) + len(ADDED), 392)
+    after = {r[0]: r for r in snapshot(store)["scores"]}
+    assert {k: r[3] for k, r in after.items()} == hashes(catalog_b())
+    kept = [k for k in after if after[k][6] != run.run_id]
+    assert len(kept) == 392 and all(after[k][4] == before[k][4] for k in kept)
+    with duckdb.connect(str(store), read_only=True) as con:
+        assert con.execute("SELECT value FROM rescore_meta WHERE name = 'schema_version'").fetchall() == [("3",)]
+
+    respelled = catalog_b().with_columns(genres=pl.col("genres").str.to_uppercase().str.replace_all(",", " ,  "),
+                                         studio=pl.col("studio").str.to_lowercase())
+    (m,) = rescore(write(respelled, tmp_path / "c.csv"), store).models
+    assert (m["rows_scored"], m["rows_reused"]) == (0, 399)
+    spaced = respelled.with_columns(synopsis=pl.col("synopsis").str.replace(" ", "  "))
+    (m,) = rescore(write(spaced, tmp_path / "d.csv"), store).models
+    assert m["rows_scored"] == spaced["synopsis"].str.contains("  ").sum() > 0
+
+
 def test_new_head_rescores_everything_without_encoding(tmp_path, models, baseline_bundle, second_head, monkeypatch):
     store = tmp_path / "scores.duckdb"
     first = rescore(write(catalog_a(), tmp_path / "a.csv"), store)
