@@ -61,7 +61,10 @@
 -- Case is folded for ASCII letters only: Python's casefold and DuckDB's lower differ beyond
 -- them, so other letters differing in case hash apart (rescored, to the same score).
 CREATE OR REPLACE TEMP MACRO rescore_whitespace() AS  -- what Python's str.split() and str.strip() take
-    chr(9) || chr(10) || chr(11) || chr(12) || chr(13) || chr(28) || chr(29) || chr(30) || chr(31) || chr(32) || chr(133) || chr(160) || chr(5760) || chr(8192) || chr(8193) || chr(8194) || chr(8195) || chr(8196) || chr(8197) || chr(8198) || chr(8199) || chr(8200) || chr(8201) || chr(8202) || chr(8232) || chr(8233) || chr(8239) || chr(8287) || chr(12288);
+    chr(9) || chr(10) || chr(11) || chr(12) || chr(13) || chr(28) || chr(29) || chr(30) || chr(31) || ' '
+    || chr(133) || chr(160) || chr(5760) || chr(8192) || chr(8193) || chr(8194) || chr(8195) || chr(8196)
+    || chr(8197) || chr(8198) || chr(8199) || chr(8200) || chr(8201) || chr(8202) || chr(8232) || chr(8233)
+    || chr(8239) || chr(8287) || chr(12288);
 
 CREATE OR REPLACE TEMP MACRO rescore_ascii_lower(x) AS
     translate(CAST(x AS VARCHAR), 'ABCDEFGHIJKLMNOPQRSTUVWXYZ', 'abcdefghijklmnopqrstuvwxyz');

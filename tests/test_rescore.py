@@ -151,6 +151,9 @@ def test_input_hash_tells_apart_exactly_what_the_model_does():
 
     base = h("A story.", "Action", "Gray Tide", 12)
     assert base == h("A story.", "Action", "Gray Tide", 12.0)
+    # The v1 hash is the one stores of schema versions 1 and 2 hold, as the releases before wrote it.
+    assert con.execute("SELECT rescore_input_hash_v1('A story.', 'Action', 'Gray Tide', 12)").fetchall()[0][0] == (
+        "f4db97a257a162f84b98de058d0b30b9b9aa4db78753d9bbb787e6917b72250a")
     # What the models normalise: the genres' case (ASCII), order, repeats and surrounding whitespace,
     # the studio's case (ASCII) and whitespace runs, counts from the cap (10,000) on.
     assert h("A story.", "Action, Comedy", "Gray Tide", 1) == h("A story.", " comedy,ACTION,action\t,", "gray \u3000tide ", 1)

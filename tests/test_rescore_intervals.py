@@ -202,9 +202,9 @@ def test_a_store_of_an_unknown_version_is_refused_naming_both(tmp_path, models):
     store, a = tmp_path / "scores.duckdb", write(catalog_a().head(20), tmp_path / "a.csv")
     rescore(a, store)
     with duckdb.connect(str(store)) as con:
-        con.execute("UPDATE rescore_meta SET value = '3' WHERE name = 'schema_version'")
-    with pytest.raises(RescoreError, match="the store has rescore schema version 3; this anime-udf writes "
-                                           "version 2 and upgrades version 1"):
+        con.execute("UPDATE rescore_meta SET value = '4' WHERE name = 'schema_version'")
+    with pytest.raises(RescoreError, match="the store has rescore schema version 4; this anime-udf writes "
+                                           "version 3 and upgrades version 1, 2"):
         rescore(a, store)
 
 

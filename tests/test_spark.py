@@ -316,6 +316,41 @@ def test_a_run_killed_before_publishing_leaves_the_previous_snapshot_and_the_nex
     assert sorted(p.name for p in (store / SNAPSHOTS).iterdir()) == sorted([published.run_id, done.run_id])
 
 
+def test_a_store_hashed_by_version_2_is_carried_over_as_on_duckdb(spark, tmp_path, baseline_bundle):
+    """A snapshot of schema version 2 (v1 hashes) keeps every unchanged row's score, bit for bit:
+    the next run scores only the edited rows and stores the hashes DuckDB stores."""
+    from anime_udf.rescore.sql import sql_sections
+
+    store, catalog = tmp_path / "store", tmp_path / "catalog.parquet"
+    catalog_with().write_parquet(catalog)
+    rescore_spark(spark, str(catalog), store, models=[str(baseline_bundle)])
+    snapshot = current_snapshot(store)
+    con = duckdb.connect()
+    con.execute(sql_sections()["macros"])
+    con.register("c", read_catalog(catalog))
+    con.execute("CREATE TABLE v1 AS SELECT s.* REPLACE (rescore_input_hash_v1(c.synopsis, c.genres, c.studio, "
+                f"c.episodes) AS input_hash) FROM read_parquet('{snapshot}/scores/*.parquet') s "
+                "JOIN c ON s.key = CAST(c.anime_id AS VARCHAR)")
+    shutil.rmtree(snapshot / "scores")
+    (snapshot / "scores").mkdir()
+    con.execute(f"COPY v1 TO '{snapshot / 'scores' / 'part-v1.parquet'}' (FORMAT parquet)")
+    before = dict(con.execute("SELECT key, score FROM v1").fetchall())
+    meta = json.loads((snapshot / "meta.json").read_text())
+    (snapshot / "meta.json").write_text(json.dumps({**meta, "schema_version": "2"}))
+
+    changed = (11, 22, 33)
+    catalog_with(changed).write_parquet(catalog)
+    run = rescore_spark(spark, str(catalog), store, models=[str(baseline_bundle)])
+    assert (run.models[0]["rows_scored"], run.models[0]["rows_reused"]) == (3, 397)
+    after = stored(store)
+    kept = after.filter(pl.col("run_id") != run.run_id)
+    assert kept.height == 397 and all(before[k] == v for k, v in zip(kept["key"], kept["score"]))
+    rescore(catalog, tmp_path / "scores.duckdb", models=[str(baseline_bundle)])
+    expected = duckdb.connect(str(tmp_path / "scores.duckdb"), read_only=True).sql(
+        "SELECT key, input_hash FROM rescore_scores").pl()
+    assert after.select("key", "input_hash").sort("key").equals(expected.sort("key"))
+
+
 def as_first_release(spark, store: Path) -> None:
     """The published snapshot as the first release wrote it: without the columns added since
     (anime_udf.rescore.sql.ADDED_COLUMNS), schema version 1. Spark rewrites the scores, in its types."""
@@ -348,7 +383,7 @@ def test_intervals_in_a_spark_store_as_in_a_duckdb_store_and_a_first_release_sto
     after = stored(store).sort("key")
     assert after.drop("level", "lo", "hi", "scored_at").equals(before.drop("scored_at"))
     assert (after["scored_at"].dt.epoch("us") == before["scored_at"].dt.epoch("us")).all()  # as UTC instants
-    assert json.loads((current_snapshot(store) / "meta.json").read_text())["schema_version"] == "2"
+    assert json.loads((current_snapshot(store) / "meta.json").read_text())["schema_version"] == "3"
 
     with_level = rescore_spark(spark, str(catalog), store, models=models, level=0.9)
     assert (with_level.level, with_level.models[0]["rows_scored"]) == (0.9, 400)
