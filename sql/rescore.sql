@@ -54,7 +54,7 @@
 -- reads is no change:
 -- - synopsis: blank is NULL, other text as written (a change of its whitespace alone hashes
 --   apart and is rescored, to the same score: collapsing the runs would read every long text
---   once more, a third of the hash's time);
+--   once more, making the input section half as slow again; docs/performance.md);
 -- - genres: the set of names, each stripped, in ASCII lower case, sorted; none is NULL;
 -- - studio: whitespace runs as one space, stripped, in ASCII lower case; blank is NULL;
 -- - episodes: NULL, negative, fractional, NaN and ±inf missing; counts from the cap on alike.

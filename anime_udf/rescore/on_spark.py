@@ -5,9 +5,9 @@
 record with counts and drift is appended) for catalogs that need a cluster. The row
 work runs on Spark; the definitions are those of ``sql/rescore.sql``:
 
-- the input hash is computed on the workers by DuckDB with that file's ``macros``
-  section, over the inputs as ``read_catalog`` makes them: a row hashes the same on
-  both engines;
+- the input hash is computed on the workers by DuckDB with that file's ``macros`` and
+  ``input`` sections, over the inputs as ``read_catalog`` makes them: a row hashes the same
+  on both engines (and, for a snapshot of an earlier version, its v1 hash beside it);
 - the catalog fingerprint is that file's order-independent aggregate, summed on the
   executors: the driver receives one row;
 - every decision is that file's, as the DuckDB store makes it: the ``checks``, ``plan``,
