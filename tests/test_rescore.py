@@ -165,6 +165,8 @@ def test_input_hash_tells_apart_exactly_what_the_model_does():
                 h("A story.", "Sci Fi", "Gray Tide", 12), h("A story.", "Ächtung", "Gray Tide", 12),
                 h("A story.", "ächtung", "Gray Tide", 12), h("A  story.", "Action", "Gray Tide", 12),
                 h("A story.", "Action", "Gray Tide", 9_999)}) == 8
+    # The hash knows no bundle: a genre or studio a bundle does not know still counts.
+    assert h("A story.", "Action, Nope", "Gray Tide", 12) != base != h("A story.", "Action", "Nope Works", 12)
     # Missing values the model cannot tell apart: NULL and blank text; NULL, negative, fractional,
     # NaN and infinite episodes.
     assert h(None, None, None, None) == h("  ", "", "\t", -3)
