@@ -62,6 +62,11 @@ SPARK_ERRORS = (PySparkException, Py4JJavaError)
 SCORE_WITH_INTERVAL = ("score", *INTERVAL_FIELDS)
 
 
+# Local mode runs the executors in the driver's JVM, whose heap Spark sizes at 1 GB: a rescoring of
+# a million rows ran out of it (the JVM exits, and the driver only sees its connection refused).
+LOCAL_DRIVER_MEMORY = "4g"
+
+
 class SparkJobError(AnimeUdfError, RuntimeError):
     """A Spark job failed; the message is the worker's own error where there is one."""
 
@@ -71,15 +76,21 @@ def session(master: str | None = None, *, app_name: str = "anime-udf", progress:
     """The active SparkSession, or a new one whose Python workers run this interpreter
     (unless ``PYSPARK_PYTHON`` names another), where anime-udf is installed. ``progress``
     shows Spark's console progress bar on stderr; ``conf``: more Spark settings, e.g.
-    ``{"spark.executorEnv.ANIME_UDF_CACHE": "/local/disk/anime-udf"}``."""
+    ``{"spark.executorEnv.ANIME_UDF_CACHE": "/local/disk/anime-udf"}``. In local mode the
+    driver's heap, where the executors run, is ``LOCAL_DRIVER_MEMORY`` unless set."""
     active = SparkSession.getActiveSession()
     if active is not None:
         return active
     # PySpark reads the workers' interpreter from the environment when the context starts
     # (the spark.pyspark.python setting is spark-submit's only).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName(app_name).master(master or "local[*]")
-    for name, value in {"spark.ui.showConsoleProgress": str(progress).lower(), **(conf or {})}.items():
+    master = master or "local[*]"
+    settings = {"spark.ui.showConsoleProgress": str(progress).lower(), **(conf or {})}
+    if (master.startswith("local") and "spark.driver.memory" not in settings
+            and "driver-memory" not in os.environ.get("PYSPARK_SUBMIT_ARGS", "")):
+        settings["spark.driver.memory"] = LOCAL_DRIVER_MEMORY  # the caller's setting, where given, wins
+    builder = SparkSession.builder.appName(app_name).master(master)
+    for name, value in settings.items():
         builder = builder.config(name, value)
     spark = builder.getOrCreate()
     # Spark's own log lines (a failed task's Java and Python stack traces) are noise to a

@@ -112,7 +112,10 @@ def run_step(command: list[str], cwd: Path, env: dict[str, str] | None = None) -
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{err[-3000:]}\n{out[-2000:]}")
-    return seconds, peak[0], json.loads(out)
+    try:
+        return seconds, peak[0], json.loads(out)
+    except json.JSONDecodeError:
+        raise SystemExit(f"{' '.join(command)} printed no JSON record:\n{out[-3000:]}\n{err[-2000:]}") from None
 
 
 def main() -> int:

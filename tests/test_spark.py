@@ -28,6 +28,7 @@ from anime_udf.catalog import read_catalog  # noqa: E402
 from anime_udf.cli import cli  # noqa: E402
 from anime_udf.explain import fields as fields_of  # noqa: E402
 from anime_udf.rescore import RescoreError, rescore  # noqa: E402
+from anime_udf.rescore import on_spark as spark_rescoring  # noqa: E402
 from anime_udf.rescore.on_spark import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
 from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
 
@@ -147,6 +148,13 @@ def test_interval_functions_give_the_intervals_duckdb_gives(spark, functions, an
     assert_same(on_spark, duckdb_scores(baseline_bundle, fusion_bundle, query, anime).select("anime_id", *flat),
                 "anime_id", [c for c in on_spark.columns if c != "anime_id"])
     assert on_spark.select((pl.col("b_lo") < pl.col("b_hi")).all(), pl.col("f_hi").le(10).all()).row(0) == (True, True)
+
+
+def test_a_local_session_starts_its_jvm_with_room_for_a_million_rows(spark):
+    """Local mode's executors share the driver's heap: session() gives it LOCAL_DRIVER_MEMORY
+    (Spark's own 1 GB ran out at a million rows), as the JVM's own maximum heap shows."""
+    assert spark.sparkContext.getConf().get("spark.driver.memory") == spark_udf.LOCAL_DRIVER_MEMORY
+    assert spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory() > 3 * 2 ** 30
 
 
 def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functions, anime):
@@ -401,9 +409,13 @@ def test_intervals_in_a_spark_store_as_in_a_duckdb_store_and_a_first_release_sto
                                    atol=1e-5)
 
 
-def test_both_engines_keep_the_same_store_through_a_sequence_of_catalogs(spark, tmp_path, baseline_bundle):
+@pytest.mark.parametrize("broadcast_rows", [spark_rescoring.BROADCAST_TODO_ROWS, 0], ids=["broadcast", "sort-merge"])
+def test_both_engines_keep_the_same_store_through_a_sequence_of_catalogs(spark, tmp_path, baseline_bundle,
+                                                                         monkeypatch, broadcast_rows):
     """One catalog sequence (first run; rows changed, new and gone, with a level; a NULL key; a
-    repeated key) on both engines: the same rows in the stores after each run, the same refusals."""
+    repeated key) on both engines: the same rows in the stores after each run, the same refusals;
+    the rows to score joined to their inputs either way (a large catalog's are not broadcast)."""
+    monkeypatch.setattr(spark_rescoring, "BROADCAST_TODO_ROWS", broadcast_rows)
     catalog, duck, sparks = tmp_path / "catalog.parquet", tmp_path / "scores.duckdb", tmp_path / "store"
     models = [str(baseline_bundle)]
     changed = catalog_with(changed=(11, 22), removed=(33, 44))

@@ -87,6 +87,14 @@ INPUT_STRUCT = spark_struct(INPUT_FIELDS)
 SCORED_COLUMNS = ("model_id", "key", "score", "lo", "hi")
 # Rows a scoring task takes at most (more tasks than cores where the work is large).
 TASK_ROWS = 50_000
+# The rows to score are joined to the catalog's inputs by key. Their Parquet file is small on disk
+# (about 6 MB for 2,000,000 rows), so Spark would broadcast it, building a hash table of every row in
+# the driver: at a million catalog rows that fails in local mode's default 1 GB heap. Broadcast up
+# to this many rows (a few MB); a sort-merge join above.
+BROADCAST_TODO_ROWS = 100_000
+# DuckDB's progress bar, shown for a query over 2 s, prints to stdout: into --json (at a million
+# rows the driver's COPYs take longer), and from a worker into the driver's output.
+NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 # What a failed run says: the published snapshot is the previous run's.
 NOT_PUBLISHED = "rescore failed, nothing was published"
 # A snapshot's name in CURRENT: a run id (20261129T210000Z-a1b2c3), never a path.
@@ -141,6 +149,7 @@ def hashed_inputs(batches: Iterator[Tuple[pa.Array, ...]], label: str, schema_ve
     sql/rescore.sql's ``input`` section, as the DuckDB rescoring computes them (with v1 hashes
     where the store's ``schema_version`` holds them)."""
     con = duckdb.connect()
+    con.execute(NO_PROGRESS_BAR)
     con.execute(sql_sections()["macros"])
     con.execute("SET VARIABLE rescore_v1_hashes = rescore_v1_hashed(?)", [schema_version])
     for batch in batches:
@@ -187,6 +196,7 @@ def rescore_spark(
         make_store_directory(store)
     work = (store.parent / f".{store.name}.dry-run-{run.id}") if dry_run else store / SNAPSHOTS / run.id
     con = duckdb.connect()
+    con.execute(NO_PROGRESS_BAR)
     published = False
     try:
         with nullcontext() if dry_run else store_lock(store, wait, run.id):
@@ -290,8 +300,10 @@ def plan(spark: SparkSession, con: duckdb.DuckDBPyConnection, run: Run, choices:
     con.execute(f"COPY (SELECT model_id, key FROM rescore_todo) TO {quote_literal(work / 'plan' / 'todo.parquet')} "
                 "(FORMAT parquet)")
     chosen = spark.createDataFrame([(c.model_id, c.kind) for c in choices], "model_id string, model_kind string")
-    todo = (spark.read.parquet(str(work / "plan" / "todo.parquet"))
-            .join(inputs, "key").join(F.broadcast(chosen), "model_id"))
+    todo = spark.read.parquet(str(work / "plan" / "todo.parquet"))
+    rows = con.execute("SELECT count(*) FROM rescore_todo").fetchone()[0]
+    todo = (F.broadcast(todo) if rows <= BROADCAST_TODO_ROWS else todo.hint("merge"))
+    todo = todo.join(inputs, "key").join(F.broadcast(chosen), "model_id")
     # The catalog fingerprint of sql/rescore.sql, its sum computed on the executors: the
     # driver receives one row, whatever the catalog's size.
     n, digest_sum = inputs.agg(F.count("*"), F.sum(F.col("row_digest").cast("decimal(38,0)"))).first()
