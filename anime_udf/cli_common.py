@@ -165,7 +165,8 @@ def engine_options(f):
                           "for a cluster whose workers do not see the models directory.")(f)
     f = click.option("--master", default="local[*]", show_default=True, metavar="URL",
                      help="Spark master, with --engine spark (its workers need anime-udf installed: "
-                          "see docs/spark.md, \"Running on a cluster\").")(f)
+                          "see docs/spark.md, \"Running on a cluster\"). A local[...] master's JVM gets 4 GB "
+                          "of heap unless --conf spark.driver.memory=... says otherwise.")(f)
     return click.option("--engine", type=click.Choice(["duckdb", "spark"]), default="duckdb", show_default=True,
                         is_eager=True,  # read before --conf, which needs it
                         help="Run in an in-process DuckDB, or on Apache Spark (pip install 'anime-udf[spark]').")(f)

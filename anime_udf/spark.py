@@ -85,18 +85,24 @@ def session(master: str | None = None, *, app_name: str = "anime-udf", progress:
     # (the spark.pyspark.python setting is spark-submit's only).
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     master = master or "local[*]"
-    settings = {"spark.ui.showConsoleProgress": str(progress).lower(), **(conf or {})}
-    if (master.startswith("local") and "spark.driver.memory" not in settings
-            and "driver-memory" not in os.environ.get("PYSPARK_SUBMIT_ARGS", "")):
-        settings["spark.driver.memory"] = LOCAL_DRIVER_MEMORY  # the caller's setting, where given, wins
     builder = SparkSession.builder.appName(app_name).master(master)
-    for name, value in settings.items():
+    for name, value in session_settings(master, progress, conf).items():
         builder = builder.config(name, value)
     spark = builder.getOrCreate()
     # Spark's own log lines (a failed task's Java and Python stack traces) are noise to a
     # user of the CLI: errors reach the caller as one SparkJobError.
     spark.sparkContext.setLogLevel("OFF")
     return spark
+
+
+def session_settings(master: str, progress: bool, conf: dict[str, str] | None) -> dict[str, str]:
+    """The settings ``session()`` starts a session with: ``conf``, the progress bar, and in local
+    mode ``LOCAL_DRIVER_MEMORY`` unless ``conf`` or ``PYSPARK_SUBMIT_ARGS`` sizes the driver."""
+    settings = {"spark.ui.showConsoleProgress": str(progress).lower(), **(conf or {})}
+    if (master.startswith("local") and "spark.driver.memory" not in settings
+            and "driver-memory" not in os.environ.get("PYSPARK_SUBMIT_ARGS", "")):
+        settings["spark.driver.memory"] = LOCAL_DRIVER_MEMORY
+    return settings
 
 
 @contextmanager

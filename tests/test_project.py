@@ -241,17 +241,23 @@ OTHER_MEANINGS = {"anime_udf/bundle.py": {"genres": 1}, "anime_udf/features.py":
                   "training/fine_tune.py": {"model.safetensors": 2}}
 
 
+def bundle_file_names() -> tuple[str, ...]:
+    """Every file and directory name of a bundle, as bundle.py writes them."""
+    from anime_udf import bundle
+
+    return (bundle.MANIFEST, *bundle.HEAD_WEIGHTS.values(), bundle.LEXICAL_VOCABULARY_FILE,
+            bundle.LEXICAL_WEIGHTS_FILE, bundle.REFERENCE_FILE, bundle.TRAINING_ROWS_FILE, bundle.CALIBRATION_FILE,
+            bundle.ENCODER_DIR, bundle.TOKENIZER_DIR)
+
+
 def shared_names() -> dict[str, str]:
     """{name: the module that writes it}: column names, bundle files, the models directory's
     files, the SQL functions, the rescore store's schema version."""
-    from anime_udf import bundle, columns, registry, udf
+    from anime_udf import columns, registry, udf
     from anime_udf.rescore import sql
 
     names = {name: "anime_udf/columns.py" for name in (*columns.INPUT_COLUMNS, columns.DEFAULT_KEY)}
-    names |= {name: "anime_udf/bundle.py" for name in (
-        bundle.MANIFEST, *bundle.HEAD_WEIGHTS.values(), bundle.LEXICAL_VOCABULARY_FILE, bundle.LEXICAL_WEIGHTS_FILE,
-        bundle.REFERENCE_FILE, bundle.TRAINING_ROWS_FILE, bundle.CALIBRATION_FILE, bundle.ENCODER_DIR,
-        bundle.TOKENIZER_DIR)}
+    names |= {name: "anime_udf/bundle.py" for name in bundle_file_names()}
     names |= {name: "anime_udf/registry.py" for name in (registry.ALIASES_FILE, registry.ALIASES_LOCK)}
     names |= {name: "anime_udf/udf.py" for functions in (udf.FUNCTION_NAMES, udf.EXPLAIN_NAMES, udf.INTERVAL_NAMES)
               for name in functions.values()}
@@ -287,12 +293,8 @@ def design_bundle_tree() -> tuple[set[str], list[str]]:
 
 
 def test_the_bundle_tree_names_every_file_of_bundle_py():
-    from anime_udf import bundle
-
-    files = {bundle.MANIFEST, *bundle.HEAD_WEIGHTS.values(), bundle.LEXICAL_VOCABULARY_FILE,
-             bundle.LEXICAL_WEIGHTS_FILE, bundle.REFERENCE_FILE, bundle.TRAINING_ROWS_FILE, bundle.CALIBRATION_FILE,
-             bundle.ENCODER_DIR + "/", bundle.TOKENIZER_DIR + "/"}
-    shown = {part for name in files for part in re.findall(r"[\w.]+\.(?:safetensors|json)|\w+(?=/)", name)}
+    parts = r"[\w.]+\.(?:safetensors|json)|\w+(?=/)"  # a file's name, each directory's
+    shown = {part for name in bundle_file_names() for part in re.findall(parts, name + "/")}
     assert design_bundle_tree()[0] == shown
 
 

@@ -30,7 +30,7 @@ from anime_udf.explain import fields as fields_of  # noqa: E402
 from anime_udf.rescore import RescoreError, rescore  # noqa: E402
 from anime_udf.rescore import on_spark as spark_rescoring  # noqa: E402
 from anime_udf.rescore.on_spark import SNAPSHOTS, current_snapshot, rescore_spark  # noqa: E402
-from tests.conftest import CATALOG, HOLDOUT  # noqa: E402
+from tests.conftest import CATALOG, HOLDOUT, ROOT  # noqa: E402
 
 # A Spark JVM (slow); this process reads the cache the executors read, so that the engines are
 # compared on the same cached embeddings (every test starts cold otherwise).
@@ -155,6 +155,20 @@ def test_a_local_session_starts_its_jvm_with_room_for_a_million_rows(spark):
     (Spark's own 1 GB ran out at a million rows), as the JVM's own maximum heap shows."""
     assert spark.sparkContext.getConf().get("spark.driver.memory") == spark_udf.LOCAL_DRIVER_MEMORY
     assert spark.sparkContext._jvm.java.lang.Runtime.getRuntime().maxMemory() > 3 * 2 ** 30
+
+
+def test_the_local_driver_memory_gives_way_to_the_callers_setting(monkeypatch):
+    monkeypatch.delenv("PYSPARK_SUBMIT_ARGS", raising=False)
+    memory = [spark_udf.session_settings(master, False, conf).get("spark.driver.memory")
+              for master, conf in [("local[2]", None), ("local[2]", {"spark.driver.memory": "12g"}),
+                                   ("spark://host:7077", None)]]
+    assert memory == [spark_udf.LOCAL_DRIVER_MEMORY, "12g", None]
+    monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", "--driver-memory 8g pyspark-shell")
+    assert "spark.driver.memory" not in spark_udf.session_settings("local[*]", False, None)
+    said = f"{spark_udf.LOCAL_DRIVER_MEMORY.removesuffix('g')} GB"  # what --help and docs/spark.md say
+    help_text = " ".join(CliRunner().invoke(cli, ["rescore", "--help"]).output.split())
+    assert f"JVM gets {said} of heap" in help_text and f"JVM {said} of heap" in (
+        " ".join((ROOT / "docs" / "spark.md").read_text().split()))
 
 
 def test_a_wrong_column_type_names_the_function_and_its_signature(spark, functions, anime):

@@ -52,7 +52,7 @@ from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
 from anime_udf.rescore.sql import catalog_fingerprint, guard_words, refuse_shrink, run_records, set_variable
 from anime_udf.rescore.sql import run_section as _run  # the run's one way to run a section: a test makes COMMIT fail
-from anime_udf.rescore.sql import sql_sections, start
+from anime_udf.rescore.sql import NO_PROGRESS_BAR, sql_sections, start
 from anime_udf.rescore.store import attach, detach, has_store_tables, in_store, lock_path, note_unfinished
 from anime_udf.rescore.store import store_for_planning, store_lock, waiting_while_open_elsewhere
 from anime_udf.sqlutil import quote_ident, quote_literal
@@ -221,8 +221,7 @@ def plan(con: duckdb.DuckDBPyConnection, run: Run, rows: pl.DataFrame, choices: 
     """The store read-only (``shared``: it is the catalog's own database), the catalog hashed
     (rescore_input) and checked, the rows to score listed (rescore_todo), the catalog's
     fingerprint; then the guards that need the plan. A dry run also counts what it would do."""
-    # No DuckDB progress bar: it would print to stdout (into --json) while the scoring streams.
-    con.execute("SET enable_progress_bar = false")
+    con.execute(NO_PROGRESS_BAR)
     con.register("rescore_catalog_df", rows)
     con.execute(f"CREATE TEMP VIEW rescore_catalog AS SELECT {quote_ident(run.key)} AS key, "
                 f"{', '.join(INPUT_COLUMNS)} FROM rescore_catalog_df")

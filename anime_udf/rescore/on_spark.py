@@ -65,8 +65,8 @@ from anime_udf.files import atomic_file
 from anime_udf.rescore.bundles import ModelChoice, resolve_models
 from anime_udf.rescore.record import RunRecord, dry_run_record, run_record
 from anime_udf.rescore.run import RescoreError, Run, pause
-from anime_udf.rescore.sql import (SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink, run_records,
-                                   run_section, sql_sections, start)
+from anime_udf.rescore.sql import (NO_PROGRESS_BAR, SCHEMA_VERSION, check_schema_version, guard_words, refuse_shrink,
+                                   run_records, run_section, sql_sections, start)
 from anime_udf.rescore.store import store_lock
 from anime_udf.spark import (CANONICAL_TYPES, SPARK_ERRORS, batch_label, job_error, read_parquet,
                              score_with_interval_udf, scoring_udf, ship_bundle, spark_struct)
@@ -92,9 +92,6 @@ TASK_ROWS = 50_000
 # the driver: at a million catalog rows that fails in local mode's default 1 GB heap. Broadcast up
 # to this many rows (a few MB); a sort-merge join above.
 BROADCAST_TODO_ROWS = 100_000
-# DuckDB's progress bar, shown for a query over 2 s, prints to stdout: into --json (at a million
-# rows the driver's COPYs take longer), and from a worker into the driver's output.
-NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 # What a failed run says: the published snapshot is the previous run's.
 NOT_PUBLISHED = "rescore failed, nothing was published"
 # A snapshot's name in CURRENT: a run id (20261129T210000Z-a1b2c3), never a path.

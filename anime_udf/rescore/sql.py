@@ -32,6 +32,9 @@ UPGRADES = ("1", "2")
 ADDED_COLUMNS: dict[str, list[str]] = {}
 for _table, _column in re.findall(r"ALTER TABLE (\w+) ADD COLUMN IF NOT EXISTS (\w+)", _SQL_TEXT):
     ADDED_COLUMNS.setdefault(_table, []).append(_column)
+# Every DuckDB connection of a run turns this off: DuckDB's progress bar, shown for a query over
+# 2 s, prints to stdout, into --json (and, from a Spark worker, into the driver's output).
+NO_PROGRESS_BAR = "SET enable_progress_bar = false"
 # A run may remove at most this share of the keys the store holds (of any kind: a
 # removed key loses every kind's rows) without --allow-shrink: a truncated or
 # header-only catalog is far likelier than a catalog that really lost most of its rows.
